@@ -1,0 +1,138 @@
+"""The edge of the service, in front of the router: request ids, authentication, rate limits, access logs.
+
+It sits outside Litestar's routing so that an unknown `/v1` path is answered 401 without a valid
+key (and 404 with one), and so that every response, framework errors included, carries
+`X-Request-Id` and gets one access-log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Any
+
+from litestar import Litestar
+from litestar.types import Message, Receive, Scope, Send
+
+from app.api.errors import error_bytes, request_id_of
+from app.domain import keys
+from app.domain.errors import Unauthorized
+from app.domain.ids import new_request_id
+
+log = logging.getLogger("parley.access")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNLIMITED_PREFIXES = ("/healthz", "/readyz", "/schema", "/metrics", "/v1/providers/")
+
+
+class TokenBucket:
+    """Per-key token buckets: `rate` tokens a second, bursts of twice that."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(2 * rate, 1.0)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str, now: float) -> float:
+        """Take one token; return 0 when allowed, else the seconds until one is available."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self._buckets[key] = (tokens - 1, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def needs_key(path: str) -> bool:
+    return (path == "/v1" or path.startswith("/v1/")) and not path.startswith("/v1/providers/")
+
+
+class Edge:
+    def __init__(self, app: Litestar, rate_limit: float) -> None:
+        self.app = app
+        self.buckets = TokenBucket(rate_limit)
+        self.metrics: dict[tuple[str, int], int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming = _header(scope, b"x-request-id")
+        state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+        state["request_id"] = incoming if incoming and REQUEST_ID.match(incoming) else new_request_id()
+        request_id = state["request_id"]
+        status_holder = [500]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}  # type: ignore[misc]
+            await send(message)
+
+        try:
+            path = scope["path"]
+            if needs_key(path):
+                rejection = await self._authenticate(scope, state)
+                if rejection is not None:
+                    await self._reject(send_with_id, *rejection, request_id)
+                    return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            duration_ms = (time.perf_counter() - started) * 1000
+            status = status_holder[0]
+            key = (scope.get("method", "GET"), status)
+            self.metrics[key] = self.metrics.get(key, 0) + 1
+            # The path only: query strings can carry phone numbers.
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": round(duration_ms, 2),
+                },
+            )
+
+    async def _authenticate(self, scope: Scope, state: dict[str, Any]) -> tuple[int, str, str, dict] | None:
+        ctx = self.app.state.ctx
+        header = _header(scope, b"authorization") or ""
+        scheme, _, raw = header.partition(" ")
+        if scheme.lower() != "bearer" or not raw.strip():
+            return 401, "unauthorized", Unauthorized().message, {}
+        now_ms = ctx.clock.now_ms()
+        try:
+            principal = await ctx.db.read(lambda c: keys.authenticate(c, raw.strip(), now_ms))
+        except Unauthorized as exc:
+            return 401, "unauthorized", exc.message, {}
+        state["principal"] = principal
+        wait = self.buckets.take(principal.key_id, time.monotonic())
+        if wait > 0:
+            retry_after = max(1, math.ceil(wait))
+            return 429, "rate_limited", "Rate limit exceeded; retry later.", {"retry-after": str(retry_after)}
+        return None
+
+    @staticmethod
+    async def _reject(send: Send, status: int, code: str, message: str, headers: dict, request_id: str) -> None:
+        body = error_bytes(status, code, message, request_id)
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+        if status == 401:
+            raw_headers.append((b"www-authenticate", b'Bearer realm="parley"'))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["Edge", "TokenBucket", "request_id_of"]

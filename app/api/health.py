@@ -1,0 +1,58 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from litestar import Request, Response, get
+
+from app.api import requests as rq
+
+
+@get("/healthz", tags=["Operations"], summary="Alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", tags=["Operations"], summary="Database writable and scheduler running")
+async def readyz(request: Request) -> Response[dict[str, str]]:
+    ctx = rq.context(request)
+
+    def probe(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS readiness (x)")
+        conn.execute("DELETE FROM readiness")
+
+    try:
+        await ctx.db.write(probe)
+        database = "ok"
+    except Exception:
+        database = "failing"
+    scheduler = "ok" if ctx.scheduler.running else "stopped"
+    ready = database == "ok" and scheduler == "ok"
+    return Response(
+        {"status": "ready" if ready else "not_ready", "database": database, "scheduler": scheduler},
+        status_code=200 if ready else 503,
+    )
+
+
+@get("/metrics", tags=["Operations"], summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> str:
+    ctx = rq.context(request)
+    edge = request.app.state.edge
+    lines = ["# TYPE parley_http_requests_total counter"]
+    for (method, status), count in sorted(edge.metrics.items()):
+        lines.append(f'parley_http_requests_total{{method="{method}",status="{status}"}} {count}')
+
+    def counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+        rows = conn.execute("SELECT status, COUNT(*) FROM conversations GROUP BY status").fetchall()
+        jobs = conn.execute("SELECT kind, COUNT(*) FROM jobs GROUP BY kind").fetchall()
+        return [("conversations", r[0], r[1]) for r in rows] + [("jobs", r[0], r[1]) for r in jobs]
+
+    lines.append("# TYPE parley_conversations gauge")
+    lines.append("# TYPE parley_jobs gauge")
+    for family, label, count in await ctx.db.read(counts):
+        key = "status" if family == "conversations" else "kind"
+        lines.append(f'parley_{family}{{{key}="{label}"}} {count}')
+    lines.append("# TYPE parley_scheduler_ticks_total counter")
+    lines.append(f"parley_scheduler_ticks_total {ctx.scheduler.ticks}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""Reading requests: the caller's identity, the request id, and strictly decoded JSON bodies."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from litestar import Request
+
+from app.api.errors import request_id_of
+from app.domain.context import Context
+from app.domain.errors import UnsupportedMediaType, ValidationFailed
+from app.domain.keys import Principal
+from app.domain.types import StrictDecoder
+
+
+def principal(request: Request) -> Principal:
+    return request.scope["state"]["principal"]
+
+
+def org_of(request: Request) -> str:
+    return principal(request).org_id
+
+
+def request_id(request: Request) -> str:
+    return request_id_of(request.scope)
+
+
+def context(request: Request) -> Context:
+    return request.app.state.ctx
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_json(request: Request, decoder: StrictDecoder, *, optional: bool = False) -> Any:
+    """Decode the body strictly; 415 for a non-JSON content type, 400 for anything malformed."""
+    raw = await request.body()
+    content_type = request.headers.get("content-type")
+    if raw and content_type is not None and not _is_json(content_type):
+        raise UnsupportedMediaType("Send the body as application/json.")
+    if optional and not raw.strip():
+        return decoder.decode(b"{}")
+    return decoder.decode(raw)
+
+
+def encode_cursor(*parts: object) -> str:
+    text = "|".join(str(part) for part in parts)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, kinds: tuple[type, ...]) -> tuple[Any, ...] | None:
+    if cursor is None or cursor == "":
+        return None
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        parts = text.split("|")
+        if len(parts) != len(kinds):
+            raise ValueError
+        return tuple(kind(part) for kind, part in zip(kinds, parts, strict=True))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValidationFailed.field("cursor", "is not a cursor this API returned") from None

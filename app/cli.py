@@ -1,0 +1,237 @@
+"""The `parley` command: serve, migrate, keys, agents, backup."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from app.clock import SystemClock, iso
+from app.config import ConfigError, Settings, load_settings
+from app.domain import agent_registry, keys
+from app.domain.errors import NotFound, Unauthorized
+from app.store import agents as agents_store
+from app.store import orgs
+from app.store.db import connect_sync, write_sync
+from app.store.migrate import migrate
+
+DEV_ORG = "dev"
+
+
+def _now() -> int:
+    return SystemClock().now_ms()
+
+
+def _open(settings: Settings) -> sqlite3.Connection:
+    conn = connect_sync(settings.database)
+    migrate(conn)
+    return conn
+
+
+def ensure_dev_key(settings: Settings) -> str:
+    """The dev org's key: made on first run, saved to data/dev-api-key, reused while it still works."""
+    path = settings.data_dir / "dev-api-key"
+    conn = _open(settings)
+    try:
+        if path.is_file():
+            raw = path.read_text().strip()
+            try:
+                keys.authenticate(conn, raw, _now())
+                return raw
+            except Unauthorized:
+                pass
+
+        def make(c: sqlite3.Connection) -> str:
+            org_id = orgs.get_or_create_org(c, DEV_ORG, _now())
+            return keys.create_key(c, org_id, "dev", None, _now(), test=True).key
+
+        raw = write_sync(conn, make)
+    finally:
+        conn.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(raw + "\n")
+    path.chmod(0o600)
+    return raw
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.api.app import create_app
+    from app.observability import configure_logging
+
+    if args.host:
+        settings = _replace(settings, host=args.host)
+    if args.port:
+        settings = _replace(settings, port=args.port)
+    configure_logging(settings.log_format)
+    conn = _open(settings)
+    try:
+        write_sync(conn, lambda c: agent_registry.sync_managed(c, settings.agents_file, _now()))
+    finally:
+        conn.close()
+    if args.dev:
+        raw = ensure_dev_key(settings)
+        print(f"Dev API key (saved to {settings.data_dir / 'dev-api-key'}):\n{raw}", flush=True)
+    print(f"Parley serving on http://{settings.host}:{settings.port} ({settings.sms_provider})", flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=8,
+        lifespan="on",
+    )
+    return 0
+
+
+def _replace(settings: Settings, **changes: object) -> Settings:
+    import msgspec
+
+    updated = msgspec.structs.replace(settings, **changes)
+    if "PARLEY_PUBLIC_URL" not in __import__("os").environ:
+        updated = msgspec.structs.replace(updated, public_url=f"http://{updated.host}:{updated.port}")
+    return updated
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    conn = connect_sync(settings.database)
+    try:
+        applied = migrate(conn)
+    finally:
+        conn.close()
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(map(str, applied))}" if applied else ""))
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    conn = _open(settings)
+    try:
+        if args.keys_command == "create":
+            created = write_sync(
+                conn,
+                lambda c: keys.create_key(c, orgs.get_or_create_org(c, args.org, _now()), args.name, None, _now()),
+            )
+            print(created.key)
+        elif args.keys_command == "list":
+            org_id = orgs.find_org(conn, args.org)
+            if org_id is None:
+                print(f"no such org: {args.org}", file=sys.stderr)
+                return 1
+            for row in orgs.list_keys(conn, org_id):
+                fields = [
+                    row["id"],
+                    row["key_prefix"],
+                    row["name"],
+                    iso(row["created_at"]),
+                    iso(row["expires_at"]) or "-",
+                    iso(row["revoked_at"]) or "-",
+                ]
+                print(" ".join(str(f) for f in fields))
+        elif args.keys_command == "revoke":
+            try:
+                row = write_sync(conn, lambda c: keys.revoke(c, args.key_id, _now()))
+            except NotFound:
+                print(f"no such key: {args.key_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {row['id']}")
+    finally:
+        conn.close()
+    return 0
+
+
+def cmd_agents(settings: Settings, args: argparse.Namespace) -> int:
+    conn = _open(settings)
+    try:
+        if args.agents_command == "sync":
+            slugs = write_sync(conn, lambda c: agent_registry.sync_managed(c, settings.agents_file, _now()))
+            print(f"synced {len(slugs)} managed agent(s): {', '.join(slugs)}")
+        else:
+            for agent in agents_store.list_managed(conn):
+                line = f"{agent.id} {agent.slug} {agent.settings.name}"
+                if args.secrets:
+                    line += f" {agent.tool_secret}"
+                print(line)
+    finally:
+        conn.close()
+    return 0
+
+
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    target = Path(args.path)
+    if target.exists():
+        print(f"refusing to overwrite {target}", file=sys.stderr)
+        return 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = connect_sync(settings.database)
+    dest = sqlite3.connect(str(target))
+    started = time.monotonic()
+    try:
+        # The online backup API copies a consistent snapshot while writers carry on.
+        source.backup(dest, pages=1024)
+        ok = dest.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        dest.close()
+        source.close()
+    if ok != "ok":
+        print(f"backup failed its integrity check: {ok}", file=sys.stderr)
+        return 1
+    print(f"backed up to {target} in {time.monotonic() - started:.2f}s")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="parley", description="Self-hosted AI SMS conversations.")
+    sub = top.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="migrate, sync agents and serve the API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--dev", action="store_true", help="create (or reuse) the dev org's key and print it")
+    sub.add_parser("migrate", help="apply database migrations")
+    keys_parser = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key (and the org if needed); prints only the key")
+    create.add_argument("--org", required=True)
+    create.add_argument("--name", default="default")
+    listing = keys_sub.add_parser("list", help="list an org's keys")
+    listing.add_argument("--org", required=True)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    agents = sub.add_parser("agents", help="managed agents")
+    agents_sub = agents.add_subparsers(dest="agents_command", required=True)
+    agents_sub.add_parser("sync", help="sync data/agents.toml into the database")
+    agent_list = agents_sub.add_parser("list", help="list managed agents")
+    agent_list.add_argument("--secrets", action="store_true", help="show each agent's tool secret")
+    backup = sub.add_parser("backup", help="online, consistent copy of the database")
+    backup.add_argument("path")
+    return top
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "migrate": cmd_migrate,
+    "keys": cmd_keys,
+    "agents": cmd_agents,
+    "backup": cmd_backup,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](settings, args)
+    except ValueError as exc:  # agents.toml problems and the like: one readable line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Settings from the environment (and a `.env` file in the working directory), validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+from dotenv import dotenv_values
+
+DEFAULT_RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
+
+
+class ConfigError(Exception):
+    """A bad setting: the message is one line that names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    database: str = "data/parley.db"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = "http://127.0.0.1:8000"
+    agents_file: str = "data/agents.toml"
+    sms_provider: str = "simulator"
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_api_base: str = "https://api.twilio.com"
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_model: str | None = None
+    llm_timeout_seconds: float = 30.0
+    allow_private_urls: bool = False
+    allow_http_urls: bool = False
+    webhook_retry_schedule: tuple[int, ...] = DEFAULT_RETRY_SCHEDULE
+    log_format: str = "console"
+    rate_limit: float = 100.0
+    status_reconcile_after_seconds: int = 600
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.database).parent
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def _number(name: str, raw: str, kind: type, low: float, high: float) -> int | float:
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number between {low} and {high}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {raw!r}")
+    return value
+
+
+def _url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if not value.startswith(("http://", "https://")) or len(value) < 10:
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return value
+
+
+def _schedule(name: str, raw: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}") from None
+    if not steps or any(step < 0 for step in steps):
+        raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}")
+    return steps
+
+
+def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
+    """Read settings: the process environment wins over `.env`. Raise ConfigError on a bad value."""
+    values: dict[str, str] = {}
+    if env_file and Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+
+    def get(name: str) -> str | None:
+        raw = values.get(name)
+        return raw if raw not in (None, "") else None
+
+    kwargs: dict[str, object] = {}
+    if (raw := get("PARLEY_DATABASE")) is not None:
+        kwargs["database"] = raw
+    if (raw := get("PARLEY_HOST")) is not None:
+        kwargs["host"] = raw
+    if (raw := get("PARLEY_PORT")) is not None:
+        kwargs["port"] = _number("PARLEY_PORT", raw, int, 1, 65535)
+    if (raw := get("PARLEY_AGENTS_FILE")) is not None:
+        kwargs["agents_file"] = raw
+    if (raw := get("PARLEY_SMS_PROVIDER")) is not None:
+        if raw not in {"simulator", "twilio"}:
+            raise ConfigError(f"PARLEY_SMS_PROVIDER must be simulator or twilio, got {raw!r}")
+        kwargs["sms_provider"] = raw
+    for name, field in (
+        ("TWILIO_ACCOUNT_SID", "twilio_account_sid"),
+        ("TWILIO_AUTH_TOKEN", "twilio_auth_token"),
+    ):
+        if (raw := get(name)) is not None:
+            kwargs[field] = raw
+    if (raw := get("TWILIO_API_BASE")) is not None:
+        kwargs["twilio_api_base"] = _url("TWILIO_API_BASE", raw)
+    if (raw := get("PARLEY_LLM_BASE_URL")) is not None:
+        kwargs["llm_base_url"] = _url("PARLEY_LLM_BASE_URL", raw)
+    if (raw := get("PARLEY_LLM_API_KEY")) is not None:
+        kwargs["llm_api_key"] = raw
+    if (raw := get("PARLEY_LLM_MODEL")) is not None:
+        kwargs["llm_model"] = raw
+    if (raw := get("PARLEY_LLM_TIMEOUT_SECONDS")) is not None:
+        kwargs["llm_timeout_seconds"] = _number("PARLEY_LLM_TIMEOUT_SECONDS", raw, float, 0.1, 600)
+    if (raw := get("PARLEY_ALLOW_PRIVATE_URLS")) is not None:
+        kwargs["allow_private_urls"] = _bool("PARLEY_ALLOW_PRIVATE_URLS", raw)
+    if (raw := get("PARLEY_ALLOW_HTTP_URLS")) is not None:
+        kwargs["allow_http_urls"] = _bool("PARLEY_ALLOW_HTTP_URLS", raw)
+    if (raw := get("PARLEY_WEBHOOK_RETRY_SCHEDULE")) is not None:
+        kwargs["webhook_retry_schedule"] = _schedule("PARLEY_WEBHOOK_RETRY_SCHEDULE", raw)
+    if (raw := get("PARLEY_LOG_FORMAT")) is not None:
+        if raw not in {"json", "console"}:
+            raise ConfigError(f"PARLEY_LOG_FORMAT must be json or console, got {raw!r}")
+        kwargs["log_format"] = raw
+    if (raw := get("PARLEY_RATE_LIMIT")) is not None:
+        kwargs["rate_limit"] = _number("PARLEY_RATE_LIMIT", raw, float, 0.001, 1_000_000)
+    if (raw := get("PARLEY_STATUS_RECONCILE_AFTER_SECONDS")) is not None:
+        kwargs["status_reconcile_after_seconds"] = _number(
+            "PARLEY_STATUS_RECONCILE_AFTER_SECONDS", raw, int, 1, 30 * 86400
+        )
+    port = kwargs.get("port", 8000)
+    host = kwargs.get("host", "127.0.0.1")
+    if (raw := get("PARLEY_PUBLIC_URL")) is not None:
+        kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw)
+    else:
+        kwargs["public_url"] = f"http://{host}:{port}"
+    settings = Settings(**kwargs)
+    if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
+        missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"
+        raise ConfigError(f"{missing} must be set when PARLEY_SMS_PROVIDER=twilio")
+    return settings

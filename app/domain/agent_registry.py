@@ -1,0 +1,113 @@
+"""Agent administration: syncing managed agents from agents.toml and the custom-agent CRUD."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+from app.domain.agents import (
+    Agent,
+    AgentPatch,
+    AgentSettings,
+    apply_patch,
+    check_settings,
+    load_agents_file,
+    resolve_secret,
+    settings_of,
+)
+from app.domain.errors import NotFound
+from app.domain.ids import new_id, new_signing_secret, parse_uuid
+from app.store import agents as store
+
+log = logging.getLogger("parley.agents")
+
+SECRET_OVERLAP_MS = 24 * 3600 * 1000
+
+
+def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
+    """Upsert every agent of agents.toml by slug; retire managed agents no longer listed."""
+    entries = load_agents_file(path)
+    known = store.managed_slugs(conn)
+    for entry in entries:
+        settings = settings_of(entry)
+        secret = resolve_secret(entry.tool_secret, slug=entry.slug)
+        if entry.slug in known:
+            agent_id, current_secret = known[entry.slug]
+            store.update_settings(conn, agent_id, settings, now_ms)
+            if secret is not None and secret != current_secret:
+                store.set_tool_secret(conn, agent_id, secret, None, None, now_ms)
+        else:
+            store.insert(
+                conn,
+                agent_id=new_id(),
+                kind="managed",
+                slug=entry.slug,
+                org_id=None,
+                settings=settings,
+                tool_secret=secret or new_signing_secret(),
+                now_ms=now_ms,
+            )
+    listed = {entry.slug for entry in entries}
+    for slug, (agent_id, _) in known.items():
+        if slug not in listed:
+            store.soft_delete(conn, agent_id, now_ms)
+    return sorted(listed)
+
+
+def create_custom(conn: sqlite3.Connection, org_id: str, settings: AgentSettings, now_ms: int) -> Agent:
+    check_settings(settings, kind="custom")
+    agent_id = new_id()
+    store.insert(
+        conn,
+        agent_id=agent_id,
+        kind="custom",
+        slug=None,
+        org_id=org_id,
+        settings=settings,
+        tool_secret=new_signing_secret(),
+        now_ms=now_ms,
+    )
+    agent = store.by_id(conn, agent_id, org_id)
+    assert agent is not None
+    return agent
+
+
+def get_visible(conn: sqlite3.Connection, org_id: str, agent_id: str) -> Agent:
+    canonical = parse_uuid(agent_id)
+    agent = store.by_id(conn, canonical, org_id) if canonical else None
+    if agent is None:
+        raise NotFound("Agent not found.")
+    return agent
+
+
+def get_own(conn: sqlite3.Connection, org_id: str, agent_id: str) -> Agent:
+    """A custom agent of this org; managed agents are read-only through the API."""
+    agent = get_visible(conn, org_id, agent_id)
+    if agent.kind != "custom":
+        raise NotFound("Agent not found among this organization's custom agents (managed agents are read-only).")
+    return agent
+
+
+def update_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, patch: AgentPatch, now_ms: int) -> Agent:
+    agent = get_own(conn, org_id, agent_id)
+    settings = apply_patch(agent.settings, patch)
+    check_settings(settings, kind="custom")
+    store.update_settings(conn, agent.id, settings, now_ms)
+    updated = store.by_id(conn, agent.id, org_id)
+    assert updated is not None
+    return updated
+
+
+def delete_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: int) -> None:
+    agent = get_own(conn, org_id, agent_id)
+    store.soft_delete(conn, agent.id, now_ms)
+
+
+def rotate_tool_secret(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: int) -> tuple[Agent, str]:
+    """A new tool secret; the old one keeps signing beside it for 24 h."""
+    agent = get_own(conn, org_id, agent_id)
+    secret = new_signing_secret()
+    store.set_tool_secret(conn, agent.id, secret, agent.tool_secret, now_ms + SECRET_OVERLAP_MS, now_ms)
+    updated = store.by_id(conn, agent.id, org_id)
+    assert updated is not None
+    return updated, secret

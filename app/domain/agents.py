@@ -1,0 +1,207 @@
+"""Agents: managed ones from `data/agents.toml`, custom ones per organization."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from app.domain.errors import FieldProblem, NotFound, ValidationFailed
+from app.domain.phone import e164_problem
+from app.domain.types import E164Number, Name, VariableName, problem_from_msgspec
+
+ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Prompt = Annotated[str, Meta(max_length=20000)]
+SmsText = Annotated[str, Meta(min_length=1, max_length=1600)]
+
+
+class WebhookTool(Struct, tag="webhook", tag_field="type", rename="camel", forbid_unknown_fields=True, kw_only=True):
+    name: ToolName
+    url: Annotated[str, Meta(min_length=8, max_length=2048)]
+    description: Annotated[str, Meta(max_length=2000)] = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
+    timeout_seconds: Annotated[float, Meta(gt=0, le=60)] = 10.0
+
+
+class EndConversationTool(Struct, tag="end_conversation", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class HandoffToHumanTool(Struct, tag="handoff_to_human", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+Tool = WebhookTool | EndConversationTool | HandoffToHumanTool
+
+
+class AgentSettings(Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    """Everything an agent is configured with (the fields of SPEC §5)."""
+
+    name: Name
+    system_prompt: Prompt = ""
+    required_variables: Annotated[list[VariableName], Meta(max_length=50)] = []
+    model: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=32)] = []
+    max_tool_rounds: Annotated[int, Meta(ge=1, le=20)] = 5
+    reply_debounce_ms: Annotated[int, Meta(ge=0, le=60000)] = 1500
+    inactivity_timeout_seconds: Annotated[int, Meta(ge=60, le=2592000)] = 86400
+    inactivity_warning_seconds: Annotated[int, Meta(ge=1, le=2592000)] | None = None
+    inactivity_warning_message: SmsText | None = None
+    closing_message: SmsText | None = None
+    help_message: SmsText | None = None
+    max_reply_chars: Annotated[int, Meta(ge=1, le=1600)] = 640
+    phone_number: E164Number | None = None
+    opening_message: SmsText | None = None
+
+
+class AgentPatch(Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    name: Name | UnsetType = UNSET
+    system_prompt: Prompt | UnsetType = UNSET
+    required_variables: Annotated[list[VariableName], Meta(max_length=50)] | UnsetType = UNSET
+    model: Annotated[str, Meta(min_length=1, max_length=255)] | UnsetType | None = UNSET
+    temperature: Annotated[float, Meta(ge=0, le=2)] | UnsetType | None = UNSET
+    tools: Annotated[list[Tool], Meta(max_length=32)] | UnsetType = UNSET
+    max_tool_rounds: Annotated[int, Meta(ge=1, le=20)] | UnsetType = UNSET
+    reply_debounce_ms: Annotated[int, Meta(ge=0, le=60000)] | UnsetType = UNSET
+    inactivity_timeout_seconds: Annotated[int, Meta(ge=60, le=2592000)] | UnsetType = UNSET
+    inactivity_warning_seconds: Annotated[int, Meta(ge=1, le=2592000)] | UnsetType | None = UNSET
+    inactivity_warning_message: SmsText | UnsetType | None = UNSET
+    closing_message: SmsText | UnsetType | None = UNSET
+    help_message: SmsText | UnsetType | None = UNSET
+    max_reply_chars: Annotated[int, Meta(ge=1, le=1600)] | UnsetType = UNSET
+    phone_number: E164Number | UnsetType | None = UNSET
+    opening_message: SmsText | UnsetType | None = UNSET
+
+
+class ManagedAgentEntry(AgentSettings, kw_only=True):
+    """One `[[agents]]` entry of agents.toml: the settings plus a slug and an optional tool secret."""
+
+    slug: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,254}$")]
+    tool_secret: str | None = None
+
+
+class AgentsFile(Struct, forbid_unknown_fields=True):
+    agents: list[ManagedAgentEntry] = []
+
+
+class Agent(Struct, kw_only=True):
+    """An agent as stored."""
+
+    id: str
+    kind: str
+    slug: str | None
+    org_id: str | None
+    settings: AgentSettings
+    tool_secret: str
+    previous_tool_secret: str | None
+    previous_tool_secret_until: int | None
+    created_at: int
+    updated_at: int
+
+    def signing_secrets(self, now_ms: int) -> list[str]:
+        """The tool secret, plus the previous one during its 24 h overlap after a rotation."""
+        secrets = [self.tool_secret]
+        if self.previous_tool_secret and (self.previous_tool_secret_until or 0) > now_ms:
+            secrets.append(self.previous_tool_secret)
+        return secrets
+
+
+settings_encoder = msgspec.json.Encoder()
+settings_decoder = msgspec.json.Decoder(AgentSettings)
+
+
+def check_settings(settings: AgentSettings, *, kind: str) -> None:
+    """Rules across fields that a type cannot express."""
+    problems: list[FieldProblem] = []
+    if settings.phone_number is not None and (problem := e164_problem(settings.phone_number)):
+        problems.append(FieldProblem("phoneNumber", problem))
+    if kind == "managed" and (settings.phone_number or settings.opening_message):
+        problems.append(FieldProblem("phoneNumber", "managed agents have no number or opening template"))
+    if (settings.inactivity_warning_seconds is None) != (settings.inactivity_warning_message is None):
+        problems.append(
+            FieldProblem("inactivityWarningSeconds", "set together with inactivityWarningMessage, or neither")
+        )
+    elif (
+        settings.inactivity_warning_seconds is not None
+        and settings.inactivity_warning_seconds >= settings.inactivity_timeout_seconds
+    ):
+        problems.append(FieldProblem("inactivityWarningSeconds", "must be less than inactivityTimeoutSeconds"))
+    names = [tool.name for tool in settings.tools if isinstance(tool, WebhookTool)]
+    if len(names) != len(set(names)):
+        problems.append(FieldProblem("tools", "tool names must be unique"))
+    kinds = [type(tool) for tool in settings.tools if not isinstance(tool, WebhookTool)]
+    if len(kinds) != len(set(kinds)):
+        problems.append(FieldProblem("tools", "a built-in tool is listed twice"))
+    for index, tool in enumerate(settings.tools):
+        if isinstance(tool, WebhookTool) and tool.parameters.get("type", "object") != "object":
+            problems.append(FieldProblem(f"tools.{index}.parameters", "must be a JSON Schema of type object"))
+    if problems:
+        raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+
+
+def apply_patch(settings: AgentSettings, patch: AgentPatch) -> AgentSettings:
+    merged = msgspec.to_builtins(settings)
+    changes = {
+        field.encode_name: msgspec.to_builtins(getattr(patch, field.name))
+        for field in msgspec.inspect.type_info(AgentPatch).fields
+        if getattr(patch, field.name) is not UNSET
+    }
+    merged.update(changes)
+    try:
+        return msgspec.convert(merged, AgentSettings, strict=True)
+    except msgspec.ValidationError as exc:
+        raise problem_from_msgspec(exc) from None
+
+
+def resolve_secret(value: str | None, *, slug: str) -> str | None:
+    """A managed agent's toolSecret: literal, or `env:VARIABLE` read from the environment."""
+    if value is None:
+        return None
+    if value.startswith("env:"):
+        name = value[4:]
+        secret = os.environ.get(name)
+        if not secret:
+            raise ValueError(f"agent {slug}: toolSecret names {name}, which is not set")
+        return secret
+    return value
+
+
+def load_agents_file(path: str | Path) -> list[ManagedAgentEntry]:
+    """Parse and check agents.toml; ValueError with a readable message when it is wrong."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"agents file not found: {file}")
+    try:
+        data = tomllib.loads(file.read_text())
+        parsed = msgspec.convert(data, AgentsFile, strict=True)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{file}: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{file}: {exc}") from None
+    slugs = [entry.slug for entry in parsed.agents]
+    if len(slugs) != len(set(slugs)):
+        raise ValueError(f"{file}: two agents share a slug")
+    for entry in parsed.agents:
+        try:
+            check_settings(entry, kind="managed")
+        except ValidationFailed as exc:
+            raise ValueError(f"{file}: agent {entry.slug}: {exc.message}") from None
+    return parsed.agents
+
+
+def settings_of(entry: ManagedAgentEntry) -> AgentSettings:
+    data = msgspec.to_builtins(entry)
+    data.pop("slug", None)
+    data.pop("toolSecret", None)
+    return msgspec.convert(data, AgentSettings)
+
+
+def require(agent: Agent | None, what: str = "Agent") -> Agent:
+    if agent is None:
+        raise NotFound(f"{what} not found.")
+    return agent

@@ -1,0 +1,355 @@
+"""SMS conversations: create (with supersede and idempotency), close and read."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from app.domain import lifecycle, messaging
+from app.domain.agents import Agent
+from app.domain.context import Context
+from app.domain.errors import (
+    Conflict,
+    FieldProblem,
+    IdempotencyKeyReused,
+    NotFound,
+    ValidationFailed,
+)
+from app.domain.ids import new_id, parse_uuid
+from app.domain.models import Conversation, Message
+from app.domain.phone import e164_problem
+from app.domain.templates import render
+from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody
+from app.providers.base import ProviderRejected, SendRequest
+from app.store import agents as agents_store
+from app.store import conversations as store
+
+log = logging.getLogger("parley.conversations")
+
+IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
+
+
+class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /v1/sms-conversations."""
+
+    to_number: E164Number
+    agent_slug: Slug | None = None
+    agent_id: str | None = None
+    from_number: E164Number | None = None
+    welcome_message: SmsBody | None = None
+    dynamic_variables: DynamicVariables = {}
+    metadata: Metadata = {}
+    inactivity_timeout_seconds: Annotated[int, Meta(ge=60, le=2592000)] | None = None
+
+
+class CloseConversation(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    reason: Reason = "admin_closed"
+
+
+class CreateOutcome(msgspec.Struct, kw_only=True):
+    """What a create ended in; stored for idempotent replay and rendered by the API."""
+
+    status_code: int
+    request_id: str
+    conversation_id: str
+    provider_message_id: str | None = None
+    provider_code: str | None = None
+    message: str | None = None
+
+
+class CloseOutcome(msgspec.Struct, kw_only=True):
+    conversation: Conversation
+    already_closed: bool
+
+
+_outcome_codec = msgspec.json.Decoder(CreateOutcome)
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def request_hash(body: CreateConversation) -> str:
+    return hashlib.sha256(_encoder.encode(body)).hexdigest()
+
+
+def check_fields(body: CreateConversation) -> None:
+    """Field rules a type cannot express; every problem is reported at once."""
+    problems: list[FieldProblem] = []
+    if (body.agent_slug is None) == (body.agent_id is None):
+        problems.append(FieldProblem("agentSlug", "give exactly one of agentSlug or agentId"))
+    if body.agent_id is not None and parse_uuid(body.agent_id) is None:
+        problems.append(FieldProblem("agentId", "must be a UUID"))
+    if problem := e164_problem(body.to_number):
+        problems.append(FieldProblem("toNumber", problem))
+    if body.from_number is not None and (problem := e164_problem(body.from_number)):
+        problems.append(FieldProblem("fromNumber", problem))
+    if problems:
+        raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+
+
+def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str | None]:
+    """Agent-kind rules; return (sender number, opening text or None when the model must write it)."""
+    settings = agent.settings
+    sender = settings.phone_number if agent.kind == "custom" and settings.phone_number else body.from_number
+    if sender is None:
+        raise ValidationFailed.field("fromNumber", "is required for this agent (it has no number of its own)")
+    welcome = body.welcome_message
+    if welcome is not None and not welcome.strip():
+        raise ValidationFailed.field("welcomeMessage", "must not be blank")
+    if agent.kind == "managed" and welcome is None:
+        raise ValidationFailed.field("welcomeMessage", "is required for managed agents")
+    missing = [name for name in settings.required_variables if name not in body.dynamic_variables]
+    if missing:
+        problems = [FieldProblem(f"dynamicVariables.{name}", "is required by the agent") for name in missing]
+        raise ValidationFailed(
+            "dynamicVariables is missing variables the agent requires: " + ", ".join(missing), problems
+        )
+    if welcome is not None:
+        return sender, welcome
+    if settings.opening_message is not None:
+        text = render(settings.opening_message, body.dynamic_variables)
+        if not text.strip():
+            raise ValidationFailed.field("dynamicVariables", "the agent's openingMessage renders empty")
+        return sender, text[:1600]
+    return sender, None
+
+
+async def resolve_agent(ctx: Context, body: CreateConversation, org_id: str) -> Agent:
+    if body.agent_slug is not None:
+        agent = await ctx.db.read(lambda c: agents_store.by_slug(c, body.agent_slug))
+    else:
+        agent_id = parse_uuid(body.agent_id or "") or ""
+        agent = await ctx.db.read(lambda c: agents_store.by_id(c, agent_id, org_id))
+    if agent is None:
+        raise NotFound("Agent not found.")
+    return agent
+
+
+def _replay_or_raise(row: sqlite3.Row, digest: str, now_ms: int) -> CreateOutcome | None:
+    if row is None or row["expires_at"] <= now_ms:
+        return None
+    if row["request_hash"] != digest:
+        raise IdempotencyKeyReused()
+    if row["state"] == "running":
+        raise Conflict("idempotency_in_progress", "A request with this Idempotency-Key is still running.")
+    return _outcome_codec.decode(row["outcome"])
+
+
+def _idempotency_row(conn: sqlite3.Connection, org_id: str, key: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT request_hash, state, outcome, expires_at FROM idempotency_keys WHERE org_id = ? AND key = ?",
+        (org_id, key),
+    ).fetchone()
+
+
+def _finish_idempotency(conn: sqlite3.Connection, org_id: str, key: str | None, outcome: CreateOutcome) -> None:
+    if key is None:
+        return
+    conn.execute(
+        "UPDATE idempotency_keys SET state = 'done', outcome = ? WHERE org_id = ? AND key = ?",
+        (msgspec.json.encode(outcome).decode(), org_id, key),
+    )
+
+
+class Replay(msgspec.Struct):
+    outcome: CreateOutcome
+
+
+async def create(
+    ctx: Context,
+    org_id: str,
+    body: CreateConversation,
+    *,
+    request_id: str,
+    idempotency_key: str | None = None,
+) -> tuple[CreateOutcome, bool]:
+    """Create a conversation and send its opening SMS; return (outcome, replayed)."""
+    digest = request_hash(body) if idempotency_key else ""
+    if idempotency_key:
+        row = await ctx.db.read(lambda c: _idempotency_row(c, org_id, idempotency_key))
+        if (replayed := _replay_or_raise(row, digest, ctx.clock.now_ms())) is not None:
+            return replayed, True
+    check_fields(body)
+    agent = await resolve_agent(ctx, body, org_id)
+    sender, opening = check_agent_rules(body, agent)
+    if opening is None:
+        opener = ctx.extras.get("generate_opening")
+        if opener is None:
+            raise ValidationFailed.field(
+                "welcomeMessage",
+                "this agent has no opening template, so a welcomeMessage is required"
+                " (LLM-generated openings need the assistant, which is not configured)",
+            )
+        opening = await opener(agent, body.dynamic_variables)  # type: ignore[operator]
+    if await ctx.db.read(lambda c: store.is_opted_out(c, org_id, sender, body.to_number)):
+        raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
+
+    now = ctx.clock.now_ms()
+    conversation = Conversation(
+        id=new_id(),
+        org_id=org_id,
+        agent_id=agent.id,
+        status="pending",
+        from_number=sender,
+        to_number=body.to_number,
+        dynamic_variables=dict(body.dynamic_variables),
+        metadata=dict(body.metadata),
+        inactivity_timeout_seconds=body.inactivity_timeout_seconds or agent.settings.inactivity_timeout_seconds,
+        created_at=now,
+        last_activity_at=now,
+        ended_at=None,
+        end_reason=None,
+        superseded_by=None,
+        assistant_paused=False,
+        message_count=0,
+    )
+    message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name)
+
+    def persist(conn: sqlite3.Connection) -> Replay | Message:
+        now_ms = ctx.clock.now_ms()
+        if idempotency_key:
+            claimed = conn.execute(
+                "INSERT INTO idempotency_keys (org_id, key, request_hash, state, conversation_id, created_at,"
+                " expires_at) VALUES (?, ?, ?, 'running', ?, ?, ?)"
+                " ON CONFLICT (org_id, key) DO UPDATE SET request_hash = excluded.request_hash, state = 'running',"
+                " outcome = NULL, conversation_id = excluded.conversation_id, created_at = excluded.created_at,"
+                " expires_at = excluded.expires_at WHERE idempotency_keys.expires_at <= ?",
+                (
+                    org_id,
+                    idempotency_key,
+                    digest,
+                    conversation.id,
+                    now_ms,
+                    now_ms + IDEMPOTENCY_TTL_MS,
+                    now_ms,
+                ),
+            ).rowcount
+            if not claimed:
+                replayed = _replay_or_raise(_idempotency_row(conn, org_id, idempotency_key), digest, now_ms)
+                assert replayed is not None
+                return Replay(replayed)
+        if store.is_opted_out(conn, org_id, sender, body.to_number):
+            raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
+        store.insert(conn, conversation)
+        return messaging.insert_outbound(conn, message)
+
+    persisted = await ctx.db.write(persist)
+    if isinstance(persisted, Replay):
+        return persisted.outcome, True
+    message = persisted
+
+    request = SendRequest(
+        message_id=message.id,
+        from_number=sender,
+        to_number=body.to_number,
+        body=opening,
+        status_callback_url=ctx.status_callback_url(message.id),
+    )
+    try:
+        accepted = await ctx.provider.send(request)
+    except ProviderRejected as exc:
+        rejected = exc
+        outcome = CreateOutcome(
+            status_code=502,
+            request_id=request_id,
+            conversation_id=conversation.id,
+            provider_code=rejected.code,
+            message=f"The SMS provider rejected the opening message: {rejected.message}",
+        )
+
+        def record_failure(conn: sqlite3.Connection) -> None:
+            now_ms = ctx.clock.now_ms()
+            messaging.record_rejected(conn, conversation, message, rejected, now_ms)
+            lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+            _finish_idempotency(conn, org_id, idempotency_key, outcome)
+
+        await ctx.db.write(record_failure)
+        return outcome, False
+
+    outcome = CreateOutcome(
+        status_code=201,
+        request_id=request_id,
+        conversation_id=conversation.id,
+        provider_message_id=accepted.provider_message_id,
+    )
+
+    def record_success(conn: sqlite3.Connection) -> None:
+        now_ms = ctx.clock.now_ms()
+        for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
+            if other.id != conversation.id:
+                lifecycle.close(
+                    conn,
+                    other,
+                    reason="superseded_by_new_conversation",
+                    now_ms=now_ms,
+                    superseded_by=conversation.id,
+                )
+        started = store.mark_in_progress(conn, conversation.id, now_ms)
+        messaging.record_accepted(conn, conversation, message, accepted, now_ms)
+        if started:
+            lifecycle.note_activity(conn, conversation, now_ms)
+        _finish_idempotency(conn, org_id, idempotency_key, outcome)
+
+    await ctx.db.write(record_success)
+    ctx.scheduler.wake()
+    return outcome, False
+
+
+async def close(ctx: Context, org_id: str, conversation_id: str, reason: str) -> CloseOutcome:
+    canonical_id = parse_uuid(conversation_id)
+    if canonical_id is None:
+        raise NotFound("Conversation not found.")
+
+    def run(conn: sqlite3.Connection) -> CloseOutcome:
+        conversation = store.get(conn, canonical_id, org_id)
+        if conversation is None:
+            raise NotFound("Conversation not found.")
+        if conversation.status == "closed":
+            return CloseOutcome(conversation=conversation, already_closed=True)
+        lifecycle.close(conn, conversation, reason=reason, now_ms=ctx.clock.now_ms())
+        closed = store.get(conn, canonical_id)
+        assert closed is not None
+        return CloseOutcome(conversation=closed, already_closed=False)
+
+    return await ctx.db.write(run)
+
+
+async def get(ctx: Context, org_id: str, conversation_id: str) -> Conversation:
+    canonical_id = parse_uuid(conversation_id)
+    conversation = None
+    if canonical_id is not None:
+        conversation = await ctx.db.read(lambda c: store.get(c, canonical_id, org_id))
+    if conversation is None:
+        raise NotFound("Conversation not found.")
+    return conversation
+
+
+async def recover_pending(ctx: Context) -> int:
+    """At start-up: a conversation still `pending` was interrupted between persist and send.
+
+    Its create never answered, so the client will retry: close it as `opening_message_failed`,
+    fail its message, and release its Idempotency-Key so the retry can run.
+    """
+    interrupted = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
+
+    def run(conn: sqlite3.Connection) -> int:
+        now_ms = ctx.clock.now_ms()
+        stuck = store.pending(conn)
+        for conversation in stuck:
+            for message in store.messages_of(conn, conversation.id, after_seq=0, limit=10):
+                if message.direction == "outbound" and message.status == "queued" and not message.provider_message_id:
+                    messaging.record_rejected(conn, conversation, message, interrupted, now_ms)
+            lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE conversation_id = ? AND state = 'running'",
+                (conversation.id,),
+            )
+        return len(stuck)
+
+    count = await ctx.db.write(run)
+    if count:
+        log.warning("recovered %d conversation(s) interrupted before their opening SMS was sent", count)
+    return count

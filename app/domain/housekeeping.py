@@ -1,0 +1,55 @@
+"""Periodic upkeep: reconcile outbound messages stuck in a non-terminal status, expire idempotency keys."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+from app.domain import messaging
+from app.domain.context import Context
+from app.store import conversations as store
+from app.store import jobs
+from app.store.jobs import Job
+
+log = logging.getLogger("parley.housekeeping")
+
+JOB = "housekeeping"
+INTERVAL_MS = 60_000
+
+
+def ensure_scheduled(conn: sqlite3.Connection, now_ms: int) -> None:
+    jobs.schedule_earliest(conn, JOB, "global", now_ms + INTERVAL_MS)
+
+
+async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
+    """Ask the provider about messages still `queued`/`sent` past the configured age."""
+    cutoff = ctx.clock.now_ms() - ctx.settings.status_reconcile_after_seconds * 1000
+    stale = await ctx.db.read(lambda c: store.unfinished_outbound(c, cutoff, limit))
+    changed = 0
+    for message in stale:
+        try:
+            report = await ctx.provider.fetch_status(message)
+        except Exception:
+            log.warning("status look-up failed for a message; will retry", exc_info=True)
+            continue
+        if report is None:
+            continue
+        applied = await ctx.db.write(
+            lambda c, report=report: messaging.apply_report(c, report, ctx.provider.name, ctx.clock.now_ms())
+        )
+        if not applied:
+            # Nothing new: stop asking about it until it ages again.
+            await ctx.db.write(
+                lambda c, m=message: c.execute(
+                    "UPDATE messages SET updated_at = ? WHERE id = ?", (ctx.clock.now_ms(), m.id)
+                )
+            )
+        changed += int(applied)
+    return changed
+
+
+async def run(ctx: Context, job: Job) -> int:
+    await reconcile_stale_statuses(ctx)
+    now = ctx.clock.now_ms()
+    await ctx.db.write(lambda c: c.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)))
+    return now + INTERVAL_MS

@@ -1,0 +1,230 @@
+"""Outbound messages (persist, send, record) and provider status reports on them."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from app.clock import iso
+from app.domain import lifecycle, status
+from app.domain.context import Context
+from app.domain.errors import Conflict, NotFound, ProviderFailed
+from app.domain.ids import new_id
+from app.domain.models import Conversation, Message
+from app.domain.segments import count_segments
+from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport
+from app.store import conversations as store
+from app.store import events
+
+log = logging.getLogger("parley.messaging")
+_raw = msgspec.json.Encoder()
+
+
+def new_outbound(conversation: Conversation, content: str, author: str, now_ms: int, provider: str) -> Message:
+    encoding, segments = count_segments(content)
+    return Message(
+        id=new_id(),
+        conversation_id=conversation.id,
+        org_id=conversation.org_id,
+        seq=None,
+        direction="outbound",
+        author=author,
+        from_number=conversation.from_number,
+        to_number=conversation.to_number,
+        content=content,
+        status="queued",
+        provider=provider,
+        provider_message_id=None,
+        error_code=None,
+        encoding=encoding,
+        segments=segments,
+        created_at=now_ms,
+        sent_at=None,
+        delivered_at=None,
+    )
+
+
+def insert_outbound(conn: sqlite3.Connection, message: Message) -> Message:
+    """Persist a queued outbound message with the conversation's next sequence number."""
+    assert message.conversation_id is not None
+    seq = store.next_message_seq(conn, message.conversation_id)
+    stored = msgspec.structs.replace(message, seq=seq)
+    store.insert_message(conn, stored)
+    return stored
+
+
+def message_data(message: Message, **extra: Any) -> dict[str, Any]:
+    """The `data` of message events (PAM field names)."""
+    data = {
+        "messageId": message.id,
+        "sequenceNumber": message.seq,
+        "from": message.from_number,
+        "to": message.to_number,
+        "content": message.content,
+        "direction": message.direction,
+        "author": message.author,
+        "sentAt": iso(message.sent_at if message.direction == "outbound" else message.created_at),
+        "providerMessageId": message.provider_message_id,
+        "status": message.status,
+        "segments": message.segments,
+        "encoding": message.encoding,
+    }
+    data.update(extra)
+    return data
+
+
+def record_accepted(
+    conn: sqlite3.Connection,
+    conversation: Conversation,
+    message: Message,
+    accepted: SendAccepted,
+    now_ms: int,
+) -> Message:
+    """The provider took the message: store its id and emit `sms.message_sent`."""
+    new_status = status.canonical(accepted.provider_status) or "queued"
+    final = status.advance("queued", new_status) or "queued"
+    sent = msgspec.structs.replace(
+        message, provider_message_id=accepted.provider_message_id, status=final, sent_at=now_ms
+    )
+    store.update_message(
+        conn,
+        message.id,
+        now_ms,
+        provider_message_id=accepted.provider_message_id,
+        status=final,
+        sent_at=now_ms,
+    )
+    events.append(conn, "sms.message_sent", conversation.scope, message_data(sent), now_ms)
+    return sent
+
+
+def record_rejected(
+    conn: sqlite3.Connection,
+    conversation: Conversation,
+    message: Message,
+    rejected: ProviderRejected,
+    now_ms: int,
+) -> Message:
+    """The provider refused the message: it is `failed`, with the provider's code kept."""
+    failed = msgspec.structs.replace(message, status="failed", error_code=rejected.code)
+    store.update_message(conn, message.id, now_ms, status="failed", error_code=rejected.code)
+    events.append(
+        conn,
+        "sms.message_delivery_updated",
+        conversation.scope,
+        message_data(failed, previousStatus="queued", errorCode=rejected.code),
+        now_ms,
+    )
+    return failed
+
+
+def ensure_sendable(conn: sqlite3.Connection, conversation_id: str, org_id: str) -> Conversation:
+    conversation = store.get(conn, conversation_id, org_id)
+    if conversation is None:
+        raise NotFound("Conversation not found.")
+    if conversation.status != "in_progress":
+        raise Conflict("conversation_closed", "The conversation is closed; no message can be sent in it.")
+    if store.is_opted_out(conn, conversation.org_id, conversation.from_number, conversation.to_number):
+        raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
+    return conversation
+
+
+async def send_in_conversation(ctx: Context, conversation_id: str, org_id: str, content: str, author: str) -> Message:
+    """Send one SMS in an in-progress conversation: persisted first, then handed to the provider."""
+
+    def persist(conn: sqlite3.Connection) -> tuple[Conversation, Message]:
+        conversation = ensure_sendable(conn, conversation_id, org_id)
+        now = ctx.clock.now_ms()
+        message = insert_outbound(conn, new_outbound(conversation, content, author, now, ctx.provider.name))
+        return conversation, message
+
+    conversation, message = await ctx.db.write(persist)
+    request = SendRequest(
+        message_id=message.id,
+        from_number=message.from_number,
+        to_number=message.to_number,
+        body=message.content,
+        status_callback_url=ctx.status_callback_url(message.id),
+    )
+    try:
+        accepted = await ctx.provider.send(request)
+    except ProviderRejected as exc:
+        rejected = exc
+        await ctx.db.write(lambda c: record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
+        raise ProviderFailed(rejected.message, rejected.code, conversation.id) from None
+
+    def finish(conn: sqlite3.Connection) -> Message:
+        now = ctx.clock.now_ms()
+        sent = record_accepted(conn, conversation, message, accepted, now)
+        current = store.get(conn, conversation.id)
+        if current is not None and current.status == "in_progress":
+            lifecycle.note_activity(conn, current, now)
+        return sent
+
+    sent = await ctx.db.write(finish)
+    ctx.scheduler.wake()
+    return sent
+
+
+def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, now_ms: int) -> bool:
+    """Apply one provider status report; True when it changed the message's canonical status.
+
+    Every report is kept. Duplicates (same provider id and status) and lower-rank or post-terminal
+    reports change nothing and emit nothing.
+    """
+    message = None
+    if report.message_id is not None:
+        message = store.get_message(conn, report.message_id)
+        if message is not None and message.direction != "outbound":
+            message = None
+    if message is None:
+        message = store.message_by_provider_id(conn, report.provider_message_id)
+    duplicate = (
+        conn.execute(
+            "SELECT 1 FROM status_reports WHERE provider_message_id = ? AND provider_status = ? LIMIT 1",
+            (report.provider_message_id, report.provider_status),
+        ).fetchone()
+        is not None
+    )
+    incoming = status.canonical(report.provider_status)
+    new_status = None
+    if message is not None and incoming is not None and not duplicate:
+        new_status = status.advance(message.status, incoming)
+    conn.execute(
+        "INSERT INTO status_reports (message_id, provider, provider_message_id, provider_status, error_code,"
+        " raw, applied, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id if message else None,
+            provider,
+            report.provider_message_id,
+            report.provider_status,
+            report.error_code,
+            _raw.encode(report.raw).decode(),
+            int(new_status is not None),
+            now_ms,
+        ),
+    )
+    if message is None or new_status is None:
+        return False
+    changes: dict[str, Any] = {"status": new_status}
+    if message.provider_message_id is None:
+        changes["provider_message_id"] = report.provider_message_id
+    if new_status == "delivered":
+        changes["delivered_at"] = now_ms
+    if new_status in {"undelivered", "failed"} and report.error_code:
+        changes["error_code"] = report.error_code
+    store.update_message(conn, message.id, now_ms, **changes)
+    updated = msgspec.structs.replace(message, **changes)
+    conversation = store.get(conn, message.conversation_id) if message.conversation_id else None
+    if conversation is not None:
+        events.append(
+            conn,
+            "sms.message_delivery_updated",
+            conversation.scope,
+            message_data(updated, previousStatus=message.status, errorCode=updated.error_code),
+            now_ms,
+        )
+    return True

@@ -1,0 +1,55 @@
+"""The records services work with, as the store returns them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from app.domain.events import EventScope
+
+OPEN_STATUSES = ("pending", "in_progress")
+
+
+class Conversation(msgspec.Struct, kw_only=True):
+    id: str
+    org_id: str
+    agent_id: str
+    status: str
+    from_number: str
+    to_number: str
+    dynamic_variables: dict[str, str]
+    metadata: dict[str, Any]
+    inactivity_timeout_seconds: int
+    created_at: int
+    last_activity_at: int
+    ended_at: int | None
+    end_reason: str | None
+    superseded_by: str | None
+    assistant_paused: bool
+    message_count: int
+
+    @property
+    def scope(self) -> EventScope:
+        return EventScope(org_id=self.org_id, conversation_id=self.id, agent_id=self.agent_id, metadata=self.metadata)
+
+
+class Message(msgspec.Struct, kw_only=True):
+    id: str
+    conversation_id: str | None
+    org_id: str | None
+    seq: int | None
+    direction: str
+    author: str
+    from_number: str
+    to_number: str
+    content: str
+    status: str
+    provider: str
+    provider_message_id: str | None
+    error_code: str | None
+    encoding: str
+    segments: int
+    created_at: int
+    sent_at: int | None
+    delivered_at: int | None

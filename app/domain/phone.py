@@ -1,0 +1,32 @@
+"""Phone numbers: E.164 syntax, checked with phonenumbers, and masking for logs."""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+
+
+def e164_problem(value: str) -> str | None:
+    """Why `value` is not an acceptable E.164 number, or None when it is.
+
+    A *possible* number is enough: fictional 555 numbers from the docs must pass.
+    """
+    if not E164.match(value):
+        return "must be an E.164 number such as +15555550123"
+    try:
+        parsed = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException:
+        return "is not a phone number"
+    if not phonenumbers.is_possible_number(parsed):
+        return "is not a possible phone number"
+    return None
+
+
+def mask(value: str | None) -> str | None:
+    """Keep only the last four digits: +15555550123 -> ***0123."""
+    if not value:
+        return value
+    return "***" + value[-4:]

@@ -1,0 +1,66 @@
+"""What every SMS provider offers the domain: send, status reports, and a status look-up.
+
+The domain never knows which provider it talks to; a new provider is a new module here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from app.domain.models import Message
+
+
+class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    message_id: str
+    from_number: str
+    to_number: str
+    body: str
+    status_callback_url: str
+
+
+class SendAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    provider_message_id: str
+    provider_status: str = "queued"
+
+
+class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A provider's word on one outbound message, in Twilio's status vocabulary."""
+
+    provider_message_id: str
+    provider_status: str
+    error_code: str | None = None
+    message_id: str | None = None
+    raw: dict[str, Any] = {}
+
+
+class ProviderRejected(Exception):
+    """The provider refused the send; `code` is the provider's error code (Twilio's, e.g. 21211)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+StatusSink = Callable[[StatusReport], Awaitable[None]]
+
+
+class Provider(Protocol):
+    name: str
+    # True when the provider answers STOP/START keywords itself, so Parley must not confirm again.
+    confirms_opt_out: bool
+
+    async def start(self, on_status: StatusSink) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        """Hand one SMS to the provider; raise ProviderRejected when it refuses."""
+        ...
+
+    async def fetch_status(self, message: Message) -> StatusReport | None:
+        """Ask the provider for a message's current status (None when it cannot say)."""
+        ...

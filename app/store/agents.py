@@ -1,0 +1,140 @@
+"""Agents, managed and custom."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from app.domain.agents import Agent, AgentSettings, settings_decoder, settings_encoder
+
+COLUMNS = (
+    "id, kind, slug, org_id, config, tool_secret, previous_tool_secret, previous_tool_secret_until,"
+    " created_at, updated_at"
+)
+
+
+def _agent(row: sqlite3.Row | None) -> Agent | None:
+    if row is None:
+        return None
+    return Agent(
+        id=row["id"],
+        kind=row["kind"],
+        slug=row["slug"],
+        org_id=row["org_id"],
+        settings=settings_decoder.decode(row["config"]),
+        tool_secret=row["tool_secret"],
+        previous_tool_secret=row["previous_tool_secret"],
+        previous_tool_secret_until=row["previous_tool_secret_until"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def by_slug(conn: sqlite3.Connection, slug: str) -> Agent | None:
+    return _agent(
+        conn.execute(
+            f"SELECT {COLUMNS} FROM agents WHERE slug = ? AND kind = 'managed' AND deleted_at IS NULL",
+            (slug,),
+        ).fetchone()
+    )
+
+
+def by_id(conn: sqlite3.Connection, agent_id: str, org_id: str) -> Agent | None:
+    """A managed agent, or a custom agent of this org."""
+    return _agent(
+        conn.execute(
+            f"SELECT {COLUMNS} FROM agents WHERE id = ? AND deleted_at IS NULL AND (kind = 'managed' OR org_id = ?)",
+            (agent_id, org_id),
+        ).fetchone()
+    )
+
+
+def by_id_any(conn: sqlite3.Connection, agent_id: str) -> Agent | None:
+    """Any agent, deleted or not (for conversations that already use it)."""
+    return _agent(conn.execute(f"SELECT {COLUMNS} FROM agents WHERE id = ?", (agent_id,)).fetchone())
+
+
+def list_visible(conn: sqlite3.Connection, org_id: str, *, after: tuple[int, str] | None, limit: int) -> list[Agent]:
+    sql = f"SELECT {COLUMNS} FROM agents WHERE deleted_at IS NULL AND (kind = 'managed' OR org_id = ?)"
+    args: list[object] = [org_id]
+    if after is not None:
+        sql += " AND (created_at, id) > (?, ?)"
+        args.extend(after)
+    sql += " ORDER BY created_at, id LIMIT ?"
+    args.append(limit)
+    return [a for a in map(_agent, conn.execute(sql, args).fetchall()) if a is not None]
+
+
+def list_managed(conn: sqlite3.Connection) -> list[Agent]:
+    rows = conn.execute(
+        f"SELECT {COLUMNS} FROM agents WHERE kind = 'managed' AND deleted_at IS NULL ORDER BY slug"
+    ).fetchall()
+    return [a for a in map(_agent, rows) if a is not None]
+
+
+def insert(
+    conn: sqlite3.Connection,
+    *,
+    agent_id: str,
+    kind: str,
+    slug: str | None,
+    org_id: str | None,
+    settings: AgentSettings,
+    tool_secret: str,
+    now_ms: int,
+) -> None:
+    conn.execute(
+        "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            agent_id,
+            kind,
+            slug,
+            org_id,
+            settings_encoder.encode(settings).decode(),
+            tool_secret,
+            now_ms,
+            now_ms,
+        ),
+    )
+
+
+def update_settings(conn: sqlite3.Connection, agent_id: str, settings: AgentSettings, now_ms: int) -> None:
+    conn.execute(
+        "UPDATE agents SET config = ?, updated_at = ?, deleted_at = NULL WHERE id = ?",
+        (settings_encoder.encode(settings).decode(), now_ms, agent_id),
+    )
+
+
+def set_tool_secret(
+    conn: sqlite3.Connection,
+    agent_id: str,
+    secret: str,
+    previous: str | None,
+    previous_until: int | None,
+    now_ms: int,
+) -> None:
+    conn.execute(
+        "UPDATE agents SET tool_secret = ?, previous_tool_secret = ?, previous_tool_secret_until = ?,"
+        " updated_at = ? WHERE id = ?",
+        (secret, previous, previous_until, now_ms, agent_id),
+    )
+
+
+def soft_delete(conn: sqlite3.Connection, agent_id: str, now_ms: int) -> None:
+    conn.execute("UPDATE agents SET deleted_at = ?, updated_at = ? WHERE id = ?", (now_ms, now_ms, agent_id))
+
+
+def managed_slugs(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+    """slug -> (id, tool_secret) of every managed agent, deleted ones included."""
+    return {
+        row[0]: (row[1], row[2])
+        for row in conn.execute("SELECT slug, id, tool_secret FROM agents WHERE kind = 'managed'")
+    }
+
+
+def slugs_of(conn: sqlite3.Connection, agent_ids: set[str]) -> dict[str, str | None]:
+    if not agent_ids:
+        return {}
+    marks = ",".join("?" * len(agent_ids))
+    rows = conn.execute(f"SELECT id, slug FROM agents WHERE id IN ({marks})", tuple(agent_ids)).fetchall()
+    return {row[0]: row[1] for row in rows}

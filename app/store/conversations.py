@@ -1,0 +1,283 @@
+"""Conversations and their messages."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from app.domain.models import Conversation, Message
+
+_json = msgspec.json.Encoder()
+_vars = msgspec.json.Decoder(dict[str, str])
+_meta = msgspec.json.Decoder(dict[str, Any])
+
+CONVERSATION_COLUMNS = (
+    "id, org_id, agent_id, status, from_number, to_number, dynamic_variables, metadata,"
+    " inactivity_timeout_seconds, created_at, last_activity_at, ended_at, end_reason, superseded_by,"
+    " assistant_paused, message_count"
+)
+MESSAGE_COLUMNS = (
+    "id, conversation_id, org_id, seq, direction, author, from_number, to_number, content, status, provider,"
+    " provider_message_id, error_code, encoding, segments, created_at, sent_at, delivered_at"
+)
+
+
+def conversation_from_row(row: sqlite3.Row) -> Conversation:
+    return Conversation(
+        id=row[0],
+        org_id=row[1],
+        agent_id=row[2],
+        status=row[3],
+        from_number=row[4],
+        to_number=row[5],
+        dynamic_variables=_vars.decode(row[6]),
+        metadata=_meta.decode(row[7]),
+        inactivity_timeout_seconds=row[8],
+        created_at=row[9],
+        last_activity_at=row[10],
+        ended_at=row[11],
+        end_reason=row[12],
+        superseded_by=row[13],
+        assistant_paused=bool(row[14]),
+        message_count=row[15],
+    )
+
+
+def message_from_row(row: sqlite3.Row) -> Message:
+    return Message(**{key: row[key] for key in row.keys()})  # noqa: SIM118 - sqlite3.Row is not a mapping
+
+
+def get(conn: sqlite3.Connection, conversation_id: str, org_id: str | None = None) -> Conversation | None:
+    if org_id is None:
+        row = conn.execute(
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
+    else:
+        row = conn.execute(
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ? AND org_id = ?",
+            (conversation_id, org_id),
+        ).fetchone()
+    return conversation_from_row(row) if row else None
+
+
+def insert(conn: sqlite3.Connection, c: Conversation) -> None:
+    conn.execute(
+        f"INSERT INTO conversations ({CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            c.id,
+            c.org_id,
+            c.agent_id,
+            c.status,
+            c.from_number,
+            c.to_number,
+            _json.encode(c.dynamic_variables).decode(),
+            _json.encode(c.metadata).decode(),
+            c.inactivity_timeout_seconds,
+            c.created_at,
+            c.last_activity_at,
+            c.ended_at,
+            c.end_reason,
+            c.superseded_by,
+            int(c.assistant_paused),
+            c.message_count,
+        ),
+    )
+
+
+def list_for_org(
+    conn: sqlite3.Connection,
+    org_id: str,
+    *,
+    status: str | None,
+    agent_id: str | None,
+    to_number: str | None,
+    from_number: str | None,
+    before: tuple[int, str] | None,
+    limit: int,
+) -> list[Conversation]:
+    sql = f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE org_id = ?"
+    args: list[Any] = [org_id]
+    if status == "closed":
+        sql += " AND status = 'closed'"
+    elif status == "in_progress":
+        sql += " AND status IN ('pending', 'in_progress')"
+    for column, value in (("agent_id", agent_id), ("to_number", to_number), ("from_number", from_number)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            args.append(value)
+    if before is not None:
+        sql += " AND (created_at, id) < (?, ?)"
+        args.extend(before)
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    args.append(limit)
+    return [conversation_from_row(row) for row in conn.execute(sql, args)]
+
+
+def open_for_pair(conn: sqlite3.Connection, from_number: str, to_number: str) -> list[Conversation]:
+    rows = conn.execute(
+        f"SELECT {CONVERSATION_COLUMNS} FROM conversations"
+        " WHERE from_number = ? AND to_number = ? AND status = 'in_progress'",
+        (from_number, to_number),
+    ).fetchall()
+    return [conversation_from_row(row) for row in rows]
+
+
+def latest_for_pair(
+    conn: sqlite3.Connection, from_number: str, to_number: str, org_id: str | None = None
+) -> Conversation | None:
+    sql = f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE from_number = ? AND to_number = ?"
+    args: list[Any] = [from_number, to_number]
+    if org_id is not None:
+        sql += " AND org_id = ?"
+        args.append(org_id)
+    sql += " ORDER BY (status = 'in_progress') DESC, created_at DESC, id DESC LIMIT 1"
+    row = conn.execute(sql, args).fetchone()
+    return conversation_from_row(row) if row else None
+
+
+def pending(conn: sqlite3.Connection) -> list[Conversation]:
+    rows = conn.execute(f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE status = 'pending'").fetchall()
+    return [conversation_from_row(row) for row in rows]
+
+
+def mark_in_progress(conn: sqlite3.Connection, conversation_id: str, now_ms: int) -> bool:
+    return (
+        conn.execute(
+            "UPDATE conversations SET status = 'in_progress', last_activity_at = ? WHERE id = ? AND status = 'pending'",
+            (now_ms, conversation_id),
+        ).rowcount
+        == 1
+    )
+
+
+def close(
+    conn: sqlite3.Connection,
+    conversation_id: str,
+    *,
+    reason: str,
+    now_ms: int,
+    superseded_by: str | None = None,
+) -> bool:
+    """Close an open conversation; False when it was already closed."""
+    return (
+        conn.execute(
+            "UPDATE conversations SET status = 'closed', ended_at = ?, end_reason = ?, superseded_by = ?"
+            " WHERE id = ? AND status != 'closed'",
+            (now_ms, reason, superseded_by, conversation_id),
+        ).rowcount
+        == 1
+    )
+
+
+def set_paused(conn: sqlite3.Connection, conversation_id: str, paused: bool) -> None:
+    conn.execute("UPDATE conversations SET assistant_paused = ? WHERE id = ?", (int(paused), conversation_id))
+
+
+def touch(conn: sqlite3.Connection, conversation_id: str, now_ms: int) -> None:
+    conn.execute("UPDATE conversations SET last_activity_at = ? WHERE id = ?", (now_ms, conversation_id))
+
+
+def next_message_seq(conn: sqlite3.Connection, conversation_id: str) -> int:
+    return conn.execute(
+        "UPDATE conversations SET last_message_seq = last_message_seq + 1, message_count = message_count + 1"
+        " WHERE id = ? RETURNING last_message_seq",
+        (conversation_id,),
+    ).fetchone()[0]
+
+
+def insert_message(conn: sqlite3.Connection, m: Message) -> None:
+    conn.execute(
+        f"INSERT INTO messages ({MESSAGE_COLUMNS}, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            m.id,
+            m.conversation_id,
+            m.org_id,
+            m.seq,
+            m.direction,
+            m.author,
+            m.from_number,
+            m.to_number,
+            m.content,
+            m.status,
+            m.provider,
+            m.provider_message_id,
+            m.error_code,
+            m.encoding,
+            m.segments,
+            m.created_at,
+            m.sent_at,
+            m.delivered_at,
+            m.created_at,
+        ),
+    )
+
+
+def get_message(conn: sqlite3.Connection, message_id: str) -> Message | None:
+    row = conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return message_from_row(row) if row else None
+
+
+def message_by_provider_id(conn: sqlite3.Connection, provider_message_id: str) -> Message | None:
+    row = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE provider_message_id = ? AND direction = 'outbound'",
+        (provider_message_id,),
+    ).fetchone()
+    return message_from_row(row) if row else None
+
+
+def inbound_by_provider_id(conn: sqlite3.Connection, provider: str, provider_message_id: str) -> Message | None:
+    row = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages"
+        " WHERE provider = ? AND provider_message_id = ? AND direction = 'inbound'",
+        (provider, provider_message_id),
+    ).fetchone()
+    return message_from_row(row) if row else None
+
+
+def messages_of(conn: sqlite3.Connection, conversation_id: str, *, after_seq: int, limit: int) -> list[Message]:
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (conversation_id, after_seq, limit),
+    ).fetchall()
+    return [message_from_row(row) for row in rows]
+
+
+def update_message(conn: sqlite3.Connection, message_id: str, now_ms: int, **fields: Any) -> None:
+    assignments = ", ".join(f"{name} = ?" for name in fields)
+    conn.execute(
+        f"UPDATE messages SET {assignments}, updated_at = ? WHERE id = ?",
+        (*fields.values(), now_ms, message_id),
+    )
+
+
+def received_by_number(conn: sqlite3.Connection, org_id: str, number: str, limit: int) -> list[Message]:
+    """Outbound messages a provider accepted for `number`, oldest first (the last `limit`)."""
+    rows = conn.execute(
+        f"SELECT * FROM (SELECT {MESSAGE_COLUMNS} FROM messages"
+        " WHERE to_number = ? AND direction = 'outbound' AND org_id = ? AND provider_message_id IS NOT NULL"
+        " ORDER BY created_at DESC, rowid DESC LIMIT ?) ORDER BY created_at, seq",
+        (number, org_id, limit),
+    ).fetchall()
+    return [message_from_row(row) for row in rows]
+
+
+def unfinished_outbound(conn: sqlite3.Connection, older_than: int, limit: int) -> list[Message]:
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE status IN ('queued', 'sent') AND updated_at < ?"
+        " AND direction = 'outbound' AND provider_message_id IS NOT NULL ORDER BY updated_at LIMIT ?",
+        (older_than, limit),
+    ).fetchall()
+    return [message_from_row(row) for row in rows]
+
+
+def is_opted_out(conn: sqlite3.Connection, org_id: str, sender: str, phone: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM opt_outs WHERE org_id = ? AND sender_number = ? AND phone_number = ?",
+            (org_id, sender, phone),
+        ).fetchone()
+        is not None
+    )

@@ -1,0 +1,168 @@
+"""The database: one write connection fed by a group-commit queue, and reader connections.
+
+Every write is a plain function `fn(conn) -> T` that runs on the writer's thread inside
+`BEGIN IMMEDIATE`, so a whole transaction costs one thread hop. Writes that queue up while the
+writer is busy are committed together, each in its own savepoint, so one failing write never
+undoes another and the batch pays for a single fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from app.store.migrate import migrate
+
+T = TypeVar("T")
+log = logging.getLogger("parley.db")
+
+MAX_BATCH = 64
+
+
+def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = FULL")
+    if writer:
+        conn.execute("PRAGMA journal_mode = WAL")
+    else:
+        conn.execute("PRAGMA query_only = ON")
+
+
+def connect_sync(path: str) -> sqlite3.Connection:
+    """A plain connection for commands and start-up work (autocommit; transactions are explicit)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    configure(conn, writer=True)
+    return conn
+
+
+def run_batch(conn: sqlite3.Connection, jobs: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    """Run several write jobs in one transaction, each isolated by a savepoint."""
+    results: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for job in jobs:
+            conn.execute("SAVEPOINT job")
+            try:
+                value = job(conn)
+            except Exception as exc:  # the job's own failure: undo it alone
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                results.append((False, exc))
+            else:
+                conn.execute("RELEASE job")
+                results.append((True, value))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def write_sync(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """One write transaction on a plain connection (commands, start-up)."""
+    ok, value = run_batch(conn, [fn])[0]
+    if not ok:
+        raise value
+    return value
+
+
+class Database:
+    def __init__(self, path: str, readers: int = 2) -> None:
+        self.path = path
+        self._reader_count = readers
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = itertools.cycle(range(readers))
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        await self._call(self._writer, lambda c: configure(c, writer=True))
+        await self._call(self._writer, migrate)
+        for _ in range(self._reader_count):
+            reader = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+            await self._call(reader, lambda c: configure(c, writer=False))
+            self._readers.append(reader)
+        self._writer_task = asyncio.create_task(self._write_loop(), name="parley-db-writer")
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer_task is not None:
+            await self._writer_task
+        for conn in [*self._readers, self._writer]:
+            if conn is not None:
+                await conn.close()
+        self._readers.clear()
+        self._writer = None
+
+    @staticmethod
+    async def _call(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # aiosqlite runs each queued callable on the connection's own thread; handing it a whole
+        # function keeps a transaction to one hop instead of one per statement.
+        return await conn._execute(lambda: fn(conn._conn))
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only function on a reader connection (never blocked by the writer)."""
+        reader = self._readers[next(self._next_reader)]
+        return await self._call(reader, fn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in a write transaction; return once it is durably committed."""
+        if self._closing:
+            raise RuntimeError("database is closing")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                jobs = [fn for fn, _ in batch]
+                try:
+                    results = await self._call(self._writer, lambda c, jobs=jobs: run_batch(c, jobs))
+                except Exception as exc:  # the commit itself failed: nothing in the batch is durable
+                    log.exception("write batch failed")
+                    results = [(False, exc)] * len(batch)
+                for (_, future), (ok, value) in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+            if self._closing and not self._queue:
+                return
+
+    async def backup(self, target: str) -> None:
+        """Online, consistent copy of the database into `target`."""
+        assert self._writer is not None
+
+        def copy(conn: sqlite3.Connection) -> None:
+            dest = sqlite3.connect(target)
+            try:
+                conn.backup(dest)
+            finally:
+                dest.close()
+
+        await self.read(copy)

@@ -1,0 +1,56 @@
+"""The event outbox: rows written in the same transaction as the change they describe."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from app.domain.events import EventScope, envelope
+from app.domain.ids import new_event_id
+
+
+def append(conn: sqlite3.Connection, event_type: str, scope: EventScope, data: dict[str, Any], now_ms: int) -> str:
+    """Write one event; a conversation's events get the next gap-free `sequence`."""
+    sequence = None
+    if scope.conversation_id is not None:
+        sequence = conn.execute(
+            "UPDATE conversations SET last_event_seq = last_event_seq + 1 WHERE id = ? RETURNING last_event_seq",
+            (scope.conversation_id,),
+        ).fetchone()[0]
+    event_id = new_event_id()
+    payload = envelope(
+        event_id=event_id, event_type=event_type, scope=scope, sequence=sequence, now_ms=now_ms, data=data
+    )
+    conn.execute(
+        "INSERT INTO events (id, org_id, conversation_id, sequence, type, payload, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (event_id, scope.org_id, scope.conversation_id, sequence, event_type, payload.decode(), now_ms),
+    )
+    return event_id
+
+
+def list_for_org(
+    conn: sqlite3.Connection,
+    org_id: str,
+    *,
+    after_pos: int,
+    event_type: str | None,
+    conversation_id: str | None,
+    limit: int,
+) -> list[sqlite3.Row]:
+    sql = "SELECT pos, id, payload FROM events WHERE org_id = ? AND pos > ?"
+    args: list[Any] = [org_id, after_pos]
+    if event_type:
+        sql += " AND type = ?"
+        args.append(event_type)
+    if conversation_id:
+        sql += " AND conversation_id = ?"
+        args.append(conversation_id)
+    sql += " ORDER BY pos LIMIT ?"
+    args.append(limit)
+    return conn.execute(sql, args).fetchall()
+
+
+def position_of(conn: sqlite3.Connection, org_id: str, event_id: str) -> int | None:
+    row = conn.execute("SELECT pos FROM events WHERE id = ? AND org_id = ?", (event_id, org_id)).fetchone()
+    return row[0] if row else None

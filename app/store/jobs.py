@@ -1,0 +1,83 @@
+"""Timed work for the scheduler: one row per (kind, ref), claimed with a lease."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import msgspec
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    kind: str
+    ref: str
+    due_at: int
+    lease_until: int
+    attempts: int
+    payload: str | None
+
+
+def schedule(conn: sqlite3.Connection, kind: str, ref: str, due_at: int, payload: str | None = None) -> None:
+    """Create or move the (kind, ref) job to `due_at`; a claimed one is released so it runs again then."""
+    conn.execute(
+        "INSERT INTO jobs (kind, ref, due_at, payload) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (kind, ref) DO UPDATE SET due_at = excluded.due_at, payload = excluded.payload,"
+        " lease_until = NULL, attempts = 0",
+        (kind, ref, due_at, payload),
+    )
+
+
+def schedule_earliest(conn: sqlite3.Connection, kind: str, ref: str, due_at: int, payload: str | None = None) -> None:
+    """Like `schedule`, but never pushes an existing unclaimed job later."""
+    conn.execute(
+        "INSERT INTO jobs (kind, ref, due_at, payload) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (kind, ref) DO UPDATE SET due_at = MIN(due_at, excluded.due_at),"
+        " payload = excluded.payload WHERE lease_until IS NULL",
+        (kind, ref, due_at, payload),
+    )
+
+
+def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...] | None = None) -> None:
+    if kinds is None:
+        conn.execute("DELETE FROM jobs WHERE ref = ?", (ref,))
+    else:
+        marks = ",".join("?" * len(kinds))
+        conn.execute(f"DELETE FROM jobs WHERE ref = ? AND kind IN ({marks})", (ref, *kinds))
+
+
+def claim(conn: sqlite3.Connection, now_ms: int, lease_ms: int, limit: int, skip: set[int]) -> list[Job]:
+    rows = conn.execute(
+        "SELECT id FROM jobs WHERE due_at <= ? AND (lease_until IS NULL OR lease_until <= ?) ORDER BY due_at LIMIT ?",
+        (now_ms, now_ms, limit + len(skip)),
+    ).fetchall()
+    ids = [row[0] for row in rows if row[0] not in skip][:limit]
+    jobs = []
+    for job_id in ids:
+        row = conn.execute(
+            "UPDATE jobs SET lease_until = ?, attempts = attempts + 1 WHERE id = ?"
+            " RETURNING id, kind, ref, due_at, lease_until, attempts, payload",
+            (now_ms + lease_ms, job_id),
+        ).fetchone()
+        jobs.append(Job(**{key: row[key] for key in row.keys()}))  # noqa: SIM118
+    return jobs
+
+
+def finish(conn: sqlite3.Connection, job: Job) -> None:
+    """Delete a job that ran, unless it was re-scheduled while it ran."""
+    conn.execute("DELETE FROM jobs WHERE id = ? AND lease_until = ?", (job.id, job.lease_until))
+
+
+def retry_at(conn: sqlite3.Connection, job: Job, due_at: int, *, reset_attempts: bool = False) -> None:
+    conn.execute(
+        "UPDATE jobs SET due_at = ?, lease_until = NULL, attempts = CASE WHEN ? THEN 0 ELSE attempts END"
+        " WHERE id = ? AND lease_until = ?",
+        (due_at, int(reset_attempts), job.id, job.lease_until),
+    )
+
+
+def next_wake(conn: sqlite3.Connection, now_ms: int) -> int | None:
+    """When the earliest job becomes claimable (its due time, or its lease's end)."""
+    row = conn.execute(
+        "SELECT MIN(CASE WHEN lease_until > ? THEN lease_until ELSE due_at END) FROM jobs", (now_ms,)
+    ).fetchone()
+    return row[0]

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real app on a temporary SQLite file, driven through Litestar's test client."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+
+from app.api.app import create_app
+from app.clock import Clock, SystemClock
+from app.config import Settings
+from app.domain import keys
+from app.providers.base import Provider
+from app.store import orgs
+from app.store.db import connect_sync, write_sync
+from app.store.migrate import migrate
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_CREATE = {
+    "agentSlug": "recall-sms",
+    "toNumber": "+15555550199",
+    "fromNumber": "+15555550123",
+    "welcomeMessage": "Hi Ada, this is PAM Motors following up on your service recall.",
+    "dynamicVariables": {"customerName": "Ada", "dealershipName": "PAM Motors", "recallId": "24V-123"},
+}
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    base = {
+        "database": str(tmp_path / "parley.db"),
+        "agents_file": str(ROOT / "data" / "agents.toml"),
+        "allow_private_urls": True,
+        "allow_http_urls": True,
+        "rate_limit": 10_000.0,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+def create_key(database: str, org: str, *, expires_at: int | None = None, name: str = "test") -> str:
+    conn = connect_sync(database)
+    try:
+        migrate(conn)
+        now = SystemClock().now_ms()
+        return write_sync(
+            conn,
+            lambda c: keys.create_key(c, orgs.get_or_create_org(c, org, now), name, expires_at, now).key,
+        )
+    finally:
+        conn.close()
+
+
+def query(database: str, sql: str, *args: Any) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(database)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+class Harness:
+    """A running app, its client, its database path and a key per org."""
+
+    def __init__(self, client: AsyncTestClient, settings: Settings, clock: Clock) -> None:
+        self.client = client
+        self.settings = settings
+        self.clock = clock
+        self.keys: dict[str, str] = {}
+
+    @property
+    def app(self) -> Any:
+        return self.client.app
+
+    @property
+    def ctx(self) -> Any:
+        return self.client.app.app.state.ctx
+
+    def key(self, org: str = "acme") -> str:
+        if org not in self.keys:
+            self.keys[org] = create_key(self.settings.database, org)
+        return self.keys[org]
+
+    def auth(self, org: str = "acme", **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(org)}", **extra}
+
+    async def post(self, path: str, body: Any = None, org: str = "acme", **headers: str) -> Any:
+        kwargs: dict[str, Any] = {"headers": self.auth(org, **headers)}
+        if body is not None:
+            kwargs["content"] = msgspec.json.encode(body)
+            kwargs["headers"]["Content-Type"] = "application/json"
+        return await self.client.post(path, **kwargs)
+
+    async def get(self, path: str, org: str = "acme", **params: Any) -> Any:
+        return await self.client.get(path, headers=self.auth(org), params=params or None)
+
+    def rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        return query(self.settings.database, sql, *args)
+
+
+async def start_harness(
+    tmp_path: Path, *, clock: Clock | None = None, provider: Provider | None = None, **overrides: Any
+) -> AsyncIterator[Harness]:
+    settings = make_settings(tmp_path, **overrides)
+    clock = clock or SystemClock()
+    app = create_app(settings, clock=clock, provider=provider)
+    async with AsyncTestClient(app=app, base_url="http://testserver.local") as client:  # type: ignore[arg-type]
+        yield Harness(client, settings, clock)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async for h in start_harness(tmp_path):
+        yield h
