@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.api.app import create_app
 from app.clock import Clock, SystemClock
@@ -67,19 +68,16 @@ def query(database: str, sql: str, *args: Any) -> list[sqlite3.Row]:
 class Harness:
     """A running app, its client, its database path and a key per org."""
 
-    def __init__(self, client: AsyncTestClient, settings: Settings, clock: Clock) -> None:
+    def __init__(self, client: httpx.AsyncClient, settings: Settings, clock: Clock, edge: Any) -> None:
         self.client = client
+        self.edge = edge
         self.settings = settings
         self.clock = clock
         self.keys: dict[str, str] = {}
 
     @property
-    def app(self) -> Any:
-        return self.client.app
-
-    @property
     def ctx(self) -> Any:
-        return self.client.app.app.state.ctx
+        return self.edge.app.state.ctx
 
     def key(self, org: str = "acme") -> str:
         if org not in self.keys:
@@ -103,14 +101,49 @@ class Harness:
         return query(self.settings.database, sql, *args)
 
 
+class Lifespan:
+    """Drive an ASGI app's lifespan in the test's own event loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def _expect(self, kind: str) -> None:
+        message = await asyncio.wait_for(self.outbox.get(), timeout=30)
+        if message["type"] != kind:
+            raise RuntimeError(f"lifespan: expected {kind}, got {message}")
+
+    async def __aenter__(self) -> Lifespan:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        self.task = asyncio.create_task(self.app(scope, self.inbox.get, self.outbox.put))
+        await self.inbox.put({"type": "lifespan.startup"})
+        await self._expect("lifespan.startup.complete")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.inbox.put({"type": "lifespan.shutdown"})
+        await self._expect("lifespan.shutdown.complete")
+        assert self.task is not None
+        await self.task
+
+
 async def start_harness(
     tmp_path: Path, *, clock: Clock | None = None, provider: Provider | None = None, **overrides: Any
 ) -> AsyncIterator[Harness]:
+    """Start the real app (lifespan included) and a client that calls it in this event loop.
+
+    Requests run concurrently for real (Litestar's AsyncTestClient runs each request to completion
+    on a portal thread, which serializes them).
+    """
     settings = make_settings(tmp_path, **overrides)
     clock = clock or SystemClock()
     app = create_app(settings, clock=clock, provider=provider)
-    async with AsyncTestClient(app=app, base_url="http://testserver.local") as client:  # type: ignore[arg-type]
-        yield Harness(client, settings, clock)
+    async with Lifespan(app):
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver.local") as client:
+            yield Harness(client, settings, clock, app)
 
 
 @pytest.fixture

@@ -1,0 +1,165 @@
+"""End to end: `parley serve --dev` as `make run` starts it, and the command-line tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, SEED_CREATE
+
+PARLEY = str(Path(sys.executable).parent / "parley")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "TWILIO_"))}
+    env.update(
+        PARLEY_DATABASE=str(tmp_path / "data" / "parley.db"),
+        PARLEY_AGENTS_FILE=str(ROOT / "data" / "agents.toml"),
+        **extra,
+    )
+    return env
+
+
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PARLEY, *args], cwd=tmp_path, env=env_for(tmp_path, **env), capture_output=True, text=True, timeout=60
+    )
+
+
+def call(method: str, url: str, key: str | None = None, body: Any = None) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [PARLEY, "serve", "--dev", "--port", str(port)],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if call("GET", base + "/healthz")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise AssertionError("server did not start: " + (process.stdout.read() if process.stdout else ""))
+    yield base, process, tmp_path
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.e2e
+def test_make_run_serves_and_the_readme_curl_example_answers_201(server: Any) -> None:
+    base, process, tmp_path = server
+    key = (tmp_path / "data" / "dev-api-key").read_text().strip()
+    assert key.startswith("pk_test_")
+    status, body = call("POST", base + "/v1/sms-conversations", key, SEED_CREATE)
+    assert status == 201, body
+    assert body["data"]["status"] == "in_progress"
+    assert call("GET", base + "/readyz")[0] == 200
+    status, schema = call("GET", base + "/schema/openapi.json")
+    assert status == 200
+    for path in ("/v1/sms-conversations", "/v1/sms-conversations/{conversation_id}/close", "/v1/api-keys"):
+        assert path in schema["paths"]
+    create = schema["paths"]["/v1/sms-conversations"]["post"]
+    body_schema = create["requestBody"]["content"]["application/json"]["schema"]
+    assert body_schema["required"] == ["toNumber"] and "agentSlug" in body_schema["properties"]
+    assert {"201", "400", "401", "404", "409", "422", "502"} <= set(create["responses"])
+    metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    assert "parley_http_requests_total" in metrics
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=10)
+    assert time.monotonic() - started < 10
+    output = process.stdout.read() if process.stdout else ""
+    assert key in output  # printed once at start
+    assert "+15555550199" not in output and SEED_CREATE["welcomeMessage"] not in output
+
+
+@pytest.mark.e2e
+def test_dev_key_is_reused_on_the_next_start(tmp_path: Path) -> None:
+    from app.cli import ensure_dev_key
+    from app.config import load_settings
+
+    settings = load_settings(env_for(tmp_path), env_file=None)
+    first = ensure_dev_key(settings)
+    assert ensure_dev_key(settings) == first
+
+
+def test_keys_commands(tmp_path: Path) -> None:
+    created = cli(tmp_path, "keys", "create", "--org", "acme", "--name", "ops")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("pk_live_") and "\n" not in key
+    listed = cli(tmp_path, "keys", "list", "--org", "acme")
+    fields = listed.stdout.split()
+    assert len(fields) == 6
+    key_id, prefix, name, created_at, expires_at, revoked_at = fields
+    assert prefix == key[:12] and name == "ops" and created_at.endswith("Z")
+    assert expires_at == "-" and revoked_at == "-"
+    assert cli(tmp_path, "keys", "revoke", key_id).returncode == 0
+    assert cli(tmp_path, "keys", "list", "--org", "acme").stdout.split()[5].endswith("Z")
+    assert cli(tmp_path, "keys", "revoke", "nope").returncode == 1
+    assert cli(tmp_path, "keys", "list", "--org", "nobody").returncode == 1
+
+
+def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:
+    migrated = cli(tmp_path, "migrate")
+    assert migrated.returncode == 0 and "applied" in migrated.stdout
+    synced = cli(tmp_path, "agents", "sync")
+    assert "recall-sms" in synced.stdout
+    listed = cli(tmp_path, "agents", "list", "--secrets")
+    assert "recall-sms" in listed.stdout and "whsec_" in listed.stdout
+    assert "whsec_" not in cli(tmp_path, "agents", "list").stdout
+    target = tmp_path / "backup.db"
+    backup = cli(tmp_path, "backup", str(target))
+    assert backup.returncode == 0, backup.stderr
+    conn = sqlite3.connect(target)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0] >= 1
+    conn.close()
+    assert cli(tmp_path, "backup", str(target)).returncode == 1  # never overwrites
+
+
+def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:
+    result = cli(tmp_path, "migrate", PARLEY_PORT="0")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "PARLEY_PORT" in result.stderr

@@ -1,0 +1,283 @@
+"""The SMS conversation API through the real app and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import SEED_CREATE, Harness
+
+
+def seed(**changes: Any) -> dict[str, Any]:
+    body = {**SEED_CREATE, **changes}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+async def wait_for(predicate, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_seed_close_request_answers_200(harness: Harness) -> None:
+    created = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]
+    response = await harness.post(
+        f"/v1/sms-conversations/{created['conversationId']}/close", {"reason": "customer_resolved"}
+    )
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert data["conversationId"] == created["conversationId"]
+    assert data["status"] == "closed"
+    assert data["endReason"] == "customer_resolved"
+    assert data["alreadyClosed"] is False
+    assert data["endedAt"].endswith("Z")
+    assert response.json()["meta"]["request_id"] == response.headers["x-request-id"]
+
+
+async def test_close_without_body_uses_admin_closed_and_closing_twice_is_not_an_error(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    first = await harness.client.post(f"/v1/sms-conversations/{cid}/close", headers=harness.auth())
+    assert first.status_code == 200
+    assert first.json()["data"]["endReason"] == "admin_closed"
+    again = await harness.post(f"/v1/sms-conversations/{cid}/close", {"reason": "other"})
+    assert again.status_code == 200
+    assert again.json()["data"]["alreadyClosed"] is True
+    assert again.json()["data"]["endReason"] == "admin_closed"
+    assert again.json()["data"]["endedAt"] == first.json()["data"]["endedAt"]
+    closed_events = harness.rows(
+        "SELECT COUNT(*) FROM events WHERE conversation_id = ? AND type = 'sms.conversation_closed'", cid
+    )[0][0]
+    assert closed_events == 1
+
+
+async def test_create_persists_conversation_message_and_event(harness: Harness) -> None:
+    body = seed(metadata={"crmId": "42", "priority": 2, "vip": True}, inactivityTimeoutSeconds=3600)
+    cid = (await harness.post("/v1/sms-conversations", body)).json()["data"]["conversationId"]
+    response = await harness.get(f"/v1/sms-conversations/{cid}")
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert data["status"] == "in_progress"
+    assert data["agentSlug"] == "recall-sms"
+    assert data["fromNumber"] == "+15555550123"
+    assert data["toNumber"] == "+15555550199"
+    assert data["dynamicVariables"] == SEED_CREATE["dynamicVariables"]
+    assert data["metadata"] == {"crmId": "42", "priority": 2, "vip": True}
+    assert data["messageCount"] == 1
+    assert data["endedAt"] is None and data["supersededBy"] is None and data["assistantPaused"] is False
+    messages = (await harness.get(f"/v1/sms-conversations/{cid}/messages")).json()["data"]
+    assert len(messages) == 1
+    assert messages[0]["content"] == SEED_CREATE["welcomeMessage"]
+    assert messages[0]["direction"] == "outbound" and messages[0]["author"] == "agent"
+    assert messages[0]["sequenceNumber"] == 1
+    assert messages[0]["segments"] == 1 and messages[0]["encoding"] == "GSM-7"
+    events = harness.rows("SELECT type, sequence, payload FROM events WHERE conversation_id = ?", cid)
+    assert [(e["type"], e["sequence"]) for e in events][:1] == [("sms.message_sent", 1)]
+    assert '"crmId":"42"' in events[0]["payload"]
+
+
+async def test_simulator_reports_sent_then_delivered_through_the_status_path(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+
+    def delivered() -> bool:
+        return harness.rows("SELECT status FROM messages WHERE conversation_id = ?", cid)[0][0] == "delivered"
+
+    await wait_for(delivered)
+    updates = harness.rows(
+        "SELECT payload FROM events WHERE conversation_id = ? AND type = 'sms.message_delivery_updated' ORDER BY pos",
+        cid,
+    )
+    assert ['"status":"sent"' in u[0] for u in updates] == [True, False]
+    assert '"status":"delivered"' in updates[1][0] and '"previousStatus":"sent"' in updates[1][0]
+    message = (await harness.get(f"/v1/sms-conversations/{cid}/messages")).json()["data"][0]
+    assert message["deliveredAt"] is not None
+
+
+async def test_magic_number_accepted_then_failed_keeps_the_error_code(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", seed(toNumber="+15005550009"))).json()["data"]["conversationId"]
+
+    def settled() -> bool:
+        return harness.rows("SELECT status FROM messages WHERE conversation_id = ?", cid)[0][0] == "failed"
+
+    await wait_for(settled)
+    assert harness.rows("SELECT error_code FROM messages WHERE conversation_id = ?", cid)[0][0] == "30003"
+
+
+async def test_invalid_magic_number_is_a_provider_error_and_closes_the_conversation(harness: Harness) -> None:
+    response = await harness.post("/v1/sms-conversations", seed(toNumber="+15005550001"))
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "provider_error"
+    assert error["providerCode"] == "21211"
+    assert response.json()["meta"]["request_id"] == response.headers["x-request-id"]
+    conversation = (await harness.get(f"/v1/sms-conversations/{error['conversationId']}")).json()["data"]
+    assert conversation["status"] == "closed"
+    assert conversation["endReason"] == "opening_message_failed"
+    message = (await harness.get(f"/v1/sms-conversations/{error['conversationId']}/messages")).json()["data"][0]
+    assert message["status"] == "failed" and message["errorCode"] == "21211"
+
+
+async def test_a_failed_opening_supersedes_nothing(harness: Harness) -> None:
+    first = (await harness.post("/v1/sms-conversations", seed(toNumber="+15005550001"))).json()
+    assert first["error"]["code"] == "provider_error"
+    ok = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    failed = await harness.post("/v1/sms-conversations", seed(fromNumber="+15005550001"))
+    assert failed.status_code == 502
+    assert (await harness.get(f"/v1/sms-conversations/{ok}")).json()["data"]["status"] == "in_progress"
+
+
+async def test_new_conversation_supersedes_the_open_one_for_the_same_pair(harness: Harness) -> None:
+    old = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    other_pair = (await harness.post("/v1/sms-conversations", seed(toNumber="+15555550100"))).json()["data"][
+        "conversationId"
+    ]
+    new = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    old_data = (await harness.get(f"/v1/sms-conversations/{old}")).json()["data"]
+    assert old_data["status"] == "closed"
+    assert old_data["endReason"] == "superseded_by_new_conversation"
+    assert old_data["supersededBy"] == new
+    assert (await harness.get(f"/v1/sms-conversations/{new}")).json()["data"]["status"] == "in_progress"
+    assert (await harness.get(f"/v1/sms-conversations/{other_pair}")).json()["data"]["status"] == "in_progress"
+    closed = harness.rows(
+        "SELECT payload FROM events WHERE conversation_id = ? AND type = 'sms.conversation_closed'", old
+    )
+    assert len(closed) == 1 and f'"supersededBy":"{new}"' in closed[0][0]
+
+
+async def test_fifty_concurrent_creates_for_one_pair_leave_exactly_one_in_progress(harness: Harness) -> None:
+    responses = await asyncio.gather(*(harness.post("/v1/sms-conversations", SEED_CREATE) for _ in range(50)))
+    assert [r.status_code for r in responses] == [201] * 50
+    rows = harness.rows(
+        "SELECT status, COUNT(*) FROM conversations WHERE from_number = ? AND to_number = ? GROUP BY status",
+        "+15555550123",
+        "+15555550199",
+    )
+    counts = {row[0]: row[1] for row in rows}
+    assert counts == {"in_progress": 1, "closed": 49}
+    superseded = harness.rows("SELECT COUNT(*) FROM conversations WHERE end_reason = 'superseded_by_new_conversation'")[
+        0
+    ][0]
+    assert superseded == 49
+
+
+async def test_list_is_newest_first_filtered_and_paginated(harness: Harness) -> None:
+    ids = []
+    for i in range(5):
+        body = seed(toNumber=f"+1555555020{i}")
+        ids.append((await harness.post("/v1/sms-conversations", body)).json()["data"]["conversationId"])
+    await harness.post(f"/v1/sms-conversations/{ids[0]}/close")
+    page1 = (await harness.get("/v1/sms-conversations", limit=2)).json()
+    assert [c["conversationId"] for c in page1["data"]] == [ids[4], ids[3]]
+    page2 = (await harness.get("/v1/sms-conversations", limit=2, cursor=page1["meta"]["next_cursor"])).json()
+    assert [c["conversationId"] for c in page2["data"]] == [ids[2], ids[1]]
+    page3 = (await harness.get("/v1/sms-conversations", limit=2, cursor=page2["meta"]["next_cursor"])).json()
+    assert [c["conversationId"] for c in page3["data"]] == [ids[0]]
+    assert page3["meta"]["next_cursor"] is None
+    closed = (await harness.get("/v1/sms-conversations", status="closed")).json()["data"]
+    assert [c["conversationId"] for c in closed] == [ids[0]]
+    open_ = (await harness.get("/v1/sms-conversations", status="in_progress")).json()["data"]
+    assert len(open_) == 4
+    by_number = (await harness.get("/v1/sms-conversations", toNumber="+15555550202")).json()["data"]
+    assert [c["conversationId"] for c in by_number] == [ids[2]]
+
+
+async def test_operator_message_is_sent_as_is(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    response = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "A person here — hi!"})
+    assert response.status_code == 201
+    data = response.json()["data"]
+    assert data["author"] == "operator" and data["content"] == "A person here — hi!"
+    assert data["sequenceNumber"] == 2 and data["encoding"] == "UCS-2"
+    assert data["providerMessageId"].startswith("SM")
+    phone = (await harness.get("/v1/simulator/messages", number="+15555550199")).json()["data"]
+    assert [m["body"] for m in phone] == [SEED_CREATE["welcomeMessage"], "A person here — hi!"]
+    assert phone[1]["messageId"] == data["messageId"]
+    await harness.post(f"/v1/sms-conversations/{cid}/close")
+    closed = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "late"})
+    assert closed.status_code == 409
+    assert closed.json()["error"]["code"] == "conversation_closed"
+
+
+async def test_simulated_inbound_is_routed_to_the_open_conversation(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    response = await harness.post(
+        "/v1/simulator/inbound", {"from": "+15555550199", "to": "+15555550123", "body": "Is it free?"}
+    )
+    assert response.status_code == 201
+    assert response.json()["data"]["conversationId"] == cid
+    messages = (await harness.get(f"/v1/sms-conversations/{cid}/messages")).json()["data"]
+    assert [(m["direction"], m["author"], m["status"]) for m in messages][-1] == ("inbound", "customer", "received")
+    event = harness.rows("SELECT payload FROM events WHERE type = 'sms.message_received'")[0][0]
+    assert '"routed":true' in event and '"content":"Is it free?"' in event
+
+
+async def test_inbound_after_close_goes_to_the_latest_conversation_unrouted(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    await harness.post(f"/v1/sms-conversations/{cid}/close")
+    response = await harness.post(
+        "/v1/simulator/inbound", {"from": "+15555550199", "to": "+15555550123", "body": "hello?"}
+    )
+    assert response.json()["data"]["conversationId"] == cid
+    event = harness.rows("SELECT payload FROM events WHERE type = 'sms.message_received'")[0][0]
+    assert '"routed":false' in event
+    stranger = await harness.post(
+        "/v1/simulator/inbound", {"from": "+15555550111", "to": "+15555550123", "body": "who is this"}
+    )
+    assert stranger.status_code == 201
+    assert stranger.json()["data"]["conversationId"] is None
+    unrouted = harness.rows("SELECT org_id, conversation_id FROM messages WHERE content = 'who is this'")
+    assert [tuple(r) for r in unrouted] == [(None, None)]
+
+
+async def test_custom_agent_number_and_opening_template(harness: Harness) -> None:
+    agent = await harness.post(
+        "/v1/agents",
+        {
+            "name": "Service desk",
+            "phoneNumber": "+15555550777",
+            "openingMessage": "Hi {{customerName}}, your {{car}} is ready.",
+            "requiredVariables": ["customerName"],
+        },
+    )
+    assert agent.status_code == 201
+    agent_data = agent.json()["data"]
+    assert agent_data["kind"] == "custom" and agent_data["slug"] is None
+    assert agent_data["toolSecret"].startswith("whsec_")
+    body = {
+        "agentId": agent_data["agentId"],
+        "toNumber": "+15555550199",
+        "fromNumber": "+15555550123",
+        "dynamicVariables": {"customerName": "Ada"},
+    }
+    cid = (await harness.post("/v1/sms-conversations", body)).json()["data"]["conversationId"]
+    conversation = (await harness.get(f"/v1/sms-conversations/{cid}")).json()["data"]
+    assert conversation["fromNumber"] == "+15555550777"  # the agent's number wins
+    message = (await harness.get(f"/v1/sms-conversations/{cid}/messages")).json()["data"][0]
+    assert message["content"] == "Hi Ada, your  is ready."
+    listed = (await harness.get("/v1/agents")).json()["data"]
+    assert {a["kind"] for a in listed} == {"managed", "custom"}
+    assert all("toolSecret" not in a for a in listed)
+    other_org = await harness.post("/v1/sms-conversations", body, org="globex")
+    assert other_org.status_code == 404
+
+
+async def test_agent_patch_rotate_and_delete(harness: Harness) -> None:
+    created = (await harness.post("/v1/agents", {"name": "A", "openingMessage": "Hello"})).json()["data"]
+    aid = created["agentId"]
+    patched = await harness.client.patch(
+        f"/v1/agents/{aid}", headers=harness.auth(), json={"name": "B", "maxReplyChars": 320}
+    )
+    assert patched.status_code == 200
+    assert patched.json()["data"]["name"] == "B" and patched.json()["data"]["maxReplyChars"] == 320
+    assert patched.json()["data"]["openingMessage"] == "Hello"
+    bad = await harness.client.patch(f"/v1/agents/{aid}", headers=harness.auth(), json={"maxReplyChars": "x"})
+    assert bad.status_code == 400
+    rotated = await harness.post(f"/v1/agents/{aid}/rotate-tool-secret")
+    assert rotated.status_code == 200
+    assert rotated.json()["data"]["toolSecret"] != created["toolSecret"]
+    managed = (await harness.get("/v1/agents")).json()["data"][0]
+    assert (await harness.client.delete(f"/v1/agents/{managed['agentId']}", headers=harness.auth())).status_code == 404
+    deleted = await harness.client.delete(f"/v1/agents/{aid}", headers=harness.auth())
+    assert deleted.status_code == 204
+    assert (await harness.get(f"/v1/agents/{aid}")).status_code == 404

@@ -1,0 +1,227 @@
+"""Every error row of SPEC §1 this service answers, keys, and that bad input changes nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from typing import Any
+
+import pytest
+
+from app.clock import SystemClock
+from tests.conftest import SEED_CREATE, Harness, create_key, start_harness
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["meta"]["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+def without(key: str) -> dict[str, Any]:
+    return {k: v for k, v in SEED_CREATE.items() if k != key}
+
+
+BAD_BODIES: list[tuple[str, Any, str]] = [
+    ("malformed JSON", b'{"agentSlug": ', "body"),
+    ("not an object", b"[1, 2]", "body"),
+    ("empty body", b"", "body"),
+    ("unknown field", {**SEED_CREATE, "colour": "red"}, "colour"),
+    ("clientOrgId", {**SEED_CREATE, "clientOrgId": "org_1"}, "clientOrgId"),
+    ("toNumber missing", without("toNumber"), "toNumber"),
+    ("toNumber not E.164", {**SEED_CREATE, "toNumber": "555-0199"}, "toNumber"),
+    ("toNumber impossible", {**SEED_CREATE, "toNumber": "+999123456789"}, "toNumber"),
+    ("toNumber wrong type", {**SEED_CREATE, "toNumber": 15555550199}, "toNumber"),
+    ("fromNumber malformed", {**SEED_CREATE, "fromNumber": "+1"}, "fromNumber"),
+    ("both agents", {**SEED_CREATE, "agentId": str(uuid.uuid4())}, "agentSlug"),
+    ("no agent", without("agentSlug"), "agentSlug"),
+    ("agentId not a uuid", {**without("agentSlug"), "agentId": "recall"}, "agentId"),
+    ("fromNumber missing for managed", without("fromNumber"), "fromNumber"),
+    ("welcome missing for managed", without("welcomeMessage"), "welcomeMessage"),
+    ("welcome blank", {**SEED_CREATE, "welcomeMessage": "   "}, "welcomeMessage"),
+    ("welcome too long", {**SEED_CREATE, "welcomeMessage": "x" * 1601}, "welcomeMessage"),
+    ("variables not strings", {**SEED_CREATE, "dynamicVariables": {"customerName": 7}}, "dynamicVariables"),
+    ("variable name", {**SEED_CREATE, "dynamicVariables": {"1bad": "x"}}, "dynamicVariables"),
+    (
+        "required variable missing",
+        {**SEED_CREATE, "dynamicVariables": {"customerName": "Ada", "dealershipName": "PAM"}},
+        "dynamicVariables.recallId",
+    ),
+    ("timeout as string", {**SEED_CREATE, "inactivityTimeoutSeconds": "3600"}, "inactivityTimeoutSeconds"),
+    ("timeout too small", {**SEED_CREATE, "inactivityTimeoutSeconds": 59}, "inactivityTimeoutSeconds"),
+    ("metadata nested", {**SEED_CREATE, "metadata": {"a": {"b": 1}}}, "metadata"),
+    ("metadata too many", {**SEED_CREATE, "metadata": {f"k{i}": i for i in range(21)}}, "metadata"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "field"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_bad_create_bodies_are_400_with_the_field_named(
+    harness: Harness, case: str, body: Any, field: str
+) -> None:
+    raw = body if isinstance(body, bytes) else None
+    if raw is None:
+        response = await harness.post("/v1/sms-conversations", body)
+    else:
+        response = await harness.client.post(
+            "/v1/sms-conversations", content=raw, headers=harness.auth(**{"Content-Type": "application/json"})
+        )
+    error = assert_error(response, 400, "validation_error")["error"]
+    assert any(d["field"] == field or d["field"].startswith(field + ".") for d in error["details"]), error
+
+
+async def test_bad_input_never_changes_stored_state(harness: Harness) -> None:
+    await harness.post("/v1/sms-conversations", SEED_CREATE)
+    before = [harness.rows(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("conversations", "messages", "events")]
+    for _, body, _ in BAD_BODIES:
+        if isinstance(body, dict):
+            await harness.post("/v1/sms-conversations", body)
+    await harness.post("/v1/sms-conversations", {**SEED_CREATE, "agentSlug": "nope"})
+    after = [harness.rows(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("conversations", "messages", "events")]
+    assert after[:2] == before[:2]
+    assert harness.rows("SELECT COUNT(*) FROM conversations WHERE status = 'in_progress'")[0][0] == 1
+
+
+async def test_unknown_agent_is_404(harness: Harness) -> None:
+    assert_error(await harness.post("/v1/sms-conversations", {**SEED_CREATE, "agentSlug": "nope"}), 404, "not_found")
+    body = {**without("agentSlug"), "agentId": str(uuid.uuid4())}
+    assert_error(await harness.post("/v1/sms-conversations", body), 404, "not_found")
+
+
+async def test_opted_out_pair_is_409_and_nothing_is_sent(harness: Harness) -> None:
+    harness.key()
+    org_id = harness.rows("SELECT org_id FROM api_keys")[0][0]
+    conn = sqlite3.connect(harness.settings.database)
+    conn.execute(
+        "INSERT INTO opt_outs (org_id, sender_number, phone_number, keyword, created_at) VALUES (?, ?, ?, 'STOP', 0)",
+        (org_id, "+15555550123", "+15555550199"),
+    )
+    conn.commit()
+    conn.close()
+    assert_error(await harness.post("/v1/sms-conversations", SEED_CREATE), 409, "recipient_opted_out")
+    assert harness.rows("SELECT COUNT(*) FROM messages")[0][0] == 0
+
+
+async def test_wrong_content_type_is_415(harness: Harness) -> None:
+    response = await harness.client.post(
+        "/v1/sms-conversations",
+        content=b"agentSlug=recall-sms",
+        headers=harness.auth(**{"Content-Type": "application/x-www-form-urlencoded"}),
+    )
+    assert_error(response, 415, "unsupported_media_type")
+
+
+async def test_body_over_one_mebibyte_is_413(harness: Harness) -> None:
+    big = b'{"welcomeMessage": "' + b"x" * (1024 * 1024 + 10) + b'"}'
+    response = await harness.client.post(
+        "/v1/sms-conversations", content=big, headers=harness.auth(**{"Content-Type": "application/json"})
+    )
+    assert_error(response, 413, "payload_too_large")
+
+
+async def test_unknown_route_is_401_without_a_key_and_404_with_one(harness: Harness) -> None:
+    assert_error(await harness.client.get("/v1/nothing-here"), 401, "unauthorized")
+    assert_error(await harness.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(await harness.client.get("/not-v1"), 404, "not_found")
+
+
+async def test_wrong_method_is_405(harness: Harness) -> None:
+    response = await harness.client.put("/v1/sms-conversations", headers=harness.auth())
+    assert_error(response, 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "Bearer", "Bearer ", "Basic abc", "Bearer pk_live_doesnotexist00000000000000000000000", "Bearer x"],
+)
+async def test_missing_malformed_or_unknown_keys_are_401(harness: Harness, header: str | None) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    response = await harness.client.get("/v1/sms-conversations", headers=headers)
+    body = assert_error(response, 401, "unauthorized")
+    assert body["error"]["message"] == "Missing or invalid API key."
+
+
+async def test_a_revoked_key_fails_on_its_very_next_request(harness: Harness) -> None:
+    created = (await harness.post("/v1/api-keys", {"name": "ci", "expires_at": None})).json()["data"]
+    assert created["key"].startswith("pk_live_") and len(created["key"]) >= 8 + 32
+    assert created["key_prefix"] == created["key"][:12]
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    assert (await harness.client.get("/v1/sms-conversations", headers=headers)).status_code == 200
+    revoked = await harness.post(f"/v1/api-keys/{created['id']}/revoke")
+    assert revoked.status_code == 200 and revoked.json()["data"]["revoked_at"] is not None
+    assert_error(await harness.client.get("/v1/sms-conversations", headers=headers), 401, "unauthorized")
+    listed = (await harness.get("/v1/api-keys")).json()["data"]
+    assert all("key" not in item for item in listed)
+    assert {item["id"] for item in listed} >= {created["id"]}
+    stored = harness.rows("SELECT key_hash FROM api_keys WHERE id = ?", created["id"])[0][0]
+    assert created["key"] not in stored and len(stored) == 64
+
+
+async def test_an_expired_key_is_401(harness: Harness) -> None:
+    raw = create_key(harness.settings.database, "acme", expires_at=SystemClock().now_ms() - 1000)
+    response = await harness.client.get("/v1/sms-conversations", headers={"Authorization": f"Bearer {raw}"})
+    assert_error(response, 401, "unauthorized")
+
+
+async def test_key_creation_rejects_bad_expiry(harness: Harness) -> None:
+    assert_error(await harness.post("/v1/api-keys", {"name": "x", "expires_at": "tomorrow"}), 400, "validation_error")
+    assert_error(
+        await harness.post("/v1/api-keys", {"name": "x", "expires_at": "2001-01-01T00:00:00Z"}), 400, "validation_error"
+    )
+
+
+async def test_another_orgs_resources_are_404(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    for response in (
+        await harness.get(f"/v1/sms-conversations/{cid}", org="globex"),
+        await harness.get(f"/v1/sms-conversations/{cid}/messages", org="globex"),
+        await harness.post(f"/v1/sms-conversations/{cid}/close", org="globex"),
+        await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "hi"}, org="globex"),
+    ):
+        assert_error(response, 404, "not_found")
+    assert (await harness.get("/v1/sms-conversations", org="globex")).json()["data"] == []
+    key_id = harness.rows("SELECT k.id FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE o.name = 'acme'")[0][0]
+    assert_error(await harness.post(f"/v1/api-keys/{key_id}/revoke", org="globex"), 404, "not_found")
+    assert (await harness.get(f"/v1/sms-conversations/{cid}")).json()["data"]["status"] == "in_progress"
+
+
+async def test_malformed_ids_are_404(harness: Harness) -> None:
+    assert_error(await harness.get("/v1/sms-conversations/not-a-uuid"), 404, "not_found")
+    assert_error(await harness.post("/v1/sms-conversations/not-a-uuid/close"), 404, "not_found")
+    assert_error(await harness.get(f"/v1/sms-conversations/{uuid.uuid4()}"), 404, "not_found")
+
+
+async def test_query_parameter_errors_are_400(harness: Harness) -> None:
+    assert_error(await harness.get("/v1/sms-conversations", limit=0), 400, "validation_error")
+    assert_error(await harness.get("/v1/sms-conversations", limit=101), 400, "validation_error")
+    assert_error(await harness.get("/v1/sms-conversations", limit="many"), 400, "validation_error")
+    assert_error(await harness.get("/v1/sms-conversations", cursor="!!!"), 400, "validation_error")
+    assert_error(await harness.get("/v1/sms-conversations", status="open"), 400, "validation_error")
+
+
+async def test_client_request_id_is_adopted_when_well_formed(harness: Harness) -> None:
+    response = await harness.client.get(
+        "/v1/sms-conversations", headers=harness.auth(**{"X-Request-Id": "trace:abc-1.2"})
+    )
+    assert response.headers["x-request-id"] == "trace:abc-1.2"
+    assert response.json()["meta"]["request_id"] == "trace:abc-1.2"
+    bad = await harness.client.get("/v1/sms-conversations", headers=harness.auth(**{"X-Request-Id": "has space"}))
+    assert bad.headers["x-request-id"].startswith("req_")
+    unauthenticated = await harness.client.get("/v1/sms-conversations", headers={"X-Request-Id": "r1"})
+    assert unauthenticated.headers["x-request-id"] == "r1"
+    assert unauthenticated.json()["meta"]["request_id"] == "r1"
+
+
+async def test_rate_limit_is_429_with_retry_after(tmp_path: Any) -> None:
+    async for h in start_harness(tmp_path, rate_limit=2.0):
+        statuses = [(await h.get("/v1/sms-conversations")).status_code for _ in range(6)]
+        assert statuses[:4] == [200] * 4  # a burst of twice the rate
+        limited = await h.get("/v1/sms-conversations")
+        body = assert_error(limited, 429, "rate_limited")
+        assert int(limited.headers["retry-after"]) >= 1
+        assert body["error"]["code"] == "rate_limited"
+        assert (await h.client.get("/healthz")).status_code == 200  # health is never limited
+        other = await h.get("/v1/sms-conversations", org="globex")  # limits are per key
+        assert other.status_code == 200

@@ -1,0 +1,79 @@
+"""Idempotency-Key on create: replay, reuse with another body, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import SEED_CREATE, Harness
+
+
+async def test_same_key_same_body_replays_the_first_answer_without_a_second_sms(harness: Harness) -> None:
+    first = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "abc-1"})
+    second = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "abc-1"})
+    assert first.status_code == second.status_code == 201
+    assert second.content == first.content  # the original body, its request_id included
+    assert second.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert second.headers["x-request-id"] != first.headers["x-request-id"]
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 1
+    assert harness.rows("SELECT COUNT(*) FROM messages")[0][0] == 1
+
+
+async def test_same_key_different_body_is_422(harness: Harness) -> None:
+    await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "abc-2"})
+    other = {**SEED_CREATE, "welcomeMessage": "Something else"}
+    response = await harness.post("/v1/sms-conversations", other, **{"Idempotency-Key": "abc-2"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "idempotency_key_reused"
+    assert response.json()["meta"]["request_id"] == response.headers["x-request-id"]
+
+
+async def test_keys_are_scoped_to_the_org(harness: Harness) -> None:
+    a = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "shared"})
+    b = await harness.post(
+        "/v1/sms-conversations",
+        {**SEED_CREATE, "toNumber": "+15555550100"},
+        org="globex",
+        **{"Idempotency-Key": "shared"},
+    )
+    assert a.status_code == b.status_code == 201
+    assert a.json()["data"]["conversationId"] != b.json()["data"]["conversationId"]
+
+
+async def test_a_provider_error_is_replayed_too(harness: Harness) -> None:
+    body = {**SEED_CREATE, "toNumber": "+15005550001"}
+    first = await harness.post("/v1/sms-conversations", body, **{"Idempotency-Key": "bad-number"})
+    second = await harness.post("/v1/sms-conversations", body, **{"Idempotency-Key": "bad-number"})
+    assert first.status_code == second.status_code == 502
+    assert second.content == first.content
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 1
+
+
+async def test_an_earlier_4xx_is_not_stored_so_a_corrected_retry_works(harness: Harness) -> None:
+    wrong = {**SEED_CREATE, "toNumber": "not a number"}
+    assert (await harness.post("/v1/sms-conversations", wrong, **{"Idempotency-Key": "fix-me"})).status_code == 400
+    fixed = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "fix-me"})
+    assert fixed.status_code == 201
+
+
+async def test_ten_concurrent_identical_keyed_requests_create_one_conversation(harness: Harness) -> None:
+    responses = await asyncio.gather(
+        *(harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "burst"}) for _ in range(10))
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert 201 in statuses
+    assert set(statuses) <= {201, 409}
+    for response in responses:
+        if response.status_code == 409:
+            assert response.json()["error"]["code"] == "idempotency_in_progress"
+    created = {r.json()["data"]["conversationId"] for r in responses if r.status_code == 201}
+    assert len(created) == 1
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 1
+    assert harness.rows("SELECT COUNT(*) FROM messages")[0][0] == 1
+
+
+async def test_a_malformed_idempotency_key_is_a_validation_error(harness: Harness) -> None:
+    response = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "x" * 256})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "validation_error"
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0

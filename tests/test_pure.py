@@ -1,0 +1,119 @@
+"""Table-driven tests of the pure decisions: status lattice, segments, templates, phone numbers."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from app.clock import iso, parse_iso
+from app.domain import status
+from app.domain.phone import e164_problem, mask
+from app.domain.segments import count_segments
+from app.domain.templates import render
+
+STATUSES = ["queued", "sent", "delivered", "undelivered", "failed"]
+
+
+@pytest.mark.parametrize(("current", "incoming"), list(itertools.product(STATUSES, STATUSES)))
+def test_lattice_moves_only_up_and_never_out_of_a_terminal_status(current: str, incoming: str) -> None:
+    result = status.advance(current, incoming)
+    if current in status.TERMINAL:
+        assert result is None
+    elif status.RANK[incoming] > status.RANK[current]:
+        assert result == incoming
+    else:
+        assert result is None
+
+
+@pytest.mark.parametrize(
+    ("twilio", "canonical"),
+    [
+        ("accepted", "queued"),
+        ("scheduled", "queued"),
+        ("queued", "queued"),
+        ("sending", "queued"),
+        ("sent", "sent"),
+        ("delivered", "delivered"),
+        ("read", "delivered"),
+        ("undelivered", "undelivered"),
+        ("failed", "failed"),
+        ("canceled", "failed"),
+        ("DELIVERED", "delivered"),
+        ("receiving", None),
+        ("nonsense", None),
+    ],
+)
+def test_provider_statuses_map_to_canonical_ones(twilio: str, canonical: str | None) -> None:
+    assert status.canonical(twilio) == canonical
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding", "segments"),
+    [
+        ("", "GSM-7", 1),
+        ("a" * 160, "GSM-7", 1),
+        ("a" * 161, "GSM-7", 2),
+        ("a" * 306, "GSM-7", 2),
+        ("a" * 307, "GSM-7", 3),
+        ("€" * 80, "GSM-7", 1),  # extension characters take two septets
+        ("€" * 81, "GSM-7", 2),
+        ("é" * 160, "GSM-7", 1),
+        ("ê" * 70, "UCS-2", 1),
+        ("ê" * 71, "UCS-2", 2),
+        ("ê" * 134, "UCS-2", 2),
+        ("ê" * 135, "UCS-2", 3),
+        ("😀" * 35, "UCS-2", 1),  # outside the BMP: two UTF-16 units each
+        ("😀" * 36, "UCS-2", 2),
+    ],
+)
+def test_segment_counting(text: str, encoding: str, segments: int) -> None:
+    assert count_segments(text) == (encoding, segments)
+
+
+@pytest.mark.parametrize(
+    ("template", "variables", "expected"),
+    [
+        ("Hi {{customerName}}", {"customerName": "Ada"}, "Hi Ada"),
+        ("Hi {{ customerName }}!", {"customerName": "Ada"}, "Hi Ada!"),
+        ("Hi {{missing}}.", {}, "Hi ."),
+        ("{{a}}{{b}}", {"a": "1", "b": "2"}, "12"),
+        ("{{not closed", {"not": "x"}, "{{not closed"),
+        ("{{a}}", {"a": "{{b}}", "b": "no"}, "{{b}}"),
+    ],
+)
+def test_templates_fill_placeholders(template: str, variables: dict[str, str], expected: str) -> None:
+    assert render(template, variables) == expected
+
+
+@pytest.mark.parametrize(
+    ("number", "ok"),
+    [
+        ("+15555550199", True),  # fictional 555 numbers from the docs pass
+        ("+15005550001", True),
+        ("+447911123456", True),
+        ("+4915112345678", True),
+        ("15555550199", False),
+        ("+05555550199", False),
+        ("+1555", False),
+        ("+1 555 555 0199", False),
+        ("+1234567890123456", False),
+        ("+999123456789", False),  # no such country code: not a possible number
+        ("", False),
+    ],
+)
+def test_e164_numbers(number: str, ok: bool) -> None:
+    assert (e164_problem(number) is None) is ok
+
+
+def test_mask_keeps_the_last_four_digits() -> None:
+    assert mask("+15555550199") == "***0199"
+
+
+def test_timestamps_are_rfc3339_with_milliseconds() -> None:
+    assert iso(1775829600000) == "2026-04-10T14:00:00.000Z"
+    assert iso(1775829600123) == "2026-04-10T14:00:00.123Z"
+    assert parse_iso("2026-04-10T14:00:00.123Z") == 1775829600123
+    assert parse_iso("2026-04-10T16:00:00+02:00") == 1775829600000
+    with pytest.raises(ValueError):
+        parse_iso("2026-04-10T14:00:00")

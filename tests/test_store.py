@@ -1,0 +1,155 @@
+"""The store: migrations, group commit and its isolation, and start-up recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.config import ConfigError, load_settings
+from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport, StatusSink
+from app.store.db import Database, connect_sync
+from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
+from tests.conftest import SEED_CREATE, start_harness
+
+
+def schema(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    return [
+        tuple(row)
+        for row in conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    ]
+
+
+def test_migration_numbers_are_unique_and_named() -> None:
+    files = migration_files()
+    numbers = [n for n, _ in files]
+    assert numbers == sorted(set(numbers))
+    assert numbers[0] == 1
+
+
+def test_a_fresh_database_equals_every_file_applied_and_migrate_is_rerunnable(tmp_path: Path) -> None:
+    conn = connect_sync(str(tmp_path / "a.db"))
+    applied = migrate(conn)
+    assert applied == [n for n, _ in migration_files()]
+    assert migrate(conn) == []
+    by_hand = sqlite3.connect(str(tmp_path / "b.db"), isolation_level=None)
+    by_hand.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+        " applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+    )
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        by_hand.executescript(path.read_text())
+    assert schema(conn) == schema(by_hand)
+
+
+def test_a_failing_migration_leaves_nothing_behind(tmp_path: Path) -> None:
+    migrations = tmp_path / "migrations"
+    migrations.mkdir()
+    (migrations / "0001_ok.sql").write_text("CREATE TABLE a (x);")
+    (migrations / "0002_broken.sql").write_text("CREATE TABLE b (x); INSERT INTO nowhere VALUES (1);")
+    conn = connect_sync(str(tmp_path / "m.db"))
+    with pytest.raises(sqlite3.OperationalError):
+        migrate(conn, migrations)
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "a" in tables and "b" not in tables
+    assert [row[0] for row in conn.execute("SELECT version FROM schema_migrations")] == [1]
+
+
+async def test_group_commit_isolates_a_failing_write_from_its_batch(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "g.db"))
+    await db.open()
+    try:
+        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+
+        def insert(value: int) -> Any:
+            return lambda c: c.execute("INSERT INTO t (x) VALUES (?)", (value,)).rowcount
+
+        def broken(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO t (x) VALUES (1000)")
+            raise ValueError("this write fails after a statement")
+
+        results = await asyncio.gather(
+            *(db.write(insert(i)) for i in range(100)), db.write(broken), return_exceptions=True
+        )
+        assert results[:100] == [1] * 100
+        assert isinstance(results[100], ValueError)
+        values = await db.read(lambda c: [row[0] for row in c.execute("SELECT x FROM t ORDER BY x")])
+        assert values == list(range(100))
+        pragmas = await db.read(lambda c: (c.execute("PRAGMA journal_mode").fetchone()[0],))
+        assert pragmas == ("wal",)
+    finally:
+        await db.close()
+
+
+class HangingProvider:
+    """A provider whose send never completes, like a process killed mid-send."""
+
+    name = "simulator"
+    confirms_opt_out = False
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def start(self, on_status: StatusSink) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.release.set()
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        self.called.set()
+        await self.release.wait()
+        raise ProviderRejected("30008", "gone")
+
+    async def fetch_status(self, message: Any) -> StatusReport | None:
+        return None
+
+
+async def test_a_crash_between_persist_and_send_is_resolved_at_start_up(tmp_path: Path) -> None:
+    hanging = HangingProvider()
+    async for first in start_harness(tmp_path, provider=hanging):
+        task = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "crash-1"}))
+        await asyncio.wait_for(hanging.called.wait(), 5)
+        assert first.rows("SELECT status FROM conversations")[0][0] == "pending"
+        assert first.rows("SELECT status FROM messages")[0][0] == "queued"
+        key = first.key()
+        # A second process on the same file: its start-up finds the pending conversation.
+        async for second in start_harness(tmp_path):
+            second.keys["acme"] = key
+            row = second.rows("SELECT status, end_reason FROM conversations")[0]
+            assert tuple(row) == ("closed", "opening_message_failed")
+            assert tuple(second.rows("SELECT status, error_code FROM messages")[0]) == ("failed", "parley_interrupted")
+            retry = await second.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "crash-1"})
+            assert retry.status_code == 201  # the key was released, so the client's retry runs
+        hanging.release.set()
+        await task
+        assert first.rows("SELECT COUNT(*) FROM conversations WHERE status = 'pending'")[0][0] == 0
+
+
+def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="PARLEY_PORT"):
+        load_settings({"PARLEY_PORT": "eighty"}, env_file=None)
+    with pytest.raises(ConfigError, match="PARLEY_SMS_PROVIDER"):
+        load_settings({"PARLEY_SMS_PROVIDER": "carrier-pigeon"}, env_file=None)
+    with pytest.raises(ConfigError, match="PARLEY_WEBHOOK_RETRY_SCHEDULE"):
+        load_settings({"PARLEY_WEBHOOK_RETRY_SCHEDULE": "5,soon"}, env_file=None)
+    with pytest.raises(ConfigError, match="TWILIO_ACCOUNT_SID"):
+        load_settings({"PARLEY_SMS_PROVIDER": "twilio"}, env_file=None)
+    with pytest.raises(ConfigError, match="PARLEY_RATE_LIMIT"):
+        load_settings({"PARLEY_RATE_LIMIT": "-1"}, env_file=None)
+
+
+def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("PARLEY_PORT=9100\nPARLEY_LOG_FORMAT=json\n")
+    settings = load_settings({"PARLEY_LOG_FORMAT": "console", "PARLEY_WEBHOOK_RETRY_SCHEDULE": "1,2"}, str(env_file))
+    assert settings.port == 9100
+    assert settings.log_format == "console"  # the environment wins over .env
+    assert settings.webhook_retry_schedule == (1, 2)
+    assert settings.public_url == "http://127.0.0.1:9100"
