@@ -225,3 +225,28 @@ async def test_rate_limit_is_429_with_retry_after(tmp_path: Any) -> None:
         assert (await h.client.get("/healthz")).status_code == 200  # health is never limited
         other = await h.get("/v1/sms-conversations", org="globex")  # limits are per key
         assert other.status_code == 200
+
+
+async def test_an_unexpected_failure_is_500_internal_error_without_a_trace(harness: Harness) -> None:
+    await harness.post("/v1/sms-conversations", SEED_CREATE)
+    conn = sqlite3.connect(harness.settings.database)
+    conn.execute("ALTER TABLE conversations RENAME TO conversations_gone")  # the database breaks under the app
+    conn.commit()
+    conn.close()
+    response = await harness.get("/v1/sms-conversations")
+    body = assert_error(response, 500, "internal_error")
+    assert "Traceback" not in response.text and "sqlite" not in response.text.lower()
+    assert set(body["error"]) == {"code", "message"}
+
+
+async def test_options_lists_every_method_of_the_path(harness: Harness) -> None:
+    response = await harness.client.options("/v1/agents", headers=harness.auth())
+    assert response.status_code == 204
+    assert set(response.headers["allow"].split(", ")) == {"GET", "POST", "OPTIONS"}
+
+
+async def test_openapi_marks_keyed_routes_and_leaves_health_open(harness: Harness) -> None:
+    schema = (await harness.client.get("/schema/openapi.json")).json()
+    assert schema["paths"]["/v1/sms-conversations"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+    assert "security" not in schema

@@ -35,6 +35,7 @@ from app.store import agents as agents_store
 from app.store import conversations as store
 
 IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,255}$"
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 _encoder = msgspec.json.Encoder()
 
 
@@ -113,7 +114,9 @@ class ConversationController(Controller):
     @post(
         "/",
         status_code=201,
-        operation_class=json_body(CreateConversation),
+        operation_class=json_body(
+            CreateConversation, extra={"oneOf": [{"required": ["agentSlug"]}, {"required": ["agentId"]}]}
+        ),
         responses=errors(404, 409, 413, 415, 422, 502),
         summary="Create an SMS conversation and send its opening message",
     )
@@ -136,7 +139,7 @@ class ConversationController(Controller):
         self,
         request: Request,
         status: Literal["in_progress", "closed"] | None = None,
-        agent_id: Annotated[str | None, Parameter(query="agentId")] = None,
+        agent_id: Annotated[str | None, Parameter(query="agentId", pattern=UUID_PATTERN)] = None,
         to_number: Annotated[str | None, Parameter(query="toNumber")] = None,
         from_number: Annotated[str | None, Parameter(query="fromNumber")] = None,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,

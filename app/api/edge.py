@@ -61,6 +61,16 @@ class Edge:
         self.app = app
         self.buckets = TokenBucket(rate_limit)
         self.metrics: dict[tuple[str, int], int] = {}
+        self._allow: dict[str, str] | None = None
+
+    def allow_header(self, path_template: str) -> str | None:
+        """Every method a path supports (Litestar's own OPTIONS answer names only one route's)."""
+        if self._allow is None:
+            methods: dict[str, set[str]] = {}
+            for route in self.app.routes:
+                methods.setdefault(route.path, set()).update(getattr(route, "methods", ()))
+            self._allow = {path: ", ".join(sorted(names)) for path, names in methods.items()}
+        return self._allow.get(path_template)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,6 +88,8 @@ class Edge:
                 status_holder[0] = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
+                if scope.get("method") == "OPTIONS" and (allow := self.allow_header(scope.get("path_template", ""))):
+                    headers = [(k, v) for k, v in headers if k.lower() != b"allow"] + [(b"allow", allow.encode())]
                 message = {**message, "headers": headers}  # type: ignore[misc]
             await send(message)
 

@@ -75,7 +75,7 @@ class SimulatorController(Controller):
 
     @get("/messages", responses=errors())
     async def messages(
-        self, request: Request, number: Annotated[str, Parameter(query="number", min_length=1, max_length=32)]
+        self, request: Request, number: Annotated[str, Parameter(query="number", pattern=r"^\+[1-9]\d{6,14}$")]
     ) -> PhoneMessages:
         ctx = rq.context(request)
         org_id = rq.org_of(request)

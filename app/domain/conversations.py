@@ -8,7 +8,7 @@ import sqlite3
 from typing import Annotated
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from app.domain import lifecycle, messaging
 from app.domain.agents import Agent
@@ -38,8 +38,9 @@ class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     """Body of POST /v1/sms-conversations."""
 
     to_number: E164Number
-    agent_slug: Slug | None = None
-    agent_id: str | None = None
+    # Optional but not nullable: exactly one of the two is given.
+    agent_slug: Slug | UnsetType = UNSET
+    agent_id: str | UnsetType = UNSET
     from_number: E164Number | None = None
     welcome_message: SmsBody | None = None
     dynamic_variables: DynamicVariables = {}
@@ -78,9 +79,9 @@ def request_hash(body: CreateConversation) -> str:
 def check_fields(body: CreateConversation) -> None:
     """Field rules a type cannot express; every problem is reported at once."""
     problems: list[FieldProblem] = []
-    if (body.agent_slug is None) == (body.agent_id is None):
+    if (body.agent_slug is UNSET) == (body.agent_id is UNSET):
         problems.append(FieldProblem("agentSlug", "give exactly one of agentSlug or agentId"))
-    if body.agent_id is not None and parse_uuid(body.agent_id) is None:
+    if body.agent_id is not UNSET and parse_uuid(body.agent_id) is None:
         problems.append(FieldProblem("agentId", "must be a UUID"))
     if problem := e164_problem(body.to_number):
         problems.append(FieldProblem("toNumber", problem))
@@ -118,10 +119,11 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
 
 
 async def resolve_agent(ctx: Context, body: CreateConversation, org_id: str) -> Agent:
-    if body.agent_slug is not None:
-        agent = await ctx.db.read(lambda c: agents_store.by_slug(c, body.agent_slug))
+    if body.agent_slug is not UNSET:
+        slug = body.agent_slug
+        agent = await ctx.db.read(lambda c: agents_store.by_slug(c, slug))
     else:
-        agent_id = parse_uuid(body.agent_id or "") or ""
+        agent_id = parse_uuid(body.agent_id) or ""
         agent = await ctx.db.read(lambda c: agents_store.by_id(c, agent_id, org_id))
     if agent is None:
         raise NotFound("Agent not found.")
