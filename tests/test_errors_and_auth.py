@@ -250,3 +250,27 @@ async def test_openapi_marks_keyed_routes_and_leaves_health_open(harness: Harnes
     assert schema["paths"]["/v1/sms-conversations"]["post"]["security"] == [{"bearer": []}]
     assert "security" not in schema["paths"]["/healthz"]["get"]
     assert "security" not in schema
+
+
+def test_key_cache_expires_entries_and_forgets_revoked_keys() -> None:
+    from app.domain.keys import KeyCache, KeyRecord, Principal
+
+    cache = KeyCache(ttl_ms=1000)
+    record = KeyRecord(Principal(key_id="k1", org_id="o1"), None)
+    cache.put("h1", record, now_ms=0)
+    assert cache.get("h1", now_ms=999) == record
+    assert cache.get("h1", now_ms=1000) is None  # re-read from the database after the TTL
+    cache.put("h1", record, now_ms=2000)
+    cache.forget("k1")
+    assert cache.get("h1", now_ms=2001) is None
+
+
+async def test_a_key_revoked_by_another_process_is_refused_after_the_cache_ttl(harness: Harness) -> None:
+    harness.edge.key_cache.ttl_ms = 0  # every cached entry is already past its TTL
+    headers = harness.auth()
+    assert (await harness.client.get("/v1/sms-conversations", headers=headers)).status_code == 200
+    conn = sqlite3.connect(harness.settings.database)
+    conn.execute("UPDATE api_keys SET revoked_at = 1")  # as `parley keys revoke` does from its own process
+    conn.commit()
+    conn.close()
+    assert_error(await harness.client.get("/v1/sms-conversations", headers=headers), 401, "unauthorized")

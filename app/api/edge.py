@@ -60,6 +60,7 @@ class Edge:
     def __init__(self, app: Litestar, rate_limit: float) -> None:
         self.app = app
         self.buckets = TokenBucket(rate_limit)
+        self.key_cache = keys.KeyCache()
         self.metrics: dict[tuple[str, int], int] = {}
         self._allow: dict[str, str] | None = None
 
@@ -124,11 +125,20 @@ class Edge:
         scheme, _, raw = header.partition(" ")
         if scheme.lower() != "bearer" or not raw.strip():
             return 401, "unauthorized", Unauthorized().message, {}
+        raw = raw.strip()
+        if not keys.well_formed(raw):
+            return 401, "unauthorized", Unauthorized().message, {}
         now_ms = ctx.clock.now_ms()
-        try:
-            principal = await ctx.db.read(lambda c: keys.authenticate(c, raw.strip(), now_ms))
-        except Unauthorized as exc:
-            return 401, "unauthorized", exc.message, {}
+        key_hash = keys.hash_key(raw)
+        record = self.key_cache.get(key_hash, now_ms)
+        if record is None:
+            record = await ctx.db.read(lambda c: keys.lookup(c, key_hash))
+            if record is None:
+                return 401, "unauthorized", Unauthorized().message, {}
+            self.key_cache.put(key_hash, record, now_ms)
+        if record.expires_at is not None and record.expires_at <= now_ms:
+            return 401, "unauthorized", Unauthorized().message, {}
+        principal = record.principal
         state["principal"] = principal
         wait = self.buckets.take(principal.key_id, time.monotonic())
         if wait > 0:

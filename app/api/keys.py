@@ -122,4 +122,5 @@ class ApiKeyController(Controller):
         ctx = rq.context(request)
         org_id = rq.org_of(request)
         row = await ctx.db.write(lambda c: keys.revoke(c, key_id, ctx.clock.now_ms(), org_id))
+        request.app.state.edge.key_cache.forget(row["id"])
         return KeyEnvelope(data=key_out(row), meta=Meta(request_id=rq.request_id(request)))

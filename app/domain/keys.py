@@ -60,16 +60,61 @@ def create_key(
     return created
 
 
+class KeyRecord(msgspec.Struct, frozen=True):
+    principal: Principal
+    expires_at: int | None
+
+
+def well_formed(raw: str) -> bool:
+    return raw.startswith(("pk_live_", "pk_test_")) and len(raw) <= 200
+
+
+def lookup(conn: sqlite3.Connection, key_hash: str) -> KeyRecord | None:
+    """The live (unrevoked) key with this hash, whatever its expiry."""
+    row = orgs.key_by_hash(conn, key_hash)
+    if row is None or row["revoked_at"] is not None:
+        return None
+    return KeyRecord(Principal(key_id=row["id"], org_id=row["org_id"]), row["expires_at"])
+
+
 def authenticate(conn: sqlite3.Connection, raw: str, now_ms: int) -> Principal:
     """The principal of a raw key; Unauthorized for unknown, expired or revoked keys alike."""
-    if not raw.startswith(("pk_live_", "pk_test_")) or len(raw) > 200:
+    if not well_formed(raw):
         raise Unauthorized()
-    row = orgs.key_by_hash(conn, hash_key(raw))
-    if row is None or row["revoked_at"] is not None:
+    record = lookup(conn, hash_key(raw))
+    if record is None or (record.expires_at is not None and record.expires_at <= now_ms):
         raise Unauthorized()
-    if row["expires_at"] is not None and row["expires_at"] <= now_ms:
-        raise Unauthorized()
-    return Principal(key_id=row["id"], org_id=row["org_id"])
+    return record.principal
+
+
+class KeyCache:
+    """Recently verified keys, so most requests skip the database.
+
+    Revocation through the API drops the key at once (`forget`), so its very next request fails.
+    A key revoked by another process (`parley keys revoke`) is noticed within `ttl_ms`. Expiry is
+    checked against the cached expiry on every request.
+    """
+
+    def __init__(self, ttl_ms: int = 2000, max_entries: int = 10_000) -> None:
+        self.ttl_ms = ttl_ms
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[KeyRecord, int]] = {}
+
+    def get(self, key_hash: str, now_ms: int) -> KeyRecord | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[1] <= now_ms:
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, record: KeyRecord, now_ms: int) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key_hash] = (record, now_ms + self.ttl_ms)
+
+    def forget(self, key_id: str) -> None:
+        for key_hash, (record, _) in list(self._entries.items()):
+            if record.principal.key_id == key_id:
+                del self._entries[key_hash]
 
 
 def revoke(conn: sqlite3.Connection, key_id: str, now_ms: int, org_id: str | None = None) -> sqlite3.Row:
