@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import socket
 import sqlite3
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +158,73 @@ async def start_harness(
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     async for h in start_harness(tmp_path):
         yield h
+
+
+# --- a real `parley serve` on a free loopback port -------------------------------------------------
+
+PARLEY = str(Path(sys.executable).parent / "parley")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "TWILIO_"))}
+    env.update(
+        PARLEY_DATABASE=str(tmp_path / "data" / "parley.db"),
+        PARLEY_AGENTS_FILE=str(ROOT / "data" / "agents.toml"),
+        **extra,
+    )
+    return env
+
+
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PARLEY, *args], cwd=tmp_path, env=env_for(tmp_path, **env), capture_output=True, text=True, timeout=60
+    )
+
+
+def call(method: str, url: str, key: str | None = None, body: Any = None) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [PARLEY, "serve", "--dev", "--port", str(port)],
+        cwd=tmp_path,
+        env=env_for(tmp_path, PARLEY_RATE_LIMIT="100000", PARLEY_ALLOW_PRIVATE_URLS="1", PARLEY_ALLOW_HTTP_URLS="1"),
+        # A file, not a pipe: a full pipe would block the server's logging.
+        stdout=(tmp_path / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if call("GET", base + "/healthz")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise AssertionError("server did not start: " + (tmp_path / "server.log").read_text())
+    yield base, process, tmp_path
+    if process.poll() is None:
+        process.kill()
+        process.wait()

@@ -243,6 +243,8 @@ async def test_options_lists_every_method_of_the_path(harness: Harness) -> None:
     response = await harness.client.options("/v1/agents", headers=harness.auth())
     assert response.status_code == 204
     assert set(response.headers["allow"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    one = await harness.client.options("/v1/agents/some-id", headers=harness.auth())
+    assert set(one.headers["allow"].split(", ")) == {"GET", "PATCH", "DELETE", "OPTIONS"}
 
 
 async def test_openapi_marks_keyed_routes_and_leaves_health_open(harness: Harness) -> None:

@@ -26,7 +26,7 @@ from app.api.schemas import (
 )
 from app.clock import iso
 from app.domain import conversations, messaging
-from app.domain.conversations import CloseConversation, CreateConversation, CreateOutcome
+from app.domain.conversations import UUID_PATTERN, CloseConversation, CreateConversation, CreateOutcome
 from app.domain.errors import NotFound, ValidationFailed
 from app.domain.ids import parse_uuid
 from app.domain.models import Conversation
@@ -35,7 +35,6 @@ from app.store import agents as agents_store
 from app.store import conversations as store
 
 IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,255}$"
-UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 _encoder = msgspec.json.Encoder()
 
 

@@ -69,7 +69,8 @@ class Edge:
         if self._allow is None:
             methods: dict[str, set[str]] = {}
             for route in self.app.routes:
-                methods.setdefault(route.path, set()).update(getattr(route, "methods", ()))
+                template = re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)
+                methods.setdefault(template, set()).update(getattr(route, "methods", ()))
             self._allow = {path: ", ".join(sorted(names)) for path, names in methods.items()}
         return self._allow.get(path_template)
 

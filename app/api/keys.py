@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -11,7 +12,7 @@ from litestar.params import Parameter
 
 from app.api import requests as rq
 from app.api.schemas import ListMeta, Meta, errors, json_body
-from app.clock import iso, parse_iso
+from app.clock import iso
 from app.domain import keys
 from app.domain.errors import ValidationFailed
 from app.domain.types import Name, StrictDecoder
@@ -20,7 +21,7 @@ from app.store import orgs
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name
-    expires_at: str | None = None
+    expires_at: datetime | None = None
 
 
 class KeyOut(msgspec.Struct, kw_only=True):
@@ -80,10 +81,9 @@ class ApiKeyController(Controller):
         body = await rq.read_json(request, create_decoder)
         expires_at = None
         if body.expires_at is not None:
-            try:
-                expires_at = parse_iso(body.expires_at)
-            except ValueError:
-                raise ValidationFailed.field("expires_at", "must be an RFC 3339 timestamp with a zone") from None
+            if body.expires_at.tzinfo is None:
+                raise ValidationFailed.field("expires_at", "must be an RFC 3339 timestamp with a zone")
+            expires_at = round(body.expires_at.timestamp() * 1000)
             if expires_at <= ctx.clock.now_ms():
                 raise ValidationFailed.field("expires_at", "must be in the future")
         org_id = rq.org_of(request)

@@ -26,12 +26,14 @@ from app.domain.phone import e164_problem
 from app.domain.templates import render
 from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody
 from app.providers.base import ProviderRejected, SendRequest
+from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
 
 log = logging.getLogger("parley.conversations")
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 
 
 class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -40,7 +42,7 @@ class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     to_number: E164Number
     # Optional but not nullable: exactly one of the two is given.
     agent_slug: Slug | UnsetType = UNSET
-    agent_id: str | UnsetType = UNSET
+    agent_id: Annotated[str, Meta(pattern=UUID_PATTERN)] | UnsetType = UNSET
     from_number: E164Number | None = None
     welcome_message: SmsBody | None = None
     dynamic_variables: DynamicVariables = {}
@@ -121,10 +123,10 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
 async def resolve_agent(ctx: Context, body: CreateConversation, org_id: str) -> Agent:
     if body.agent_slug is not UNSET:
         slug = body.agent_slug
-        agent = await ctx.db.read(lambda c: agents_store.by_slug(c, slug))
+        agent = ctx.db.read_now(lambda c: agents_store.by_slug(c, slug))
     else:
         agent_id = parse_uuid(body.agent_id) or ""
-        agent = await ctx.db.read(lambda c: agents_store.by_id(c, agent_id, org_id))
+        agent = ctx.db.read_now(lambda c: agents_store.by_id(c, agent_id, org_id))
     if agent is None:
         raise NotFound("Agent not found.")
     return agent
@@ -156,6 +158,13 @@ def _finish_idempotency(conn: sqlite3.Connection, org_id: str, key: str | None, 
     )
 
 
+def _inactivity_due(conn: sqlite3.Connection, conversation_id: str) -> int | None:
+    row = conn.execute(
+        "SELECT due_at FROM jobs WHERE kind = ? AND ref = ?", (lifecycle.INACTIVITY_JOB, conversation_id)
+    ).fetchone()
+    return row[0] if row else None
+
+
 class Replay(msgspec.Struct):
     outcome: CreateOutcome
 
@@ -171,7 +180,7 @@ async def create(
     """Create a conversation and send its opening SMS; return (outcome, replayed)."""
     digest = request_hash(body) if idempotency_key else ""
     if idempotency_key:
-        row = await ctx.db.read(lambda c: _idempotency_row(c, org_id, idempotency_key))
+        row = ctx.db.read_now(lambda c: _idempotency_row(c, org_id, idempotency_key))
         if (replayed := _replay_or_raise(row, digest, ctx.clock.now_ms())) is not None:
             return replayed, True
     check_fields(body)
@@ -186,8 +195,7 @@ async def create(
                 " (LLM-generated openings need the assistant, which is not configured)",
             )
         opening = await opener(agent, body.dynamic_variables)  # type: ignore[operator]
-    if await ctx.db.read(lambda c: store.is_opted_out(c, org_id, sender, body.to_number)):
-        raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
+    # The opt-out list is checked (409) inside `persist`, in the transaction that would create the conversation.
 
     now = ctx.clock.now_ms()
     conversation = Conversation(
@@ -278,7 +286,7 @@ async def create(
         provider_message_id=accepted.provider_message_id,
     )
 
-    def record_success(conn: sqlite3.Connection) -> None:
+    def record_success(conn: sqlite3.Connection) -> int | None:
         now_ms = ctx.clock.now_ms()
         for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
             if other.id != conversation.id:
@@ -294,9 +302,13 @@ async def create(
         if started:
             lifecycle.note_activity(conn, conversation, now_ms)
         _finish_idempotency(conn, org_id, idempotency_key, outcome)
+        return _inactivity_due(conn, conversation.id) if started else None
 
-    await ctx.db.write(record_success)
-    ctx.scheduler.wake()
+    due = await ctx.db.write(record_success)
+    # The scheduler re-reads its next deadline at least every IDLE_RECHECK_SECONDS, so only a timer due
+    # sooner than that (an early inactivity warning) needs a wake-up; each one costs a scheduler pass.
+    if due is not None and due - ctx.clock.now_ms() < IDLE_RECHECK_SECONDS * 1000:
+        ctx.scheduler.wake()
     return outcome, False
 
 
@@ -323,7 +335,7 @@ async def get(ctx: Context, org_id: str, conversation_id: str) -> Conversation:
     canonical_id = parse_uuid(conversation_id)
     conversation = None
     if canonical_id is not None:
-        conversation = await ctx.db.read(lambda c: store.get(c, canonical_id, org_id))
+        conversation = ctx.db.read_now(lambda c: store.get(c, canonical_id, org_id))
     if conversation is None:
         raise NotFound("Conversation not found.")
     return conversation
