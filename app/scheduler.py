@@ -80,7 +80,9 @@ class Scheduler:
             try:
                 await self.run_due()
                 now = self.clock.now_ms()
-                next_at = await self.db.read(lambda c, now=now: jobs_store.next_wake(c, now))
+                # A running job re-scheduled while it runs is not claimable until it ends (which wakes us).
+                running = set(self._running)
+                next_at = await self.db.read(lambda c, now=now, running=running: jobs_store.next_wake(c, now, running))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -133,4 +135,5 @@ class Scheduler:
                 self.wake()
         finally:
             self._running.pop(job.id, None)
+            self.wake()
             self._slots.release()

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import sqlite3
 
+import msgspec
+
 from app.clock import iso
 from app.domain.models import Conversation
+from app.store import agents, events, jobs
 from app.store import conversations as store
-from app.store import events, jobs
 
 INACTIVITY_JOB = "inactivity"
+
+
+class InactivityTimer(msgspec.Struct, frozen=True, kw_only=True):
+    """The `inactivity` job's payload: the quiet period's deadline, and whether this run is the warning."""
+
+    deadline: int
+    warn: bool = False
+
+
+def inactivity_warning_seconds(conn: sqlite3.Connection, conversation: Conversation) -> int | None:
+    """The agent's warning lead time, when it has a warning that fits inside this conversation's timeout."""
+    agent = agents.by_id_any(conn, conversation.agent_id)
+    if agent is None or not agent.settings.inactivity_warning_message:
+        return None
+    lead = agent.settings.inactivity_warning_seconds
+    return lead if lead is not None and 0 < lead < conversation.inactivity_timeout_seconds else None
 
 
 def close(
@@ -35,6 +53,10 @@ def close(
 
 
 def note_activity(conn: sqlite3.Connection, conversation: Conversation, now_ms: int) -> None:
-    """A message went out or came in: push the inactivity deadline back."""
+    """A message went out or came in: push the inactivity deadline (and the warning before it) back."""
     store.touch(conn, conversation.id, now_ms)
-    jobs.schedule(conn, INACTIVITY_JOB, conversation.id, now_ms + conversation.inactivity_timeout_seconds * 1000)
+    deadline = now_ms + conversation.inactivity_timeout_seconds * 1000
+    lead = inactivity_warning_seconds(conn, conversation)
+    timer = InactivityTimer(deadline=deadline, warn=lead is not None)
+    due = deadline - lead * 1000 if lead is not None else deadline
+    jobs.schedule(conn, INACTIVITY_JOB, conversation.id, due, msgspec.json.encode(timer).decode())

@@ -7,10 +7,11 @@ from typing import Any
 
 from app.domain.events import EventScope, envelope
 from app.domain.ids import new_event_id
+from app.store import webhooks
 
 
 def append(conn: sqlite3.Connection, event_type: str, scope: EventScope, data: dict[str, Any], now_ms: int) -> str:
-    """Write one event; a conversation's events get the next gap-free `sequence`."""
+    """Write one event and queue it for every subscribed webhook; a conversation's get the next gap-free `sequence`."""
     sequence = None
     if scope.conversation_id is not None:
         sequence = conn.execute(
@@ -26,6 +27,7 @@ def append(conn: sqlite3.Connection, event_type: str, scope: EventScope, data: d
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (event_id, scope.org_id, scope.conversation_id, sequence, event_type, payload.decode(), now_ms),
     )
+    webhooks.fan_out(conn, scope.org_id, event_id, event_type, now_ms)
     return event_id
 
 

@@ -62,6 +62,12 @@ def claim(conn: sqlite3.Connection, now_ms: int, lease_ms: int, limit: int, skip
     return jobs
 
 
+def is_current(conn: sqlite3.Connection, job: Job) -> bool:
+    """True while the claimed job has not been re-scheduled (or cancelled) since it was claimed."""
+    row = conn.execute("SELECT 1 FROM jobs WHERE id = ? AND lease_until = ?", (job.id, job.lease_until)).fetchone()
+    return row is not None
+
+
 def finish(conn: sqlite3.Connection, job: Job) -> None:
     """Delete a job that ran, unless it was re-scheduled while it ran."""
     conn.execute("DELETE FROM jobs WHERE id = ? AND lease_until = ?", (job.id, job.lease_until))
@@ -75,9 +81,11 @@ def retry_at(conn: sqlite3.Connection, job: Job, due_at: int, *, reset_attempts:
     )
 
 
-def next_wake(conn: sqlite3.Connection, now_ms: int) -> int | None:
-    """When the earliest job becomes claimable (its due time, or its lease's end)."""
-    row = conn.execute(
-        "SELECT MIN(CASE WHEN lease_until > ? THEN lease_until ELSE due_at END) FROM jobs", (now_ms,)
-    ).fetchone()
-    return row[0]
+def next_wake(conn: sqlite3.Connection, now_ms: int, running: set[int] | None = None) -> int | None:
+    """When the earliest job not running here becomes claimable (its due time, or its lease's end)."""
+    sql = "SELECT MIN(CASE WHEN lease_until > ? THEN lease_until ELSE due_at END) FROM jobs"
+    args: list[int] = [now_ms]
+    if running:
+        sql += f" WHERE id NOT IN ({','.join('?' * len(running))})"
+        args.extend(running)
+    return conn.execute(sql, args).fetchone()[0]

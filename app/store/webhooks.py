@@ -1,0 +1,525 @@
+"""Webhook endpoints, their deliveries (one per event per endpoint) and the attempt log.
+
+Deliveries are written by `fan_out`, inside the transaction that appends the event. Each endpoint with
+due work has one scheduler job (kind `webhook_endpoint`, ref = webhook id); its handler claims the
+endpoint's due deliveries here, each with its own lease, so a crash loses nothing and the same event
+never goes to the same endpoint twice at once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from app.domain.ids import new_id
+from app.store.jobs import Job
+
+ENDPOINT_JOB = "webhook_endpoint"
+ALL_EVENTS = "*"
+
+_encoder = msgspec.json.Encoder()
+_events_decoder = msgspec.json.Decoder(list[str])
+
+# Called (on the writer thread, before commit) when deliveries become due now, so the scheduler wakes up.
+# Keyed by the writer connection's id: several apps (tests) may share a process.
+_wakers: dict[int, Callable[[], None]] = {}
+_wakers_lock = threading.Lock()
+
+
+class Webhook(msgspec.Struct, kw_only=True):
+    id: str
+    org_id: str
+    url: str
+    events: list[str]
+    is_active: bool
+    secret: str
+    previous_secret: str | None
+    previous_secret_until: int | None
+    disabled_reason: str | None
+    failing_since: int | None
+    last_success_at: int | None
+    created_at: int
+    updated_at: int
+
+
+class Claimed(msgspec.Struct, kw_only=True):
+    """A delivery leased for one attempt, with everything the attempt needs."""
+
+    id: str
+    webhook_id: str
+    event_id: str
+    event_type: str
+    status: str
+    attempt_count: int
+    next_attempt_at: int | None
+    lease_until: int
+    payload: bytes
+    url: str
+    secret: str
+    previous_secret: str | None
+    previous_secret_until: int | None
+
+
+class Attempt(msgspec.Struct, kw_only=True):
+    at: int
+    status_code: int
+    duration_ms: int
+    error: str | None
+    response_body: str | None
+
+
+class Delivery(msgspec.Struct, kw_only=True):
+    id: str
+    webhook_id: str
+    event_id: str
+    event_type: str
+    status: str
+    attempt_count: int
+    next_attempt_at: int | None
+    lease_until: int | None
+    created_at: int
+    rowid: int
+    attempts: list[Attempt] = []
+
+
+WEBHOOK_COLUMNS = (
+    "id, org_id, url, events, is_active, secret, previous_secret, previous_secret_until, disabled_reason,"
+    " failing_since, last_success_at, created_at, updated_at"
+)
+DELIVERY_COLUMNS = (
+    "rowid, id, webhook_id, event_id, event_type, status, attempt_count, next_attempt_at, lease_until, created_at"
+)
+
+
+def register_waker(conn: sqlite3.Connection, wake: Callable[[], None]) -> None:
+    with _wakers_lock:
+        _wakers[id(conn)] = wake
+
+
+def unregister_waker(conn: sqlite3.Connection) -> None:
+    with _wakers_lock:
+        _wakers.pop(id(conn), None)
+
+
+def _wake(conn: sqlite3.Connection) -> None:
+    wake = _wakers.get(id(conn))
+    if wake is not None:
+        wake()
+
+
+def _webhook(row: sqlite3.Row | None) -> Webhook | None:
+    if row is None:
+        return None
+    return Webhook(
+        id=row["id"],
+        org_id=row["org_id"],
+        url=row["url"],
+        events=_events_decoder.decode(row["events"]),
+        is_active=bool(row["is_active"]),
+        secret=row["secret"],
+        previous_secret=row["previous_secret"],
+        previous_secret_until=row["previous_secret_until"],
+        disabled_reason=row["disabled_reason"],
+        failing_since=row["failing_since"],
+        last_success_at=row["last_success_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        id=row["id"],
+        webhook_id=row["webhook_id"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        status=row["status"],
+        attempt_count=row["attempt_count"],
+        next_attempt_at=row["next_attempt_at"],
+        lease_until=row["lease_until"],
+        created_at=row["created_at"],
+        rowid=row["rowid"],
+    )
+
+
+# --- endpoints ------------------------------------------------------------------------------------
+
+
+def insert(conn: sqlite3.Connection, webhook: Webhook) -> None:
+    conn.execute(
+        f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            webhook.id,
+            webhook.org_id,
+            webhook.url,
+            _encoder.encode(webhook.events).decode(),
+            int(webhook.is_active),
+            webhook.secret,
+            webhook.previous_secret,
+            webhook.previous_secret_until,
+            webhook.disabled_reason,
+            webhook.failing_since,
+            webhook.last_success_at,
+            webhook.created_at,
+            webhook.updated_at,
+        ),
+    )
+
+
+def get(conn: sqlite3.Connection, webhook_id: str, org_id: str) -> Webhook | None:
+    return _webhook(
+        conn.execute(
+            f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ? AND org_id = ?", (webhook_id, org_id)
+        ).fetchone()
+    )
+
+
+def get_any(conn: sqlite3.Connection, webhook_id: str) -> Webhook | None:
+    return _webhook(conn.execute(f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?", (webhook_id,)).fetchone())
+
+
+def list_for_org(conn: sqlite3.Connection, org_id: str, *, after: tuple[int, str] | None, limit: int) -> list[Webhook]:
+    sql = f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE org_id = ?"
+    args: list[Any] = [org_id]
+    if after is not None:
+        sql += " AND (created_at, id) > (?, ?)"
+        args.extend(after)
+    sql += " ORDER BY created_at, id LIMIT ?"
+    args.append(limit)
+    return [w for w in map(_webhook, conn.execute(sql, args).fetchall()) if w is not None]
+
+
+def update(conn: sqlite3.Connection, webhook_id: str, now_ms: int, **changes: Any) -> None:
+    if "events" in changes:
+        changes["events"] = _encoder.encode(changes["events"]).decode()
+    if "is_active" in changes:
+        changes["is_active"] = int(changes["is_active"])
+    changes["updated_at"] = now_ms
+    assignments = ", ".join(f"{column} = ?" for column in changes)
+    conn.execute(f"UPDATE webhooks SET {assignments} WHERE id = ?", (*changes.values(), webhook_id))
+
+
+def delete(conn: sqlite3.Connection, webhook_id: str) -> None:
+    """Remove an endpoint with its deliveries and attempt log, and its scheduler job."""
+    conn.execute("DELETE FROM jobs WHERE kind = ? AND ref = ?", (ENDPOINT_JOB, webhook_id))
+    conn.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+
+
+def disable(conn: sqlite3.Connection, webhook_id: str, reason: str | None, now_ms: int) -> int:
+    """Deactivate an endpoint; its pending deliveries become `failed` (recover re-queues them)."""
+    conn.execute(
+        "UPDATE webhooks SET is_active = 0, disabled_reason = ?, updated_at = ? WHERE id = ?",
+        (reason, now_ms, webhook_id),
+    )
+    failed = conn.execute(
+        "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
+        " WHERE webhook_id = ? AND status = 'pending' AND (lease_until IS NULL OR lease_until <= ?)",
+        (now_ms, webhook_id, now_ms),
+    ).rowcount
+    conn.execute("DELETE FROM jobs WHERE kind = ? AND ref = ? AND lease_until IS NULL", (ENDPOINT_JOB, webhook_id))
+    return failed
+
+
+def is_active(conn: sqlite3.Connection, webhook_id: str) -> bool | None:
+    """Whether the endpoint is active; None when it no longer exists."""
+    row = conn.execute("SELECT is_active FROM webhooks WHERE id = ?", (webhook_id,)).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def note_success(conn: sqlite3.Connection, webhook_id: str, now_ms: int) -> None:
+    """Clear the failure clock; `last_success_at` is kept to the minute, so a busy endpoint's row stays put."""
+    conn.execute(
+        "UPDATE webhooks SET failing_since = NULL, last_success_at = ? WHERE id = ?"
+        " AND (failing_since IS NOT NULL OR last_success_at IS NULL OR last_success_at < ?)",
+        (now_ms, webhook_id, now_ms - 60_000),
+    )
+
+
+def note_failure(conn: sqlite3.Connection, webhook_id: str, now_ms: int) -> int | None:
+    """Record a failed attempt; return since when the endpoint has been failing without a success."""
+    row = conn.execute(
+        "UPDATE webhooks SET failing_since = COALESCE(failing_since, ?) WHERE id = ? RETURNING failing_since",
+        (now_ms, webhook_id),
+    ).fetchone()
+    return row[0] if row else None
+
+
+# --- the outbox fan-out ---------------------------------------------------------------------------
+
+
+def wake_endpoint(conn: sqlite3.Connection, webhook_id: str, due_at: int) -> None:
+    """Make sure the endpoint's job runs no later than `due_at` (a running job re-checks when it ends)."""
+    conn.execute(
+        "INSERT INTO jobs (kind, ref, due_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (kind, ref) DO UPDATE SET due_at = MIN(due_at, excluded.due_at)",
+        (ENDPOINT_JOB, webhook_id, due_at),
+    )
+
+
+def fan_out(conn: sqlite3.Connection, org_id: str, event_id: str, event_type: str, now_ms: int) -> int:
+    """Queue the event for every active endpoint of the org subscribed to its type (same transaction)."""
+    targets = conn.execute(
+        "SELECT id FROM webhooks WHERE org_id = ? AND is_active = 1"
+        " AND EXISTS (SELECT 1 FROM json_each(webhooks.events) WHERE value IN (?, ?))",
+        (org_id, event_type, ALL_EVENTS),
+    ).fetchall()
+    for (webhook_id,) in targets:
+        conn.execute(
+            "INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, status,"
+            " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+            (new_id(), webhook_id, org_id, event_id, event_type, now_ms, now_ms, now_ms),
+        )
+        wake_endpoint(conn, webhook_id, now_ms)
+    if targets:
+        _wake(conn)
+    return len(targets)
+
+
+# --- claiming and recording -----------------------------------------------------------------------
+
+_CLAIM_SELECT = (
+    "SELECT d.id, d.webhook_id, d.event_id, d.event_type, d.status, d.attempt_count, d.next_attempt_at,"
+    " e.payload, w.url, w.secret, w.previous_secret, w.previous_secret_until"
+    " FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id JOIN events e ON e.id = d.event_id"
+)
+
+
+def _claimed(row: sqlite3.Row, lease_until: int) -> Claimed:
+    return Claimed(
+        id=row["id"],
+        webhook_id=row["webhook_id"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        status=row["status"],
+        attempt_count=row["attempt_count"],
+        next_attempt_at=row["next_attempt_at"],
+        lease_until=lease_until,
+        payload=row["payload"].encode(),
+        url=row["url"],
+        secret=row["secret"],
+        previous_secret=row["previous_secret"],
+        previous_secret_until=row["previous_secret_until"],
+    )
+
+
+def claim_due(conn: sqlite3.Connection, webhook_id: str, now_ms: int, limit: int, lease_ms: int) -> list[Claimed]:
+    """Lease up to `limit` due, unleased deliveries of an active endpoint, oldest due first."""
+    rows = conn.execute(
+        _CLAIM_SELECT + " WHERE d.webhook_id = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
+        " AND (d.lease_until IS NULL OR d.lease_until <= ?) AND w.is_active = 1"
+        " ORDER BY d.next_attempt_at, d.rowid LIMIT ?",
+        (webhook_id, now_ms, now_ms, limit),
+    ).fetchall()
+    lease_until = now_ms + lease_ms
+    conn.executemany(
+        "UPDATE webhook_deliveries SET lease_until = ? WHERE id = ?", [(lease_until, row["id"]) for row in rows]
+    )
+    return [_claimed(row, lease_until) for row in rows]
+
+
+def claim_one(
+    conn: sqlite3.Connection, webhook_id: str, delivery_id: str, now_ms: int, lease_ms: int
+) -> Claimed | None:
+    """Lease one delivery for a manual attempt; None when another attempt of it is in flight."""
+    row = conn.execute(
+        _CLAIM_SELECT + " WHERE d.id = ? AND d.webhook_id = ? AND (d.lease_until IS NULL OR d.lease_until <= ?)",
+        (delivery_id, webhook_id, now_ms),
+    ).fetchone()
+    if row is None:
+        return None
+    lease_until = now_ms + lease_ms
+    conn.execute("UPDATE webhook_deliveries SET lease_until = ? WHERE id = ?", (lease_until, delivery_id))
+    return _claimed(row, lease_until)
+
+
+def insert_attempt(conn: sqlite3.Connection, delivery_id: str, attempt: Attempt, *, manual: bool) -> None:
+    conn.execute(
+        "INSERT INTO webhook_attempts (delivery_id, at, status_code, duration_ms, error, response_body, manual)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            delivery_id,
+            attempt.at,
+            attempt.status_code,
+            attempt.duration_ms,
+            attempt.error,
+            attempt.response_body,
+            int(manual),
+        ),
+    )
+
+
+def settle(
+    conn: sqlite3.Connection,
+    claimed: Claimed,
+    *,
+    status: str,
+    attempt_count: int,
+    next_attempt_at: int | None,
+    now_ms: int,
+) -> bool:
+    """Set a leased delivery's state after an attempt and release its lease; False if the lease was lost."""
+    updated = conn.execute(
+        "UPDATE webhook_deliveries SET status = ?, attempt_count = ?, next_attempt_at = ?, lease_until = NULL,"
+        " updated_at = ? WHERE id = ? AND lease_until = ?",
+        (status, attempt_count, next_attempt_at, now_ms, claimed.id, claimed.lease_until),
+    ).rowcount
+    if updated and status == "pending" and next_attempt_at is not None:
+        wake_endpoint(conn, claimed.webhook_id, next_attempt_at)
+    return bool(updated)
+
+
+def release(conn: sqlite3.Connection, claimed: Claimed) -> None:
+    """Give back a lease without an attempt; on an endpoint disabled meanwhile a pending delivery fails."""
+    conn.execute(
+        "UPDATE webhook_deliveries SET lease_until = NULL,"
+        " status = CASE WHEN w.is_active THEN status ELSE 'failed' END,"
+        " next_attempt_at = CASE WHEN w.is_active THEN next_attempt_at ELSE NULL END"
+        " FROM webhooks w WHERE w.id = webhook_deliveries.webhook_id"
+        " AND webhook_deliveries.id = ? AND webhook_deliveries.lease_until = ?",
+        (claimed.id, claimed.lease_until),
+    )
+
+
+def next_due(conn: sqlite3.Connection, webhook_id: str) -> int | None:
+    """When the endpoint next has a delivery to attempt (a leased one counts from its lease's end)."""
+    row = conn.execute(
+        "SELECT MIN(MAX(d.next_attempt_at, COALESCE(d.lease_until, 0))) FROM webhook_deliveries d"
+        " JOIN webhooks w ON w.id = d.webhook_id AND w.is_active = 1"
+        " WHERE d.webhook_id = ? AND d.status = 'pending'",
+        (webhook_id,),
+    ).fetchone()
+    return row[0]
+
+
+def finish_endpoint_job(conn: sqlite3.Connection, job: Job) -> int | None:
+    """End an endpoint job's run atomically with the question "is there more?", so no wake-up is lost.
+
+    Done here rather than through the handler's return value: a delivery fanned out between a read of
+    `next_due` and the scheduler's own bookkeeping would otherwise wait for the next unrelated wake-up.
+    Releasing the lease makes the scheduler's own finish a no-op.
+    """
+    due = next_due(conn, job.ref)
+    if due is None:
+        conn.execute("DELETE FROM jobs WHERE id = ? AND lease_until = ?", (job.id, job.lease_until))
+    else:
+        conn.execute(
+            "UPDATE jobs SET due_at = ?, lease_until = NULL, attempts = 0 WHERE id = ? AND lease_until = ?",
+            (due, job.id, job.lease_until),
+        )
+    return due
+
+
+def recover_leases(conn: sqlite3.Connection, now_ms: int) -> int:
+    """At start-up nothing of ours can be in flight: free every lease and make sure due work has its job."""
+    released = conn.execute("UPDATE webhook_deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL").rowcount
+    conn.execute("UPDATE jobs SET lease_until = NULL WHERE kind = ? AND lease_until IS NOT NULL", (ENDPOINT_JOB,))
+    conn.execute(
+        "INSERT INTO jobs (kind, ref, due_at)"
+        " SELECT ?, d.webhook_id, MIN(d.next_attempt_at) FROM webhook_deliveries d"
+        " JOIN webhooks w ON w.id = d.webhook_id AND w.is_active = 1"
+        " WHERE d.status = 'pending' GROUP BY d.webhook_id"
+        " ON CONFLICT (kind, ref) DO UPDATE SET due_at = MIN(due_at, excluded.due_at)",
+        (ENDPOINT_JOB,),
+    )
+    return released
+
+
+# --- the attempt log and recovery -----------------------------------------------------------------
+
+
+def get_delivery(conn: sqlite3.Connection, webhook_id: str, delivery_id: str) -> Delivery | None:
+    row = conn.execute(
+        f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ? AND webhook_id = ?",
+        (delivery_id, webhook_id),
+    ).fetchone()
+    if row is None:
+        return None
+    delivery = _delivery(row)
+    delivery.attempts = attempts_of(conn, [delivery.id]).get(delivery.id, [])
+    return delivery
+
+
+def list_deliveries(
+    conn: sqlite3.Connection,
+    webhook_id: str,
+    *,
+    before_rowid: int | None,
+    status: str | None,
+    limit: int,
+) -> list[Delivery]:
+    """An endpoint's deliveries, newest first, each with its attempts (oldest first)."""
+    sql = f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE webhook_id = ?"
+    args: list[Any] = [webhook_id]
+    if before_rowid is not None:
+        sql += " AND rowid < ?"
+        args.append(before_rowid)
+    if status is not None:
+        sql += " AND status = ?"
+        args.append(status)
+    sql += " ORDER BY rowid DESC LIMIT ?"
+    args.append(limit)
+    deliveries = [_delivery(row) for row in conn.execute(sql, args).fetchall()]
+    attempts = attempts_of(conn, [d.id for d in deliveries])
+    for delivery in deliveries:
+        delivery.attempts = attempts.get(delivery.id, [])
+    return deliveries
+
+
+def attempts_of(conn: sqlite3.Connection, delivery_ids: list[str]) -> dict[str, list[Attempt]]:
+    if not delivery_ids:
+        return {}
+    marks = ",".join("?" * len(delivery_ids))
+    rows = conn.execute(
+        "SELECT delivery_id, at, status_code, duration_ms, error, response_body FROM webhook_attempts"
+        f" WHERE delivery_id IN ({marks}) ORDER BY id",
+        delivery_ids,
+    ).fetchall()
+    out: dict[str, list[Attempt]] = {}
+    for row in rows:
+        out.setdefault(row["delivery_id"], []).append(
+            Attempt(
+                at=row["at"],
+                status_code=row["status_code"],
+                duration_ms=row["duration_ms"],
+                error=row["error"],
+                response_body=row["response_body"],
+            )
+        )
+    return out
+
+
+def recover(conn: sqlite3.Connection, webhook: Webhook, since_ms: int, now_ms: int) -> int:
+    """Re-queue, from `since_ms`, every subscribed event that has not reached this endpoint successfully.
+
+    Failed deliveries start the retry schedule again; events that never got a delivery (the endpoint was
+    disabled, or was created after them) get one. Pending and succeeded deliveries are left alone.
+    """
+    events_json = _encoder.encode(webhook.events).decode()
+    subscribed = "EXISTS (SELECT 1 FROM json_each(?) WHERE value IN (e.type, '*'))"
+    requeued = conn.execute(
+        "UPDATE webhook_deliveries SET status = 'pending', attempt_count = 0, next_attempt_at = ?, updated_at = ?"
+        " WHERE webhook_id = ? AND status = 'failed' AND event_id IN"
+        f" (SELECT e.id FROM events e WHERE e.org_id = ? AND e.created_at >= ? AND {subscribed})",
+        (now_ms, now_ms, webhook.id, webhook.org_id, since_ms, events_json),
+    ).rowcount
+    missing = conn.execute(
+        "SELECT e.id, e.type FROM events e WHERE e.org_id = ? AND e.created_at >= ? AND e.created_at >= ?"
+        f" AND {subscribed}"
+        " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = ? AND d.event_id = e.id)"
+        " ORDER BY e.pos",
+        (webhook.org_id, since_ms, webhook.created_at, events_json, webhook.id),
+    ).fetchall()
+    conn.executemany(
+        "INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, status,"
+        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        [(new_id(), webhook.id, webhook.org_id, row["id"], row["type"], now_ms, now_ms, now_ms) for row in missing],
+    )
+    total = requeued + len(missing)
+    if total:
+        wake_endpoint(conn, webhook.id, now_ms)
+        _wake(conn)
+    return total

@@ -1,0 +1,339 @@
+"""Delivering the outbox: signed POSTs, the retry schedule, endpoint health, and manual retries.
+
+Each endpoint with due deliveries has one scheduler job (`webhook_endpoint`). Its run drives up to
+`per_endpoint` lanes, each with one request in flight, so a slow endpoint occupies one scheduler slot and a
+handful of connections while healthy endpoints are served by their own jobs. Every delivery is leased
+before it is sent and released when its attempt is recorded; a crash mid-attempt only means the event is
+sent again (delivery is at least once), and one event never goes to one endpoint twice at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import httpx2
+import msgspec
+
+from app.clock import Clock
+from app.domain.errors import Conflict, NotFound
+from app.store import webhooks as store
+from app.store.db import Database
+from app.store.jobs import Job
+from app.webhooks import retry, signing
+
+log = logging.getLogger("parley.webhooks")
+
+TIMEOUT_SECONDS = 15.0
+MAX_RESPONSE_BODY = 20_000
+PER_ENDPOINT_CONCURRENCY = 4
+# A lane leases its next delivery while the current one is on the wire: a lease must outlast two attempts.
+LEASE_MARGIN_MS = 45_000
+USER_AGENT = "Parley-Webhooks/0.1"
+# While some lanes are busy, how often an endpoint's run looks for new work to start idle lanes on.
+REFILL_POLL_SECONDS = 0.25
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """What one HTTP attempt produced."""
+
+    at: int
+    status_code: int  # 0 = no response
+    duration_ms: int
+    error: str | None
+    response_body: str | None
+    timed_out: bool = False
+    retry_after: float | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return retry.is_success(self.status_code)
+
+    def attempt(self) -> store.Attempt:
+        return store.Attempt(
+            at=self.at,
+            status_code=self.status_code,
+            duration_ms=self.duration_ms,
+            error=self.error,
+            response_body=self.response_body,
+        )
+
+
+def _decode_body(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    # Cut at the byte cap first; "ignore" drops a split trailing character instead of growing the text.
+    return raw[:MAX_RESPONSE_BODY].decode("utf-8", "ignore")
+
+
+class Dispatcher:
+    """Sends deliveries and records what happened; the scheduler calls `run_endpoint`."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        client: httpx2.AsyncClient,
+        *,
+        schedule: tuple[int, ...],
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        per_endpoint: int = PER_ENDPOINT_CONCURRENCY,
+        timeout: float = TIMEOUT_SECONDS,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.client = client
+        self.schedule = schedule
+        self.rng = rng or random.Random()  # jitter, not security
+        # The signature timestamp is wall time: receivers check it against their own clocks.
+        self.wall_clock = wall_clock
+        self.per_endpoint = per_endpoint
+        self.timeout = timeout
+        self.lease_ms = int(timeout * 1000) + LEASE_MARGIN_MS
+        self.claiming = True
+
+    def stop_claiming(self) -> None:
+        """Shutdown, first phase: attempts in flight finish, but no lane takes new work."""
+        self.claiming = False
+
+    # --- one HTTP attempt -----------------------------------------------------------------------------
+
+    async def send(self, claimed: store.Claimed) -> Outcome:
+        """POST the event's stored bytes, signed; never raises for an HTTP or network failure."""
+        at = self.clock.now_ms()
+        timestamp = int(self.wall_clock())
+        secrets = signing.active_secrets(
+            claimed.secret, claimed.previous_secret, claimed.previous_secret_until, self.clock.now_ms()
+        )
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            **signing.headers(secrets, claimed.event_id, timestamp, claimed.payload),
+        }
+        started = time.perf_counter()
+        status_code = 0
+        error: str | None = None
+        timed_out = False
+        retry_after_header: str | None = None
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self.client.stream("POST", claimed.url, content=claimed.payload, headers=headers) as resp:
+                    status_code = resp.status_code
+                    retry_after_header = resp.headers.get("retry-after")
+                    async for chunk in resp.aiter_bytes():
+                        body.extend(chunk[: MAX_RESPONSE_BODY - len(body)])
+                        if len(body) >= MAX_RESPONSE_BODY:
+                            break
+        except (TimeoutError, httpx2.TimeoutException):
+            timed_out = status_code == 0
+            error = f"timed out after {self.timeout:g} s" if timed_out else "timed out reading the response body"
+        except httpx2.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except (httpx2.InvalidURL, httpx2.StreamError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        duration_ms = round((time.perf_counter() - started) * 1000)
+        if status_code and not retry.is_success(status_code) and error is None:
+            error = f"HTTP {status_code}"
+        if 300 <= status_code < 400:
+            error = f"HTTP {status_code}: redirects are not followed"
+        return Outcome(
+            at=at,
+            status_code=status_code,
+            duration_ms=duration_ms,
+            error=error,
+            response_body=_decode_body(bytes(body)),
+            timed_out=timed_out,
+            retry_after=retry.parse_retry_after(retry_after_header, self.clock.now_ms()),
+        )
+
+    # --- recording --------------------------------------------------------------------------------------
+
+    def _record(
+        self, conn: sqlite3.Connection, claimed: store.Claimed, outcome: Outcome, delay_ms: int | None, manual: bool
+    ) -> None:
+        """Write the attempt and its consequences (one transaction)."""
+        now = self.clock.now_ms()
+        is_active = store.is_active(conn, claimed.webhook_id)
+        if is_active is None:
+            return  # the endpoint was deleted meanwhile
+        next_attempt_at = None
+        if outcome.succeeded:
+            status, attempts = "succeeded", claimed.attempt_count + (0 if manual else 1)
+        elif manual:
+            # A failed manual attempt leaves the delivery where it was (and in its schedule, if it had one).
+            status, attempts = claimed.status, claimed.attempt_count
+            next_attempt_at = claimed.next_attempt_at if claimed.status == "pending" else None
+        elif delay_ms is None or not is_active or outcome.status_code == 410:
+            status, attempts = "failed", claimed.attempt_count + 1
+        else:
+            status, attempts, next_attempt_at = "pending", claimed.attempt_count + 1, now + delay_ms
+        if status == "pending" and not is_active:
+            status, next_attempt_at = "failed", None  # a disabled endpoint keeps nothing queued
+        if not store.settle(
+            conn, claimed, status=status, attempt_count=attempts, next_attempt_at=next_attempt_at, now_ms=now
+        ):
+            return  # the lease was lost: the row is someone else's now
+        store.insert_attempt(conn, claimed.id, outcome.attempt(), manual=manual)
+        if outcome.succeeded:
+            store.note_success(conn, claimed.webhook_id, now)
+            return
+        failing_since = store.note_failure(conn, claimed.webhook_id, now)
+        if is_active and outcome.status_code == 410:
+            log.warning("webhook %s answered 410 Gone; disabling it", claimed.webhook_id)
+            store.disable(conn, claimed.webhook_id, "gone", now)
+        elif is_active and retry.should_disable(failing_since, now):
+            log.warning("webhook %s has failed without a success for 5 days; disabling it", claimed.webhook_id)
+            store.disable(conn, claimed.webhook_id, "failing", now)
+
+    def _delay(self, claimed: store.Claimed, outcome: Outcome, manual: bool) -> int | None:
+        if outcome.succeeded or manual:
+            return None
+        return retry.next_delay_ms(
+            claimed.attempt_count + 1,
+            self.schedule,
+            status_code=outcome.status_code,
+            timed_out=outcome.timed_out,
+            retry_after=outcome.retry_after,
+            rng=self.rng,
+        )
+
+    async def _send_leased(self, claimed: store.Claimed) -> Outcome:
+        """`send`, giving the lease back if the attempt is cancelled (shutdown) before it is recorded."""
+        try:
+            return await self.send(claimed)
+        except BaseException:
+            await self._release([claimed])
+            raise
+
+    async def _release(self, claimed: list[store.Claimed]) -> None:
+        if claimed:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.db.write(lambda c: [store.release(c, d) for d in claimed]))
+
+    async def attempt(self, claimed: store.Claimed, *, manual: bool = False) -> Outcome:
+        """Send one leased delivery now and record the outcome (the lease is always given back)."""
+        outcome = await self._send_leased(claimed)
+        delay_ms = self._delay(claimed, outcome, manual)
+        await self.db.write(lambda c: self._record(c, claimed, outcome, delay_ms, manual))
+        return outcome
+
+    async def _stop_if_inactive(
+        self, recorded: Awaitable[list[store.Claimed] | None], queue: deque[store.Claimed]
+    ) -> list[store.Claimed]:
+        """Await a lane's record write; if the endpoint is no longer active, give back what the lane holds."""
+        claimed = await recorded
+        if claimed is None:
+            await self._release(list(queue))
+            queue.clear()
+            return []
+        return claimed
+
+    async def _lane(self, first: store.Claimed) -> None:
+        """One of an endpoint's `per_endpoint` lanes: one request in flight at a time, back to back.
+
+        The write that records an attempt also leases the lane's next-but-one delivery, and it runs while
+        the next request is in flight, so a busy endpoint waits on the network, not on fsync.
+        """
+        queue: deque[store.Claimed] = deque([first])
+        pending: asyncio.Task[list[store.Claimed]] | None = None
+        try:
+            while queue or pending is not None:
+                if queue and not self.claiming:
+                    await self._release(list(queue))  # shutting down: leased but not started goes back
+                    queue.clear()
+                    continue
+                if not queue:
+                    assert pending is not None
+                    queue.extend(await pending)
+                    pending = None
+                    continue
+                current = queue.popleft()
+                outcome = await self._send_leased(current)
+                if pending is not None:
+                    queue.extend(await pending)
+                delay_ms = self._delay(current, outcome, manual=False)
+                want = max(0, 2 - len(queue)) if self.claiming else 0
+
+                def record(
+                    conn: sqlite3.Connection,
+                    current: store.Claimed = current,
+                    outcome: Outcome = outcome,
+                    delay_ms: int | None = delay_ms,
+                    want: int = want,
+                ) -> list[store.Claimed] | None:
+                    self._record(conn, current, outcome, delay_ms, manual=False)
+                    if not store.is_active(conn, current.webhook_id):
+                        return None  # disabled (a 410, or meanwhile): stop, even what is leased ahead
+                    if not want:
+                        return []
+                    return store.claim_due(conn, current.webhook_id, self.clock.now_ms(), want, self.lease_ms)
+
+                pending = asyncio.create_task(self._stop_if_inactive(self.db.write(record), queue))
+        except BaseException:
+            leftovers = list(queue)
+            if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
+                leftovers.extend(pending.result())
+            await self._release(leftovers)
+            raise
+
+    # --- the scheduler job ------------------------------------------------------------------------------
+
+    async def run_endpoint(self, job: Job) -> int | None:
+        """Deliver everything due for one endpoint, at most `per_endpoint` at a time."""
+        webhook_id = job.ref
+        lanes: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                room = self.per_endpoint - len(lanes)
+                if room > 0 and self.claiming:
+                    now = self.clock.now_ms()
+                    claimed = await self.db.write(
+                        lambda c, now=now, room=room: store.claim_due(c, webhook_id, now, room, self.lease_ms)
+                    )
+                    for delivery in claimed:
+                        lanes.add(asyncio.create_task(self._lane(delivery), name=f"webhook-{webhook_id}"))
+                if not lanes:
+                    break
+                # Lanes pick up new work themselves; this only fills idle lanes while others are busy.
+                done, lanes = await asyncio.wait(
+                    lanes, timeout=REFILL_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    if (exc := task.exception()) is not None:
+                        log.error("a webhook delivery lane failed", exc_info=exc)
+        except BaseException:
+            for task in lanes:
+                task.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+            raise
+        # The job row is re-armed (or deleted) here, atomically with "is there more?"; returning the time
+        # only makes the scheduler look again (its own bookkeeping no longer matches the row, by design).
+        return await self.db.write(lambda c: store.finish_endpoint_job(c, job))
+
+    # --- manual retry -----------------------------------------------------------------------------------
+
+    async def retry_now(self, org_id: str, webhook_id: str, delivery_id: str) -> store.Delivery:
+        """One immediate attempt of a delivery, outside its schedule; returns the delivery afterwards."""
+
+        def claim(conn: sqlite3.Connection) -> store.Claimed:
+            if store.get(conn, webhook_id, org_id) is None or store.get_delivery(conn, webhook_id, delivery_id) is None:
+                raise NotFound("Delivery not found.")
+            claimed = store.claim_one(conn, webhook_id, delivery_id, self.clock.now_ms(), self.lease_ms)
+            if claimed is None:
+                raise Conflict("delivery_in_progress", "An attempt of this delivery is in progress; try again shortly.")
+            return claimed
+
+        claimed = await self.db.write(claim)
+        await self.attempt(claimed, manual=True)
+        delivery = await self.db.read(lambda c: store.get_delivery(c, webhook_id, delivery_id))
+        if delivery is None:
+            raise NotFound("Delivery not found.")
+        return delivery

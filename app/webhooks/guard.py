@@ -1,0 +1,286 @@
+"""The outbound-URL guard (SPEC §6): which URLs Parley may call, checked at registration and at connect time.
+
+`check_url` vets a URL when it is registered (webhook endpoints, webhook tools). `guarded_client` returns
+an `httpx2.AsyncClient` whose every TCP connection goes through `GuardedBackend`: the host is resolved
+once, *every* address it resolves to is vetted, and the socket is opened to a vetted IP literal, so a
+DNS answer that changes between registration and delivery (DNS rebinding) cannot reach a private
+address. Redirects are never followed and proxies from the environment are ignored (a proxy would make
+the connect-time check vet the proxy instead of the target).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import anyio
+import httpcore2
+import httpx2
+
+from app.domain.errors import ValidationFailed
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], list[str]]
+
+MAX_URL_LENGTH = 2048
+DEFAULT_MAX_CONNECTIONS = 100
+
+# Dotted-quad with no leading zeros is the only IPv4 spelling we accept; anything else that libc would
+# still read as an address (2130706433, 0x7f000001, 0177.0.0.1, 127.1) is ambiguous across parsers.
+_CANONICAL_IPV4 = re.compile(r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$")
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|\d+)(\.(0x[0-9a-f]*|\d+)){0,3}\.?$", re.IGNORECASE)
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$", re.IGNORECASE)
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+
+
+class GuardSettings(Protocol):
+    allow_private_urls: bool
+    allow_http_urls: bool
+
+
+class BlockedAddress(httpcore2.ConnectError):
+    """A connection refused by the guard because the host resolves to a non-public address."""
+
+
+def _fail(message: str) -> ValidationFailed:
+    return ValidationFailed.field("url", message)
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True only for globally routable unicast addresses (the pure decision behind the guard)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return False  # ::ffff:a.b.c.d reaches an IPv4 host through the v6 stack; never allowed
+        if ip.sixtofour is not None or ip.teredo is not None:
+            return False
+        if ip in _NAT64 or ip in _NAT64_LOCAL:
+            return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.is_site_local:
+            return False
+    else:
+        if ip in _CGNAT:
+            return False
+    if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+        return False
+    return ip.is_global
+
+
+def _literal_ip(host: str) -> IPAddress | None:
+    """The address a host names literally, or None for a DNS name. Raises for non-canonical IPv4 spellings."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare:
+        try:
+            return ipaddress.IPv6Address(bare.split("%", 1)[0])
+        except ValueError:
+            raise _fail("is not a valid IPv6 address") from None
+    if _CANONICAL_IPV4.match(bare):
+        return ipaddress.IPv4Address(bare)
+    if _NUMERIC_HOST.match(bare) or bare.rstrip(".").split(".")[-1].isdigit():
+        # 2130706433, 0x7f.1, 0177.0.0.1, 127.1, 10.0.0.010 ...: libc reads these as addresses.
+        raise _fail("uses a non-canonical IPv4 address spelling")
+    return None
+
+
+def _system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def _split(url: str, settings: GuardSettings) -> tuple[str, str, int]:
+    """Parse and check the parts of a URL that need no DNS: (scheme, host, port)."""
+    if not isinstance(url, str) or not url.strip():
+        raise _fail("is required")
+    url = url.strip()
+    if len(url) > MAX_URL_LENGTH:
+        raise _fail(f"must be at most {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise _fail("must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _fail("is not a valid URL") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise _fail("must be an https URL")
+    if scheme == "http" and not settings.allow_http_urls:
+        raise _fail("must use https")
+    if parts.username is not None or parts.password is not None:
+        raise _fail("must not contain credentials")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise _fail("must have a host")
+    if ":" not in host:
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise _fail("has an invalid host name") from None
+        labels = host.rstrip(".").split(".")
+        if not all(_HOST_LABEL.match(label) for label in labels):
+            raise _fail("has an invalid host name")
+    return scheme, host, port or (443 if scheme == "https" else 80)
+
+
+def check_url(url: str, settings: GuardSettings, *, resolve: Resolver | None = None) -> str:
+    """Vet an outbound URL at registration; return it (stripped) or raise ValidationFailed(field "url").
+
+    Refuses non-https URLs unless `settings.allow_http_urls`, and unless `settings.allow_private_urls`:
+    loopback, private, link-local, CGNAT, ULA, IPv4-mapped, multicast, reserved and unspecified addresses,
+    non-canonical IPv4 spellings, and names that resolve to any such address. A name that does not resolve
+    now is accepted: the connect-time check in `guarded_client` is the one that cannot be bypassed.
+    Blocking (DNS); call it from a thread in async code (`check_url_async`).
+    """
+    _, host, port = _split(url, settings)
+    literal = _literal_ip(host)
+    if settings.allow_private_urls:
+        return url.strip()
+    if literal is not None:
+        if not is_public_address(literal):
+            raise _fail("must not point to a private, loopback or otherwise non-public address")
+        return url.strip()
+    if host == "localhost" or host.endswith((".localhost", ".localhost.")):
+        raise _fail("must not point to a private, loopback or otherwise non-public address")
+    try:
+        addresses = (resolve or _system_resolver)(host, port)
+    except (OSError, UnicodeError):
+        return url.strip()
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            raise _fail("resolves to an unusable address") from None
+        if not is_public_address(ip):
+            raise _fail("resolves to a private, loopback or otherwise non-public address")
+    return url.strip()
+
+
+async def check_url_async(url: str, settings: GuardSettings, *, resolve: Resolver | None = None) -> str:
+    """`check_url` on a worker thread, so the DNS lookup never blocks the event loop."""
+    return await anyio.to_thread.run_sync(lambda: check_url(url, settings, resolve=resolve))
+
+
+class GuardedBackend(httpcore2.AsyncNetworkBackend):
+    """A network backend that resolves the host itself, vets every address, and connects to a vetted IP."""
+
+    def __init__(self, allow_private: bool, resolve: Resolver | None = None) -> None:
+        self._inner = httpcore2.AnyIOBackend()
+        self._allow_private = allow_private
+        self._resolve = resolve
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        bare = host[1:-1] if host.startswith("[") else host
+        try:
+            literal = ipaddress.ip_address(bare.split("%", 1)[0])
+        except ValueError:
+            literal = None
+        if literal is not None:
+            return [str(literal)]
+        if _NUMERIC_HOST.match(bare):
+            raise BlockedAddress(f"refused non-canonical address spelling {host!r}")
+        try:
+            if self._resolve is not None:
+                resolved = await anyio.to_thread.run_sync(self._resolve, bare, port)
+            else:
+                infos = await anyio.getaddrinfo(bare, port, type=socket.SOCK_STREAM)
+                resolved = [str(info[4][0]) for info in infos]
+        except (OSError, UnicodeError) as exc:
+            raise httpcore2.ConnectError(f"could not resolve {host!r}: {exc}") from exc
+        if not resolved:
+            raise httpcore2.ConnectError(f"could not resolve {host!r}")
+        return list(dict.fromkeys(resolved))
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's backend interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        try:
+            with anyio.fail_after(timeout):
+                addresses = await self._addresses(host, port)
+                if not self._allow_private:
+                    for address in addresses:
+                        if not is_public_address(ipaddress.ip_address(address.split("%", 1)[0])):
+                            # Any private answer refuses the whole name: a rebinding resolver mixes them.
+                            raise BlockedAddress(f"refused connection to non-public address of {host!r}")
+                last_error: Exception | None = None
+                for address in addresses:
+                    try:
+                        return await self._inner.connect_tcp(
+                            address,
+                            port,
+                            timeout=timeout,
+                            local_address=local_address,
+                            socket_options=socket_options,
+                        )
+                    except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
+                        last_error = exc
+                raise last_error or httpcore2.ConnectError(f"could not connect to {host!r}")
+        except TimeoutError as exc:
+            raise httpcore2.ConnectTimeout(f"timed out connecting to {host!r}") from exc
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore2's backend interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        raise BlockedAddress("unix sockets are not allowed for outbound URLs")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class GuardedTransport(httpx2.AsyncHTTPTransport):
+    """httpx2's transport over a connection pool that connects only through `GuardedBackend`."""
+
+    def __init__(
+        self,
+        settings: GuardSettings,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        resolve: Resolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(trust_env=False)
+        self._settings = settings
+        # httpx2's transport takes no network backend, so its pool is replaced by one that has ours.
+        self._pool = httpcore2.AsyncConnectionPool(
+            ssl_context=ssl_context or httpx2.create_ssl_context(trust_env=False),
+            max_connections=max_connections,
+            max_keepalive_connections=min(20, max_connections),
+            keepalive_expiry=5.0,
+            network_backend=GuardedBackend(settings.allow_private_urls, resolve),
+        )
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        scheme = request.url.scheme
+        if scheme not in ("http", "https") or (scheme == "http" and not self._settings.allow_http_urls):
+            raise httpx2.ConnectError(f"refused {scheme!r} URL: https is required", request=request)
+        return await super().handle_async_request(request)
+
+
+def guarded_client(
+    settings: GuardSettings,
+    timeout: float,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    resolve: Resolver | None = None,
+) -> httpx2.AsyncClient:
+    """An HTTP client for user-supplied URLs: guarded connects, no redirects, no environment proxies."""
+    return httpx2.AsyncClient(
+        transport=GuardedTransport(settings, max_connections=max_connections, resolve=resolve),
+        timeout=httpx2.Timeout(timeout),
+        follow_redirects=False,
+        trust_env=False,
+    )

@@ -1,0 +1,161 @@
+"""Webhook endpoints (SPEC §6): registration, changes, secret rotation, and recovery of missed events."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Annotated
+
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from app.clock import parse_iso
+from app.domain.context import Context
+from app.domain.errors import Conflict, NotFound, ValidationFailed
+from app.domain.events import EVENT_TYPES
+from app.domain.ids import new_id, new_signing_secret, parse_uuid
+from app.store import webhooks as store
+from app.store.webhooks import ALL_EVENTS, Webhook
+from app.webhooks.guard import MAX_URL_LENGTH, check_url_async
+
+ROTATION_OVERLAP_MS = 24 * 3_600_000
+RECOVER_WINDOW_MS = 14 * 86_400_000
+
+Url = Annotated[str, Meta(min_length=1, max_length=MAX_URL_LENGTH)]
+EventList = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=len(EVENT_TYPES) + 1)]
+
+
+class CreateWebhook(Struct, forbid_unknown_fields=True, kw_only=True):
+    url: Url
+    events: EventList
+
+
+class UpdateWebhook(Struct, forbid_unknown_fields=True, kw_only=True):
+    url: Url | UnsetType = UNSET
+    events: EventList | UnsetType = UNSET
+    is_active: bool | UnsetType = UNSET
+
+
+class RecoverWebhook(Struct, forbid_unknown_fields=True, kw_only=True):
+    since: str
+
+
+def normalize_events(events: list[str]) -> list[str]:
+    """Check names against the catalogue; `*` subscribes to everything. Order kept, duplicates dropped."""
+    if not events:
+        raise ValidationFailed.field("events", 'must list at least one event type, or "*"')
+    unknown = [name for name in events if name != ALL_EVENTS and name not in EVENT_TYPES]
+    if unknown:
+        raise ValidationFailed.field("events", f"unknown event type {unknown[0]!r}")
+    if ALL_EVENTS in events:
+        return [ALL_EVENTS]
+    return list(dict.fromkeys(events))
+
+
+def _load(conn: sqlite3.Connection, org_id: str, webhook_id: str) -> Webhook:
+    canonical = parse_uuid(webhook_id)
+    webhook = store.get(conn, canonical, org_id) if canonical else None
+    if webhook is None:
+        raise NotFound("Webhook not found.")
+    return webhook
+
+
+async def get(ctx: Context, org_id: str, webhook_id: str) -> Webhook:
+    return await ctx.db.read(lambda c: _load(c, org_id, webhook_id))
+
+
+async def create(ctx: Context, org_id: str, body: CreateWebhook) -> Webhook:
+    events = normalize_events(body.events)
+    url = await check_url_async(body.url, ctx.settings)
+    now = ctx.clock.now_ms()
+    webhook = Webhook(
+        id=new_id(),
+        org_id=org_id,
+        url=url,
+        events=events,
+        is_active=True,
+        secret=new_signing_secret(),
+        previous_secret=None,
+        previous_secret_until=None,
+        disabled_reason=None,
+        failing_since=None,
+        last_success_at=None,
+        created_at=now,
+        updated_at=now,
+    )
+    await ctx.db.write(lambda c: store.insert(c, webhook))
+    return webhook
+
+
+async def update(ctx: Context, org_id: str, webhook_id: str, patch: UpdateWebhook) -> Webhook:
+    changes: dict[str, object] = {}
+    if patch.events is not UNSET:
+        changes["events"] = normalize_events(patch.events)
+    if patch.url is not UNSET:
+        changes["url"] = await check_url_async(patch.url, ctx.settings)
+
+    def apply(conn: sqlite3.Connection) -> Webhook:
+        webhook = _load(conn, org_id, webhook_id)
+        now = ctx.clock.now_ms()
+        if patch.is_active is False and webhook.is_active:
+            store.disable(conn, webhook.id, None, now)
+        elif patch.is_active is True and not webhook.is_active:
+            # A fresh start: the five-day failure clock and the server's reason for disabling are reset.
+            changes.update(is_active=True, disabled_reason=None, failing_since=None)
+            store.wake_endpoint(conn, webhook.id, now)  # anything still pending goes out again
+        store.update(conn, webhook.id, now, **changes)
+        updated = store.get(conn, webhook.id, org_id)
+        assert updated is not None
+        return updated
+
+    updated = await ctx.db.write(apply)
+    ctx.scheduler.wake()
+    return updated
+
+
+async def delete(ctx: Context, org_id: str, webhook_id: str) -> None:
+    def apply(conn: sqlite3.Connection) -> None:
+        store.delete(conn, _load(conn, org_id, webhook_id).id)
+
+    await ctx.db.write(apply)
+
+
+async def rotate_secret(ctx: Context, org_id: str, webhook_id: str) -> Webhook:
+    """A new secret; the current one keeps signing beside it for 24 hours."""
+
+    def apply(conn: sqlite3.Connection) -> Webhook:
+        webhook = _load(conn, org_id, webhook_id)
+        now = ctx.clock.now_ms()
+        store.update(
+            conn,
+            webhook.id,
+            now,
+            secret=new_signing_secret(),
+            previous_secret=webhook.secret,
+            previous_secret_until=now + ROTATION_OVERLAP_MS,
+        )
+        rotated = store.get(conn, webhook.id, org_id)
+        assert rotated is not None
+        return rotated
+
+    return await ctx.db.write(apply)
+
+
+async def recover(ctx: Context, org_id: str, webhook_id: str, body: RecoverWebhook) -> int:
+    """Re-queue every subscribed event since `since` (at most 14 days back) that this endpoint has not had."""
+    try:
+        since = parse_iso(body.since)
+    except ValueError:
+        raise ValidationFailed.field("since", "must be an RFC 3339 timestamp with a time zone") from None
+
+    def apply(conn: sqlite3.Connection) -> int:
+        webhook = _load(conn, org_id, webhook_id)
+        now = ctx.clock.now_ms()
+        if since < now - RECOVER_WINDOW_MS:
+            raise ValidationFailed.field("since", "must be within the last 14 days")
+        if not webhook.is_active:
+            raise Conflict("webhook_inactive", "The webhook is disabled; enable it before recovering events.")
+        return store.recover(conn, webhook, since, now)
+
+    count = await ctx.db.write(apply)
+    if count:
+        ctx.scheduler.wake()
+    return count

@@ -1,0 +1,65 @@
+"""Standard Webhooks signatures (https://www.standardwebhooks.com): HMAC-SHA256 over "id.timestamp.body"."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+
+SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_` secret: the base64-decoded part after the prefix."""
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("signing secret is not base64 after its whsec_ prefix") from None
+    if not key:
+        raise ValueError("signing secret is empty")
+    return key
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """One `v1,<base64 signature>` entry."""
+    signed = message_id.encode() + b"." + str(timestamp).encode() + b"." + body
+    digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signature_header(secrets: Iterable[str], message_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value: one entry per active secret, space-separated."""
+    return " ".join(sign(secret, message_id, timestamp, body) for secret in secrets)
+
+
+def headers(secrets: Iterable[str], message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers for one request."""
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature_header(secrets, message_id, timestamp, body),
+    }
+
+
+def active_secrets(secret: str, previous: str | None, previous_until: int | None, now_ms: int) -> list[str]:
+    """The current secret, and during a rotation's overlap the previous one too."""
+    if previous and previous_until is not None and now_ms < previous_until:
+        return [secret, previous]
+    return [secret]
+
+
+def verify(secrets: Iterable[str], request_headers: Mapping[str, str], body: bytes) -> bool:
+    """True when any signature in the headers matches any of `secrets` (for our own tests and tools)."""
+    lowered = {k.lower(): v for k, v in request_headers.items()}
+    message_id, timestamp = lowered.get("webhook-id"), lowered.get("webhook-timestamp")
+    if not message_id or not timestamp or not timestamp.isdigit():
+        return False
+    offered = lowered.get("webhook-signature", "").split()
+    for secret in secrets:
+        expected = sign(secret, message_id, int(timestamp), body)
+        if any(hmac.compare_digest(expected, candidate) for candidate in offered):
+            return True
+    return False

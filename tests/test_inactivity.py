@@ -1,0 +1,227 @@
+"""Inactivity timeouts (SPEC §3.4) on a fake clock: warning, closing message, close, and push-back."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.clock import FakeClock
+from app.providers.base import ProviderRejected, SendAccepted, SendRequest
+from app.providers.simulator import SimulatorProvider
+from tests.conftest import SEED_CREATE, Harness, start_harness
+from tests.webhook_receiver import eventually
+
+WARNING = "Still there? This chat closes in 10 minutes."
+CLOSING = "Closing this chat for now. Text us any time."
+AGENT = {
+    "name": "Quiet-aware agent",
+    "systemPrompt": "You are terse.",
+    "inactivityTimeoutSeconds": 3600,
+    "inactivityWarningSeconds": 600,
+    "inactivityWarningMessage": WARNING,
+    "closingMessage": CLOSING,
+}
+
+
+class RejectingSimulator(SimulatorProvider):
+    """The simulator, except that the carrier refuses messages with one given text."""
+
+    def __init__(self, refuse: str) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        if request.body == self.refuse:
+            raise ProviderRejected("30007", "Message filtered by the carrier")
+        return await super().send(request)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, clock: FakeClock, **kwargs: Any) -> AsyncIterator[Harness]:
+    harness = start_harness(tmp_path, clock=clock, **kwargs)
+    try:
+        yield await anext(harness)
+    finally:
+        await harness.aclose()
+
+
+async def open_conversation(h: Harness, agent: dict[str, Any] | None = None, **extra: Any) -> str:
+    if agent is None:
+        body: dict[str, Any] = {**SEED_CREATE, **extra}
+    else:
+        created = await h.post("/v1/agents", agent)
+        assert created.status_code == 201, created.text
+        body = {
+            "agentId": created.json()["data"]["agentId"],
+            "toNumber": SEED_CREATE["toNumber"],
+            "fromNumber": SEED_CREATE["fromNumber"],
+            "welcomeMessage": "Hi! Reply any time.",
+            **extra,
+        }
+    response = await h.post("/v1/sms-conversations", body)
+    assert response.status_code == 201, response.text
+    return response.json()["data"]["conversationId"]
+
+
+def conversation(h: Harness, conversation_id: str) -> Any:
+    return h.rows("SELECT * FROM conversations WHERE id = ?", conversation_id)[0]
+
+
+def messages(h: Harness, conversation_id: str) -> list[tuple[str, str, str]]:
+    rows = h.rows(
+        "SELECT author, content, status FROM messages WHERE conversation_id = ? ORDER BY seq", conversation_id
+    )
+    return [(r["author"], r["content"], r["status"]) for r in rows]
+
+
+async def advance(h: Harness, clock: FakeClock, seconds: float) -> None:
+    await clock.advance(seconds)
+    # Let the scheduler claim anything now due and finish it before the test looks.
+    await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE due_at <= ? AND kind = 'inactivity'", clock.now_ms()))
+    await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE lease_until IS NOT NULL AND kind = 'inactivity'"))
+
+
+async def inbound(h: Harness, body: str) -> None:
+    response = await h.post(
+        "/v1/simulator/inbound", {"from": SEED_CREATE["toNumber"], "to": SEED_CREATE["fromNumber"], "body": body}
+    )
+    assert response.status_code == 201
+
+
+def closed_events(h: Harness, conversation_id: str) -> list[Any]:
+    return h.rows(
+        "SELECT payload FROM events WHERE conversation_id = ? AND type = 'sms.conversation_closed'", conversation_id
+    )
+
+
+async def test_a_quiet_conversation_closes_after_its_timeout(tmp_path: Path, clock: FakeClock) -> None:
+    async with running(tmp_path, clock) as h:
+        conversation_id = await open_conversation(h, inactivityTimeoutSeconds=600)
+        await advance(h, clock, 599)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        await advance(h, clock, 1)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert closed["ended_at"] == clock.now_ms()
+        (event,) = closed_events(h, conversation_id)
+        assert '"endReason":"inactivity_timeout"' in event["payload"]
+        assert [author for author, _, _ in messages(h, conversation_id)] == ["agent"]  # no warning configured
+
+
+async def test_the_warning_comes_first_and_the_closing_message_before_the_close(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    async with running(tmp_path, clock) as h:
+        conversation_id = await open_conversation(h, AGENT)
+        await advance(h, clock, 2999)
+        assert len(messages(h, conversation_id)) == 1
+        await advance(h, clock, 1)
+        await eventually(lambda: len(messages(h, conversation_id)) == 2)
+        assert messages(h, conversation_id)[1][:2] == ("system", WARNING)
+        # The nudge is a message too, but it does not push the deadline back.
+        await advance(h, clock, 599)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        assert len(messages(h, conversation_id)) == 2
+        await advance(h, clock, 1)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert [m[:2] for m in messages(h, conversation_id)] == [
+            ("agent", "Hi! Reply any time."),
+            ("system", WARNING),
+            ("system", CLOSING),
+        ]
+        sent = h.rows(
+            "SELECT pos FROM events WHERE conversation_id = ? AND type = 'sms.message_sent' ORDER BY pos",
+            conversation_id,
+        )
+        (closed_event,) = h.rows(
+            "SELECT pos FROM events WHERE conversation_id = ? AND type = 'sms.conversation_closed'", conversation_id
+        )
+        assert sent[-1]["pos"] < closed_event["pos"]  # the closing message went out before the close
+        await advance(h, clock, 86_400)
+        assert len(messages(h, conversation_id)) == 3
+
+
+async def test_a_message_in_between_pushes_the_deadline_back(tmp_path: Path, clock: FakeClock) -> None:
+    async with running(tmp_path, clock) as h:
+        conversation_id = await open_conversation(h, inactivityTimeoutSeconds=600)
+        await advance(h, clock, 500)
+        await inbound(h, "Is the repair free?")
+        await advance(h, clock, 599)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        operator = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Yes, it is."})
+        assert operator.status_code == 201
+        await advance(h, clock, 599)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        await advance(h, clock, 1)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert closed["ended_at"] == clock.now_ms()
+
+
+async def test_one_warning_per_quiet_period(tmp_path: Path, clock: FakeClock) -> None:
+    async with running(tmp_path, clock) as h:
+        conversation_id = await open_conversation(h, AGENT)
+        await advance(h, clock, 3000)
+        await eventually(lambda: len(messages(h, conversation_id)) == 2)
+        await advance(h, clock, 300)
+        await inbound(h, "sorry, busy")  # a new quiet period starts: deadline +3600 s, warning at +3000 s
+        await advance(h, clock, 2999)
+        assert [a for a, _, _ in messages(h, conversation_id)] == ["agent", "system", "customer"]
+        await advance(h, clock, 1)
+        await eventually(lambda: len(messages(h, conversation_id)) == 4)
+        await advance(h, clock, 600)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        warnings = [m for m in messages(h, conversation_id) if m[1] == WARNING]
+        assert len(warnings) == 2
+
+
+async def test_a_rejected_closing_message_still_closes(tmp_path: Path, clock: FakeClock) -> None:
+    async with running(tmp_path, clock, provider=RejectingSimulator(CLOSING)) as h:
+        conversation_id = await open_conversation(h, AGENT)
+        await advance(h, clock, 3000)
+        await advance(h, clock, 600)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert messages(h, conversation_id)[-1] == ("system", CLOSING, "failed")
+
+
+async def test_an_opted_out_recipient_gets_nothing_but_the_conversation_closes(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    async with running(tmp_path, clock) as h:
+        conversation_id = await open_conversation(h, AGENT)
+        row = conversation(h, conversation_id)
+        await h.ctx.db.write(
+            lambda c: c.execute(
+                "INSERT INTO opt_outs (org_id, sender_number, phone_number, keyword, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (row["org_id"], row["from_number"], row["to_number"], "STOP", clock.now_ms()),
+            )
+        )
+        await advance(h, clock, 3000)
+        await advance(h, clock, 600)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert [a for a, _, _ in messages(h, conversation_id)] == ["agent"]
+
+
+async def test_a_conversation_closed_otherwise_has_no_timer_left(tmp_path: Path, clock: FakeClock) -> None:
+    async with running(tmp_path, clock) as h:
+        conversation_id = await open_conversation(h, AGENT)
+        assert h.rows("SELECT 1 FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
+        await h.post(f"/v1/sms-conversations/{conversation_id}/close", {})
+        assert h.rows("SELECT 1 FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id) == []
+        await advance(h, clock, 7200)
+        assert conversation(h, conversation_id)["end_reason"] == "admin_closed"
+        assert len(messages(h, conversation_id)) == 1

@@ -1,0 +1,207 @@
+"""The outbound-URL guard: the SSRF table at registration, and the connect-time check that DNS cannot fool."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from app.config import Settings
+from app.domain.errors import ValidationFailed
+from app.webhooks.guard import check_url, guarded_client, is_public_address
+from tests.conftest import start_harness
+from tests.webhook_receiver import Receiver, Reply
+
+STRICT = Settings()  # production defaults: https only, no private addresses
+DEV = Settings(allow_private_urls=True, allow_http_urls=True)
+HTTP_ONLY = Settings(allow_http_urls=True)
+
+
+def resolver(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+    def resolve(host: str, port: int) -> list[str]:
+        if host not in table:
+            raise OSError(f"no such host {host}")
+        return table[host]
+
+    return resolve
+
+
+REFUSED = [
+    ("https://127.0.0.1/hook", "loopback"),
+    ("https://127.10.20.30/hook", "loopback range"),
+    ("https://localhost/hook", "localhost"),
+    ("https://app.localhost/hook", "*.localhost"),
+    ("https://[::1]/hook", "IPv6 loopback"),
+    ("https://10.1.2.3/hook", "private 10/8"),
+    ("https://172.16.0.1/hook", "private 172.16/12"),
+    ("https://192.168.1.1/hook", "private 192.168/16"),
+    ("https://169.254.169.254/latest/meta-data", "link-local (cloud metadata)"),
+    ("https://[fe80::1]/hook", "IPv6 link-local"),
+    ("https://100.64.0.1/hook", "CGNAT 100.64/10"),
+    ("https://100.127.255.254/hook", "CGNAT upper end"),
+    ("https://[fd12:3456::1]/hook", "IPv6 ULA"),
+    ("https://[fc00::1]/hook", "IPv6 ULA fc00"),
+    ("https://[::ffff:127.0.0.1]/hook", "IPv4-mapped loopback"),
+    ("https://[::ffff:10.0.0.1]/hook", "IPv4-mapped private"),
+    ("https://[::ffff:8.8.8.8]/hook", "IPv4-mapped even when public"),
+    ("https://[64:ff9b::a00:1]/hook", "NAT64 of a private address"),
+    ("https://[2002:a00:1::]/hook", "6to4"),
+    ("https://0.0.0.0/hook", "unspecified"),
+    ("https://[::]/hook", "IPv6 unspecified"),
+    ("https://224.0.0.1/hook", "multicast"),
+    ("https://[ff02::1]/hook", "IPv6 multicast"),
+    ("https://240.0.0.1/hook", "reserved"),
+    ("https://255.255.255.255/hook", "broadcast"),
+    ("https://192.0.2.10/hook", "documentation range"),
+    ("https://2130706433/hook", "decimal IPv4 spelling"),
+    ("https://0x7f000001/hook", "hex IPv4 spelling"),
+    ("https://0x7f.0.0.1/hook", "hex octet spelling"),
+    ("https://0177.0.0.1/hook", "octal IPv4 spelling"),
+    ("https://127.1/hook", "short IPv4 spelling"),
+    ("https://010.0.0.1/hook", "leading-zero octet"),
+    ("https://167772161/hook", "decimal spelling of 10.0.0.1"),
+    ("https://internal.example/hook", "a name resolving to a private address"),
+    ("https://mixed.example/hook", "a name with one private address among public ones"),
+    ("https://mapped.example/hook", "a name resolving to an IPv4-mapped address"),
+]
+
+NAMES = {
+    "internal.example": ["10.0.0.7"],
+    "mixed.example": ["93.184.216.34", "192.168.0.5"],
+    "mapped.example": ["::ffff:127.0.0.1"],
+    "public.example": ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"],
+}
+
+
+@pytest.mark.parametrize(("url", "why"), REFUSED, ids=[why for _, why in REFUSED])
+def test_non_public_targets_are_refused_without_the_dev_flag(url: str, why: str) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        check_url(url, STRICT, resolve=resolver(NAMES))
+    assert [d.field for d in caught.value.details] == ["url"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://127.0.0.1:8443/hook", "http://localhost/x", "https://10.0.0.1/", "https://internal.example/hook"],
+)
+def test_the_dev_flag_allows_private_targets(url: str) -> None:
+    assert check_url(url, DEV, resolve=resolver(NAMES)) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://93.184.216.34/hook", "https://public.example/hook?x=1", "https://[2606:4700::1111]/hook"],
+)
+def test_public_https_targets_pass(url: str) -> None:
+    assert check_url(url, STRICT, resolve=resolver(NAMES)) == url
+
+
+def test_a_name_that_does_not_resolve_yet_is_accepted_and_left_to_the_connect_time_check() -> None:
+    assert check_url("https://not-yet.example/hook", STRICT, resolve=resolver({})) == "https://not-yet.example/hook"
+
+
+@pytest.mark.parametrize(
+    ("url", "settings", "message"),
+    [
+        ("http://93.184.216.34/hook", STRICT, "https"),
+        ("ftp://93.184.216.34/hook", HTTP_ONLY, "https"),
+        ("file:///etc/passwd", DEV, "https"),
+        ("https://user:pw@93.184.216.34/", STRICT, "credentials"),
+        ("https:///nohost", STRICT, "host"),
+        ("https://exa mple.com/", STRICT, "whitespace"),
+        ("https://93.184.216.34:99999/", STRICT, "valid URL"),
+        ("", STRICT, "required"),
+        ("https://x.example/" + "a" * 3000, STRICT, "at most"),
+    ],
+)
+def test_malformed_or_insecure_urls_are_refused(url: str, settings: Settings, message: str) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        check_url(url, settings, resolve=resolver({"x.example": ["93.184.216.34"]}))
+    assert message in caught.value.message
+
+
+def test_http_is_allowed_only_with_its_flag() -> None:
+    assert check_url("http://93.184.216.34/hook", HTTP_ONLY) == "http://93.184.216.34/hook"
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("100.63.255.255", True),
+        ("100.128.0.0", True),
+        ("100.64.0.0", False),
+        ("172.31.255.255", False),
+        ("172.32.0.0", True),
+        ("198.18.0.1", False),
+        ("::ffff:8.8.8.8", False),
+        ("64:ff9b::808:808", True),
+        ("64:ff9b::7f00:1", False),
+        ("fec0::1", False),
+    ],
+)
+def test_is_public_address(address: str, public: bool) -> None:
+    assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+async def test_connect_time_check_refuses_a_name_that_rebinds_to_loopback() -> None:
+    """The registration check saw a public address; at connect time the name answers 127.0.0.1."""
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+
+    def rebinding(host: str, port: int) -> list[str]:
+        return next(answers)
+
+    with Receiver() as receiver:
+        url = f"http://rebind.example:{receiver.port}/hook"
+        assert check_url(url, HTTP_ONLY, resolve=rebinding) == url
+        async with guarded_client(HTTP_ONLY, 2.0, resolve=rebinding) as client:
+            with pytest.raises(httpx2.ConnectError, match="non-public"):
+                await client.post(url, content=b"{}")
+        assert receiver.snapshot() == []
+
+
+async def test_connect_time_check_refuses_literal_and_numeric_private_hosts() -> None:
+    with Receiver() as receiver:
+        async with guarded_client(HTTP_ONLY, 2.0) as client:
+            for host in ("127.0.0.1", "[::ffff:127.0.0.1]", "2130706433", "localhost"):
+                with pytest.raises(httpx2.ConnectError):
+                    await client.post(f"http://{host}:{receiver.port}/hook", content=b"{}")
+        assert receiver.snapshot() == []
+
+
+async def test_connect_time_check_refuses_plain_http_without_its_flag() -> None:
+    with Receiver() as receiver:
+        async with guarded_client(Settings(allow_private_urls=True), 2.0) as client:
+            with pytest.raises(httpx2.ConnectError, match="https"):
+                await client.post(receiver.url, content=b"{}")
+        assert receiver.snapshot() == []
+
+
+async def test_guarded_client_connects_to_the_vetted_address_when_allowed() -> None:
+    with Receiver() as receiver:
+        async with guarded_client(DEV, 2.0, resolve=resolver({"hooks.example": ["127.0.0.1"]})) as client:
+            response = await client.post(f"http://hooks.example:{receiver.port}/hook", content=b"{}")
+        assert response.status_code == 200
+        assert receiver.snapshot()[0].headers["host"] == f"hooks.example:{receiver.port}"
+
+
+async def test_a_redirect_to_a_private_address_is_not_followed() -> None:
+    with Receiver() as target:
+        private = f"http://10.0.0.1:{target.port}/internal"
+        with Receiver(lambda _: Reply(status=302, headers={"Location": private})) as first:
+            async with guarded_client(DEV, 2.0) as client:
+                response = await client.post(first.url, content=b"{}")
+            assert response.status_code == 302
+            assert len(first.snapshot()) == 1
+        assert target.snapshot() == []
+
+
+async def test_registration_through_the_api_applies_the_guard(tmp_path: Path) -> None:
+    async for h in start_harness(tmp_path, allow_private_urls=False, allow_http_urls=False):
+        for url in ("https://127.0.0.1/hook", "https://[::ffff:10.0.0.1]/", "https://0x7f000001/", "http://8.8.8.8/"):
+            response = await h.post("/v1/webhooks", {"url": url, "events": ["*"]})
+            assert response.status_code == 400, url
+            assert response.json()["error"]["details"][0]["field"] == "url"

@@ -1,0 +1,450 @@
+"""Webhook delivery against a real receiver on 127.0.0.1 that verifies every request with `standardwebhooks`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from app.clock import FakeClock, iso
+from app.config import DEFAULT_RETRY_SCHEDULE
+from app.domain.events import EVENT_TYPES
+from app.webhooks.delivery import MAX_RESPONSE_BODY, PER_ENDPOINT_CONCURRENCY
+from tests.conftest import SEED_CREATE, Harness, query, start_harness
+from tests.webhook_receiver import Received, Receiver, Reply, emit, eventually, register
+
+HOUR = 3600
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, clock: FakeClock, **overrides: Any) -> AsyncIterator[Harness]:
+    """The app on a fake clock; closed in this task even when the test fails."""
+    harness = start_harness(tmp_path, clock=clock, **overrides)
+    try:
+        yield await anext(harness)
+    finally:
+        await harness.aclose()
+
+
+def attempts_of(h: Harness, event_id: str) -> list[Any]:
+    return h.rows(
+        "SELECT a.* FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id"
+        " WHERE d.event_id = ? ORDER BY a.id",
+        event_id,
+    )
+
+
+def delivery_of(h: Harness, event_id: str) -> Any:
+    return h.rows("SELECT * FROM webhook_deliveries WHERE event_id = ?", event_id)[0]
+
+
+async def settled_attempts(h: Harness, event_id: str, count: int) -> list[Any]:
+    """Wait until `count` attempts of the event are recorded and the delivery's lease is released."""
+    return await eventually(
+        lambda: (
+            (rows := attempts_of(h, event_id))
+            and len(rows) >= count
+            and delivery_of(h, event_id)["lease_until"] is None
+            and rows
+        )
+    )
+
+
+def scripted(
+    *statuses: int, then: int = 200, headers: dict[int, dict[str, str]] | None = None
+) -> Callable[[Received], Reply]:
+    """Answer the n-th request with statuses[n], and `then` after the script runs out."""
+
+    def respond(record: Received) -> Reply:
+        status = statuses[record.index] if record.index < len(statuses) else then
+        return Reply(status=status, headers=(headers or {}).get(record.index, {}))
+
+    return respond
+
+
+async def test_every_event_type_arrives_and_verifies(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver() as receiver:
+        async with running(tmp_path, clock) as h:
+            await register(h, receiver)
+            created = await h.post("/v1/sms-conversations", SEED_CREATE)
+            assert created.status_code == 201
+            conversation_id = created.json()["data"]["conversationId"]
+            inbound = {"from": SEED_CREATE["toNumber"], "to": SEED_CREATE["fromNumber"], "body": "When can I come in?"}
+            assert (await h.post("/v1/simulator/inbound", inbound)).status_code == 201
+            assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close", {})).status_code == 200
+            produced = {row["type"] for row in h.rows("SELECT type FROM events")}
+            for event_type in EVENT_TYPES:
+                if event_type not in produced:
+                    await emit(h, event_type)
+
+            def all_delivered() -> list[Any] | None:
+                stored = h.rows("SELECT id, type, payload FROM events ORDER BY pos")
+                got = {r.webhook_id for r in receiver.snapshot()}
+                return stored if {row["id"] for row in stored} <= got else None
+
+            stored = await eventually(all_delivered)
+            assert {row["type"] for row in stored} >= set(EVENT_TYPES)
+            bodies = {r.webhook_id: r for r in receiver.snapshot()}
+            for row in stored:
+                record = bodies[row["id"]]
+                assert record.verified, row["type"]
+                assert record.body == row["payload"].encode()  # exactly the stored envelope
+                assert record.json["event"] == row["type"]
+                assert record.headers["content-type"] == "application/json"
+            closed = next(r for r in bodies.values() if r.json["event"] == "sms.conversation_closed")
+            assert closed.json["conversationId"] == conversation_id
+            assert closed.json["sequence"] >= 1
+
+
+async def test_a_failing_receiver_gets_the_event_with_the_same_webhook_id(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(scripted(500, 503, 502)) as receiver:
+        async with running(tmp_path, clock) as h:
+            await register(h, receiver)
+            event_id = await emit(h)
+            for n in (1, 2, 3):
+                await settled_attempts(h, event_id, n)
+                due = delivery_of(h, event_id)["next_attempt_at"]
+                await clock.advance((due - clock.now_ms()) / 1000)
+            await settled_attempts(h, event_id, 4)
+            received = receiver.snapshot()
+            assert [r.webhook_id for r in received] == [event_id] * 4
+            assert all(r.verified for r in received)
+            assert len({r.body for r in received}) == 1
+            assert [a["status_code"] for a in attempts_of(h, event_id)] == [500, 503, 502, 200]
+            assert delivery_of(h, event_id)["status"] == "succeeded"
+            webhook = h.rows("SELECT failing_since, last_success_at FROM webhooks")[0]
+            assert webhook["failing_since"] is None and webhook["last_success_at"] == clock.now_ms()
+
+
+async def test_the_full_production_schedule_runs_on_a_fake_clock(tmp_path: Path, clock: FakeClock) -> None:
+    """About 27.6 hours of retries in a few real seconds, each attempt within jitter of the schedule."""
+    with Receiver(lambda _: Reply(status=500)) as receiver:
+        async with running(tmp_path, clock) as h:
+            assert h.settings.webhook_retry_schedule == DEFAULT_RETRY_SCHEDULE
+            await register(h, receiver)
+            start = clock.now_ms()
+            event_id = await emit(h)
+            for n in range(1, len(DEFAULT_RETRY_SCHEDULE) + 1):
+                await settled_attempts(h, event_id, n)
+                due = delivery_of(h, event_id)["next_attempt_at"]
+                # Nothing happens a second early...
+                await clock.advance((due - clock.now_ms()) / 1000 - 1)
+                await asyncio.sleep(0.05)
+                assert len(receiver.snapshot()) == n
+                # ... and the attempt comes when it is due.
+                await clock.advance(1)
+                await receiver.wait_count(n + 1)
+            attempts = await settled_attempts(h, event_id, len(DEFAULT_RETRY_SCHEDULE) + 1)
+            times = [a["at"] for a in attempts]
+            assert times[0] == start
+            for gap, scheduled in zip(
+                [b - a for a, b in itertools.pairwise(times)], DEFAULT_RETRY_SCHEDULE, strict=True
+            ):
+                assert 0.8 * scheduled * 1000 <= gap <= 1.2 * scheduled * 1000
+            total_hours = (times[-1] - start) / 3_600_000
+            assert 0.8 * 27.58 <= total_hours <= 1.2 * 27.58
+            delivery = delivery_of(h, event_id)
+            assert delivery["status"] == "failed" and delivery["next_attempt_at"] is None
+            assert delivery["attempt_count"] == 8
+            assert {r.webhook_id for r in receiver.snapshot()} == {event_id}
+            assert all(r.verified for r in receiver.snapshot())
+            # Exhausted: a day later nothing more is tried, and the job is gone.
+            await clock.advance(24 * HOUR)
+            await asyncio.sleep(0.05)
+            assert len(receiver.snapshot()) == 8
+            assert h.rows("SELECT * FROM jobs WHERE kind = 'webhook_endpoint'") == []
+
+
+async def test_410_disables_the_endpoint(tmp_path: Path, clock: FakeClock) -> None:
+    gate = threading.Event()
+
+    def gone(_: Received) -> Reply:
+        gate.wait(5)  # hold the first requests until every event is queued
+        return Reply(status=410)
+
+    with Receiver(gone) as receiver:
+        async with running(tmp_path, clock) as h:
+            webhook = await register(h, receiver)
+            ids = [await emit(h, n=i) for i in range(10)]
+            gate.set()
+            await eventually(
+                lambda: all(
+                    d["status"] == "failed" and d["lease_until"] is None for d in map(delivery_of, [h] * 10, ids)
+                )
+            )
+            shown = (await h.get(f"/v1/webhooks/{webhook['id']}")).json()["data"]
+            assert shown["is_active"] is False
+            # Only what was already on the wire went out; what was queued or leased ahead failed unsent.
+            assert len(receiver.snapshot()) <= PER_ENDPOINT_CONCURRENCY
+            sent = len(receiver.snapshot())
+            later = await emit(h)
+            await clock.advance(HOUR)
+            await asyncio.sleep(0.05)
+            assert len(receiver.snapshot()) == sent
+            assert h.rows("SELECT * FROM webhook_deliveries WHERE event_id = ?", later) == []
+            assert h.rows("SELECT * FROM jobs WHERE kind = 'webhook_endpoint'") == []
+
+
+async def test_retry_after_is_honoured_up_to_twice_the_scheduled_wait(tmp_path: Path, clock: FakeClock) -> None:
+    headers = {0: {"Retry-After": "15"}, 1: {"Retry-After": "100000"}}
+    with Receiver(scripted(503, 503, headers=headers)) as receiver:
+        async with running(tmp_path, clock, webhook_retry_schedule=(10, 100, 100)) as h:
+            await register(h, receiver)
+            event_id = await emit(h)
+            for n in (1, 2):
+                await settled_attempts(h, event_id, n)
+                await clock.advance((delivery_of(h, event_id)["next_attempt_at"] - clock.now_ms()) / 1000)
+            attempts = await settled_attempts(h, event_id, 3)
+            times = [a["at"] for a in attempts]
+            assert times[1] - times[0] == 15_000  # asked for 15 s; the schedule alone says 10 s ±20 %
+            assert times[2] - times[1] == 200_000  # asked for ~28 h; capped at twice the 100 s step
+            assert delivery_of(h, event_id)["status"] == "succeeded"
+
+
+async def test_a_timeout_or_429_waits_at_least_a_minute(tmp_path: Path, clock: FakeClock) -> None:
+    def respond(record: Received) -> Reply:
+        return Reply(status=200, delay=0.6) if record.index == 0 else Reply(status=429)
+
+    with Receiver(respond) as receiver:
+        async with running(tmp_path, clock, webhook_retry_schedule=(5, 5, 5)) as h:
+            h.ctx.extras["webhook_dispatcher"].timeout = 0.2  # the production 15 s, shrunk for the test
+            await register(h, receiver)
+            event_id = await emit(h)
+            first = (await settled_attempts(h, event_id, 1))[0]
+            assert first["status_code"] == 0 and "timed out" in first["error"]
+            assert delivery_of(h, event_id)["next_attempt_at"] - first["at"] >= 60_000
+            await clock.advance((delivery_of(h, event_id)["next_attempt_at"] - clock.now_ms()) / 1000)
+            second = (await settled_attempts(h, event_id, 2))[1]
+            assert second["status_code"] == 429
+            assert delivery_of(h, event_id)["next_attempt_at"] - second["at"] >= 60_000
+            assert receiver.snapshot()[0].webhook_id == receiver.snapshot()[1].webhook_id == event_id
+
+
+async def test_rotation_sends_two_signatures_that_each_verify(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver() as receiver:
+        async with running(tmp_path, clock) as h:
+            webhook = await register(h, receiver)
+            old = webhook["secret"]
+            rotated = await h.post(f"/v1/webhooks/{webhook['id']}/rotate-secret")
+            assert rotated.status_code == 200
+            new = rotated.json()["data"]["secret"]
+            assert new != old and new.startswith("whsec_")
+            receiver.secrets = [new, old]
+            await emit(h)
+            (record,) = await receiver.wait_count(1)
+            entries = record.signatures()
+            assert len(entries) == 2
+            for entry, signer, other in ((entries[0], new, old), (entries[1], old, new)):
+                alone = {**record.headers, "webhook-signature": entry}
+                Webhook(signer).verify(record.body, alone)
+                with pytest.raises(WebhookVerificationError):
+                    Webhook(other).verify(record.body, alone)
+            # After the 24 h overlap only the new secret signs.
+            await clock.advance(24 * HOUR + 1)
+            await emit(h)
+            received = await receiver.wait_count(2)
+            assert len(received[1].signatures()) == 1
+            assert received[1].verified_by == [new]
+
+
+async def test_an_endpoint_failing_for_five_days_is_disabled(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(lambda _: Reply(status=500)) as receiver:
+        async with running(tmp_path, clock, webhook_retry_schedule=(60,)) as h:
+            webhook = await register(h, receiver)
+            first = await emit(h)
+            await settled_attempts(h, first, 1)
+            await clock.advance(4 * 24 * HOUR)
+            second = await emit(h)
+            await settled_attempts(h, second, 1)
+            assert (await h.get(f"/v1/webhooks/{webhook['id']}")).json()["data"]["is_active"] is True
+            await clock.advance(24 * HOUR)
+            third = await emit(h)
+            await settled_attempts(h, third, 1)
+            assert (await h.get(f"/v1/webhooks/{webhook['id']}")).json()["data"]["is_active"] is False
+            assert h.rows("SELECT disabled_reason FROM webhooks")[0]["disabled_reason"] == "failing"
+            assert delivery_of(h, third)["status"] == "failed"
+            # Re-enabling starts the five-day clock again.
+            patched = await h.client.patch(f"/v1/webhooks/{webhook['id']}", json={"is_active": True}, headers=h.auth())
+            assert patched.json()["data"]["is_active"] is True
+            assert h.rows("SELECT failing_since FROM webhooks")[0]["failing_since"] is None
+
+
+async def test_a_slow_endpoint_does_not_starve_a_healthy_one(tmp_path: Path, clock: FakeClock) -> None:
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0}
+
+    def slow(record: Received) -> Reply:
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        try:
+            threading.Event().wait(0.3)
+        finally:
+            with lock:
+                state["now"] -= 1
+        return Reply(status=200)
+
+    with Receiver(slow) as slow_receiver, Receiver() as fast_receiver:
+        async with running(tmp_path, clock) as h:
+            await register(h, slow_receiver)
+            await register(h, fast_receiver)
+            events = [await emit(h, n=i) for i in range(16)]
+            await fast_receiver.wait_count(16, timeout=2)
+            assert len(slow_receiver.snapshot()) < 16  # the healthy endpoint did not wait for the slow one
+            await slow_receiver.wait_count(16, timeout=5)
+            assert state["max"] == PER_ENDPOINT_CONCURRENCY
+            for receiver in (slow_receiver, fast_receiver):
+                assert sorted(r.webhook_id for r in receiver.snapshot()) == sorted(events)  # once each
+            await eventually(lambda: not h.rows("SELECT 1 FROM webhook_deliveries WHERE lease_until IS NOT NULL"))
+
+
+async def test_a_manual_retry_never_overlaps_an_attempt_in_flight(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(lambda _: Reply(status=200, delay=0.5)) as receiver:
+        async with running(tmp_path, clock) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await receiver.wait_count(1)
+            delivery = delivery_of(h, event_id)
+            response = await h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery['id']}/retry")
+            assert response.status_code == 409
+            assert response.json()["error"]["code"] == "delivery_in_progress"
+            await settled_attempts(h, event_id, 1)
+            assert len(receiver.snapshot()) == 1
+
+
+async def test_response_bodies_are_capped(tmp_path: Path, clock: FakeClock) -> None:
+    big = ("é" * 15_000).encode()  # 30 000 bytes, and the cap falls inside a character
+    with Receiver(lambda _: Reply(status=500, body=big)) as receiver:
+        async with running(tmp_path, clock) as h:
+            await register(h, receiver)
+            event_id = await emit(h)
+            (attempt,) = await settled_attempts(h, event_id, 1)
+            assert len(attempt["response_body"].encode()) <= MAX_RESPONSE_BODY
+            assert attempt["response_body"] == "é" * (MAX_RESPONSE_BODY // 2)
+            assert attempt["error"] == "HTTP 500"
+
+
+async def test_redirects_are_not_followed(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver() as target:
+        with Receiver(lambda _: Reply(status=307, headers={"Location": target.url})) as receiver:
+            async with running(tmp_path, clock) as h:
+                await register(h, receiver)
+                event_id = await emit(h)
+                (attempt,) = await settled_attempts(h, event_id, 1)
+                assert attempt["status_code"] == 307 and "redirect" in attempt["error"]
+                assert delivery_of(h, event_id)["status"] == "pending"
+        assert target.snapshot() == []
+
+
+async def test_manual_retry_succeeds_a_failed_delivery(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(scripted(500, 500)) as receiver:
+        async with running(tmp_path, clock, webhook_retry_schedule=(5,)) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            await clock.advance(10)
+            await settled_attempts(h, event_id, 2)
+            delivery = delivery_of(h, event_id)
+            assert delivery["status"] == "failed"
+            response = await h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery['id']}/retry")
+            assert response.status_code == 200
+            data = response.json()["data"]
+            assert data["status"] == "succeeded"
+            assert [a["status_code"] for a in data["attempts"]] == [500, 500, 200]
+            assert data["attempts"][-1]["at"] == iso(clock.now_ms())
+            assert {r.webhook_id for r in receiver.snapshot()} == {event_id}
+
+
+async def test_a_failed_manual_retry_does_not_re_enter_the_schedule(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(lambda _: Reply(status=500)) as receiver:
+        async with running(tmp_path, clock, webhook_retry_schedule=(5,)) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            await clock.advance(10)
+            await settled_attempts(h, event_id, 2)
+            delivery_id = delivery_of(h, event_id)["id"]
+            response = await h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery_id}/retry")
+            assert response.status_code == 200
+            data = response.json()["data"]
+            assert data["status"] == "failed" and data["next_attempt_at"] is None
+            assert len(data["attempts"]) == 3
+            await clock.advance(48 * HOUR)
+            await asyncio.sleep(0.05)
+            assert len(receiver.snapshot()) == 3
+
+
+async def test_a_failed_manual_retry_keeps_a_pending_delivery_on_its_schedule(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(scripted(500, 500)) as receiver:
+        async with running(tmp_path, clock, webhook_retry_schedule=(100,)) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            before = delivery_of(h, event_id)
+            response = await h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{before['id']}/retry")
+            data = response.json()["data"]
+            assert data["status"] == "pending"
+            assert data["next_attempt_at"] == iso(before["next_attempt_at"])
+            await clock.advance((before["next_attempt_at"] - clock.now_ms()) / 1000)
+            await settled_attempts(h, event_id, 3)
+            assert delivery_of(h, event_id)["status"] == "succeeded"
+
+
+async def test_recover_requeues_failed_and_missed_events(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(scripted(410)) as receiver:
+        async with running(tmp_path, clock) as h:
+            webhook = await register(h, receiver, events=["sms.message_sent"])
+            path = f"/v1/webhooks/{webhook['id']}"
+            since = iso(clock.now_ms() - 60_000)
+            failed = await emit(h)
+            await settled_attempts(h, failed, 1)
+            missed = [await emit(h), await emit(h)]  # while the endpoint is disabled
+            await emit(h, "sms.message_received")  # not subscribed: never recovered
+            inactive = await h.post(f"{path}/recover", {"since": since})
+            assert inactive.status_code == 409
+            await h.client.patch(path, json={"is_active": True}, headers=h.auth())
+            response = await h.post(f"{path}/recover", {"since": since})
+            assert response.status_code == 200
+            assert response.json()["data"] == {"requeued": 3}
+            received = await receiver.wait_count(4)
+            assert sorted(r.webhook_id for r in received[1:]) == sorted([failed, *missed])
+            assert all(r.verified for r in received)
+            await eventually(
+                lambda: all(d["status"] == "succeeded" for d in h.rows("SELECT * FROM webhook_deliveries"))
+            )
+            again = await h.post(f"{path}/recover", {"since": since})
+            assert again.json()["data"] == {"requeued": 0}
+
+
+async def test_shutdown_lets_attempts_in_flight_finish_and_gives_back_the_rest(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    with Receiver(lambda _: Reply(status=200, delay=0.4)) as receiver:
+        async with running(tmp_path, clock) as h:
+            await register(h, receiver)
+            ids = [await emit(h, n=i) for i in range(12)]
+            await receiver.wait_count(PER_ENDPOINT_CONCURRENCY)
+            database = h.settings.database
+        # Shut down: what was on the wire finished and was recorded; nothing stays leased.
+        assert query(database, "SELECT * FROM webhook_deliveries WHERE lease_until IS NOT NULL") == []
+        statuses = [r["status"] for r in query(database, "SELECT status FROM webhook_deliveries")]
+        assert PER_ENDPOINT_CONCURRENCY <= statuses.count("succeeded") < len(ids)
+        assert set(statuses) == {"succeeded", "pending"}
+        assert len(receiver.snapshot()) == statuses.count("succeeded")
+        async with running(tmp_path, clock) as h:
+            await receiver.wait_for(lambda seen: {r.webhook_id for r in seen} == set(ids))
+            await eventually(
+                lambda: all(s["status"] == "succeeded" for s in h.rows("SELECT status FROM webhook_deliveries"))
+            )
