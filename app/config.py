@@ -144,4 +144,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"
         raise ConfigError(f"{missing} must be set when PARLEY_SMS_PROVIDER=twilio")
+    if settings.sms_provider == "twilio" and get("PARLEY_PUBLIC_URL") is None:
+        # Twilio calls back on this URL and signs over it; a local default would silently lose callbacks.
+        raise ConfigError("PARLEY_PUBLIC_URL must be set when PARLEY_SMS_PROVIDER=twilio")
     return settings

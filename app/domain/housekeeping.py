@@ -31,19 +31,16 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
             report = await ctx.provider.fetch_status(message)
         except Exception:
             log.warning("status look-up failed for a message; will retry", exc_info=True)
-            continue
-        if report is None:
-            continue
-        applied = await ctx.db.write(
-            lambda c, report=report: messaging.apply_report(c, report, ctx.provider.name, ctx.clock.now_ms())
-        )
-        if not applied:
-            # Nothing new: stop asking about it until it ages again.
-            await ctx.db.write(
-                lambda c, m=message: c.execute(
-                    "UPDATE messages SET updated_at = ? WHERE id = ?", (ctx.clock.now_ms(), m.id)
-                )
+            report = None
+        applied = False
+        if report is not None:
+            applied = await ctx.db.write(
+                lambda c, report=report: messaging.apply_report(c, report, ctx.provider.name, ctx.clock.now_ms())
             )
+        if not applied:
+            # Nothing new (or no answer): ask again only once it has aged again, so a message the provider
+            # cannot tell about never crowds out the others.
+            await ctx.db.write(lambda c, m=message: store.touch_message(c, m.id, ctx.clock.now_ms()))
         changed += int(applied)
     return changed
 
@@ -51,5 +48,5 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
 async def run(ctx: Context, job: Job) -> int:
     await reconcile_stale_statuses(ctx)
     now = ctx.clock.now_ms()
-    await ctx.db.write(lambda c: c.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)))
+    await ctx.db.write(lambda c: store.purge_idempotency_keys(c, now))
     return now + INTERVAL_MS

@@ -85,7 +85,10 @@ def record_accepted(
 ) -> Message:
     """The provider took the message: store its id and emit `sms.message_sent`."""
     new_status = status.canonical(accepted.provider_status) or "queued"
-    final = status.advance("queued", new_status) or "queued"
+    # A status callback may overtake the send's own answer (it names our message id): never move back.
+    current = store.get_message(conn, message.id)
+    base = current.status if current is not None else "queued"
+    final = status.advance(base, new_status) or base
     sent = msgspec.structs.replace(
         message, provider_message_id=accepted.provider_message_id, status=final, sent_at=now_ms
     )
@@ -109,6 +112,9 @@ def record_rejected(
     now_ms: int,
 ) -> Message:
     """The provider refused the message: it is `failed`, with the provider's code kept."""
+    current = store.get_message(conn, message.id)
+    if current is not None and current.status != "queued":
+        return current  # already settled (e.g. by start-up recovery)
     failed = msgspec.structs.replace(message, status="failed", error_code=rejected.code)
     store.update_message(conn, message.id, now_ms, status="failed", error_code=rejected.code)
     events.append(
@@ -182,30 +188,21 @@ def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, 
             message = None
     if message is None:
         message = store.message_by_provider_id(conn, report.provider_message_id)
-    duplicate = (
-        conn.execute(
-            "SELECT 1 FROM status_reports WHERE provider_message_id = ? AND provider_status = ? LIMIT 1",
-            (report.provider_message_id, report.provider_status),
-        ).fetchone()
-        is not None
-    )
+    duplicate = store.status_report_seen(conn, report.provider_message_id, report.provider_status)
     incoming = status.canonical(report.provider_status)
     new_status = None
     if message is not None and incoming is not None and not duplicate:
         new_status = status.advance(message.status, incoming)
-    conn.execute(
-        "INSERT INTO status_reports (message_id, provider, provider_message_id, provider_status, error_code,"
-        " raw, applied, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id if message else None,
-            provider,
-            report.provider_message_id,
-            report.provider_status,
-            report.error_code,
-            _raw.encode(report.raw).decode(),
-            int(new_status is not None),
-            now_ms,
-        ),
+    store.insert_status_report(
+        conn,
+        message_id=message.id if message else None,
+        provider=provider,
+        provider_message_id=report.provider_message_id,
+        provider_status=report.provider_status,
+        error_code=report.error_code,
+        raw=_raw.encode(report.raw).decode(),
+        applied=new_status is not None,
+        now_ms=now_ms,
     )
     if message is None or new_status is None:
         return False

@@ -45,6 +45,12 @@ class ProviderRejected(Exception):
         self.message = message
 
 
+class SendOutcomeUnknown(ProviderRejected):
+    """The provider could not confirm whether it took the message (it stayed unreachable after a
+    request that may have arrived). The send is recorded as failed and never resent automatically:
+    a duplicate SMS cannot be taken back. A late status callback for it is still kept for audit."""
+
+
 StatusSink = Callable[[StatusReport], Awaitable[None]]
 
 

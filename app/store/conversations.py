@@ -281,3 +281,39 @@ def is_opted_out(conn: sqlite3.Connection, org_id: str, sender: str, phone: str)
         ).fetchone()
         is not None
     )
+
+
+def status_report_seen(conn: sqlite3.Connection, provider_message_id: str, provider_status: str) -> bool:
+    """Whether this (provider message id, provider status) report was already received."""
+    row = conn.execute(
+        "SELECT 1 FROM status_reports WHERE provider_message_id = ? AND provider_status = ? LIMIT 1",
+        (provider_message_id, provider_status),
+    ).fetchone()
+    return row is not None
+
+
+def insert_status_report(
+    conn: sqlite3.Connection,
+    *,
+    message_id: str | None,
+    provider: str,
+    provider_message_id: str,
+    provider_status: str,
+    error_code: str | None,
+    raw: str,
+    applied: bool,
+    now_ms: int,
+) -> None:
+    conn.execute(
+        "INSERT INTO status_reports (message_id, provider, provider_message_id, provider_status, error_code,"
+        " raw, applied, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (message_id, provider, provider_message_id, provider_status, error_code, raw, int(applied), now_ms),
+    )
+
+
+def touch_message(conn: sqlite3.Connection, message_id: str, now_ms: int) -> None:
+    conn.execute("UPDATE messages SET updated_at = ? WHERE id = ?", (now_ms, message_id))
+
+
+def purge_idempotency_keys(conn: sqlite3.Connection, now_ms: int) -> int:
+    return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now_ms,)).rowcount

@@ -1,0 +1,197 @@
+"""The canonical delivery-status lattice: a literal table of every pair, and a property test of
+`messaging.apply_report` over shuffled, duplicated provider callbacks against a real SQLite file."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.domain import agent_registry, messaging, status
+from app.domain.models import Conversation
+from app.providers.base import SendAccepted, StatusReport
+from app.store import conversations as store
+from app.store import orgs
+from app.store.db import connect_sync, write_sync
+from app.store.migrate import migrate
+from tests.conftest import ROOT
+
+CANONICAL = ["queued", "sent", "delivered", "undelivered", "failed"]
+_ = None  # "no change"
+
+# EXPECTED[current][incoming]: what `status.advance` must answer, written out by hand.
+EXPECTED: dict[str, dict[str, str | None]] = {
+    "queued": {"queued": _, "sent": "sent", "delivered": "delivered", "undelivered": "undelivered", "failed": "failed"},
+    "sent": {"queued": _, "sent": _, "delivered": "delivered", "undelivered": "undelivered", "failed": "failed"},
+    "delivered": {"queued": _, "sent": _, "delivered": _, "undelivered": _, "failed": _},
+    "undelivered": {"queued": _, "sent": _, "delivered": _, "undelivered": _, "failed": _},
+    "failed": {"queued": _, "sent": _, "delivered": _, "undelivered": _, "failed": _},
+}
+
+# SPEC §4: Twilio's statuses and where they land; anything else is not a delivery status.
+TWILIO = {
+    "accepted": "queued",
+    "scheduled": "queued",
+    "queued": "queued",
+    "sending": "queued",
+    "sent": "sent",
+    "delivered": "delivered",
+    "read": "delivered",
+    "undelivered": "undelivered",
+    "failed": "failed",
+    "canceled": "failed",
+}
+NOT_DELIVERY = ["receiving", "received", "partially_delivered", "", "unknown"]
+RANK = {"queued": 0, "sent": 1, "delivered": 2, "undelivered": 2, "failed": 2}
+TERMINAL = {"delivered", "undelivered", "failed"}
+
+
+@pytest.mark.parametrize(("current", "incoming"), list(itertools.product(CANONICAL, CANONICAL)))
+def test_every_pair_of_canonical_statuses(current: str, incoming: str) -> None:
+    assert status.advance(current, incoming) == EXPECTED[current][incoming]
+
+
+def test_the_table_covers_every_pair() -> None:
+    assert sorted(EXPECTED) == sorted(CANONICAL) == sorted(status.RANK)
+    assert all(sorted(row) == sorted(CANONICAL) for row in EXPECTED.values())
+    assert set(status.TERMINAL) == TERMINAL
+
+
+@pytest.mark.parametrize(("provider_status", "canonical"), [*TWILIO.items(), *[(s, None) for s in NOT_DELIVERY]])
+def test_twilio_statuses_map_to_canonical_ones(provider_status: str, canonical: str | None) -> None:
+    assert status.canonical(provider_status) == canonical
+    assert status.canonical(f"  {provider_status.upper()} ") == canonical
+
+
+# --- property: apply_report over random callback sequences ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sqlite3.Connection, str, str]]:
+    path = Path(tmp_path_factory.mktemp("lattice")) / "parley.db"
+    conn = connect_sync(str(path))
+    conn.execute("PRAGMA synchronous = OFF")  # a scratch database: durability is not under test
+    migrate(conn)
+    write_sync(conn, lambda c: agent_registry.sync_managed(c, str(ROOT / "data" / "agents.toml"), 0))
+    org_id = write_sync(conn, lambda c: orgs.get_or_create_org(c, "lattice", 0))
+    agent_id = conn.execute("SELECT id FROM agents WHERE slug = 'recall-sms'").fetchone()[0]
+    yield conn, org_id, agent_id
+    conn.close()
+
+
+def sent_message(conn: sqlite3.Connection, org_id: str, agent_id: str) -> tuple[str, str, str]:
+    """A fresh conversation whose opening SMS the provider accepted; return (conversation, message, sid)."""
+    conversation = Conversation(
+        id=str(uuid.uuid4()),
+        org_id=org_id,
+        agent_id=agent_id,
+        status="in_progress",
+        from_number="+15555550123",
+        to_number="+1555" + str(uuid.uuid4().int)[:7],
+        dynamic_variables={},
+        metadata={},
+        inactivity_timeout_seconds=86400,
+        created_at=0,
+        last_activity_at=0,
+        ended_at=None,
+        end_reason=None,
+        superseded_by=None,
+        assistant_paused=False,
+        message_count=0,
+    )
+    sid = "SM" + uuid.uuid4().hex
+
+    def run(c: sqlite3.Connection) -> str:
+        store.insert(c, conversation)
+        message = messaging.insert_outbound(c, messaging.new_outbound(conversation, "Hi", "agent", 0, "twilio"))
+        messaging.record_accepted(c, conversation, message, SendAccepted(provider_message_id=sid), 0)
+        return message.id
+
+    return conversation.id, write_sync(conn, run), sid
+
+
+PROVIDER_STATUSES = [*TWILIO, "receiving", "partially_delivered"]
+
+
+def real_changes(sequence: list[tuple[str, bool]]) -> int:
+    """How many times the canonical status must move: first sightings that climb, until terminal."""
+    current, seen, changes = "queued", set(), 0
+    for provider_status, _ in sequence:
+        if provider_status in seen:
+            continue
+        seen.add(provider_status)
+        incoming = TWILIO.get(provider_status)
+        if incoming is None or current in TERMINAL or RANK[incoming] <= RANK[current]:
+            continue
+        current, changes = incoming, changes + 1
+    return changes
+
+
+@st.composite
+def callback_sequences(draw: st.DrawFn) -> list[tuple[str, bool]]:
+    """Provider statuses with duplicates, in any order; each says whether its URL named our message id."""
+    distinct = draw(st.lists(st.sampled_from(PROVIDER_STATUSES), min_size=1, max_size=8, unique=True))
+    repeats = draw(st.lists(st.sampled_from(distinct), max_size=8))
+    shuffled = draw(st.permutations(distinct + repeats))
+    return [(s, draw(st.booleans())) for s in shuffled]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=callback_sequences())
+def test_apply_report_keeps_the_lattice_maximum_and_emits_once_per_real_change(
+    db: tuple[sqlite3.Connection, str, str], sequence: list[tuple[str, bool]]
+) -> None:
+    conn, org_id, agent_id = db
+    conversation_id, message_id, sid = sent_message(conn, org_id, agent_id)
+
+    def current() -> str:
+        return conn.execute("SELECT status FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+
+    observed_changes: list[tuple[str, str]] = []
+    for now, (provider_status, names_message) in enumerate(sequence, start=1):
+        before = current()
+        error_code = "30003" if TWILIO.get(provider_status) in {"undelivered", "failed"} else None
+        report = StatusReport(
+            provider_message_id=sid,
+            provider_status=provider_status,
+            error_code=error_code,
+            message_id=message_id if names_message else None,
+            raw={"MessageSid": sid, "MessageStatus": provider_status},
+        )
+        changed = write_sync(conn, lambda c, r=report, t=now: messaging.apply_report(c, r, "twilio", t))
+        after = current()
+        assert changed == (after != before)
+        if before in TERMINAL:
+            assert after == before  # a terminal status never changes
+        if after != before:
+            assert RANK[after] > RANK[before]
+            observed_changes.append((before, after))
+
+    final = current()
+    ranks = [RANK[TWILIO[s]] for s, _ in sequence if s in TWILIO]
+    assert RANK[final] == max([0, *ranks])  # the lattice maximum
+    first_seen = list(dict.fromkeys(s for s, _ in sequence))
+    terminals = [TWILIO[s] for s in first_seen if TWILIO.get(s) in TERMINAL]
+    if terminals:
+        assert final == terminals[0]  # the first terminal status to arrive wins for good
+
+    updates = [
+        msgspec.json.decode(row[0])["data"]
+        for row in conn.execute(
+            "SELECT payload FROM events WHERE conversation_id = ? AND type = ? ORDER BY pos",
+            (conversation_id, "sms.message_delivery_updated"),
+        )
+    ]
+    assert [(u["previousStatus"], u["status"]) for u in updates] == observed_changes
+    assert len(updates) == real_changes(sequence)  # one event per real change, none for the rest
+    reports = conn.execute("SELECT COUNT(*) FROM status_reports WHERE provider_message_id = ?", (sid,)).fetchone()[0]
+    assert reports == len(sequence)  # every raw callback is kept
+    error = conn.execute("SELECT error_code FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+    assert error == ("30003" if final in {"undelivered", "failed"} else None)

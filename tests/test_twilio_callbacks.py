@@ -1,0 +1,423 @@
+"""Parley in twilio mode: sends reach the fake Twilio API; signed callbacks are stored once, unsigned never."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import msgspec
+import pytest
+from twilio.request_validator import RequestValidator
+
+from app.api.providers import EMPTY_TWIML
+from app.clock import FakeClock
+from app.domain import housekeeping
+from app.domain.inbound import InboundResult, InboundSms
+from app.providers.twilio import TwilioProvider
+from tests.conftest import SEED_CREATE, Harness, start_harness
+from tests.fake_twilio import Action, FakeTwilio, running_fake
+
+PUBLIC = "https://parley.example.test"
+INBOUND = "/v1/providers/twilio/inbound"
+STATUS = "/v1/providers/twilio/status"
+CUSTOMER = SEED_CREATE["toNumber"]
+OURS = SEED_CREATE["fromNumber"]
+
+
+@pytest.fixture
+def fake_twilio() -> Iterator[FakeTwilio]:
+    with running_fake() as fake:
+        yield fake
+
+
+async def twilio_harness(tmp_path: Path, fake: FakeTwilio, **overrides: Any) -> AsyncIterator[Harness]:
+    async for h in start_harness(
+        tmp_path,
+        sms_provider="twilio",
+        twilio_account_sid=fake.account_sid,
+        twilio_auth_token=fake.auth_token,
+        twilio_api_base=fake.base_url,
+        public_url=PUBLIC,
+        **overrides,
+    ):
+        yield h
+
+
+@pytest.fixture
+async def h(tmp_path: Path, fake_twilio: FakeTwilio) -> AsyncIterator[Harness]:
+    async for harness in twilio_harness(tmp_path, fake_twilio):
+        yield harness
+
+
+def signed_headers(token: str, url: str, params: dict[str, str]) -> dict[str, str]:
+    return {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Twilio-Signature": RequestValidator(token).compute_signature(url, params),
+    }
+
+
+async def callback(
+    h: Harness,
+    path: str,
+    params: dict[str, str],
+    *,
+    token: str | None = None,
+    signed_url: str | None = None,
+    signed_params: dict[str, str] | None = None,
+    signature: bool = True,
+) -> Any:
+    """POST a form callback as Twilio would, signed with the official RequestValidator."""
+    headers = signed_headers(
+        token or h.settings.twilio_auth_token,
+        signed_url or PUBLIC + path,
+        params if signed_params is None else signed_params,
+    )
+    if not signature:
+        del headers["X-Twilio-Signature"]
+    return await h.client.post(path, content=urlencode(params), headers=headers)
+
+
+def inbound_params(sid: str = "SM" + "a" * 32, body: str = "Yes, Tuesday works", **extra: str) -> dict[str, str]:
+    return {
+        "MessageSid": sid,
+        "SmsSid": sid,
+        "SmsMessageSid": sid,
+        "AccountSid": "AC" + "0" * 31 + "1",
+        "From": CUSTOMER,
+        "To": OURS,
+        "Body": body,
+        "NumMedia": "0",
+        "NumSegments": "1",
+        "ApiVersion": "2010-04-01",
+        **extra,
+    }
+
+
+def status_params(sid: str, status: str, **extra: str) -> dict[str, str]:
+    return {
+        "MessageSid": sid,
+        "SmsSid": sid,
+        "MessageStatus": status,
+        "SmsStatus": status,
+        "AccountSid": "AC" + "0" * 31 + "1",
+        "From": OURS,
+        "To": CUSTOMER,
+        "ApiVersion": "2010-04-01",
+        **extra,
+    }
+
+
+async def open_conversation(h: Harness) -> tuple[str, str, str]:
+    """Create the seed conversation; return (conversation id, our message id, Twilio's sid)."""
+    response = await h.post("/v1/sms-conversations", SEED_CREATE)
+    assert response.status_code == 201, response.text
+    data = response.json()["data"]
+    (row,) = h.rows(
+        "SELECT id FROM messages WHERE conversation_id = ? AND direction = 'outbound'", data["conversationId"]
+    )
+    return data["conversationId"], row["id"], data["providerMessageId"]
+
+
+def count(h: Harness, sql: str, *args: Any) -> int:
+    return h.rows(f"SELECT COUNT(*) AS n FROM {sql}", *args)[0]["n"]
+
+
+def event_types(h: Harness, conversation_id: str) -> list[str]:
+    return [
+        r["type"] for r in h.rows("SELECT type FROM events WHERE conversation_id = ? ORDER BY pos", conversation_id)
+    ]
+
+
+# --- outbound -----------------------------------------------------------------------------------
+
+
+async def test_create_sends_exact_fields_to_twilio_with_basic_auth(h: Harness, fake_twilio: FakeTwilio) -> None:
+    conversation_id, message_id, sid = await open_conversation(h)
+    (sent,) = fake_twilio.sends()
+    assert sent.authorized
+    assert sent.path == f"/2010-04-01/Accounts/{fake_twilio.account_sid}/Messages.json"
+    assert sent.form == {
+        "To": CUSTOMER,
+        "From": OURS,
+        "Body": SEED_CREATE["welcomeMessage"],
+        "StatusCallback": f"{PUBLIC}/v1/providers/twilio/status?messageId={message_id}",
+    }
+    assert sid in fake_twilio.messages
+    messages = (await h.get(f"/v1/sms-conversations/{conversation_id}/messages")).json()["data"]
+    assert [(m["providerMessageId"], m["status"]) for m in messages] == [(sid, "queued")]
+
+
+async def test_invalid_number_is_502_with_twilios_code_and_closes_the_conversation(
+    h: Harness, fake_twilio: FakeTwilio
+) -> None:
+    response = await h.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15005550001"})
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "provider_error"
+    assert error["providerCode"] == "21211"
+    conversation = (await h.get(f"/v1/sms-conversations/{error['conversationId']}")).json()["data"]
+    assert (conversation["status"], conversation["endReason"]) == ("closed", "opening_message_failed")
+    messages = (await h.get(f"/v1/sms-conversations/{error['conversationId']}/messages")).json()["data"]
+    assert [(m["status"], m["errorCode"]) for m in messages] == [("failed", "21211")]
+    assert len(fake_twilio.sends()) == 1
+    assert fake_twilio.messages == {}
+
+
+async def test_a_send_answered_with_5xx_after_creation_is_not_sent_twice(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    provider = TwilioProvider(
+        fake_twilio.account_sid, fake_twilio.auth_token, fake_twilio.base_url, timeout=1.0, backoff=(0.01, 0.02)
+    )
+    fake_twilio.script("send", Action("create_then_status", status=502))
+    async for h in twilio_harness(tmp_path, fake_twilio, provider=provider):
+        _, _, sid = await open_conversation(h)
+        assert list(fake_twilio.messages) == [sid]
+        assert fake_twilio.routes() == ["send", "list"]
+
+
+# --- inbound ------------------------------------------------------------------------------------
+
+
+async def test_inbound_is_answered_with_empty_twiml_and_stored_once_per_message_sid(h: Harness) -> None:
+    conversation_id, _, _ = await open_conversation(h)
+    for _ in range(3):
+        response = await callback(h, INBOUND, inbound_params())
+        assert response.status_code == 200
+        assert response.content == EMPTY_TWIML == b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
+        assert response.headers["content-type"].startswith("text/xml")
+    rows = h.rows(
+        "SELECT conversation_id, content, provider, provider_message_id FROM messages WHERE direction = 'inbound'"
+    )
+    assert [tuple(r) for r in rows] == [(conversation_id, "Yes, Tuesday works", "twilio", "SM" + "a" * 32)]
+    assert event_types(h, conversation_id).count("sms.message_received") == 1
+
+    await callback(h, INBOUND, inbound_params(sid="SM" + "b" * 32, body="And 3pm?"))
+    assert count(h, "messages WHERE direction = 'inbound'") == 2
+
+
+async def test_concurrent_duplicates_are_stored_once(h: Harness) -> None:
+    await open_conversation(h)
+    responses = await asyncio.gather(*[callback(h, INBOUND, inbound_params()) for _ in range(5)])
+    assert {r.status_code for r in responses} == {200}
+    assert count(h, "messages WHERE direction = 'inbound'") == 1
+
+
+OTHER_URLS = [
+    "http://127.0.0.1:8000/v1/providers/twilio/inbound",
+    "https://parley.example.test/v1/providers/twilio/status",
+    "https://evil.example.test/v1/providers/twilio/inbound",
+    "https://parley.example.test/v1/providers/twilio/inbound?x=1",
+]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    ["missing", "other-token", "other-params", *[f"url:{u}" for u in OTHER_URLS]],
+)
+async def test_a_bad_inbound_signature_is_403_and_stores_nothing(h: Harness, tamper: str) -> None:
+    await open_conversation(h)
+    before = count(h, "events")
+    params = inbound_params()
+    kwargs: dict[str, Any] = {}
+    if tamper == "missing":
+        kwargs["signature"] = False
+    elif tamper == "other-token":
+        kwargs["token"] = "not-the-auth-token"
+    elif tamper == "other-params":
+        kwargs["signed_params"] = {**params, "Body": "something else"}
+    else:
+        kwargs["signed_url"] = tamper.removeprefix("url:")
+    response = await callback(h, INBOUND, params, **kwargs)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "forbidden"
+    assert count(h, "messages WHERE direction = 'inbound'") == 0
+    assert count(h, "events") == before
+
+
+async def test_a_signature_over_the_default_port_form_is_accepted(h: Harness) -> None:
+    response = await callback(h, INBOUND, inbound_params(), signed_url=f"https://parley.example.test:443{INBOUND}")
+    assert response.status_code == 200
+    assert count(h, "messages WHERE direction = 'inbound'") == 1  # unrouted: no conversation yet
+
+
+async def test_opt_out_type_reaches_the_inbound_hooks(h: Harness) -> None:
+    seen: list[str | None] = []
+
+    async def hook(ctx: Any, result: InboundResult, sms: InboundSms) -> None:
+        seen.append(sms.provider_opt_out_type)
+
+    h.ctx.extras.setdefault("inbound_hooks", []).append(hook)
+    await callback(h, INBOUND, inbound_params(body="STOP", OptOutType="STOP"))
+    await callback(h, INBOUND, inbound_params(sid="SM" + "c" * 32, body="hello"))
+    assert seen == ["STOP", None]
+    assert h.ctx.provider.confirms_opt_out is False  # Parley confirms unless OptOutType says Twilio did
+
+
+@pytest.mark.parametrize(("opt_out_type", "confirmations"), [("STOP", 0), (None, 1)])
+async def test_parley_confirms_a_stop_only_when_twilio_did_not(
+    h: Harness, fake_twilio: FakeTwilio, opt_out_type: str | None, confirmations: int
+) -> None:
+    conversation_id, _, _ = await open_conversation(h)
+    extra = {"OptOutType": opt_out_type} if opt_out_type else {}
+    response = await callback(h, INBOUND, inbound_params(body="STOP", **extra))
+    assert response.status_code == 200
+    assert len(fake_twilio.sends()) == 1 + confirmations  # the opening, plus Parley's own confirmation
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert (conversation["status"], conversation["endReason"]) == ("closed", "opted_out")
+    assert count(h, "events WHERE type = 'contact.opt_out'") == 1
+
+
+async def test_a_signed_inbound_without_message_sid_is_400(h: Harness) -> None:
+    params = {k: v for k, v in inbound_params().items() if k not in {"MessageSid", "SmsSid", "SmsMessageSid"}}
+    response = await callback(h, INBOUND, params)
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == [{"field": "MessageSid", "message": "is required"}]
+    assert count(h, "messages") == 0
+
+
+async def test_a_json_callback_is_refused(h: Harness) -> None:
+    body = msgspec.json.encode(inbound_params())
+    unsigned = await h.client.post(INBOUND, content=body, headers={"Content-Type": "application/json"})
+    assert unsigned.status_code == 403
+    headers = {
+        "Content-Type": "application/json",
+        **{
+            "X-Twilio-Signature": signed_headers(h.settings.twilio_auth_token, PUBLIC + INBOUND, {})[
+                "X-Twilio-Signature"
+            ]
+        },
+    }
+    signed = await h.client.post(INBOUND, content=body, headers=headers)
+    assert signed.status_code == 415
+    assert count(h, "messages") == 0
+
+
+async def test_a_callback_over_64_kib_is_413_and_stores_nothing(h: Harness) -> None:
+    params = inbound_params(body="x" * (64 * 1024))
+    response = await callback(h, INBOUND, params)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert count(h, "messages") == 0
+
+
+async def test_callbacks_need_no_api_key_but_the_api_still_does(h: Harness) -> None:
+    assert (await h.client.post(INBOUND)).status_code == 403
+    assert (await h.client.get("/v1/sms-conversations")).status_code == 401
+
+
+async def test_callback_routes_exist_only_in_twilio_mode(tmp_path: Path) -> None:
+    async for sim in start_harness(tmp_path):
+        response = await callback(sim, INBOUND, inbound_params(), token="x")
+        assert response.status_code == 404
+
+
+async def test_openapi_documents_the_callbacks_without_bearer_auth(h: Harness) -> None:
+    schema = (await h.client.get("/schema/openapi.json")).json()
+    for path in (INBOUND, STATUS):
+        operation = schema["paths"][path]["post"]
+        assert "application/x-www-form-urlencoded" in operation["requestBody"]["content"]
+        assert operation["security"] == [{}]
+
+
+# --- status callbacks -----------------------------------------------------------------------------
+
+
+async def test_status_callbacks_follow_the_lattice_and_emit_once_per_real_change(h: Harness) -> None:
+    conversation_id, message_id, sid = await open_conversation(h)
+    url = f"{STATUS}?messageId={message_id}"
+    sequence = ["sent", "sent", "queued", "delivered", "delivered", "undelivered", "read"]
+    for provider_status in sequence:
+        response = await callback(h, url, status_params(sid, provider_status))
+        assert response.status_code == 204
+    (message,) = h.rows("SELECT status, delivered_at, error_code FROM messages WHERE id = ?", message_id)
+    assert message["status"] == "delivered" and message["delivered_at"] is not None
+    reports = h.rows(
+        "SELECT provider_status, applied, raw FROM status_reports WHERE message_id = ? ORDER BY id", message_id
+    )
+    assert [r["provider_status"] for r in reports] == sequence  # every raw callback is kept
+    assert [r["applied"] for r in reports] == [1, 0, 0, 1, 0, 0, 0]
+    assert msgspec.json.decode(reports[0]["raw"])["MessageSid"] == sid
+    updates = h.rows(
+        "SELECT payload FROM events WHERE conversation_id = ? AND type = 'sms.message_delivery_updated' ORDER BY pos",
+        conversation_id,
+    )
+    data = [msgspec.json.decode(u["payload"])["data"] for u in updates]
+    assert [(d["previousStatus"], d["status"]) for d in data] == [("queued", "sent"), ("sent", "delivered")]
+
+
+async def test_a_failure_keeps_twilios_error_code(h: Harness) -> None:
+    _, message_id, sid = await open_conversation(h)
+    url = f"{STATUS}?messageId={message_id}"
+    await callback(h, url, status_params(sid, "undelivered", ErrorCode="30003"))
+    await callback(h, url, status_params(sid, "delivered"))  # terminal never changes
+    (message,) = h.rows("SELECT status, error_code FROM messages WHERE id = ?", message_id)
+    assert (message["status"], message["error_code"]) == ("undelivered", "30003")
+    (update,) = h.rows("SELECT payload FROM events WHERE type = 'sms.message_delivery_updated'")
+    assert msgspec.json.decode(update["payload"])["data"]["errorCode"] == "30003"
+
+
+async def test_a_status_signature_for_another_message_id_fails(h: Harness) -> None:
+    _, message_id, sid = await open_conversation(h)
+    other = "00000000-0000-4000-8000-000000000000"
+    response = await callback(
+        h,
+        f"{STATUS}?messageId={message_id}",
+        status_params(sid, "delivered"),
+        signed_url=f"{PUBLIC}{STATUS}?messageId={other}",
+    )
+    assert response.status_code == 403
+    assert count(h, "status_reports") == 0
+    assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "queued"
+
+
+async def test_a_status_callback_without_message_id_is_matched_by_sid(h: Harness) -> None:
+    _, message_id, sid = await open_conversation(h)
+    assert (await callback(h, STATUS, status_params(sid, "sent"))).status_code == 204
+    assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "sent"
+
+
+async def test_a_status_callback_that_overtakes_the_send_answer_is_not_undone(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    fake_twilio.script("send", Action("delay", seconds=0.3))
+    async for h in twilio_harness(tmp_path, fake_twilio):
+        create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
+        for _ in range(200):
+            if fake_twilio.messages:
+                break
+            await asyncio.sleep(0.005)
+        (sid,) = fake_twilio.messages
+        (row,) = h.rows("SELECT id FROM messages WHERE direction = 'outbound'")
+        overtaking = await callback(h, f"{STATUS}?messageId={row['id']}", status_params(sid, "sent"))
+        assert overtaking.status_code == 204
+        assert (await create).status_code == 201
+        (message,) = h.rows("SELECT status, provider_message_id FROM messages WHERE id = ?", row["id"])
+        assert (message["status"], message["provider_message_id"]) == ("sent", sid)
+
+
+async def test_stale_messages_are_reconciled_by_polling_twilio(tmp_path: Path, fake_twilio: FakeTwilio) -> None:
+    clock = FakeClock()
+    async for h in twilio_harness(tmp_path, fake_twilio, clock=clock, status_reconcile_after_seconds=5):
+        conversation_id, message_id, sid = await open_conversation(h)
+        fake_twilio.set_status(sid, "delivered")
+        assert await housekeeping.reconcile_stale_statuses(h.ctx) == 0  # not stale yet
+        assert "fetch" not in fake_twilio.routes()
+        await clock.advance(6)
+        assert await housekeeping.reconcile_stale_statuses(h.ctx) == 1
+        (fetch,) = [r for r in fake_twilio.requests if r.route == "fetch"]
+        assert fetch.authorized and fetch.path.endswith(f"/Messages/{sid}.json")
+        assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "delivered"
+        (report,) = h.rows("SELECT provider_status, raw FROM status_reports WHERE message_id = ?", message_id)
+        assert report["provider_status"] == "delivered"
+        assert msgspec.json.decode(report["raw"])["source"] == "poll"
+        assert event_types(h, conversation_id).count("sms.message_delivery_updated") == 1
+        # The callback Twilio sends for the same status is then a duplicate.
+        assert (
+            await callback(h, f"{STATUS}?messageId={message_id}", status_params(sid, "delivered"))
+        ).status_code == 204
+        assert event_types(h, conversation_id).count("sms.message_delivery_updated") == 1
+        assert count(h, "status_reports WHERE message_id = ?", message_id) == 2

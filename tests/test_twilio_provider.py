@@ -1,0 +1,360 @@
+"""TwilioProvider against the fake Twilio REST API: exact fields, error codes, retries that never send twice."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Iterator
+
+import msgspec
+import pytest
+from twilio.request_validator import RequestValidator
+
+from app.api.app import build_provider
+from app.config import ConfigError, Settings, load_settings
+from app.domain.models import Message
+from app.providers import twilio
+from app.providers.base import ProviderRejected, SendOutcomeUnknown, SendRequest
+from app.providers.twilio import TwilioProvider
+from tests.fake_twilio import Action, FakeTwilio, error_body, running_fake
+
+FAST = (0.01, 0.02, 0.03)
+
+
+@pytest.fixture
+def fake_twilio() -> Iterator[FakeTwilio]:
+    with running_fake() as fake:
+        yield fake
+
+
+def request(body: str = "Hi Ada, your recall appointment is ready.", to: str = "+15555550199") -> SendRequest:
+    return SendRequest(
+        message_id="7d9f3f2e-8c1a-4d4c-9a57-0b0f0a1c2d3e",
+        from_number="+15555550123",
+        to_number=to,
+        body=body,
+        status_callback_url="https://parley.example.test/v1/providers/twilio/status?messageId=7d9f3f2e-8c1a-4d4c-9a57-0b0f0a1c2d3e",
+    )
+
+
+async def started(provider: TwilioProvider) -> TwilioProvider:
+    async def ignore(report: object) -> None:
+        raise AssertionError("Twilio reports arrive over HTTP, not through the sink")
+
+    await provider.start(ignore)
+    return provider
+
+
+@pytest.fixture
+async def provider(fake_twilio: FakeTwilio) -> AsyncIterator[TwilioProvider]:
+    p = TwilioProvider(
+        fake_twilio.account_sid,
+        fake_twilio.auth_token,
+        fake_twilio.base_url,
+        timeout=0.25,
+        backoff=FAST,
+        rng=random.Random(7),
+    )
+    await started(p)
+    yield p
+    await p.close()
+
+
+async def test_send_posts_exactly_the_four_fields_with_basic_auth(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    accepted = await provider.send(request())
+    (sent,) = fake_twilio.sends()
+    assert sent.authorized
+    assert sent.path == f"/2010-04-01/Accounts/{fake_twilio.account_sid}/Messages.json"
+    assert sent.form == {
+        "To": "+15555550199",
+        "From": "+15555550123",
+        "Body": "Hi Ada, your recall appointment is ready.",
+        "StatusCallback": request().status_callback_url,
+    }
+    assert accepted.provider_message_id in fake_twilio.messages
+    assert accepted.provider_status == "queued"
+
+
+async def test_wrong_credentials_are_a_rejection_with_twilios_code(fake_twilio: FakeTwilio) -> None:
+    p = await started(TwilioProvider(fake_twilio.account_sid, "not-the-token", fake_twilio.base_url, backoff=FAST))
+    try:
+        with pytest.raises(ProviderRejected) as caught:
+            await p.send(request())
+    finally:
+        await p.close()
+    assert caught.value.code == "20003"
+    assert not fake_twilio.sends()[0].authorized
+    assert fake_twilio.messages == {}
+
+
+@pytest.mark.parametrize(
+    ("to", "code"),
+    [
+        ("+15005550001", "21211"),
+        ("+15005550002", "21612"),
+        ("+15005550003", "21408"),
+        ("+15005550004", "21610"),
+        ("+15005550009", "21614"),
+    ],
+)
+async def test_magic_numbers_map_to_twilio_error_codes(
+    provider: TwilioProvider,
+    fake_twilio: FakeTwilio,
+    to: str,
+    code: str,
+) -> None:
+    with pytest.raises(ProviderRejected) as caught:
+        await provider.send(request(to=to))
+    assert caught.value.code == code
+    assert caught.value.message  # Twilio's own sentence
+    assert len(fake_twilio.sends()) == 1  # a 4xx is final: no retry
+
+
+async def test_an_error_without_json_keeps_the_http_status_as_code(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    fake_twilio.script("send", Action("status", status=400, body={"unexpected": True}))
+    with pytest.raises(ProviderRejected) as caught:
+        await provider.send(request())
+    assert caught.value.code == "http_400"
+
+
+async def test_a_5xx_that_created_nothing_is_looked_up_then_resent_once(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    fake_twilio.script("send", Action("status", status=503))
+    accepted = await provider.send(request())
+    assert fake_twilio.routes() == ["send", "list", "send"]
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+
+
+async def test_a_5xx_after_twilio_created_the_message_is_reconciled_not_resent(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    fake_twilio.script("send", Action("create_then_status", status=500))
+    accepted = await provider.send(request())
+    assert fake_twilio.routes() == ["send", "list"]
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+    lookup = fake_twilio.requests[1]
+    assert lookup.query == {"To": "+15555550199", "From": "+15555550123", "PageSize": "50"}
+
+
+async def test_a_timeout_after_the_request_reached_twilio_is_reconciled(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    fake_twilio.script("send", Action("delay", seconds=0.6))
+    accepted = await provider.send(request())
+    assert len(fake_twilio.sends()) == 1
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+
+
+async def test_a_dropped_connection_is_reconciled(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
+    fake_twilio.script("send", Action("drop"))
+    accepted = await provider.send(request())
+    assert fake_twilio.routes() == ["send", "list"]
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+
+
+async def test_a_trial_accounts_prefixed_body_still_matches(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
+    fake_twilio.trial = True
+    fake_twilio.script("send", Action("drop"))
+    accepted = await provider.send(request())
+    assert len(fake_twilio.sends()) == 1
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+
+
+async def test_the_look_up_never_claims_an_earlier_identical_message(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    first = await provider.send(request())
+    fake_twilio.script("send", Action("drop"))
+    second = await provider.send(request())
+    assert second.provider_message_id != first.provider_message_id
+    assert set(fake_twilio.messages) == {first.provider_message_id, second.provider_message_id}
+    assert len(fake_twilio.sends()) == 2
+
+
+async def test_concurrent_identical_sends_each_get_their_own_message(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    fake_twilio.script("send", Action("drop"), Action("drop"))
+    results = await asyncio.gather(provider.send(request()), provider.send(request()), provider.send(request()))
+    sids = {r.provider_message_id for r in results}
+    assert len(sids) == 3
+    assert set(fake_twilio.messages) == sids
+
+
+async def test_429_is_retried_without_a_look_up(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
+    fake_twilio.script("send", Action("status", status=429, body=error_body(20429, "Too Many Requests", 429)))
+    await provider.send(request())
+    assert fake_twilio.routes() == ["send", "send"]
+    assert len(fake_twilio.messages) == 1
+
+
+async def test_unreachable_twilio_is_unavailable_not_an_unknown_outcome() -> None:
+    closed = FakeTwilio().start()
+    base = closed.base_url
+    closed.stop()
+    p = await started(TwilioProvider("AC" + "1" * 32, "token", base, timeout=0.25, backoff=FAST))
+    try:
+        with pytest.raises(ProviderRejected) as caught:
+            await p.send(request())
+    finally:
+        await p.close()
+    assert caught.value.code == twilio.UNAVAILABLE
+    assert not isinstance(caught.value, SendOutcomeUnknown)
+
+
+async def test_an_outcome_that_stays_unknown_is_never_resent(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
+    fake_twilio.script("send", Action("drop"))
+    fake_twilio.script("list", *[Action("status", status=500)] * 5)
+    with pytest.raises(SendOutcomeUnknown) as caught:
+        await provider.send(request())
+    assert caught.value.code == twilio.OUTCOME_UNKNOWN
+    assert len(fake_twilio.sends()) == 1
+    assert fake_twilio.routes().count("list") == 4  # one look-up per retry slot and a final one
+
+
+async def test_a_look_up_that_recovers_finds_the_message(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
+    fake_twilio.script("send", Action("drop"))
+    fake_twilio.script("list", Action("status", status=502))
+    accepted = await provider.send(request())
+    assert fake_twilio.routes() == ["send", "list", "list"]
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+
+
+async def test_fetch_status_reads_the_message_resource(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
+    accepted = await provider.send(request())
+    fake_twilio.set_status(accepted.provider_message_id, "undelivered", 30003)
+    message = Message(
+        id="7d9f3f2e-8c1a-4d4c-9a57-0b0f0a1c2d3e",
+        conversation_id=None,
+        org_id=None,
+        seq=None,
+        direction="outbound",
+        author="agent",
+        from_number="+15555550123",
+        to_number="+15555550199",
+        content="x",
+        status="queued",
+        provider="twilio",
+        provider_message_id=accepted.provider_message_id,
+        error_code=None,
+        encoding="GSM-7",
+        segments=1,
+        created_at=0,
+        sent_at=0,
+        delivered_at=None,
+    )
+    report = await provider.fetch_status(message)
+    assert report is not None
+    assert (report.provider_status, report.error_code, report.message_id) == ("undelivered", "30003", message.id)
+    assert report.raw["source"] == "poll" and "body" not in report.raw
+    assert fake_twilio.requests[-1].path.endswith(f"/Messages/{accepted.provider_message_id}.json")
+    assert fake_twilio.requests[-1].authorized
+
+    assert await provider.fetch_status(_with_sid(message, "SM" + "0" * 32)) is None  # Twilio: 404
+    assert await provider.fetch_status(_with_sid(message, None)) is None
+
+
+def _with_sid(message: Message, sid: str | None) -> Message:
+    return msgspec.structs.replace(message, provider_message_id=sid)
+
+
+async def test_fetch_status_raises_when_twilio_fails(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
+    accepted = await provider.send(request())
+    fake_twilio.script("fetch", Action("status", status=500))
+    message = _with_sid(
+        Message(
+            id="m",
+            conversation_id=None,
+            org_id=None,
+            seq=None,
+            direction="outbound",
+            author="agent",
+            from_number="+1",
+            to_number="+2",
+            content="x",
+            status="sent",
+            provider="twilio",
+            provider_message_id=None,
+            error_code=None,
+            encoding="GSM-7",
+            segments=1,
+            created_at=0,
+            sent_at=0,
+            delivered_at=None,
+        ),
+        accepted.provider_message_id,
+    )
+    with pytest.raises(twilio.TwilioUnavailable):
+        await provider.fetch_status(message)
+
+
+# --- signatures: ours must agree with Twilio's own library -------------------------------------
+
+TOKEN = "12345"
+URL = "https://mycompany.com/myapp.php?foo=1&bar=2"
+PARAMS = {
+    "CallSid": "CA1234567890ABCDE",
+    "Caller": "+12349013030",
+    "Digits": "1234",
+    "From": "+12349013030",
+    "To": "+18005551212",
+}
+
+
+def test_signature_is_the_one_twilios_library_computes() -> None:
+    assert twilio.compute_signature(TOKEN, URL, PARAMS.items()) == RequestValidator(TOKEN).compute_signature(
+        URL, PARAMS
+    )
+    unicode_params = {"Body": "Ça va? 👍", "Empty": "", "A": "x&y=z"}
+    assert twilio.compute_signature(TOKEN, URL, unicode_params.items()) == RequestValidator(TOKEN).compute_signature(
+        URL, unicode_params
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "params", "valid"),
+    [
+        (URL, PARAMS, True),
+        ("https://mycompany.com:443/myapp.php?foo=1&bar=2", PARAMS, True),  # Twilio may sign either form
+        ("https://mycompany.com/myapp.php?foo=1&bar=3", PARAMS, False),
+        ("http://mycompany.com/myapp.php?foo=1&bar=2", PARAMS, False),
+        (URL, {**PARAMS, "Digits": "1235"}, False),
+        (URL, {**PARAMS, "Extra": ""}, False),
+    ],
+)
+def test_signature_validation_agrees_with_request_validator(url: str, params: dict[str, str], valid: bool) -> None:
+    signature = RequestValidator(TOKEN).compute_signature(URL, PARAMS)
+    assert twilio.signature_valid(TOKEN, url, params.items(), signature) is valid
+    assert RequestValidator(TOKEN).validate(url, params, signature) is valid
+
+
+def test_missing_or_foreign_signatures_fail() -> None:
+    assert not twilio.signature_valid(TOKEN, URL, PARAMS.items(), None)
+    assert not twilio.signature_valid(TOKEN, URL, PARAMS.items(), "")
+    other = RequestValidator("another-token").compute_signature(URL, PARAMS)
+    assert not twilio.signature_valid(TOKEN, URL, PARAMS.items(), other)
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+TWILIO_ENV = {"PARLEY_SMS_PROVIDER": "twilio", "TWILIO_ACCOUNT_SID": "AC" + "2" * 32, "TWILIO_AUTH_TOKEN": "t"}
+
+
+def test_twilio_mode_needs_a_public_url_for_its_callbacks() -> None:
+    with pytest.raises(ConfigError, match="PARLEY_PUBLIC_URL"):
+        load_settings(TWILIO_ENV, env_file=None)
+    settings = load_settings({**TWILIO_ENV, "PARLEY_PUBLIC_URL": "https://sms.example.com/"}, env_file=None)
+    assert settings.public_url == "https://sms.example.com"
+    assert settings.twilio_api_base == "https://api.twilio.com"
+
+
+def test_twilio_mode_builds_the_twilio_provider() -> None:
+    provider = build_provider(Settings(sms_provider="twilio", twilio_account_sid="AC1", twilio_auth_token="t"))
+    assert isinstance(provider, TwilioProvider)
+    assert provider.name == "twilio"
+    assert provider.messages_url == "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages.json"
