@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.params import Parameter
@@ -12,8 +13,10 @@ from app.api import requests as rq
 from app.api.schemas import ListMeta, Meta, errors, json_body
 from app.clock import iso
 from app.domain import agent_registry
-from app.domain.agents import Agent, AgentPatch, AgentSettings
+from app.domain.agents import Agent, AgentPatch, AgentSettings, Tool
+from app.domain.context import Context
 from app.domain.types import StrictDecoder
+from app.llm import tools as llm_tools
 from app.store import agents as store
 
 settings_decoder = StrictDecoder(AgentSettings)
@@ -40,6 +43,12 @@ def agent_out(agent: Agent, tool_secret: str | None = None) -> dict[str, Any]:
     return out
 
 
+async def check_tool_urls(tools: list[Tool], ctx: Context) -> None:
+    """The registration-time tool rules, the URL guard's DNS look-up included, off the event loop and
+    before any write (a look-up on the writer's thread would stall every write)."""
+    await anyio.to_thread.run_sync(lambda: llm_tools.check_tools(tools, ctx.settings))
+
+
 class AgentController(Controller):
     path = "/v1/agents"
     tags = ["Agents"]
@@ -49,6 +58,7 @@ class AgentController(Controller):
         ctx = rq.context(request)
         settings = await rq.read_json(request, settings_decoder)
         org_id = rq.org_of(request)
+        await check_tool_urls(settings.tools, ctx)
         agent = await ctx.db.write(lambda c: agent_registry.create_custom(c, org_id, settings, ctx.clock.now_ms()))
         return AgentEnvelope(data=agent_out(agent, agent.tool_secret), meta=Meta(request_id=rq.request_id(request)))
 
@@ -82,6 +92,8 @@ class AgentController(Controller):
         org_id = rq.org_of(request)
         await ctx.db.read(lambda c: agent_registry.get_own(c, org_id, agent_id))
         changes = await rq.read_json(request, patch_decoder)
+        if changes.tools is not msgspec.UNSET:
+            await check_tool_urls(changes.tools, ctx)
         agent = await ctx.db.write(
             lambda c: agent_registry.update_custom(c, org_id, agent_id, changes, ctx.clock.now_ms())
         )

@@ -1,0 +1,420 @@
+"""The assistant loop (SPEC §5): debounced turns that answer a conversation's inbound SMS through the model.
+
+An inbound message to an open, unpaused conversation (re)schedules the conversation's `assistant_turn`
+job at now + `replyDebounceMs`, so a burst of texts is answered by one turn that sees all of them. The
+job lives in the database (a turn due at a restart still runs), and the scheduler never runs one job
+twice at once, so turns of one conversation never overlap; a message that arrives while a turn runs
+re-schedules the job, and the next turn answers it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from app.domain import compliance, lifecycle, messaging
+from app.domain.agents import Agent
+from app.domain.context import Context
+from app.domain.errors import Conflict, NotFound, ProviderFailed, ValidationFailed
+from app.domain.ids import new_id, parse_uuid
+from app.domain.inbound import InboundResult, InboundSms
+from app.domain.models import Conversation, Message
+from app.llm import prompt, tools
+from app.llm.client import ChatModel, ModelError, ModelNotConfigured, ToolCallRequest
+from app.store import agents as agents_store
+from app.store import conversations as store
+from app.store import events, jobs
+from app.store import tool_calls as tool_calls_store
+from app.store.jobs import Job
+from app.store.tool_calls import ToolCall
+
+log = logging.getLogger("parley.assistant")
+
+TURN_JOB = "assistant_turn"
+# The most recent messages a turn sends the model; SMS conversations rarely come close.
+HISTORY_LIMIT = 400
+
+
+@dataclass
+class Snapshot:
+    """What a turn starts from, read in one go."""
+
+    conversation: Conversation
+    agent: Agent
+    messages: list[Message]
+    tool_calls: list[ToolCall]
+    reply_positions: dict[str, int]
+    answered_seq: int
+
+    @property
+    def last_seq(self) -> int:
+        return max((m.seq or 0 for m in self.messages), default=0)
+
+
+@dataclass
+class TurnState:
+    turn_id: str
+    end_requested: bool = False
+
+
+def needs_reply(messages: list[Message], answered_seq: int) -> bool:
+    """True when a customer message (other than a compliance keyword) is newer than both what the last
+    completed turn had read and the last message a person (operator) sent."""
+    operator = max((m.seq or 0 for m in messages if m.direction == "outbound" and m.author == "operator"), default=0)
+    read = max(answered_seq, operator)
+    return any(
+        m.direction == "inbound" and (m.seq or 0) > read and not compliance.blocks_assistant(m.content)
+        for m in messages
+    )
+
+
+def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
+    conversation = store.get(conn, conversation_id)
+    if conversation is None or conversation.status != "in_progress" or conversation.assistant_paused:
+        return None
+    agent = agents_store.by_id_any(conn, conversation.agent_id)
+    if agent is None:
+        return None
+    first = max(0, conversation.message_count - HISTORY_LIMIT)
+    messages = store.messages_of(conn, conversation.id, after_seq=first, limit=HISTORY_LIMIT * 2)
+    first_seq = min((m.seq or 0 for m in messages), default=0)
+    return Snapshot(
+        conversation=conversation,
+        agent=agent,
+        messages=messages,
+        tool_calls=tool_calls_store.since_seq(conn, conversation.id, first_seq),
+        reply_positions=tool_calls_store.reply_positions(conn, conversation.id, first_seq),
+        answered_seq=tool_calls_store.answered_seq(conn, conversation.id),
+    )
+
+
+def _unique_call_ids(calls: list[ToolCallRequest]) -> list[ToolCallRequest]:
+    """Keep the model's call ids (it may expect them back) unless missing or repeated within one answer."""
+    seen: set[str] = set()
+    out = []
+    for call in calls:
+        call_id = call.call_id
+        if not call_id or call_id in seen:
+            call_id = "call_" + uuid.uuid4().hex[:24]
+        seen.add(call_id)
+        out.append(ToolCallRequest(call_id=call_id, name=call.name, arguments=call.arguments))
+    return out
+
+
+class Assistant:
+    """Runs assistant turns and LLM-generated openings for one app; plugged in by the lifespan."""
+
+    def __init__(self, ctx: Context, model: ChatModel) -> None:
+        self.ctx = ctx
+        self.model = model
+
+    # --- inbound ----------------------------------------------------------------------------------
+
+    async def on_inbound(self, ctx: Context, result: InboundResult, sms: InboundSms) -> None:
+        """The inbound hook: (re)schedule the conversation's debounced turn."""
+        if not result.routed or result.conversation is None or compliance.blocks_assistant(sms.body):
+            return
+        conversation_id = result.conversation.id
+
+        def schedule(conn: sqlite3.Connection) -> bool:
+            conversation = store.get(conn, conversation_id)
+            if conversation is None or conversation.status != "in_progress" or conversation.assistant_paused:
+                return False  # closed (e.g. by STOP), or handed to a person: stored and emitted, not answered
+            agent = agents_store.by_id_any(conn, conversation.agent_id)
+            debounce = agent.settings.reply_debounce_ms if agent is not None else 0
+            jobs.schedule(conn, TURN_JOB, conversation_id, ctx.clock.now_ms() + debounce)
+            return True
+
+        if await ctx.db.write(schedule):
+            ctx.scheduler.wake()
+
+    # --- turns ------------------------------------------------------------------------------------
+
+    async def run_job(self, job: Job) -> int | None:
+        """The scheduler's handler for `assistant_turn`: one turn; failures are reported, never retried blindly
+        (a retry could repeat tool calls), and the next inbound message starts a fresh turn."""
+        try:
+            await self.run_turn(job.ref)
+        except Exception:
+            log.exception("assistant turn failed in conversation %s", job.ref)
+            await self._report_error(job.ref, "internal_error", "The assistant turn failed unexpectedly.", attempts=0)
+        return None
+
+    async def run_turn(self, conversation_id: str) -> None:
+        ctx = self.ctx
+        snapshot = await ctx.db.read(lambda c: _load(c, conversation_id))
+        if snapshot is None or not needs_reply(snapshot.messages, snapshot.answered_seq):
+            return
+        conversation, agent = snapshot.conversation, snapshot.agent
+        settings = agent.settings
+        if missing := self.model.missing(settings.model):
+            names = " and ".join(missing)
+            log.error("the assistant is not configured: set %s (conversation %s gets no reply)", names, conversation.id)
+            await self._report_error(
+                conversation.id,
+                "model_not_configured",
+                f"No model is configured; set {names} on the server.",
+                attempts=0,
+            )
+            return
+
+        chat: list[dict[str, Any]] = []
+        if system := prompt.system_prompt(settings, conversation.dynamic_variables):
+            chat.append({"role": "system", "content": system})
+        chat.extend(prompt.history(snapshot.messages, snapshot.tool_calls, snapshot.reply_positions))
+        offered = tools.specs(settings)
+        turn = TurnState(turn_id=new_id())
+        rounds = 0
+        while True:
+            last_chance = rounds >= settings.max_tool_rounds
+            try:
+                answer = await self.model.complete(
+                    model=settings.model,
+                    messages=chat,
+                    tools=offered or None,
+                    tool_choice="none" if last_chance else None,
+                    temperature=settings.temperature,
+                )
+            except (ModelError, ModelNotConfigured) as exc:
+                code = exc.code if isinstance(exc, ModelError) else "model_not_configured"
+                message = exc.message if isinstance(exc, ModelError) else str(exc)
+                attempts = exc.attempts if isinstance(exc, ModelError) else 0
+                log.warning("assistant turn abandoned in conversation %s: %s", conversation.id, code)
+                await self._report_error(conversation.id, code, message, attempts=attempts)
+                return
+            if not answer.tool_calls or last_chance:
+                break
+            rounds += 1
+            calls = _unique_call_ids(answer.tool_calls)
+            chat.append(prompt.tool_call_message(answer.content, [(c.call_id, c.name, c.arguments) for c in calls]))
+            for position, call in enumerate(calls):
+                record = await self._run_tool(
+                    snapshot, turn, call, round_=rounds, position=position, assistant_content=answer.content
+                )
+                chat.append(prompt.tool_result_message(record.call_id, record.result))
+            if not await ctx.db.read(lambda c: _is_open(c, conversation.id)):
+                log.info("conversation %s closed during its assistant turn; no reply", conversation.id)
+                return
+
+        reply = prompt.cut_reply(prompt.clean_reply(answer.content), settings.max_reply_chars)
+        # Recorded before the send: a crash in between loses this reply rather than sending it twice.
+        seen = snapshot.last_seq
+        await ctx.db.write(
+            lambda c: tool_calls_store.record_turn(c, turn.turn_id, conversation.id, seen, ctx.clock.now_ms())
+        )
+        if reply:
+            try:
+                sent = await messaging.send_in_conversation(ctx, conversation.id, conversation.org_id, reply, "agent")
+            except Conflict as exc:  # closed or opted out while the model was thinking
+                log.info("assistant reply in conversation %s not sent: %s", conversation.id, exc.code)
+                return
+            except ProviderFailed as exc:
+                log.warning(
+                    "provider rejected the assistant reply in conversation %s (code %s)",
+                    conversation.id,
+                    exc.provider_code,
+                )
+            else:
+                await ctx.db.write(lambda c: tool_calls_store.set_turn_reply(c, turn.turn_id, sent.id))
+        if turn.end_requested:
+            await ctx.db.write(lambda c: _end(c, conversation.id, ctx.clock.now_ms()))
+
+    async def _run_tool(
+        self,
+        snapshot: Snapshot,
+        turn: TurnState,
+        call: ToolCallRequest,
+        *,
+        round_: int,
+        position: int,
+        assistant_content: str | None,
+    ) -> ToolCall:
+        """Persist the call and its invocation event, execute it, persist the result and its event."""
+        ctx = self.ctx
+        conversation, agent = snapshot.conversation, snapshot.agent
+        kind, webhook = tools.kind_of(agent.settings, call.name)
+        arguments, problem = tools.parse_arguments(call.arguments)
+        record = ToolCall(
+            id=new_id(),
+            conversation_id=conversation.id,
+            org_id=conversation.org_id,
+            turn_id=turn.turn_id,
+            round=round_,
+            position=position,
+            call_id=call.call_id,
+            after_seq=snapshot.last_seq,
+            assistant_content=assistant_content,
+            name=call.name,
+            kind=kind,
+            arguments=call.arguments,
+            created_at=ctx.clock.now_ms(),
+        )
+        invocation = {
+            "toolCallId": record.id,
+            "name": call.name,
+            "arguments": arguments if arguments is not None else call.arguments,
+        }
+
+        def invoke(conn: sqlite3.Connection) -> ToolCall:
+            stored = tool_calls_store.insert(conn, record)
+            events.append(conn, "sms.tool_call_invocation", conversation.scope, invocation, ctx.clock.now_ms())
+            return stored
+
+        record = await ctx.db.write(invoke)
+        started = time.perf_counter()
+        handoff_summary: str | None = None
+        if problem is not None:
+            outcome = tools.failure(problem)
+        elif kind == "unknown":
+            outcome = tools.failure(f"there is no tool named {call.name!r}")
+        elif kind == tools.END_CONVERSATION:
+            turn.end_requested = True
+            outcome = tools.ToolOutcome(result={"ok": True, "note": "The conversation ends after your reply is sent."})
+        elif kind == tools.HANDOFF_TO_HUMAN:
+            assert arguments is not None
+            summary = arguments.get("summary")
+            handoff_summary = summary if isinstance(summary, str) else ""
+            outcome = tools.ToolOutcome(
+                result={"ok": True, "note": "A person will take over; you will not answer further messages."}
+            )
+        else:
+            assert webhook is not None and arguments is not None
+            body = tools.request_body(
+                tool_call_id=record.id,
+                name=call.name,
+                arguments=arguments,
+                conversation_id=conversation.id,
+                agent_id=agent.id,
+                dynamic_variables=conversation.dynamic_variables,
+                metadata=conversation.metadata,
+            )
+            now = ctx.clock.now_ms()
+            outcome = await tools.call_webhook(
+                webhook,
+                body,
+                tool_call_id=record.id,
+                secrets=agent.signing_secrets(now),
+                timestamp=now // 1000,
+                policy=ctx.settings,
+            )
+        duration_ms = round((time.perf_counter() - started) * 1000)
+        result_text = outcome.text
+
+        def complete(conn: sqlite3.Connection) -> None:
+            now = ctx.clock.now_ms()
+            tool_calls_store.complete(
+                conn, record.id, result=result_text, is_error=outcome.is_error, duration_ms=duration_ms, now_ms=now
+            )
+            data = {
+                "toolCallId": record.id,
+                "name": call.name,
+                "result": outcome.result,
+                "isError": outcome.is_error,
+                "durationMs": duration_ms,
+            }
+            events.append(conn, "sms.tool_call_result", conversation.scope, data, now)
+            if handoff_summary is not None:
+                current = store.get(conn, conversation.id)
+                if current is not None and current.status == "in_progress" and not current.assistant_paused:
+                    store.set_paused(conn, conversation.id, True)
+                    events.append(
+                        conn,
+                        "sms.handoff_requested",
+                        conversation.scope,
+                        {"toolCallId": record.id, "summary": handoff_summary},
+                        now,
+                    )
+
+        await ctx.db.write(complete)
+        if handoff_summary is not None:
+            log.info("conversation %s handed off to a person", conversation.id)
+        record.result, record.is_error, record.duration_ms = result_text, outcome.is_error, duration_ms
+        return record
+
+    async def _report_error(self, conversation_id: str, code: str, message: str, *, attempts: int) -> None:
+        def report(conn: sqlite3.Connection) -> None:
+            conversation = store.get(conn, conversation_id)
+            if conversation is None:
+                return
+            data = {"error": code, "message": message, "attempts": attempts}
+            events.append(conn, "sms.assistant_error", conversation.scope, data, self.ctx.clock.now_ms())
+
+        try:
+            await self.ctx.db.write(report)
+        except Exception:
+            log.exception("could not record an assistant error for conversation %s", conversation_id)
+
+    # --- operator actions -------------------------------------------------------------------------
+
+    async def resume(self, org_id: str, conversation_id: str) -> Conversation:
+        """Give a handed-off conversation back to the assistant; messages that came meanwhile are answered."""
+        canonical = parse_uuid(conversation_id)
+        if canonical is None:
+            raise NotFound("Conversation not found.")
+        ctx = self.ctx
+
+        def run(conn: sqlite3.Connection) -> Conversation:
+            conversation = store.get(conn, canonical, org_id)
+            if conversation is None:
+                raise NotFound("Conversation not found.")
+            if conversation.status != "in_progress":
+                raise Conflict("conversation_closed", "The conversation is closed; it cannot be resumed.")
+            if conversation.assistant_paused:
+                store.set_paused(conn, conversation.id, False)
+                # The turn itself decides whether anything is left unanswered.
+                jobs.schedule(conn, TURN_JOB, conversation.id, ctx.clock.now_ms())
+            resumed = store.get(conn, conversation.id)
+            assert resumed is not None
+            return resumed
+
+        conversation = await ctx.db.write(run)
+        ctx.scheduler.wake()
+        return conversation
+
+    # --- openings ---------------------------------------------------------------------------------
+
+    async def generate_opening(self, agent: Agent, dynamic_variables: dict[str, str]) -> str:
+        """The first SMS written by the model (one chat completion, no user message).
+
+        A model that is not configured is the caller's 400 (give a welcomeMessage); a model that fails
+        is a 502 `provider_error` whose `providerCode` says why (`model_timeout`, `model_http_500`, …).
+        Nothing is stored and nothing sent in either case, so the request can simply be retried.
+        """
+        settings = agent.settings
+        if missing := self.model.missing(settings.model):
+            names = " and ".join(missing)
+            log.error("LLM-generated openings need the model configured: set %s", names)
+            raise ValidationFailed.field(
+                "welcomeMessage",
+                "is required: this agent has no opening template and the server has no model configured"
+                f" to write one ({names} unset)",
+            )
+        try:
+            answer = await self.model.complete(
+                model=settings.model,
+                messages=prompt.opening_messages(settings, dynamic_variables),
+                temperature=settings.temperature,
+                attempts=1,
+            )
+        except ModelError as exc:
+            log.warning("the model could not write an opening message: %s", exc.code)
+            raise ProviderFailed(f"The model could not write the opening message: {exc.message}", exc.code) from None
+        text = prompt.cut_reply(prompt.clean_reply(answer.content), min(settings.max_reply_chars, 1600))
+        if not text:
+            raise ProviderFailed("The model wrote an empty opening message.", "model_empty_reply")
+        return text
+
+
+def _is_open(conn: sqlite3.Connection, conversation_id: str) -> bool:
+    conversation = store.get(conn, conversation_id)
+    return conversation is not None and conversation.status == "in_progress"
+
+
+def _end(conn: sqlite3.Connection, conversation_id: str, now_ms: int) -> None:
+    conversation = store.get(conn, conversation_id)
+    if conversation is not None and conversation.status == "in_progress":
+        lifecycle.close(conn, conversation, reason="agent_ended", now_ms=now_ms)

@@ -1,0 +1,212 @@
+"""The compliance filter (SPEC §5): opt-out, opt-in and HELP keywords, handled before any assistant turn.
+
+`match_keyword` is the pure decision (the whole body, trimmed, any case, inner whitespace collapsed);
+`on_inbound` is the inbound hook that acts on it. Opt-out and HELP messages never reach the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import unicodedata
+from enum import Enum
+
+import msgspec
+
+from app.domain import lifecycle, messaging
+from app.domain.context import Context
+from app.domain.errors import Conflict, ProviderFailed
+from app.domain.events import EventScope
+from app.domain.inbound import InboundResult, InboundSms
+from app.domain.models import Conversation, Message
+from app.domain.templates import render
+from app.providers.base import ProviderRejected, SendRequest
+from app.store import agents as agents_store
+from app.store import conversations as store
+from app.store import events, opt_outs
+
+log = logging.getLogger("parley.compliance")
+
+
+class Action(Enum):
+    OPT_OUT = "opt_out"
+    OPT_IN = "opt_in"
+    HELP = "help"
+
+
+KEYWORDS: dict[str, Action] = {
+    **dict.fromkeys(
+        ("STOP", "STOPALL", "STOP ALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "OPT-OUT"),
+        Action.OPT_OUT,
+    ),
+    **dict.fromkeys(("START", "UNSTOP", "YES"), Action.OPT_IN),
+    **dict.fromkeys(("HELP", "INFO"), Action.HELP),
+}
+
+OPT_OUT_CONFIRMATION = (
+    "You have been unsubscribed and will receive no more messages from this number. Reply START to resubscribe."
+)
+OPT_IN_CONFIRMATION = (
+    "You have been resubscribed and may receive messages from this number again. Reply STOP to unsubscribe."
+)
+DEFAULT_HELP = "Reply STOP to unsubscribe. Msg&data rates may apply."
+
+
+class Keyword(msgspec.Struct, frozen=True):
+    action: Action
+    keyword: str  # upper-cased, inner whitespace collapsed: "STOP ALL"
+
+
+def normalize(body: str) -> str:
+    """The body as keywords are compared: compatibility-normalized, trimmed, whitespace runs collapsed, upper."""
+    return " ".join(unicodedata.normalize("NFKC", body).split()).upper()
+
+
+def match_keyword(body: str) -> Keyword | None:
+    """The compliance keyword the whole body is, or None ("stop texting me" and "Stop. Thanks" are not)."""
+    text = normalize(body)
+    action = KEYWORDS.get(text)
+    return Keyword(action, text) if action is not None else None
+
+
+def blocks_assistant(body: str) -> bool:
+    """Opt-out and HELP keywords never reach the model. Opt-in words do: "YES" is also an ordinary answer,
+    and it only acts as an opt-in for a pair that is on the opt-out list (which has no open conversation)."""
+    keyword = match_keyword(body)
+    return keyword is not None and keyword.action in (Action.OPT_OUT, Action.HELP)
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    changed: bool
+    conversation: Conversation | None = None  # the conversation a confirmation is filed under
+
+
+def _open_conversation(conn: sqlite3.Connection, result: InboundResult) -> Conversation | None:
+    if not result.routed or result.conversation is None:
+        return None
+    current = store.get(conn, result.conversation.id)
+    return current if current is not None and current.status == "in_progress" else None
+
+
+def _contact_scope(org_id: str, open_conversation: Conversation | None) -> EventScope:
+    if open_conversation is None:
+        return EventScope(org_id=org_id)
+    return open_conversation.scope
+
+
+def apply_opt_out(
+    conn: sqlite3.Connection, result: InboundResult, sms: InboundSms, keyword: Keyword, now_ms: int
+) -> Outcome:
+    """List the pair, close its open conversation with `opted_out`, emit `contact.opt_out` (one transaction)."""
+    assert result.conversation is not None
+    org_id = result.conversation.org_id
+    open_conversation = _open_conversation(conn, result)
+    added = opt_outs.add(conn, org_id, sms.to_number, sms.from_number, keyword.keyword, now_ms)
+    if not added and open_conversation is None:
+        return Outcome(changed=False)
+    data = {"phoneNumber": sms.from_number, "senderNumber": sms.to_number, "keyword": keyword.keyword}
+    events.append(conn, "contact.opt_out", _contact_scope(org_id, open_conversation), data, now_ms)
+    if open_conversation is not None:
+        lifecycle.close(conn, open_conversation, reason="opted_out", now_ms=now_ms)
+    return Outcome(changed=added, conversation=store.get(conn, result.conversation.id))
+
+
+def apply_opt_in(
+    conn: sqlite3.Connection, result: InboundResult, sms: InboundSms, keyword: Keyword, now_ms: int
+) -> Outcome:
+    """Take the pair off the list and emit `contact.opt_in`; nothing at all when it was not listed."""
+    assert result.conversation is not None
+    org_id = result.conversation.org_id
+    if not opt_outs.remove(conn, org_id, sms.to_number, sms.from_number):
+        return Outcome(changed=False)
+    data = {"phoneNumber": sms.from_number, "senderNumber": sms.to_number, "keyword": keyword.keyword}
+    events.append(conn, "contact.opt_in", _contact_scope(org_id, _open_conversation(conn, result)), data, now_ms)
+    return Outcome(changed=True, conversation=result.conversation)
+
+
+async def send_system(ctx: Context, conversation: Conversation, content: str) -> Message | None:
+    """Send a message Parley writes itself (`author: system`) filed under `conversation`, open or closed.
+
+    Unlike `messaging.send_in_conversation` it neither requires the conversation to be open nor refuses an
+    opted-out pair: an opt-out confirmation goes to exactly such a pair. A rejection is logged, not raised.
+    """
+
+    def persist(conn: sqlite3.Connection) -> Message:
+        now = ctx.clock.now_ms()
+        return messaging.insert_outbound(
+            conn, messaging.new_outbound(conversation, content, "system", now, ctx.provider.name)
+        )
+
+    message = await ctx.db.write(persist)
+    request = SendRequest(
+        message_id=message.id,
+        from_number=message.from_number,
+        to_number=message.to_number,
+        body=message.content,
+        status_callback_url=ctx.status_callback_url(message.id),
+    )
+    try:
+        accepted = await ctx.provider.send(request)
+    except ProviderRejected as exc:
+        rejected = exc
+        await ctx.db.write(lambda c: messaging.record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
+        log.warning("provider rejected a system message in conversation %s (code %s)", conversation.id, rejected.code)
+        return None
+    sent = await ctx.db.write(
+        lambda c: messaging.record_accepted(c, conversation, message, accepted, ctx.clock.now_ms())
+    )
+    ctx.scheduler.wake()
+    return sent
+
+
+def _provider_answered(ctx: Context, sms: InboundSms) -> bool:
+    """The provider has already replied to this keyword itself: it always does (`confirms_opt_out`), or it
+    says it did this time (Twilio puts `OptOutType` on the callback when its opt-out handling answered)."""
+    return ctx.provider.confirms_opt_out or sms.provider_opt_out_type is not None
+
+
+async def _help_text(ctx: Context, conversation: Conversation) -> str:
+    agent = await ctx.db.read(lambda c: agents_store.by_id_any(c, conversation.agent_id))
+    if agent is not None and agent.settings.help_message:
+        # Like other agent texts it may name the conversation's variables ({{dealershipName}}).
+        text = render(agent.settings.help_message, conversation.dynamic_variables).strip()
+        if text:
+            return text
+    return DEFAULT_HELP
+
+
+async def on_inbound(ctx: Context, result: InboundResult, sms: InboundSms) -> None:
+    """The inbound hook: act on a compliance keyword. Runs before the assistant's hook."""
+    keyword = match_keyword(sms.body)
+    if keyword is None:
+        return
+    if result.conversation is None:
+        # No conversation ever used this pair: no org to attribute it to; the message is stored unrouted.
+        log.info("%s keyword from a pair with no conversation; stored unrouted", keyword.action.value)
+        return
+    now = ctx.clock.now_ms()
+    confirm = not _provider_answered(ctx, sms)
+    if keyword.action is Action.OPT_OUT:
+        outcome = await ctx.db.write(lambda c: apply_opt_out(c, result, sms, keyword, now))
+        log.info("opt-out in conversation %s", result.conversation.id)
+        if outcome.changed and confirm and outcome.conversation is not None:
+            await send_system(ctx, outcome.conversation, OPT_OUT_CONFIRMATION)
+    elif keyword.action is Action.OPT_IN:
+        outcome = await ctx.db.write(lambda c: apply_opt_in(c, result, sms, keyword, now))
+        if outcome.changed:
+            log.info("opt-in in conversation %s", result.conversation.id)
+            if confirm and outcome.conversation is not None:
+                await send_system(ctx, outcome.conversation, OPT_IN_CONFIRMATION)
+    elif confirm:
+        text = await _help_text(ctx, result.conversation)
+        if not result.routed:
+            # No open conversation: answered all the same (HELP is answered even for an opted-out pair),
+            # filed under the pair's most recent conversation.
+            await send_system(ctx, result.conversation, text)
+            return
+        try:
+            await messaging.send_in_conversation(
+                ctx, result.conversation.id, result.conversation.org_id, text, "system"
+            )
+        except (Conflict, ProviderFailed) as exc:  # closed meanwhile, or the provider refused
+            log.info("HELP reply in conversation %s not sent: %s", result.conversation.id, type(exc).__name__)

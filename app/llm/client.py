@@ -1,0 +1,186 @@
+"""The model: chat completions through the `openai` SDK, against any OpenAI-compatible endpoint.
+
+One client per process (its connection pool is reused), no SDK-level retries: `complete` retries
+timeouts, connection failures and 408/409/429/5xx answers itself, with an injectable backoff, so a
+caller sees either an answer or one `ModelError` after the last try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+import openai
+
+from app.config import Settings
+
+log = logging.getLogger("parley.llm")
+
+DEFAULT_ATTEMPTS = 3
+DEFAULT_RETRY_DELAYS = (1.0, 4.0)
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class ModelNotConfigured(Exception):
+    """PARLEY_LLM_BASE_URL and/or a model name are missing; `missing` names the variables to set."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__("set " + " and ".join(missing))
+        self.missing = missing
+
+
+class ModelError(Exception):
+    """The model could not answer; `code` is short and safe to log and to put in events."""
+
+    def __init__(self, code: str, message: str, *, attempts: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.attempts = attempts
+
+
+class ToolCallRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool call as the model asked for it; `arguments` is the JSON text the model wrote."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ModelAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    content: str | None
+    tool_calls: list[ToolCallRequest] = []
+
+
+def _attr(value: Any, name: str) -> Any:
+    if isinstance(value, dict):
+        return value.get(name)
+    return getattr(value, name, None)
+
+
+def parse_answer(response: Any) -> ModelAnswer:
+    """The first choice of a chat completion; ModelError("model_bad_response") when it has none."""
+    choices = _attr(response, "choices")
+    if not choices:
+        raise ModelError("model_bad_response", "the model's answer has no choices", attempts=1)
+    message = _attr(choices[0], "message")
+    if message is None:
+        raise ModelError("model_bad_response", "the model's answer has no message", attempts=1)
+    content = _attr(message, "content")
+    calls = []
+    for index, call in enumerate(_attr(message, "tool_calls") or []):
+        function = _attr(call, "function")
+        name = _attr(function, "name") if function is not None else None
+        if not name:
+            continue  # not a function call (e.g. a custom tool type this server never offers)
+        arguments = _attr(function, "arguments")
+        if arguments is None:
+            arguments = "{}"
+        elif not isinstance(arguments, str):
+            arguments = json.dumps(arguments)  # some servers send an object instead of JSON text
+        calls.append(ToolCallRequest(call_id=str(_attr(call, "id") or f"call_{index}"), name=name, arguments=arguments))
+    return ModelAnswer(content=content if isinstance(content, str) else None, tool_calls=calls)
+
+
+def _classify(exc: Exception) -> tuple[str, bool]:
+    """(error code, whether another try may help)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return "model_timeout", True
+    if isinstance(exc, openai.APIConnectionError):
+        return "model_unreachable", True
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        return f"model_http_{status}", status >= 500 or status in RETRYABLE_STATUS
+    if isinstance(exc, ModelError):
+        return exc.code, True
+    return "model_bad_response", True
+
+
+class ChatModel:
+    """The configured OpenAI-compatible endpoint; `retry_delays` and `sleep` are injectable for tests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.attempts = attempts
+        self.retry_delays = tuple(retry_delays)
+        self.sleep = sleep
+        self._client: openai.AsyncOpenAI | None = None
+        if settings.llm_base_url:
+            self._client = openai.AsyncOpenAI(
+                base_url=settings.llm_base_url,
+                api_key=settings.llm_api_key or "none",
+                timeout=settings.llm_timeout_seconds,
+                max_retries=0,
+            )
+
+    def model_for(self, agent_model: str | None) -> str | None:
+        return agent_model or self.settings.llm_model
+
+    def missing(self, agent_model: str | None) -> list[str]:
+        """The environment variables that must be set before `agent_model` (or the default) can be called."""
+        missing = []
+        if self._client is None:
+            missing.append("PARLEY_LLM_BASE_URL")
+        if not self.model_for(agent_model):
+            missing.append("PARLEY_LLM_MODEL")
+        return missing
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def complete(
+        self,
+        *,
+        model: str | None,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        temperature: float | None = None,
+        attempts: int | None = None,
+    ) -> ModelAnswer:
+        """One chat completion, retried; raises ModelNotConfigured or ModelError."""
+        if missing := self.missing(model):
+            raise ModelNotConfigured(missing)
+        assert self._client is not None
+        kwargs: dict[str, Any] = {"model": self.model_for(model), "messages": messages}
+        if tools:
+            kwargs["tools"] = tools
+            if tool_choice is not None:
+                kwargs["tool_choice"] = tool_choice
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        tries = attempts or self.attempts
+        for attempt in range(1, tries + 1):
+            try:
+                response = await self._client.chat.completions.create(**kwargs)
+                return parse_answer(response)
+            except (openai.OpenAIError, ModelError) as exc:
+                code, retryable = _classify(exc)
+                log.warning("model call failed (attempt %d of %d): %s", attempt, tries, code)
+                if not retryable or attempt == tries:
+                    raise ModelError(code, _describe(code), attempts=attempt) from None
+            delay = self.retry_delays[min(attempt - 1, len(self.retry_delays) - 1)] if self.retry_delays else 0
+            await self.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _describe(code: str) -> str:
+    if code == "model_timeout":
+        return "The model did not answer in time."
+    if code == "model_unreachable":
+        return "The model endpoint could not be reached."
+    if code.startswith("model_http_"):
+        return f"The model endpoint answered HTTP {code.removeprefix('model_http_')}."
+    return "The model's answer could not be understood."

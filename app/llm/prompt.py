@@ -1,0 +1,122 @@
+"""What the model is sent: the rendered system prompt, the conversation as chat messages, and reply clean-up."""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import groupby
+from typing import Any
+
+from app.domain.agents import AgentSettings
+from app.domain.models import Message
+from app.domain.templates import render
+from app.store.tool_calls import ToolCall
+
+OPENING_INSTRUCTION = (
+    "Write the first SMS of this conversation: the message that opens it. The customer has not written"
+    " anything yet. Reply with the text of that SMS only: plain text, no quotation marks, no preamble,"
+    " at most {limit} characters."
+)
+INTERRUPTED_RESULT = json.dumps({"error": "the tool call was interrupted before it finished"})
+# Outbound messages the customer never received are not part of the conversation the model sees.
+UNSENT = frozenset({"failed", "undelivered"})
+_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+def system_prompt(settings: AgentSettings, variables: dict[str, str]) -> str:
+    return render(settings.system_prompt, variables).strip()
+
+
+def opening_messages(settings: AgentSettings, variables: dict[str, str]) -> list[dict[str, Any]]:
+    """The opening request (SPEC §5): the rendered system prompt and a second system message, no user message."""
+    messages = []
+    if prompt := system_prompt(settings, variables):
+        messages.append({"role": "system", "content": prompt})
+    messages.append({"role": "system", "content": OPENING_INSTRUCTION.format(limit=settings.max_reply_chars)})
+    return messages
+
+
+def replayable_arguments(arguments: str) -> str:
+    """Arguments as replayed in history: invalid JSON becomes `{}` (some servers reject it, which would wedge
+    every later turn); the tool message that follows already tells the model the arguments were unusable."""
+    try:
+        json.loads(arguments)
+    except ValueError:
+        return "{}"
+    return arguments
+
+
+def tool_call_message(content: str | None, calls: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """An assistant message asking for tool calls: (call id, name, arguments JSON) each."""
+    return {
+        "role": "assistant",
+        "content": content or None,
+        "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": replayable_arguments(args)}}
+            for call_id, name, args in calls
+        ],
+    }
+
+
+def tool_result_message(call_id: str, result: str | None) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": result if result is not None else INTERRUPTED_RESULT}
+
+
+def history(
+    messages: list[Message], tool_calls: list[ToolCall], reply_positions: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """The conversation as chat messages: outbound → assistant, inbound → user, and each earlier model
+    answer that asked for tools as an assistant message with `tool_calls` followed by one `tool` message
+    per call, placed right after the last message the model had seen when it asked. An assistant reply
+    named in `reply_positions` (message id → last seq its turn had seen) follows its turn's tool calls,
+    before any text that arrived while that turn ran.
+
+    Consecutive plain messages of one role are joined (one line each): many chat templates of local
+    models refuse two user messages in a row, and a burst of texts reads naturally as lines of one turn.
+    """
+    positions = reply_positions or {}
+    items: list[tuple[tuple[int, int, int], dict[str, Any] | list[ToolCall]]] = []
+    for message in messages:
+        if message.direction == "outbound" and message.status in UNSENT:
+            continue
+        role = "assistant" if message.direction == "outbound" else "user"
+        seq = message.seq or 0
+        key = (positions[message.id], 2, seq) if message.id in positions else (seq, 0, 0)
+        items.append((key, {"role": role, "content": message.content}))
+    for _, group in groupby(tool_calls, key=lambda call: (call.turn_id, call.round)):
+        calls = list(group)
+        items.append(((calls[0].after_seq, 1, calls[0].pos), calls))
+    items.sort(key=lambda item: item[0])
+
+    chat: list[dict[str, Any]] = []
+    for _, item in items:
+        if isinstance(item, list):
+            chat.append(tool_call_message(item[0].assistant_content, [(c.call_id, c.name, c.arguments) for c in item]))
+            chat.extend(tool_result_message(c.call_id, c.result) for c in item)
+            continue
+        previous = chat[-1] if chat else None
+        if previous is not None and previous["role"] == item["role"] and "tool_calls" not in previous:
+            previous["content"] = f"{previous['content']}\n{item['content']}"
+        else:
+            chat.append(item)
+    return chat
+
+
+def clean_reply(text: str | None) -> str:
+    """The SMS text of a model answer: reasoning blocks some local models emit removed, whitespace trimmed."""
+    if not text:
+        return ""
+    return _THINKING.sub("", text).strip()
+
+
+def cut_reply(text: str, limit: int) -> str:
+    """At most `limit` characters, cut at a word boundary (mid-word only when a single word is longer)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    if text[limit].isspace():
+        return head.rstrip()
+    boundary = max((i for i, ch in enumerate(head) if ch.isspace()), default=-1)
+    if boundary <= 0:
+        return head
+    return head[:boundary].rstrip()

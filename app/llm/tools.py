@@ -1,0 +1,243 @@
+"""The tools an agent offers the model: webhook tools (signed HTTP calls) and the built-ins.
+
+A webhook tool is called with a POST signed like a Standard Webhooks delivery with the agent's tool
+secret(s), through the outbound-URL guard; whatever goes wrong (refused URL, timeout, non-2xx, a
+body over 16 KiB or not JSON) becomes an error result the model sees, never an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx2
+import msgspec
+
+from app.domain.agents import (
+    AgentSettings,
+    EndConversationTool,
+    HandoffToHumanTool,
+    Tool,
+    WebhookTool,
+)
+from app.domain.errors import FieldProblem, ValidationFailed
+from app.webhooks import guard, signing
+
+MAX_RESPONSE_BYTES = 16 * 1024
+END_CONVERSATION = "end_conversation"
+HANDOFF_TO_HUMAN = "handoff_to_human"
+BUILTIN_NAMES = frozenset({END_CONVERSATION, HANDOFF_TO_HUMAN})
+
+BUILTIN_SPECS: dict[str, dict[str, Any]] = {
+    END_CONVERSATION: {
+        "type": "function",
+        "function": {
+            "name": END_CONVERSATION,
+            "description": (
+                "End the conversation once this reply is sent: when the customer's matter is settled, they"
+                " decline, or they say goodbye. Still write your last reply as usual."
+            ),
+            "parameters": {
+                "type": "object",
+                "properties": {"reason": {"type": "string", "description": "Why the conversation ends."}},
+            },
+        },
+    },
+    HANDOFF_TO_HUMAN: {
+        "type": "function",
+        "function": {
+            "name": HANDOFF_TO_HUMAN,
+            "description": (
+                "Hand the conversation to a person: when the customer asks for one, is upset, or needs something"
+                " you cannot do. You stop answering until a person resumes you. Tell the customer briefly."
+            ),
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "summary": {"type": "string", "description": "A short summary for the person taking over."}
+                },
+                "required": ["summary"],
+            },
+        },
+    },
+}
+
+_encoder = msgspec.json.Encoder()
+
+
+class UrlPolicy(Protocol):
+    allow_private_urls: bool
+    allow_http_urls: bool
+
+
+@dataclass(frozen=True)
+class _Policy:
+    allow_private_urls: bool = False
+    allow_http_urls: bool = False
+
+
+STRICT_URL_POLICY: UrlPolicy = _Policy()
+
+
+class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What a tool call produced; `result` is any JSON value (an `{"error": …}` object when is_error)."""
+
+    result: Any
+    is_error: bool = False
+
+    @property
+    def text(self) -> str:
+        """The result as the `tool` message's content."""
+        return _encoder.encode(self.result).decode()
+
+
+def failure(message: str, **details: Any) -> ToolOutcome:
+    return ToolOutcome(result={"error": message, **details}, is_error=True)
+
+
+def specs(settings: AgentSettings) -> list[dict[str, Any]]:
+    """The agent's tools as chat-completions function tools; built-ins only when listed."""
+    out: list[dict[str, Any]] = []
+    for tool in settings.tools:
+        if isinstance(tool, WebhookTool):
+            function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
+            if tool.description:
+                function["description"] = tool.description
+            out.append({"type": "function", "function": function})
+        elif isinstance(tool, EndConversationTool):
+            out.append(BUILTIN_SPECS[END_CONVERSATION])
+        elif isinstance(tool, HandoffToHumanTool):
+            out.append(BUILTIN_SPECS[HANDOFF_TO_HUMAN])
+    return out
+
+
+def kind_of(settings: AgentSettings, name: str) -> tuple[str, WebhookTool | None]:
+    """Which of the agent's tools `name` is: (kind, the webhook tool when it is one)."""
+    for tool in settings.tools:
+        if isinstance(tool, WebhookTool) and tool.name == name:
+            return "webhook", tool
+        if isinstance(tool, EndConversationTool) and name == END_CONVERSATION:
+            return END_CONVERSATION, None
+        if isinstance(tool, HandoffToHumanTool) and name == HANDOFF_TO_HUMAN:
+            return HANDOFF_TO_HUMAN, None
+    return "unknown", None
+
+
+def parse_arguments(text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The model's arguments as an object, or (None, why not)."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return None, "the arguments are not valid JSON"
+    if not isinstance(value, dict):
+        return None, "the arguments must be a JSON object"
+    return value, None
+
+
+def check_tools(tools: list[Tool], policy: UrlPolicy, *, resolve: guard.Resolver | None = None) -> None:
+    """Registration-time rules for an agent's tools: no webhook tool may take a built-in's name, and every
+    webhook URL must pass the outbound-URL guard. Raises ValidationFailed naming `tools.N.…`."""
+    problems: list[FieldProblem] = []
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, WebhookTool):
+            continue
+        if tool.name in BUILTIN_NAMES:
+            problems.append(FieldProblem(f"tools.{index}.name", f"{tool.name} is the name of a built-in tool"))
+        try:
+            guard.check_url(tool.url, policy, resolve=resolve)
+        except ValidationFailed as exc:
+            for detail in exc.details or [FieldProblem("url", exc.message)]:
+                problems.append(FieldProblem(f"tools.{index}.url", detail.message))
+    if problems:
+        raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+
+
+def request_body(
+    *,
+    tool_call_id: str,
+    name: str,
+    arguments: dict[str, Any],
+    conversation_id: str,
+    agent_id: str,
+    dynamic_variables: dict[str, str],
+    metadata: dict[str, Any],
+) -> bytes:
+    return _encoder.encode(
+        {
+            "toolCallId": tool_call_id,
+            "name": name,
+            "arguments": arguments,
+            "conversationId": conversation_id,
+            "agentId": agent_id,
+            "dynamicVariables": dynamic_variables,
+            "metadata": metadata,
+        }
+    )
+
+
+async def _read_capped(response: httpx2.Response, limit: int) -> bytes | None:
+    """The body, or None as soon as it passes `limit` bytes (the rest is never read)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def call_webhook(
+    tool: WebhookTool,
+    body: bytes,
+    *,
+    tool_call_id: str,
+    secrets: list[str],
+    timestamp: int,
+    policy: guard.GuardSettings,
+) -> ToolOutcome:
+    """POST the signed call to the tool's URL and turn whatever happens into a ToolOutcome."""
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Parley",
+        "webhook-id": tool_call_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signing.signature_header(secrets, tool_call_id, timestamp, body),
+    }
+    seconds = tool.timeout_seconds
+    try:
+        # httpx2's timeout is per phase; the tool's timeout bounds the whole call, slow drips included.
+        async with (
+            asyncio.timeout(seconds),
+            guard.guarded_client(policy, seconds) as client,
+            client.stream("POST", tool.url, content=body, headers=headers) as response,
+        ):
+            status = response.status_code
+            raw = await _read_capped(response, MAX_RESPONSE_BYTES)
+    except (TimeoutError, httpx2.TimeoutException):
+        return failure(f"the tool did not answer within {seconds:g} seconds")
+    except guard.BlockedAddress:
+        return failure("the tool's URL points to an address Parley may not call")
+    except httpx2.HTTPError as exc:
+        if isinstance(exc.__cause__, guard.BlockedAddress):
+            return failure("the tool's URL points to an address Parley may not call")
+        return failure(f"the tool could not be reached ({type(exc).__name__})")
+    if raw is None:
+        return failure(f"the tool's response is larger than {MAX_RESPONSE_BYTES // 1024} KiB")
+    parsed: Any = None
+    valid_json = True
+    if raw.strip():
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            valid_json = False
+    if not 200 <= status < 300:
+        details: dict[str, Any] = {"status": status}
+        if valid_json and parsed is not None:
+            details["response"] = parsed
+        return failure(f"the tool answered HTTP {status}", **details)
+    if not valid_json:
+        return failure("the tool's response is not valid JSON")
+    return ToolOutcome(result=parsed)

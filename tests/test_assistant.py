@@ -1,0 +1,679 @@
+"""The assistant loop end to end: the real app, a scripted model and a tool server on loopback.
+
+The model is called through the real `openai` client and the tool through the guarded `httpx2`
+client; nothing of ours is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks import Webhook
+
+from app.clock import FakeClock
+from tests.conftest import Harness, start_harness
+from tests.fake_llm import FakeLLM, FakeToolServer
+
+OURS = "+15555550123"
+CUSTOMER = "+15555550199"
+VARIABLES = {"customerName": "Ada", "dealershipName": "PAM Motors"}
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture
+def tool_server() -> Iterator[FakeToolServer]:
+    with FakeToolServer() as server:
+        yield server  # type: ignore[misc]
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, llm: FakeLLM | None, **overrides: Any) -> AsyncIterator[Harness]:
+    """The real app, pointed at the fake model (none: the model is not configured), with fast retries."""
+    if llm is not None:
+        overrides = {"llm_base_url": llm.base_url, "llm_model": "test-model", **overrides}
+    harnesses = start_harness(tmp_path, **overrides)
+    h = await anext(harnesses)
+    try:
+        h.ctx.extras["assistant"].model.retry_delays = (0.01, 0.02)
+        yield h
+    finally:
+        await harnesses.aclose()
+
+
+@pytest.fixture
+async def h(tmp_path: Path, llm: FakeLLM) -> AsyncIterator[Harness]:
+    async with running(tmp_path, llm) as harness:
+        yield harness
+
+
+async def make_agent(h: Harness, **fields: Any) -> dict[str, Any]:
+    body = {
+        "name": "Test agent",
+        "systemPrompt": "You text {{customerName}} for {{dealershipName}}.",
+        "replyDebounceMs": 0,
+        **fields,
+    }
+    response = await h.post("/v1/agents", body)
+    assert response.status_code == 201, response.text
+    return response.json()["data"]
+
+
+async def open_conversation(h: Harness, agent: dict[str, Any], **fields: Any) -> str:
+    body = {
+        "agentId": agent["agentId"],
+        "toNumber": CUSTOMER,
+        "fromNumber": OURS,
+        "welcomeMessage": "Hi Ada, your recall repair is free. Want to book?",
+        "dynamicVariables": VARIABLES,
+        "metadata": {"crmId": "c-1"},
+        **fields,
+    }
+    response = await h.post("/v1/sms-conversations", body)
+    assert response.status_code == 201, response.text
+    return response.json()["data"]["conversationId"]
+
+
+async def text_in(h: Harness, body: str) -> None:
+    response = await h.post("/v1/simulator/inbound", {"from": CUSTOMER, "to": OURS, "body": body})
+    assert response.status_code == 201, response.text
+
+
+def replies(h: Harness, conversation_id: str) -> list[str]:
+    """Agent-written SMS after the opening that the provider accepted, in order."""
+    return [
+        row["content"]
+        for row in h.rows(
+            "SELECT content FROM messages WHERE conversation_id = ? AND direction = 'outbound' AND author = 'agent'"
+            " AND seq > 1 AND provider_message_id IS NOT NULL ORDER BY seq",
+            conversation_id,
+        )
+    ]
+
+
+def events(h: Harness, conversation_id: str, *types: str) -> list[dict[str, Any]]:
+    rows = h.rows("SELECT payload FROM events WHERE conversation_id = ? ORDER BY sequence", conversation_id)
+    payloads = [json.loads(row["payload"]) for row in rows]
+    return [p for p in payloads if not types or p["event"] in types]
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll (in real time) until `check()` is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def settle(seconds: float = 0.15) -> None:
+    """Let background work (scheduler, provider reports) run for a moment."""
+    await asyncio.sleep(seconds)
+
+
+def webhook_tool(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "webhook",
+        "name": "lookup_recall",
+        "description": "Look up a recall by id.",
+        "parameters": {"type": "object", "properties": {"recallId": {"type": "string"}}, "required": ["recallId"]},
+        "url": url,
+        **extra,
+    }
+
+
+# --- plain turns --------------------------------------------------------------------------------
+
+
+async def test_a_customer_text_gets_one_model_reply_sent_as_an_agent_sms(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("Great, Ada! Which day suits you?")
+
+    await text_in(h, "Yes please")
+
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Great, Ada! Which day suits you?"]
+    (request,) = llm.bodies
+    assert request["model"] == "test-model"
+    assert "tools" not in request  # the agent offers none
+    assert request["messages"] == [
+        {"role": "system", "content": "You text Ada for PAM Motors."},
+        {"role": "assistant", "content": "Hi Ada, your recall repair is free. Want to book?"},
+        {"role": "user", "content": "Yes please"},
+    ]
+    phone = (await h.get("/v1/simulator/messages", number=CUSTOMER)).json()["data"]
+    assert phone[-1]["body"] == "Great, Ada! Which day suits you?"
+    sent = events(h, conversation_id, "sms.message_sent")
+    assert sent[-1]["data"]["author"] == "agent"
+
+
+async def test_an_empty_model_answer_sends_nothing(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("   ")
+    await text_in(h, "ok")
+    await llm.wait_for_requests(1)
+    await settle()
+    assert replies(h, conversation_id) == []
+
+
+async def test_a_long_reply_is_cut_at_a_word_boundary(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h, maxReplyChars=20)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("The repair takes about two hours at the dealership.")
+    await text_in(h, "How long?")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["The repair takes"]
+
+
+# --- webhook tools ------------------------------------------------------------------------------
+
+
+async def test_a_tool_call_reaches_the_tool_signed_and_its_result_reaches_the_model(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url + "/recalls")])
+    conversation_id = await open_conversation(h, agent)
+    tool_server.then(200, {"recallId": "24V-123", "status": "open", "repair": "free"})
+    llm.call_tools(("lookup_recall", {"recallId": "24V-123"})).reply("Your recall 24V-123 is open; the fix is free.")
+
+    await text_in(h, "Is my recall still open?")
+
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Your recall 24V-123 is open; the fix is free."]
+    (call,) = tool_server.requests
+    Webhook(agent["toolSecret"]).verify(call.body, call.headers)  # raises when the signature is wrong
+    payload = call.json()
+    assert call.path == "/recalls"
+    assert payload["name"] == "lookup_recall"
+    assert payload["arguments"] == {"recallId": "24V-123"}
+    assert payload["dynamicVariables"] == VARIABLES
+    assert payload["conversationId"] == conversation_id
+    assert payload["agentId"] == agent["agentId"]
+    assert payload["metadata"] == {"crmId": "c-1"}
+    assert call.headers["webhook-id"] == payload["toolCallId"]
+
+    first, second = llm.bodies
+    assert [t["function"]["name"] for t in first["tools"]] == ["lookup_recall"]
+    assistant_call, tool_result = second["messages"][-2:]
+    assert assistant_call["role"] == "assistant"
+    assert assistant_call["tool_calls"][0]["function"] == {
+        "name": "lookup_recall",
+        "arguments": '{"recallId": "24V-123"}',
+    }
+    assert tool_result["role"] == "tool"
+    assert tool_result["tool_call_id"] == assistant_call["tool_calls"][0]["id"]
+    assert json.loads(tool_result["content"]) == {"recallId": "24V-123", "status": "open", "repair": "free"}
+
+    invocation, result = events(h, conversation_id, "sms.tool_call_invocation", "sms.tool_call_result")
+    assert invocation["data"] == {
+        "toolCallId": payload["toolCallId"],
+        "name": "lookup_recall",
+        "arguments": {"recallId": "24V-123"},
+    }
+    assert result["data"]["toolCallId"] == payload["toolCallId"]
+    assert result["data"]["result"] == {"recallId": "24V-123", "status": "open", "repair": "free"}
+    assert result["data"]["isError"] is False
+    assert isinstance(result["data"]["durationMs"], int)
+    assert invocation["sequence"] < result["sequence"]
+
+    listed = (await h.get(f"/v1/sms-conversations/{conversation_id}/tool-calls")).json()
+    (item,) = listed["data"]
+    assert uuid.UUID(item["toolCallId"]).version == 4
+    assert item["toolCallId"] == payload["toolCallId"]
+    assert item["name"] == "lookup_recall"
+    assert item["arguments"] == {"recallId": "24V-123"}
+    assert item["result"]["status"] == "open"
+    assert item["isError"] is False
+    assert item["status"] == "completed"
+    assert listed["meta"]["next_cursor"] is None
+
+
+async def test_during_a_rotation_both_tool_secrets_sign(h: Harness, llm: FakeLLM, tool_server: FakeToolServer) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    rotated = (await h.post(f"/v1/agents/{agent['agentId']}/rotate-tool-secret")).json()["data"]
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("lookup_recall", {"recallId": "1"})).reply("done")
+    await text_in(h, "check")
+    await eventually(lambda: replies(h, conversation_id))
+    (call,) = tool_server.requests
+    Webhook(rotated["toolSecret"]).verify(call.body, call.headers)
+    Webhook(agent["toolSecret"]).verify(call.body, call.headers)
+    assert len(call.headers["webhook-signature"].split()) == 2
+
+
+async def test_the_next_turn_sees_earlier_tool_calls_and_results_in_their_roles(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    conversation_id = await open_conversation(h, agent)
+    tool_server.then(200, {"status": "open"})
+    llm.call_tools(("lookup_recall", {"recallId": "24V-123"}), content="Let me check.").reply("It is open.")
+    await text_in(h, "Is it open?")
+    await eventually(lambda: replies(h, conversation_id))
+
+    llm.reply("You're welcome!")
+    await text_in(h, "Thanks")
+    await eventually(lambda: len(replies(h, conversation_id)) == 2)
+
+    messages = llm.bodies[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "assistant", "user", "assistant", "tool", "assistant", "user"]
+    call_message, tool_message = messages[3], messages[4]
+    assert call_message["content"] == "Let me check."
+    (call,) = call_message["tool_calls"]
+    assert call["type"] == "function"
+    assert call["function"]["name"] == "lookup_recall"
+    assert json.loads(call["function"]["arguments"]) == {"recallId": "24V-123"}
+    assert tool_message["tool_call_id"] == call["id"]
+    assert json.loads(tool_message["content"]) == {"status": "open"}
+    assert messages[2]["content"] == "Is it open?"
+    assert messages[5]["content"] == "It is open."
+    assert messages[6]["content"] == "Thanks"
+
+
+@pytest.mark.parametrize(
+    ("script", "timeout", "expected_error"),
+    [
+        ({"status": 200, "raw": b"<html>not json</html>"}, 10.0, "not valid JSON"),
+        ({"status": 200, "raw": b"{"}, 10.0, "not valid JSON"),
+        ({"status": 500, "body": {"detail": "db down"}}, 10.0, "HTTP 500"),
+        ({"status": 302, "raw": b""}, 10.0, "HTTP 302"),
+        ({"status": 200, "raw": b'"' + b"x" * 17000 + b'"'}, 10.0, "larger than 16 KiB"),
+        ({"status": 200, "body": {"late": True}, "delay": 1.0}, 0.2, "did not answer within 0.2 seconds"),
+    ],
+    ids=["html", "truncated-json", "http-500", "redirect", "oversized", "timeout"],
+)
+async def test_a_failing_tool_gives_the_model_an_error_result_not_a_crash(
+    h: Harness,
+    llm: FakeLLM,
+    tool_server: FakeToolServer,
+    script: dict[str, Any],
+    timeout: float,
+    expected_error: str,
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url, timeoutSeconds=timeout)])
+    conversation_id = await open_conversation(h, agent)
+    tool_server.then(**script)
+    llm.call_tools(("lookup_recall", {"recallId": "1"})).reply("Sorry, I can't look that up right now.")
+
+    await text_in(h, "Check my recall")
+
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Sorry, I can't look that up right now."]
+    tool_message = llm.bodies[1]["messages"][-1]
+    assert tool_message["role"] == "tool"
+    assert expected_error in json.loads(tool_message["content"])["error"]
+    (result,) = events(h, conversation_id, "sms.tool_call_result")
+    assert result["data"]["isError"] is True
+    assert expected_error in result["data"]["result"]["error"]
+    assert events(h, conversation_id, "sms.assistant_error") == []
+
+
+async def test_invalid_arguments_and_unknown_tools_are_error_results_without_calling_anything(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("lookup_recall", "{not json"), ("delete_everything", {})).reply("Hmm.")
+    await text_in(h, "go")
+    await eventually(lambda: replies(h, conversation_id))
+
+    assert tool_server.requests == []
+    tool_messages = [m for m in llm.bodies[1]["messages"] if m["role"] == "tool"]
+    assert [json.loads(m["content"])["error"] for m in tool_messages] == [
+        "the arguments are not valid JSON",
+        "there is no tool named 'delete_everything'",
+    ]
+    listed = (await h.get(f"/v1/sms-conversations/{conversation_id}/tool-calls")).json()["data"]
+    assert [item["arguments"] for item in listed] == ["{not json", {}]
+
+    # The invalid arguments are replayed as `{}` so that strict servers keep accepting the history.
+    llm.reply("ok")
+    await text_in(h, "again")
+    await eventually(lambda: len(replies(h, conversation_id)) == 2)
+    replayed = [m for m in llm.bodies[-1]["messages"] if m.get("tool_calls")]
+    assert replayed[0]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+async def test_tool_rounds_stop_at_max_tool_rounds(h: Harness, llm: FakeLLM, tool_server: FakeToolServer) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)], maxToolRounds=2)
+    conversation_id = await open_conversation(h, agent)
+    for _ in range(3):
+        llm.call_tools(("lookup_recall", {"recallId": "1"}))
+
+    await text_in(h, "loop forever")
+
+    await llm.wait_for_requests(3)
+    await settle()
+    assert len(llm.bodies) == 3
+    assert len(tool_server.requests) == 2
+    assert "tool_choice" not in llm.bodies[0]
+    assert llm.bodies[2]["tool_choice"] == "none"
+    assert replies(h, conversation_id) == []  # the last answer had no text: nothing is sent
+
+
+# --- built-in tools -----------------------------------------------------------------------------
+
+
+async def test_end_conversation_closes_with_agent_ended_after_the_reply_is_sent(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
+
+    await text_in(h, "Tuesday works, bye")
+
+    closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+    assert closed[0]["data"]["endReason"] == "agent_ended"
+    assert replies(h, conversation_id) == ["See you Tuesday!"]
+    (reply_sent,) = [
+        e for e in events(h, conversation_id, "sms.message_sent") if e["data"]["content"] == "See you Tuesday!"
+    ]
+    assert reply_sent["sequence"] < closed[0]["sequence"]
+    offered = [t["function"]["name"] for t in llm.bodies[0]["tools"]]
+    assert offered == ["end_conversation"]
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert (conversation["status"], conversation["endReason"]) == ("closed", "agent_ended")
+
+
+async def test_built_ins_are_offered_only_when_listed(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+    await open_conversation(h, agent)
+    llm.call_tools(("end_conversation", {}))
+    await text_in(h, "bye")
+    await llm.wait_for_requests(2)
+    assert [t["function"]["name"] for t in llm.bodies[0]["tools"]] == ["handoff_to_human"]
+    tool_message = llm.bodies[1]["messages"][-1]
+    assert "no tool named 'end_conversation'" in json.loads(tool_message["content"])["error"]
+
+
+async def test_handoff_pauses_the_assistant_until_resume(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("handoff_to_human", {"summary": "Wants a person about billing"})).reply(
+        "I'll get a person to text you."
+    )
+
+    await text_in(h, "I want to talk to a human")
+
+    (handoff,) = await eventually(lambda: events(h, conversation_id, "sms.handoff_requested"))
+    assert handoff["data"]["summary"] == "Wants a person about billing"
+    await eventually(lambda: replies(h, conversation_id) == ["I'll get a person to text you."])
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["assistantPaused"] is True
+
+    await text_in(h, "Hello? Anyone?")
+    await settle()
+    assert len(llm.bodies) == 2  # stored and emitted, but no turn
+    received = events(h, conversation_id, "sms.message_received")
+    assert received[-1]["data"]["content"] == "Hello? Anyone?"
+
+    llm.reply("Back with you, Ada. How can I help?")
+    response = await h.post(f"/v1/sms-conversations/{conversation_id}/resume")
+    assert response.status_code == 200
+    assert response.json()["data"]["assistantPaused"] is False
+    assert response.json()["data"]["conversationId"] == conversation_id
+    # The message that came during the pause is answered once the assistant is back.
+    await eventually(lambda: len(replies(h, conversation_id)) == 2)
+    assert llm.bodies[-1]["messages"][-1] == {"role": "user", "content": "Hello? Anyone?"}
+
+    llm.reply("Sure.")
+    await text_in(h, "Can you book me?")
+    await eventually(lambda: len(replies(h, conversation_id)) == 3)
+
+
+async def test_resume_answers_404_for_unknown_or_foreign_and_409_when_closed(h: Harness) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    assert (await h.post(f"/v1/sms-conversations/{uuid.uuid4()}/resume")).status_code == 404
+    assert (await h.post("/v1/sms-conversations/not-a-uuid/resume")).status_code == 404
+    assert (await h.post(f"/v1/sms-conversations/{conversation_id}/resume", org="other")).status_code == 404
+    assert (await h.get(f"/v1/sms-conversations/{conversation_id}/tool-calls", org="other")).status_code == 404
+    not_paused = await h.post(f"/v1/sms-conversations/{conversation_id}/resume")
+    assert not_paused.status_code == 200
+    assert not_paused.json()["data"]["assistantPaused"] is False
+    await h.post(f"/v1/sms-conversations/{conversation_id}/close")
+    closed = await h.post(f"/v1/sms-conversations/{conversation_id}/resume")
+    assert closed.status_code == 409
+    assert closed.json()["error"]["code"] == "conversation_closed"
+
+
+# --- debounce -----------------------------------------------------------------------------------
+
+
+async def test_three_texts_100ms_apart_get_one_turn_that_sees_all_three(tmp_path: Path, llm: FakeLLM) -> None:
+    clock = FakeClock()
+    async with running(tmp_path, llm, clock=clock) as h:
+        agent = await make_agent(h, replyDebounceMs=1000)
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("Got all of that: Tuesday at 9 for the recall.")
+
+        await text_in(h, "Hi")
+        await clock.advance(0.1)
+        await text_in(h, "Can I come Tuesday")
+        await clock.advance(0.1)
+        await text_in(h, "at 9?")
+        await clock.advance(0.9)  # 1.0 s after the first text, 0.8 s after the last: still inside the window
+        await settle()
+        assert llm.bodies == []
+
+        await clock.advance(0.3)
+        await llm.wait_for_requests(1)
+        await eventually(lambda: replies(h, conversation_id))
+        await settle()
+        (request,) = llm.bodies
+        assert request["messages"][-1] == {"role": "user", "content": "Hi\nCan I come Tuesday\nat 9?"}
+        assert replies(h, conversation_id) == ["Got all of that: Tuesday at 9 for the recall."]
+
+
+async def test_a_text_during_a_running_turn_is_answered_by_the_next_turn_not_concurrently(
+    h: Harness, llm: FakeLLM
+) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("first answer", delay=0.4).reply("second answer")
+
+    await text_in(h, "one")
+    await llm.wait_for_requests(1)
+    await text_in(h, "two")  # arrives while the first turn waits for the model
+
+    await eventually(lambda: len(replies(h, conversation_id)) == 2)
+    first, second = llm.requests
+    assert second.at >= first.at + 0.35  # the second request only started after the first answered
+    assert llm.bodies[1]["messages"][-2:] == [
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "two"},
+    ]
+
+
+async def test_a_turn_due_when_the_server_stops_runs_after_restart(tmp_path: Path, llm: FakeLLM) -> None:
+    clock = FakeClock()
+    async with running(tmp_path, llm, clock=clock) as h:
+        agent = await make_agent(h, replyDebounceMs=5000)
+        conversation_id = await open_conversation(h, agent)
+        await text_in(h, "Are you there?")
+        assert h.rows("SELECT kind FROM jobs WHERE ref = ? AND kind = 'assistant_turn'", conversation_id)
+    assert llm.bodies == []
+
+    restarted = FakeClock(start_ms=clock.now_ms())
+    llm.reply("Yes, here!")
+    async with running(tmp_path, llm, clock=restarted) as h:
+        await restarted.advance(6)
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, here!"]
+
+
+# --- model failures -----------------------------------------------------------------------------
+
+
+async def test_a_model_failing_with_500_yields_assistant_error_and_the_next_text_is_answered(
+    h: Harness, llm: FakeLLM
+) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.fail(500, times=3)
+
+    await text_in(h, "Hello?")
+
+    (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    assert error["data"]["error"] == "model_http_500"
+    assert error["data"]["attempts"] == 3
+    assert len(llm.bodies) == 3
+    assert replies(h, conversation_id) == []
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["status"] == "in_progress"
+
+    llm.reply("Sorry for the wait! How can I help?")
+    await text_in(h, "Hello again")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Sorry for the wait! How can I help?"]
+    assert llm.bodies[-1]["messages"][-1] == {"role": "user", "content": "Hello?\nHello again"}
+
+
+async def test_a_model_that_recovers_within_three_tries_answers_normally(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.fail(503, times=2).reply("Here now.")
+    await text_in(h, "Hello?")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Here now."]
+    assert events(h, conversation_id, "sms.assistant_error") == []
+
+
+async def test_a_client_error_from_the_model_is_not_retried(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.fail(400)
+    await text_in(h, "Hello?")
+    (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    assert (error["data"]["error"], error["data"]["attempts"]) == ("model_http_400", 1)
+    assert len(llm.bodies) == 1
+
+
+async def test_a_model_timing_out_yields_assistant_error_and_the_next_text_is_answered(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    async with running(tmp_path, llm, llm_timeout_seconds=0.2) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        llm.hang(1.0, times=3)
+
+        await text_in(h, "Hello?")
+
+        (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+        assert error["data"]["error"] == "model_timeout"
+        assert error["data"]["attempts"] == 3
+        assert replies(h, conversation_id) == []
+
+        llm.reply("Back online.")
+        await text_in(h, "Still there?")
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Back online."]
+
+
+async def test_a_missing_model_configuration_is_reported_with_the_variables_to_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(tmp_path, None) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        with caplog.at_level(logging.ERROR, logger="parley.assistant"):
+            await text_in(h, "Hello?")
+            (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+        assert error["data"]["error"] == "model_not_configured"
+        assert "PARLEY_LLM_BASE_URL and PARLEY_LLM_MODEL" in error["data"]["message"]
+        assert any("PARLEY_LLM_BASE_URL and PARLEY_LLM_MODEL" in r.getMessage() for r in caplog.records)
+        assert all("Hello?" not in r.getMessage() and CUSTOMER not in r.getMessage() for r in caplog.records)
+        conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+        assert conversation["status"] == "in_progress"
+
+
+# --- LLM-written openings -----------------------------------------------------------------------
+
+
+async def test_an_agent_without_opening_text_gets_a_model_written_first_sms(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    llm.reply("Hi Ada! PAM Motors here about your open recall. Can we book the free fix?")
+    body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS, "dynamicVariables": VARIABLES}
+
+    response = await h.post("/v1/sms-conversations", body)
+
+    assert response.status_code == 201, response.text
+    (request,) = llm.bodies
+    roles = [m["role"] for m in request["messages"]]
+    assert roles == ["system", "system"]
+    assert request["messages"][0]["content"] == "You text Ada for PAM Motors."
+    assert "first SMS" in request["messages"][1]["content"]
+    assert "tools" not in request
+    phone = (await h.get("/v1/simulator/messages", number=CUSTOMER)).json()["data"]
+    assert phone[-1]["body"] == "Hi Ada! PAM Motors here about your open recall. Can we book the free fix?"
+
+
+async def test_a_model_failure_while_writing_an_opening_is_a_502_and_nothing_is_stored(
+    h: Harness, llm: FakeLLM
+) -> None:
+    agent = await make_agent(h)
+    llm.fail(500)
+    body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS}
+
+    response = await h.post("/v1/sms-conversations", body)
+
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert (error["code"], error["providerCode"]) == ("provider_error", "model_http_500")
+    assert len(llm.bodies) == 1  # one chat completion, not retried inside the request
+    assert h.rows("SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 0
+
+
+async def test_an_opening_needs_a_configured_model(tmp_path: Path) -> None:
+    async with running(tmp_path, None) as h:
+        agent = await make_agent(h)
+        response = await h.post(
+            "/v1/sms-conversations", {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["details"][0]["field"] == "welcomeMessage"
+        assert "PARLEY_LLM_BASE_URL" in response.json()["error"]["message"]
+
+
+# --- tool registration --------------------------------------------------------------------------
+
+
+async def test_tool_urls_are_checked_by_the_outbound_url_guard_at_registration(tmp_path: Path) -> None:
+    async with running(tmp_path, None, allow_private_urls=False, allow_http_urls=False) as h:
+        for url, fragment in (
+            ("http://tools.example.com/x", "https"),
+            ("https://127.0.0.1/x", "non-public"),
+            ("https://localhost/x", "non-public"),
+            ("https://10.1.2.3/x", "non-public"),
+        ):
+            response = await h.post("/v1/agents", {"name": "a", "tools": [webhook_tool(url)]})
+            assert response.status_code == 400, url
+            detail = response.json()["error"]["details"][0]
+            assert detail["field"] == "tools.0.url"
+            assert fragment in detail["message"], (url, detail)
+        ok = await h.post("/v1/agents", {"name": "a", "tools": [webhook_tool("https://93.184.215.14/x")]})
+        assert ok.status_code == 201
+        patched = await h.client.patch(
+            f"/v1/agents/{ok.json()['data']['agentId']}",
+            headers={**h.auth(), "Content-Type": "application/json"},
+            content=json.dumps({"tools": [webhook_tool("https://192.168.0.1/x")]}),
+        )
+        assert patched.status_code == 400
+        assert patched.json()["error"]["details"][0]["field"] == "tools.0.url"
+
+
+async def test_a_webhook_tool_may_not_take_a_built_in_name(h: Harness) -> None:
+    response = await h.post(
+        "/v1/agents", {"name": "a", "tools": [{**webhook_tool("http://127.0.0.1:9/"), "name": "end_conversation"}]}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["details"][0]["field"] == "tools.0.name"

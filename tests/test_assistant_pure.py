@@ -1,0 +1,264 @@
+"""Pure parts of the assistant: reply cutting, history building, tool specs and argument parsing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from app.domain.agents import AgentSettings
+from app.domain.assistant import needs_reply
+from app.domain.errors import ValidationFailed
+from app.domain.models import Message
+from app.llm import prompt, tools
+from app.llm.client import ModelError, parse_answer
+from app.store.tool_calls import ToolCall
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "expected"),
+    [
+        ("short", 10, "short"),
+        ("exactly ten", 11, "exactly ten"),
+        ("hello world again", 11, "hello world"),  # the cut falls on a space
+        ("hello world again", 13, "hello world"),  # mid-word: back to the last boundary
+        ("hello   world", 7, "hello"),  # trailing spaces of the kept part dropped
+        ("supercalifragilistic", 5, "super"),  # one word longer than the limit: cut inside it
+        ("one two\nthree", 9, "one two"),
+        ("", 5, ""),
+    ],
+)
+def test_replies_are_cut_at_a_word_boundary(text: str, limit: int, expected: str) -> None:
+    assert prompt.cut_reply(text, limit) == expected
+    assert len(prompt.cut_reply(text, limit)) <= limit
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, ""),
+        ("  Hi there \n", "Hi there"),
+        ("<think>they want a time</think>\nTuesday at 9?", "Tuesday at 9?"),
+        ("<THINK>\nmulti\nline\n</THINK>Ok", "Ok"),
+    ],
+)
+def test_reasoning_blocks_and_whitespace_are_removed_from_replies(raw: str | None, expected: str) -> None:
+    assert prompt.clean_reply(raw) == expected
+
+
+def message(seq: int, direction: str, content: str, *, author: str | None = None, status: str = "delivered") -> Message:
+    return Message(
+        id=f"m{seq}",
+        conversation_id="c",
+        org_id="o",
+        seq=seq,
+        direction=direction,
+        author=author or ("agent" if direction == "outbound" else "customer"),
+        from_number="+1",
+        to_number="+2",
+        content=content,
+        status=status if direction == "outbound" else "received",
+        provider="simulator",
+        provider_message_id=None,
+        error_code=None,
+        encoding="GSM-7",
+        segments=1,
+        created_at=seq,
+        sent_at=None,
+        delivered_at=None,
+    )
+
+
+def call(
+    pos: int, after_seq: int, *, turn: str = "t1", round_: int = 1, result: str | None = '{"ok":true}', **kw: Any
+) -> ToolCall:
+    return ToolCall(
+        pos=pos,
+        id=f"tc{pos}",
+        conversation_id="c",
+        org_id="o",
+        turn_id=turn,
+        round=round_,
+        position=kw.get("position", 0),
+        call_id=f"call_{pos}",
+        after_seq=after_seq,
+        assistant_content=kw.get("content"),
+        name=kw.get("name", "lookup"),
+        kind="webhook",
+        arguments=kw.get("arguments", '{"q": 1}'),
+        result=result,
+        created_at=0,
+    )
+
+
+def test_history_puts_tool_calls_after_the_message_the_model_had_seen_and_replies_after_them() -> None:
+    messages = [
+        message(1, "outbound", "Hi Ada"),
+        message(2, "inbound", "Is it open?"),
+        message(3, "inbound", "also, the price?"),  # arrived while the turn ran
+        message(4, "outbound", "It is open and free."),  # that turn's reply
+        message(5, "inbound", "Thanks"),
+    ]
+    calls = [
+        call(1, 2, content="Checking.", position=0),
+        call(2, 2, position=1, name="price"),
+        call(3, 2, round_=2, result=None),  # interrupted before it finished
+    ]
+
+    chat = prompt.history(messages, calls, {"m4": 2})
+
+    assert [m["role"] for m in chat] == [
+        "assistant",
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
+    assert chat[2] == {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "price", "arguments": '{"q": 1}'}},
+        ],
+    }
+    assert [chat[3]["tool_call_id"], chat[4]["tool_call_id"]] == ["call_1", "call_2"]
+    assert chat[5]["tool_calls"][0]["id"] == "call_3" and chat[5]["content"] is None
+    assert json.loads(chat[6]["content"]) == {"error": "the tool call was interrupted before it finished"}
+    assert chat[7] == {"role": "assistant", "content": "It is open and free."}
+    assert chat[8] == {"role": "user", "content": "also, the price?\nThanks"}
+
+
+def test_history_joins_bursts_and_leaves_out_sms_the_customer_never_got() -> None:
+    messages = [
+        message(1, "outbound", "Hi"),
+        message(2, "outbound", "lost", status="failed"),
+        message(3, "inbound", "a"),
+        message(4, "inbound", "b"),
+        message(5, "outbound", "Reply STOP to opt out.", author="system"),
+        message(6, "outbound", "A person here.", author="operator"),
+    ]
+    assert prompt.history(messages, []) == [
+        {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": "Reply STOP to opt out.\nA person here."},
+    ]
+
+
+def test_invalid_tool_arguments_are_replayed_as_an_empty_object() -> None:
+    chat = prompt.history([message(1, "inbound", "x")], [call(1, 1, arguments="{oops")])
+    assert chat[1]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+def test_an_opening_request_is_two_system_messages() -> None:
+    settings = AgentSettings(name="a", system_prompt="You work for {{shop}}.", max_reply_chars=300)
+    messages = prompt.opening_messages(settings, {"shop": "PAM"})
+    assert [m["role"] for m in messages] == ["system", "system"]
+    assert messages[0]["content"] == "You work for PAM."
+    assert "300 characters" in messages[1]["content"]
+    assert [m["role"] for m in prompt.opening_messages(AgentSettings(name="a"), {})] == ["system"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "answered", "expected"),
+    [
+        ([message(1, "outbound", "Hi")], 0, False),
+        ([message(1, "outbound", "Hi"), message(2, "inbound", "hey")], 0, True),
+        ([message(1, "outbound", "Hi"), message(2, "inbound", "hey")], 2, False),
+        # a text that arrived while the last turn ran has a lower seq than that turn's reply: still unanswered
+        ([message(2, "inbound", "a"), message(3, "inbound", "b"), message(4, "outbound", "re: a")], 2, True),
+        ([message(2, "inbound", "hey"), message(3, "outbound", "a person", author="operator")], 0, False),
+        ([message(2, "inbound", "HELP"), message(3, "outbound", "help text", author="system")], 0, False),
+        ([message(2, "inbound", "hi"), message(3, "inbound", "HELP")], 0, True),
+    ],
+)
+def test_a_turn_answers_only_customer_texts_no_one_has_read(
+    messages: list[Message], answered: int, expected: bool
+) -> None:
+    assert needs_reply(messages, answered) is expected
+
+
+def agent_settings(tools_: list[dict[str, Any]]) -> AgentSettings:
+    return msgspec.convert({"name": "a", "tools": tools_}, AgentSettings)
+
+
+WEBHOOK = {
+    "type": "webhook",
+    "name": "lookup",
+    "description": "Look it up.",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+    "url": "https://tools.example.com/lookup",
+}
+
+
+def test_specs_offer_webhook_tools_as_functions_and_built_ins_only_when_listed() -> None:
+    offered = tools.specs(agent_settings([WEBHOOK, {"type": "handoff_to_human"}]))
+    assert offered[0] == {
+        "type": "function",
+        "function": {"name": "lookup", "description": "Look it up.", "parameters": WEBHOOK["parameters"]},
+    }
+    assert offered[1]["function"]["name"] == "handoff_to_human"
+    assert offered[1]["function"]["parameters"]["required"] == ["summary"]
+    assert len(offered) == 2
+    assert tools.specs(agent_settings([])) == []
+    assert tools.kind_of(agent_settings([WEBHOOK]), "end_conversation") == ("unknown", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"a": 1}', ({"a": 1}, None)),
+        ("", ({}, None)),
+        ("[1]", (None, "the arguments must be a JSON object")),
+        ("{nope", (None, "the arguments are not valid JSON")),
+    ],
+)
+def test_tool_arguments_must_be_a_json_object(text: str, expected: tuple[Any, Any]) -> None:
+    assert tools.parse_arguments(text) == expected
+
+
+def test_check_tools_reports_every_problem_by_field() -> None:
+    settings = agent_settings(
+        [
+            {**WEBHOOK, "url": "http://tools.example.com/x"},
+            {**WEBHOOK, "name": "handoff_to_human", "url": "https://10.0.0.1/x"},
+        ]
+    )
+    with pytest.raises(ValidationFailed) as raised:
+        tools.check_tools(settings.tools, tools.STRICT_URL_POLICY, resolve=lambda host, port: [])
+    fields = [d.field for d in raised.value.details]
+    assert fields == ["tools.0.url", "tools.1.name", "tools.1.url"]
+    tools.check_tools(agent_settings([WEBHOOK]).tools, tools.STRICT_URL_POLICY, resolve=lambda host, port: [])
+
+
+def test_model_answers_of_odd_shapes_are_read_or_refused() -> None:
+    answer = parse_answer(
+        {
+            "choices": [
+                {
+                    "message": {
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "c1", "function": {"name": "lookup", "arguments": {"q": "x"}}},
+                            {"function": {"name": "other"}},
+                            {"id": "c3", "type": "custom", "custom": {"name": "x"}},
+                        ],
+                    }
+                }
+            ]
+        }
+    )
+    assert [(c.call_id, c.name, json.loads(c.arguments)) for c in answer.tool_calls] == [
+        ("c1", "lookup", {"q": "x"}),
+        ("call_1", "other", {}),
+    ]
+    with pytest.raises(ModelError):
+        parse_answer({"choices": []})
+    with pytest.raises(ModelError):
+        parse_answer({"choices": [{"finish_reason": "stop"}]})

@@ -1,0 +1,352 @@
+"""The compliance filter: the keyword table (pure), and STOP / START / HELP handling through the real app."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.clock import FakeClock
+from app.domain import inbound
+from app.domain.compliance import (
+    DEFAULT_HELP,
+    OPT_IN_CONFIRMATION,
+    OPT_OUT_CONFIRMATION,
+    Action,
+    blocks_assistant,
+    match_keyword,
+)
+from app.providers.simulator import SimulatorProvider
+from tests.conftest import SEED_CREATE, Harness
+from tests.fake_llm import FakeLLM
+from tests.test_assistant import (
+    CUSTOMER,
+    OURS,
+    eventually,
+    make_agent,
+    open_conversation,
+    replies,
+    running,
+    settle,
+    text_in,
+)
+
+OPT_OUT_WORDS = ["STOP", "STOPALL", "STOP ALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "OPT-OUT"]
+OPT_IN_WORDS = ["START", "UNSTOP", "YES"]
+HELP_WORDS = ["HELP", "INFO"]
+
+
+def spellings(word: str) -> list[str]:
+    """The keyword as customers type it: any case, surrounding whitespace, runs of inner spaces."""
+    return [
+        word,
+        word.lower(),
+        word.capitalize(),
+        "".join(ch.lower() if i % 2 else ch for i, ch in enumerate(word)),
+        f"  {word}  ",
+        f"\n{word.lower()}\t",
+        f"\u00a0{word}\r\n",
+        word.replace(" ", "   "),
+        word.replace(" ", "\t"),
+    ]
+
+
+KEYWORD_CASES = [
+    (text, action, word)
+    for words, action in ((OPT_OUT_WORDS, Action.OPT_OUT), (OPT_IN_WORDS, Action.OPT_IN), (HELP_WORDS, Action.HELP))
+    for word in words
+    for text in spellings(word)
+]
+
+NEAR_MISSES = [
+    "stop texting me at work",
+    "Stop. Thanks",
+    "STOP!",
+    "stop.",
+    "please stop",
+    "Stop it",
+    "stopp",
+    "S T O P",
+    "STOP STOP",
+    "opt out",  # only OPTOUT and OPT-OUT are keywords
+    "OPT_OUT",
+    "unsubscribe me",
+    "cancel my appointment",
+    "The End",
+    "end?",
+    "quit it",
+    "yes please",
+    "Yes!",
+    "yeah",
+    "start over",
+    "help me",
+    "info please",
+    "HELP?",
+    "",
+    "   ",
+    "STOP ALL NOW",
+    "ALL STOP",
+]
+
+
+@pytest.mark.parametrize(("text", "action", "keyword"), KEYWORD_CASES)
+def test_every_keyword_matches_in_any_case_and_spacing(text: str, action: Action, keyword: str) -> None:
+    matched = match_keyword(text)
+    assert matched is not None
+    assert matched.action is action
+    assert matched.keyword == keyword  # upper-cased, inner whitespace collapsed
+
+
+@pytest.mark.parametrize("text", NEAR_MISSES)
+def test_near_misses_do_not_match(text: str) -> None:
+    assert match_keyword(text) is None
+
+
+def test_full_width_letters_are_read_as_the_keyword() -> None:
+    matched = match_keyword("ＳＴＯＰ")
+    assert matched is not None and matched.keyword == "STOP"
+
+
+@pytest.mark.parametrize(
+    ("text", "blocked"),
+    [("STOP", True), ("help", True), ("Info", True), ("yes", False), ("START", False), ("stop texting me", False)],
+)
+def test_only_opt_out_and_help_keywords_are_kept_from_the_model(text: str, blocked: bool) -> None:
+    assert blocks_assistant(text) is blocked
+
+
+# --- through the app ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture
+async def h(tmp_path: Path, llm: FakeLLM) -> AsyncIterator[Harness]:
+    async with running(tmp_path, llm) as harness:
+        yield harness
+
+
+def events_of(h: Harness, event_type: str) -> list[dict[str, Any]]:
+    rows = h.rows("SELECT payload FROM events WHERE type = ? ORDER BY pos", event_type)
+    return [json.loads(row["payload"]) for row in rows]
+
+
+def system_texts(h: Harness) -> list[str]:
+    rows = h.rows(
+        "SELECT content FROM messages WHERE direction = 'outbound' AND author = 'system'"
+        " AND provider_message_id IS NOT NULL ORDER BY created_at, rowid"
+    )
+    return [row["content"] for row in rows]
+
+
+async def phone_bodies(h: Harness) -> list[str]:
+    return [m["body"] for m in (await h.get("/v1/simulator/messages", number=CUSTOMER)).json()["data"]]
+
+
+async def test_stop_opts_out_closes_the_conversation_and_confirms_once_without_the_model(
+    h: Harness, llm: FakeLLM
+) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+
+    await text_in(h, "  Stop ")
+
+    await eventually(lambda: system_texts(h))
+    await settle()
+    assert llm.bodies == []
+    (row,) = h.rows("SELECT org_id, sender_number, phone_number, keyword FROM opt_outs")
+    assert (row["sender_number"], row["phone_number"], row["keyword"]) == (OURS, CUSTOMER, "STOP")
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert (conversation["status"], conversation["endReason"]) == ("closed", "opted_out")
+    (opt_out,) = events_of(h, "contact.opt_out")
+    assert opt_out["conversationId"] == conversation_id
+    assert opt_out["data"] == {"phoneNumber": CUSTOMER, "senderNumber": OURS, "keyword": "STOP"}
+    assert system_texts(h) == [OPT_OUT_CONFIRMATION]
+    assert (await phone_bodies(h))[-1] == OPT_OUT_CONFIRMATION
+
+    # The list is enforced: no new conversation, no operator message, and no second confirmation.
+    create = await h.post(
+        "/v1/sms-conversations",
+        {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS, "welcomeMessage": "Hi again"},
+    )
+    assert create.status_code == 409
+    assert create.json()["error"]["code"] == "recipient_opted_out"
+    written_by_model = await h.post(
+        "/v1/sms-conversations", {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS}
+    )
+    assert written_by_model.status_code == 409
+    assert llm.bodies == []  # refused before the model was asked for an opening
+    await text_in(h, "STOP")
+    await text_in(h, "unsubscribe")
+    await settle()
+    assert system_texts(h) == [OPT_OUT_CONFIRMATION]
+    assert len(events_of(h, "contact.opt_out")) == 1
+
+
+async def test_stop_all_is_recorded_with_its_spaces_collapsed(h: Harness) -> None:
+    agent = await make_agent(h)
+    await open_conversation(h, agent)
+    await text_in(h, "stop    all")
+    (opt_out,) = await eventually(lambda: events_of(h, "contact.opt_out"))
+    assert opt_out["data"]["keyword"] == "STOP ALL"
+
+
+async def test_start_opts_back_in_and_conversations_can_start_again(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    await open_conversation(h, agent)
+    await text_in(h, "STOP")
+    await eventually(lambda: system_texts(h))
+
+    await text_in(h, "start")
+
+    (opt_in,) = await eventually(lambda: events_of(h, "contact.opt_in"))
+    assert opt_in["conversationId"] is None  # the conversation was closed by the STOP
+    assert opt_in["sequence"] is None
+    assert opt_in["data"] == {"phoneNumber": CUSTOMER, "senderNumber": OURS, "keyword": "START"}
+    assert h.rows("SELECT * FROM opt_outs") == []
+    await eventually(lambda: system_texts(h) == [OPT_OUT_CONFIRMATION, OPT_IN_CONFIRMATION])
+    assert llm.bodies == []
+    await open_conversation(h, agent)
+
+
+async def test_yes_in_an_open_conversation_is_an_ordinary_answer(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("Great, which day?")
+    await text_in(h, "Yes")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Great, which day?"]
+    assert events_of(h, "contact.opt_in") == []
+    assert system_texts(h) == []
+
+
+async def test_help_is_answered_with_the_agents_help_message_without_the_model(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h, helpMessage="{{dealershipName}} recall texts. Reply STOP to opt out.")
+    conversation_id = await open_conversation(h, agent)
+
+    await text_in(h, "HELP")
+
+    assert await eventually(lambda: system_texts(h)) == ["PAM Motors recall texts. Reply STOP to opt out."]
+    await settle()
+    assert llm.bodies == []
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["status"] == "in_progress"
+    messages = (await h.get(f"/v1/sms-conversations/{conversation_id}/messages")).json()["data"]
+    assert [(m["direction"], m["author"]) for m in messages] == [
+        ("outbound", "agent"),
+        ("inbound", "customer"),
+        ("outbound", "system"),
+    ]
+
+    llm.reply("Sure, what do you need?")
+    await text_in(h, "I have a question")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Sure, what do you need?"]
+
+
+async def test_help_for_a_managed_agent_and_the_default_without_a_help_message(h: Harness) -> None:
+    response = await h.post("/v1/sms-conversations", SEED_CREATE)
+    assert response.status_code == 201
+    await h.post(
+        "/v1/simulator/inbound", {"from": SEED_CREATE["toNumber"], "to": SEED_CREATE["fromNumber"], "body": "info"}
+    )
+    await eventually(lambda: system_texts(h))
+    assert system_texts(h) == [
+        "Recall follow-up texts from your dealership. Reply STOP to opt out. Msg&data rates may apply."
+    ]
+
+    agent = await make_agent(h)
+    await open_conversation(h, agent)
+    await text_in(h, "help")
+    await eventually(lambda: len(system_texts(h)) == 2)
+    assert system_texts(h)[-1] == DEFAULT_HELP
+
+
+async def test_stop_inside_the_debounce_window_cancels_the_pending_turn(tmp_path: Path, llm: FakeLLM) -> None:
+    clock = FakeClock()
+    async with running(tmp_path, llm, clock=clock) as h:
+        agent = await make_agent(h, replyDebounceMs=1000)
+        conversation_id = await open_conversation(h, agent)
+        await text_in(h, "Who is this?")
+        await clock.advance(0.2)
+        await text_in(h, "STOP")
+        await clock.advance(5)
+        await settle()
+        assert llm.bodies == []
+        assert h.rows("SELECT * FROM jobs WHERE kind = 'assistant_turn'") == []
+        assert replies(h, conversation_id) == []
+
+
+async def test_a_keyword_with_no_open_conversation_is_attributed_to_the_pairs_latest_conversation(
+    h: Harness,
+) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    await h.post(f"/v1/sms-conversations/{conversation_id}/close")
+
+    await text_in(h, "QUIT")
+
+    (opt_out,) = await eventually(lambda: events_of(h, "contact.opt_out"))
+    assert opt_out["conversationId"] is None
+    assert opt_out["data"]["keyword"] == "QUIT"
+    (row,) = h.rows("SELECT org_id FROM opt_outs")
+    (org,) = h.rows("SELECT org_id FROM conversations WHERE id = ?", conversation_id)
+    assert row["org_id"] == org["org_id"] == opt_out["clientOrgId"]
+    # The confirmation is filed under the conversation the STOP was stored against.
+    await eventually(lambda: system_texts(h))
+    (confirmation,) = h.rows("SELECT conversation_id FROM messages WHERE author = 'system'")
+    assert confirmation["conversation_id"] == conversation_id
+    assert len(events_of(h, "sms.conversation_closed")) == 1  # only the admin close
+
+
+async def test_a_keyword_from_a_pair_never_texted_is_stored_unrouted(h: Harness) -> None:
+    response = await h.post("/v1/simulator/inbound", {"from": "+15555550177", "to": OURS, "body": "STOP"})
+    assert response.status_code == 201
+    assert response.json()["data"]["conversationId"] is None
+    await settle()
+    assert h.rows("SELECT * FROM opt_outs") == []
+    assert h.rows("SELECT * FROM events") == []
+    (stored,) = h.rows("SELECT conversation_id, org_id FROM messages")
+    assert (stored["conversation_id"], stored["org_id"]) == (None, None)
+
+
+class SelfConfirmingProvider(SimulatorProvider):
+    """A provider that always answers STOP/START/HELP itself."""
+
+    confirms_opt_out = True
+
+
+@pytest.mark.parametrize(
+    ("provider", "opt_out_type", "confirmations"),
+    [
+        (SimulatorProvider, None, 1),  # nobody answered: Parley confirms
+        (SimulatorProvider, "STOP", 0),  # the callback says the provider answered (Twilio's OptOutType)
+        (SelfConfirmingProvider, None, 0),  # the provider always answers
+    ],
+)
+async def test_a_confirmation_is_sent_only_when_the_provider_sent_none(
+    tmp_path: Path, provider: type[SimulatorProvider], opt_out_type: str | None, confirmations: int
+) -> None:
+    async with running(tmp_path, None, provider=provider()) as h:
+        agent = await make_agent(h, helpMessage="Help text.")
+        await open_conversation(h, agent)
+
+        for body in ("stop", "help"):
+            sms = inbound.InboundSms(
+                from_number=CUSTOMER,
+                to_number=OURS,
+                body=body,
+                provider="simulator",
+                provider_opt_out_type=opt_out_type and body.upper(),
+            )
+            await inbound.receive(h.ctx, sms)
+
+        assert len(events_of(h, "contact.opt_out")) == 1
+        assert len(h.rows("SELECT * FROM opt_outs")) == 1
+        await settle()
+        assert len(system_texts(h)) == 2 * confirmations
