@@ -2,31 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from app.api.agents import AgentController
+from app.api.assistant import AssistantController
 from app.api.conversations import ConversationController
 from app.api.edge import Edge
 from app.api.errors import EXCEPTION_HANDLERS
+from app.api.events import EventController
 from app.api.health import healthz, metrics, readyz
 from app.api.keys import ApiKeyController
-from app.api.schemas import REQUEST_SCHEMAS
+from app.api.providers import TwilioCallbackController
 from app.api.simulator import SimulatorController
+from app.api.webhooks import WebhookController
 from app.clock import Clock, SystemClock
 from app.config import Settings
-from app.domain import agent_registry, conversations, housekeeping, messaging
+from app.domain import agent_registry, compliance, conversations, housekeeping, inactivity, lifecycle, messaging
+from app.domain.assistant import TURN_JOB, Assistant
 from app.domain.context import Context
+from app.llm.client import ChatModel
 from app.providers.base import Provider, StatusReport
 from app.providers.simulator import SimulatorProvider
+from app.providers.twilio import TwilioProvider
 from app.scheduler import Scheduler
+from app.store import webhooks as webhook_store
 from app.store.db import Database
+from app.webhooks.delivery import TIMEOUT_SECONDS as WEBHOOK_TIMEOUT_SECONDS
+from app.webhooks.delivery import Dispatcher
+from app.webhooks.guard import guarded_client
 
 log = logging.getLogger("parley")
 
@@ -36,6 +47,9 @@ API_BODY_LIMIT = 1024 * 1024
 def build_provider(settings: Settings) -> Provider:
     if settings.sms_provider == "simulator":
         return SimulatorProvider()
+    if settings.sms_provider == "twilio":
+        # Its httpx2 client is opened by `start()` and closed by `close()`, both in the lifespan.
+        return TwilioProvider.from_settings(settings)
     raise RuntimeError(f"SMS provider {settings.sms_provider!r} is not available in this build")
 
 
@@ -66,6 +80,26 @@ def create_app(
                 return await housekeeping.run(ctx, job)
 
             scheduler.register(housekeeping.JOB, run_housekeeping)
+            # Webhooks and inactivity timeouts (issue 3), on the one scheduler.
+            webhook_client = guarded_client(settings, WEBHOOK_TIMEOUT_SECONDS)
+            dispatcher = Dispatcher(db, clock, webhook_client, schedule=settings.webhook_retry_schedule)
+            ctx.extras["webhook_dispatcher"] = dispatcher
+            scheduler.register(webhook_store.ENDPOINT_JOB, dispatcher.run_endpoint)
+
+            async def run_inactivity(job):  # type: ignore[no-untyped-def]
+                return await inactivity.run(ctx, job)
+
+            scheduler.register(lifecycle.INACTIVITY_JOB, run_inactivity)
+            loop = asyncio.get_running_loop()
+            await db.write(lambda c: webhook_store.register_waker(c, lambda: loop.call_soon_threadsafe(scheduler.wake)))
+            await db.write(lambda c: webhook_store.recover_leases(c, clock.now_ms()))
+            # The assistant (issue 4): compliance keywords first, then the debounced turn.
+            model = ChatModel(settings)
+            assistant = Assistant(ctx, model)
+            ctx.extras["assistant"] = assistant
+            ctx.extras["inbound_hooks"] = [compliance.on_inbound, assistant.on_inbound]
+            ctx.extras["generate_opening"] = assistant.generate_opening
+            scheduler.register(TURN_JOB, assistant.run_job)
             await conversations.recover_pending(ctx)
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
             await sms.start(on_status)
@@ -73,8 +107,12 @@ def create_app(
             try:
                 yield
             finally:
+                dispatcher.stop_claiming()
                 await scheduler.stop()
+                await webhook_client.aclose()
+                await db.write(webhook_store.unregister_waker)
                 await sms.close()
+                await model.close()
         finally:
             await db.close()
 
@@ -85,17 +123,27 @@ def create_app(
         path="/schema",
         render_plugins=[ScalarRenderPlugin()],
         components=Components(
-            schemas=REQUEST_SCHEMAS,  # type: ignore[arg-type]
             security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")},
         ),
+    )
+    keyed_routes = Router(
+        path="/",
+        route_handlers=[
+            ConversationController,
+            ApiKeyController,
+            WebhookController,
+            EventController,
+            AgentController,
+            AssistantController,
+            *([SimulatorController] if settings.sms_provider == "simulator" else []),
+        ],
         security=[{"bearer": []}],
     )
     litestar_app = Litestar(
         route_handlers=[
-            ConversationController,
-            ApiKeyController,
-            AgentController,
-            *([SimulatorController] if settings.sms_provider == "simulator" else []),
+            keyed_routes,
+            # Twilio's callbacks exist only in twilio mode (they need its auth token to verify).
+            *([TwilioCallbackController] if settings.sms_provider == "twilio" else []),
             healthz,
             readyz,
             metrics,
