@@ -194,6 +194,9 @@ async def create(
                 "this agent has no opening template, so a welcomeMessage is required"
                 " (LLM-generated openings need the assistant, which is not configured)",
             )
+        # An opted-out recipient is refused before the model is asked to write (the transaction re-checks).
+        if await ctx.db.read(lambda c: store.is_opted_out(c, org_id, sender, body.to_number)):
+            raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         opening = await opener(agent, body.dynamic_variables)  # type: ignore[operator]
     # The opt-out list is checked (409) inside `persist`, in the transaction that would create the conversation.
 
