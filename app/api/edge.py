@@ -7,6 +7,7 @@ key (and 404 with one), and so that every response, framework errors included, c
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import re
@@ -52,6 +53,28 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+_heap_frozen = False
+
+
+def _freezing_heap(send: Send) -> Send:
+    """Once start-up is complete, move everything alive (modules, the app, its routes) out of the cyclic GC.
+
+    Those objects live as long as the process, yet every full collection walks them all: under load that
+    was a 50-80 ms pause several times a minute, the whole p99 tail of a create. Frozen objects are still
+    freed by reference counting; only cycle detection skips them. Once per process (tests start many apps).
+    """
+
+    async def forward(message: Message) -> None:
+        global _heap_frozen
+        if message["type"] == "lifespan.startup.complete" and not _heap_frozen:
+            _heap_frozen = True
+            gc.collect()
+            gc.freeze()
+        await send(message)
+
+    return forward
+
+
 def needs_key(path: str) -> bool:
     return (path == "/v1" or path.startswith("/v1/")) and not path.startswith("/v1/providers/")
 
@@ -76,7 +99,7 @@ class Edge:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send if scope["type"] != "lifespan" else _freezing_heap(send))
             return
         started = time.perf_counter()
         incoming = _header(scope, b"x-request-id")
