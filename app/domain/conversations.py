@@ -29,6 +29,7 @@ from app.providers.base import ProviderRejected, SendRequest
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
+from app.store import idempotency, jobs
 
 log = logging.getLogger("parley.conversations")
 
@@ -142,27 +143,9 @@ def _replay_or_raise(row: sqlite3.Row, digest: str, now_ms: int) -> CreateOutcom
     return _outcome_codec.decode(row["outcome"])
 
 
-def _idempotency_row(conn: sqlite3.Connection, org_id: str, key: str) -> sqlite3.Row | None:
-    return conn.execute(
-        "SELECT request_hash, state, outcome, expires_at FROM idempotency_keys WHERE org_id = ? AND key = ?",
-        (org_id, key),
-    ).fetchone()
-
-
 def _finish_idempotency(conn: sqlite3.Connection, org_id: str, key: str | None, outcome: CreateOutcome) -> None:
-    if key is None:
-        return
-    conn.execute(
-        "UPDATE idempotency_keys SET state = 'done', outcome = ? WHERE org_id = ? AND key = ?",
-        (msgspec.json.encode(outcome).decode(), org_id, key),
-    )
-
-
-def _inactivity_due(conn: sqlite3.Connection, conversation_id: str) -> int | None:
-    row = conn.execute(
-        "SELECT due_at FROM jobs WHERE kind = ? AND ref = ?", (lifecycle.INACTIVITY_JOB, conversation_id)
-    ).fetchone()
-    return row[0] if row else None
+    if key is not None:
+        idempotency.finish(conn, org_id, key, msgspec.json.encode(outcome).decode())
 
 
 class Replay(msgspec.Struct):
@@ -180,7 +163,7 @@ async def create(
     """Create a conversation and send its opening SMS; return (outcome, replayed)."""
     digest = request_hash(body) if idempotency_key else ""
     if idempotency_key:
-        row = ctx.db.read_now(lambda c: _idempotency_row(c, org_id, idempotency_key))
+        row = ctx.db.read_now(lambda c: idempotency.get(c, org_id, idempotency_key))
         if (replayed := _replay_or_raise(row, digest, ctx.clock.now_ms())) is not None:
             return replayed, True
     check_fields(body)
@@ -224,24 +207,17 @@ async def create(
     def persist(conn: sqlite3.Connection) -> Replay | Message:
         now_ms = ctx.clock.now_ms()
         if idempotency_key:
-            claimed = conn.execute(
-                "INSERT INTO idempotency_keys (org_id, key, request_hash, state, conversation_id, created_at,"
-                " expires_at) VALUES (?, ?, ?, 'running', ?, ?, ?)"
-                " ON CONFLICT (org_id, key) DO UPDATE SET request_hash = excluded.request_hash, state = 'running',"
-                " outcome = NULL, conversation_id = excluded.conversation_id, created_at = excluded.created_at,"
-                " expires_at = excluded.expires_at WHERE idempotency_keys.expires_at <= ?",
-                (
-                    org_id,
-                    idempotency_key,
-                    digest,
-                    conversation.id,
-                    now_ms,
-                    now_ms + IDEMPOTENCY_TTL_MS,
-                    now_ms,
-                ),
-            ).rowcount
+            claimed = idempotency.claim(
+                conn,
+                org_id=org_id,
+                key=idempotency_key,
+                request_hash=digest,
+                conversation_id=conversation.id,
+                now_ms=now_ms,
+                expires_at=now_ms + IDEMPOTENCY_TTL_MS,
+            )
             if not claimed:
-                replayed = _replay_or_raise(_idempotency_row(conn, org_id, idempotency_key), digest, now_ms)
+                replayed = _replay_or_raise(idempotency.get(conn, org_id, idempotency_key), digest, now_ms)
                 assert replayed is not None
                 return Replay(replayed)
         if store.is_opted_out(conn, org_id, sender, body.to_number):
@@ -305,7 +281,7 @@ async def create(
         if started:
             lifecycle.note_activity(conn, conversation, now_ms)
         _finish_idempotency(conn, org_id, idempotency_key, outcome)
-        return _inactivity_due(conn, conversation.id) if started else None
+        return jobs.due_at(conn, lifecycle.INACTIVITY_JOB, conversation.id) if started else None
 
     due = await ctx.db.write(record_success)
     # The scheduler re-reads its next deadline at least every IDLE_RECHECK_SECONDS, so only a timer due
@@ -360,10 +336,7 @@ async def recover_pending(ctx: Context) -> int:
                 if message.direction == "outbound" and message.status == "queued" and not message.provider_message_id:
                     messaging.record_rejected(conn, conversation, message, interrupted, now_ms)
             lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
-            conn.execute(
-                "DELETE FROM idempotency_keys WHERE conversation_id = ? AND state = 'running'",
-                (conversation.id,),
-            )
+            idempotency.release_running(conn, conversation.id)
         return len(stuck)
 
     count = await ctx.db.write(run)

@@ -8,7 +8,7 @@ import sqlite3
 from app.domain import messaging
 from app.domain.context import Context
 from app.store import conversations as store
-from app.store import jobs
+from app.store import idempotency, jobs
 from app.store.jobs import Job
 
 log = logging.getLogger("parley.housekeeping")
@@ -48,5 +48,5 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
 async def run(ctx: Context, job: Job) -> int:
     await reconcile_stale_statuses(ctx)
     now = ctx.clock.now_ms()
-    await ctx.db.write(lambda c: store.purge_idempotency_keys(c, now))
+    await ctx.db.write(lambda c: idempotency.purge_expired(c, now))
     return now + INTERVAL_MS

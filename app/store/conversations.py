@@ -313,7 +313,3 @@ def insert_status_report(
 
 def touch_message(conn: sqlite3.Connection, message_id: str, now_ms: int) -> None:
     conn.execute("UPDATE messages SET updated_at = ? WHERE id = ?", (now_ms, message_id))
-
-
-def purge_idempotency_keys(conn: sqlite3.Connection, now_ms: int) -> int:
-    return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now_ms,)).rowcount

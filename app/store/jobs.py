@@ -37,6 +37,11 @@ def schedule_earliest(conn: sqlite3.Connection, kind: str, ref: str, due_at: int
     )
 
 
+def due_at(conn: sqlite3.Connection, kind: str, ref: str) -> int | None:
+    row = conn.execute("SELECT due_at FROM jobs WHERE kind = ? AND ref = ?", (kind, ref)).fetchone()
+    return row[0] if row else None
+
+
 def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...] | None = None) -> None:
     if kinds is None:
         conn.execute("DELETE FROM jobs WHERE ref = ?", (ref,))
@@ -82,10 +87,22 @@ def retry_at(conn: sqlite3.Connection, job: Job, due_at: int, *, reset_attempts:
 
 
 def next_wake(conn: sqlite3.Connection, now_ms: int, running: set[int] | None = None) -> int | None:
-    """When the earliest job not running here becomes claimable (its due time, or its lease's end)."""
-    sql = "SELECT MIN(CASE WHEN lease_until > ? THEN lease_until ELSE due_at END) FROM jobs"
-    args: list[int] = [now_ms]
+    """When the earliest job not running here becomes claimable (its due time, or its lease's end).
+
+    Two index walks (`jobs_due`, `jobs_leased`) that stop at their first row, not a scan of every job.
+    """
+    skip = ""
+    args: list[int] = []
     if running:
-        sql += f" WHERE id NOT IN ({','.join('?' * len(running))})"
-        args.extend(running)
-    return conn.execute(sql, args).fetchone()[0]
+        skip = f" AND id NOT IN ({','.join('?' * len(running))})"
+        args = list(running)
+    due = conn.execute(
+        f"SELECT due_at FROM jobs WHERE (lease_until IS NULL OR lease_until <= ?){skip} ORDER BY due_at LIMIT 1",
+        [now_ms, *args],
+    ).fetchone()
+    lease = conn.execute(
+        f"SELECT lease_until FROM jobs WHERE lease_until > ?{skip} ORDER BY lease_until LIMIT 1",
+        [now_ms, *args],
+    ).fetchone()
+    candidates = [row[0] for row in (due, lease) if row is not None]
+    return min(candidates) if candidates else None

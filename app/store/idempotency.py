@@ -1,0 +1,52 @@
+"""Idempotency keys of conversation creates: claimed while running, then holding the outcome for 24 h."""
+
+from __future__ import annotations
+
+import sqlite3
+
+
+def get(conn: sqlite3.Connection, org_id: str, key: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT request_hash, state, outcome, expires_at FROM idempotency_keys WHERE org_id = ? AND key = ?",
+        (org_id, key),
+    ).fetchone()
+
+
+def claim(
+    conn: sqlite3.Connection,
+    *,
+    org_id: str,
+    key: str,
+    request_hash: str,
+    conversation_id: str,
+    now_ms: int,
+    expires_at: int,
+) -> bool:
+    """Take the key for a new run; False when a live (unexpired) record already holds it."""
+    return (
+        conn.execute(
+            "INSERT INTO idempotency_keys (org_id, key, request_hash, state, conversation_id, created_at,"
+            " expires_at) VALUES (?, ?, ?, 'running', ?, ?, ?)"
+            " ON CONFLICT (org_id, key) DO UPDATE SET request_hash = excluded.request_hash, state = 'running',"
+            " outcome = NULL, conversation_id = excluded.conversation_id, created_at = excluded.created_at,"
+            " expires_at = excluded.expires_at WHERE idempotency_keys.expires_at <= ?",
+            (org_id, key, request_hash, conversation_id, now_ms, expires_at, now_ms),
+        ).rowcount
+        == 1
+    )
+
+
+def finish(conn: sqlite3.Connection, org_id: str, key: str, outcome: str) -> None:
+    conn.execute(
+        "UPDATE idempotency_keys SET state = 'done', outcome = ? WHERE org_id = ? AND key = ?",
+        (outcome, org_id, key),
+    )
+
+
+def release_running(conn: sqlite3.Connection, conversation_id: str) -> None:
+    """Free a key whose run was interrupted, so the client's retry can run."""
+    conn.execute("DELETE FROM idempotency_keys WHERE conversation_id = ? AND state = 'running'", (conversation_id,))
+
+
+def purge_expired(conn: sqlite3.Connection, now_ms: int) -> int:
+    return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now_ms,)).rowcount
