@@ -20,7 +20,6 @@ from app.domain.events import EventScope
 from app.domain.inbound import InboundResult, InboundSms
 from app.domain.models import Conversation, Message
 from app.domain.templates import render
-from app.providers.base import ProviderRejected, SendRequest
 from app.store import agents as agents_store
 from app.store import conversations as store
 from app.store import events, opt_outs
@@ -138,25 +137,13 @@ async def send_system(ctx: Context, conversation: Conversation, content: str) ->
         )
 
     message = await ctx.db.write(persist)
-    request = SendRequest(
-        message_id=message.id,
-        from_number=message.from_number,
-        to_number=message.to_number,
-        body=message.content,
-        status_callback_url=ctx.status_callback_url(message.id),
-    )
     try:
-        accepted = await ctx.provider.send(request)
-    except ProviderRejected as exc:
-        rejected = exc
-        await ctx.db.write(lambda c: messaging.record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
-        log.warning("provider rejected a system message in conversation %s (code %s)", conversation.id, rejected.code)
+        return await messaging.hand_to_provider(ctx, conversation, message)
+    except ProviderFailed as exc:
+        log.warning(
+            "provider rejected a system message in conversation %s (code %s)", conversation.id, exc.provider_code
+        )
         return None
-    sent = await ctx.db.write(
-        lambda c: messaging.record_accepted(c, conversation, message, accepted, ctx.clock.now_ms())
-    )
-    ctx.scheduler.wake()
-    return sent
 
 
 def _provider_answered(ctx: Context, sms: InboundSms) -> bool:

@@ -148,6 +148,12 @@ async def send_in_conversation(ctx: Context, conversation_id: str, org_id: str, 
         return conversation, message
 
     conversation, message = await ctx.db.write(persist)
+    return await hand_to_provider(ctx, conversation, message)
+
+
+async def hand_to_provider(ctx: Context, conversation: Conversation, message: Message) -> Message:
+    """Send a persisted, queued message; record its acceptance (`sms.message_sent`, and activity when the
+    conversation is in progress) or its rejection, which raises ProviderFailed."""
     request = SendRequest(
         message_id=message.id,
         from_number=message.from_number,
