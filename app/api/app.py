@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from litestar import Litestar, Router
 from litestar.openapi import OpenAPIConfig
@@ -63,9 +63,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        db = Database(settings.database)
-        await db.open()
-        try:
+        # Every resource registers its clean-up as soon as it exists; they run in reverse order.
+        async with AsyncExitStack() as stack:
+            db = Database(settings.database)
+            await db.open()
+            stack.push_async_callback(db.close)
             now = clock.now_ms()
             await db.write(lambda c: agent_registry.sync_managed(c, settings.agents_file, now))
             sms = provider or build_provider(settings)
@@ -73,48 +75,41 @@ def create_app(
             ctx = Context(db=db, clock=clock, provider=sms, settings=settings, scheduler=scheduler)
             app.state.ctx = ctx
 
-            async def on_status(report: StatusReport) -> None:
-                await db.write(lambda c: messaging.apply_report(c, report, sms.name, clock.now_ms()))
-
-            async def run_housekeeping(job):  # type: ignore[no-untyped-def]
-                return await housekeeping.run(ctx, job)
-
-            scheduler.register(housekeeping.JOB, run_housekeeping)
-            # Webhooks and inactivity timeouts (issue 3), on the one scheduler.
+            # Webhooks (an outbox drained per endpoint) and inactivity timeouts, on the one scheduler.
             webhook_client = guarded_client(settings, WEBHOOK_TIMEOUT_SECONDS)
+            stack.push_async_callback(webhook_client.aclose)
             dispatcher = Dispatcher(db, clock, webhook_client, schedule=settings.webhook_retry_schedule)
             ctx.extras["webhook_dispatcher"] = dispatcher
-            scheduler.register(webhook_store.ENDPOINT_JOB, dispatcher.run_endpoint)
-
-            async def run_inactivity(job):  # type: ignore[no-untyped-def]
-                return await inactivity.run(ctx, job)
-
-            scheduler.register(lifecycle.INACTIVITY_JOB, run_inactivity)
             loop = asyncio.get_running_loop()
             await db.write(lambda c: webhook_store.register_waker(c, lambda: loop.call_soon_threadsafe(scheduler.wake)))
+            stack.push_async_callback(db.write, webhook_store.unregister_waker)
             await db.write(lambda c: webhook_store.recover_leases(c, clock.now_ms()))
-            # The assistant (issue 4): compliance keywords first, then the debounced turn.
+
+            # The assistant: compliance keywords first, then the debounced turn.
             model = ChatModel(settings)
+            stack.push_async_callback(model.close)
             assistant = Assistant(ctx, model)
             ctx.extras["assistant"] = assistant
             ctx.extras["inbound_hooks"] = [compliance.on_inbound, assistant.on_inbound]
             ctx.extras["generate_opening"] = assistant.generate_opening
+
+            scheduler.register(housekeeping.JOB, lambda job: housekeeping.run(ctx, job))
+            scheduler.register(webhook_store.ENDPOINT_JOB, dispatcher.run_endpoint)
+            scheduler.register(lifecycle.INACTIVITY_JOB, lambda job: inactivity.run(ctx, job))
             scheduler.register(TURN_JOB, assistant.run_job)
+
             await conversations.recover_pending(ctx)
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
+
+            async def on_status(report: StatusReport) -> None:
+                await db.write(lambda c: messaging.apply_report(c, report, sms.name, clock.now_ms()))
+
             await sms.start(on_status)
+            stack.push_async_callback(sms.close)
             await scheduler.start()
-            try:
-                yield
-            finally:
-                dispatcher.stop_claiming()
-                await scheduler.stop()
-                await webhook_client.aclose()
-                await db.write(webhook_store.unregister_waker)
-                await sms.close()
-                await model.close()
-        finally:
-            await db.close()
+            stack.push_async_callback(scheduler.stop)
+            stack.callback(dispatcher.stop_claiming)
+            yield
 
     openapi = OpenAPIConfig(
         title="Parley",
