@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from litestar import Litestar, Router
@@ -101,8 +102,12 @@ def create_app(
             await conversations.recover_pending(ctx)
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
 
-            async def on_status(report: StatusReport) -> None:
-                await db.write(lambda c: messaging.apply_report(c, report, sms.name, clock.now_ms()))
+            async def on_status(reports: Sequence[StatusReport]) -> None:
+                def apply(conn: sqlite3.Connection) -> None:
+                    for report in reports:
+                        messaging.apply_report(conn, report, sms.name, clock.now_ms())
+
+                await db.write(apply)
 
             await sms.start(on_status)
             stack.push_async_callback(sms.close)

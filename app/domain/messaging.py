@@ -221,12 +221,12 @@ def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, 
         changes["error_code"] = report.error_code
     store.update_message(conn, message.id, now_ms, **changes)
     updated = msgspec.structs.replace(message, **changes)
-    conversation = store.get(conn, message.conversation_id) if message.conversation_id else None
-    if conversation is not None:
+    scope = store.scope_of(conn, message.conversation_id) if message.conversation_id else None
+    if scope is not None:
         events.append(
             conn,
             "sms.message_delivery_updated",
-            conversation.scope,
+            scope,
             message_data(updated, previousStatus=message.status, errorCode=updated.error_code),
             now_ms,
         )

@@ -5,7 +5,7 @@ The domain never knows which provider it talks to; a new provider is a new modul
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -51,7 +51,8 @@ class SendOutcomeUnknown(ProviderRejected):
     a duplicate SMS cannot be taken back. A late status callback for it is still kept for audit."""
 
 
-StatusSink = Callable[[StatusReport], Awaitable[None]]
+# Reports handed over together are applied in one transaction, in order.
+StatusSink = Callable[[Sequence[StatusReport]], Awaitable[None]]
 
 
 class Provider(Protocol):

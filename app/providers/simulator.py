@@ -56,23 +56,25 @@ class SimulatorProvider:
         return SendAccepted(provider_message_id=sid, provider_status="queued")
 
     async def _report(self, sid: str, request: SendRequest) -> None:
+        """`sent`, then the final status: handed over together, after the time a carrier would take."""
         status, error = final_status(request.to_number)
-        for step, code in (("sent", None), (status, error)):
-            await asyncio.sleep(self._report_delay)
-            if self._on_status is None:
-                return
-            report = StatusReport(
+        await asyncio.sleep(2 * self._report_delay)
+        if self._on_status is None:
+            return
+        reports = [
+            StatusReport(
                 provider_message_id=sid,
                 provider_status=step,
                 error_code=code,
                 message_id=request.message_id,
                 raw={"MessageSid": sid, "MessageStatus": step, "ErrorCode": code},
             )
-            try:
-                await self._on_status(report)
-            except Exception:  # the reconciler will finish this message
-                log.exception("simulated status report failed")
-                return
+            for step, code in (("sent", None), (status, error))
+        ]
+        try:
+            await self._on_status(reports)
+        except Exception:  # the reconciler will finish this message
+            log.exception("simulated status report failed")
 
     async def fetch_status(self, message: Message) -> StatusReport | None:
         if message.provider_message_id is None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from app.domain.events import EventScope
 from app.domain.models import Conversation, Message
 
 _json = msgspec.json.Encoder()
@@ -60,6 +61,16 @@ def get(conn: sqlite3.Connection, conversation_id: str, org_id: str | None = Non
             (conversation_id, org_id),
         ).fetchone()
     return conversation_from_row(row) if row else None
+
+
+def scope_of(conn: sqlite3.Connection, conversation_id: str) -> EventScope | None:
+    """Just what an event about the conversation needs (cheaper than reading the whole conversation)."""
+    row = conn.execute(
+        "SELECT org_id, agent_id, metadata FROM conversations WHERE id = ?", (conversation_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    return EventScope(org_id=row[0], conversation_id=conversation_id, agent_id=row[1], metadata=_meta.decode(row[2]))
 
 
 def insert(conn: sqlite3.Connection, c: Conversation) -> None:
