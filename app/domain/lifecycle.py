@@ -23,10 +23,7 @@ class InactivityTimer(msgspec.Struct, frozen=True, kw_only=True):
 
 def inactivity_warning_seconds(conn: sqlite3.Connection, conversation: Conversation) -> int | None:
     """The agent's warning lead time, when it has a warning that fits inside this conversation's timeout."""
-    agent = agents.by_id_any(conn, conversation.agent_id)
-    if agent is None or not agent.settings.inactivity_warning_message:
-        return None
-    lead = agent.settings.inactivity_warning_seconds
+    lead = agents.inactivity_warning(conn, conversation.agent_id)
     return lead if lead is not None and 0 < lead < conversation.inactivity_timeout_seconds else None
 
 

@@ -138,3 +138,18 @@ def slugs_of(conn: sqlite3.Connection, agent_ids: set[str]) -> dict[str, str | N
     marks = ",".join("?" * len(agent_ids))
     rows = conn.execute(f"SELECT id, slug FROM agents WHERE id IN ({marks})", tuple(agent_ids)).fetchall()
     return {row[0]: row[1] for row in rows}
+
+
+def inactivity_warning(conn: sqlite3.Connection, agent_id: str) -> int | None:
+    """The agent's inactivity-warning lead time in seconds, when it has a warning message too.
+
+    Read straight from the stored JSON: this runs for every message, and needs two fields, not the agent.
+    """
+    row = conn.execute(
+        "SELECT json_extract(config, '$.inactivityWarningSeconds'),"
+        " json_extract(config, '$.inactivityWarningMessage') FROM agents WHERE id = ?",
+        (agent_id,),
+    ).fetchone()
+    if row is None or not row[1]:
+        return None
+    return row[0]
