@@ -212,7 +212,8 @@ async def test_simulated_inbound_is_routed_to_the_open_conversation(harness: Har
     assert '"routed":true' in event and '"content":"Is it free?"' in event
 
 
-async def test_inbound_after_close_goes_to_the_latest_conversation_unrouted(harness: Harness) -> None:
+async def test_inbound_after_close_goes_to_the_latest_conversation_unrouted(harness: Harness, caplog: Any) -> None:
+    caplog.set_level("INFO", logger="parley.inbound")
     cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
     await harness.post(f"/v1/sms-conversations/{cid}/close")
     response = await harness.post(
@@ -228,6 +229,9 @@ async def test_inbound_after_close_goes_to_the_latest_conversation_unrouted(harn
     assert stranger.json()["data"]["conversationId"] is None
     unrouted = harness.rows("SELECT org_id, conversation_id FROM messages WHERE content = 'who is this'")
     assert [tuple(r) for r in unrouted] == [(None, None)]
+    logged = [r.getMessage() for r in caplog.records if r.name == "parley.inbound"]
+    assert logged == ["inbound SMS from ***0111 to ***0123 matched no conversation; stored unrouted"]
+    assert "+15555550111" not in caplog.text and "who is this" not in caplog.text
 
 
 async def test_custom_agent_number_and_opening_template(harness: Harness) -> None:

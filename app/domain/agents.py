@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from app.domain.errors import FieldProblem, NotFound, ValidationFailed
+from app.domain.errors import FieldProblem, ValidationFailed
 from app.domain.phone import e164_problem
 from app.domain.types import E164Number, Name, VariableName, problem_from_msgspec
 
@@ -199,9 +199,3 @@ def settings_of(entry: ManagedAgentEntry) -> AgentSettings:
     data.pop("slug", None)
     data.pop("toolSecret", None)
     return msgspec.convert(data, AgentSettings)
-
-
-def require(agent: Agent | None, what: str = "Agent") -> Agent:
-    if agent is None:
-        raise NotFound(f"{what} not found.")
-    return agent

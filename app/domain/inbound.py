@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,9 +13,12 @@ from app.domain import lifecycle, messaging
 from app.domain.context import Context
 from app.domain.ids import new_id
 from app.domain.models import Conversation, Message
+from app.domain.phone import mask
 from app.domain.segments import count_segments
 from app.store import conversations as store
 from app.store import events
+
+log = logging.getLogger("parley.inbound")
 
 
 class InboundSms(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +90,13 @@ def store_inbound(conn: sqlite3.Connection, sms: InboundSms, now_ms: int, org_id
 async def receive(ctx: Context, sms: InboundSms, org_id: str | None = None) -> InboundResult:
     """Store and route an inbound SMS, then run the registered hooks (assistant, compliance)."""
     result = await ctx.db.write(lambda c: store_inbound(c, sms, ctx.clock.now_ms(), org_id))
+    if result.conversation is None and not result.duplicate:
+        # Numbers masked to their last four digits: enough to match a complaint, not a contact list.
+        log.info(
+            "inbound SMS from %s to %s matched no conversation; stored unrouted",
+            mask(sms.from_number),
+            mask(sms.to_number),
+        )
     if not result.duplicate:
         hooks: list[InboundHook] = ctx.extras.get("inbound_hooks", [])  # type: ignore[assignment]
         for hook in hooks:
