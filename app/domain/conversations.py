@@ -29,7 +29,7 @@ from app.providers.base import ProviderRejected, SendRequest
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
-from app.store import idempotency, jobs
+from app.store import idempotency
 
 log = logging.getLogger("parley.conversations")
 
@@ -278,10 +278,9 @@ async def create(
                 )
         started = store.mark_in_progress(conn, conversation.id, now_ms)
         messaging.record_accepted(conn, conversation, message, accepted, now_ms)
-        if started:
-            lifecycle.note_activity(conn, conversation, now_ms)
+        due = lifecycle.note_activity(conn, conversation, now_ms) if started else None
         _finish_idempotency(conn, org_id, idempotency_key, outcome)
-        return jobs.due_at(conn, lifecycle.INACTIVITY_JOB, conversation.id) if started else None
+        return due
 
     due = await ctx.db.write(record_success)
     # The scheduler re-reads its next deadline at least every IDLE_RECHECK_SECONDS, so only a timer due

@@ -49,11 +49,14 @@ def close(
     return True
 
 
-def note_activity(conn: sqlite3.Connection, conversation: Conversation, now_ms: int) -> None:
-    """A message went out or came in: push the inactivity deadline (and the warning before it) back."""
+def note_activity(conn: sqlite3.Connection, conversation: Conversation, now_ms: int) -> int:
+    """A message went out or came in: push the inactivity deadline (and the warning before it) back.
+
+    Returns when the `inactivity` job is now due."""
     store.touch(conn, conversation.id, now_ms)
     deadline = now_ms + conversation.inactivity_timeout_seconds * 1000
     lead = inactivity_warning_seconds(conn, conversation)
     timer = InactivityTimer(deadline=deadline, warn=lead is not None)
     due = deadline - lead * 1000 if lead is not None else deadline
     jobs.schedule(conn, INACTIVITY_JOB, conversation.id, due, msgspec.json.encode(timer).decode())
+    return due

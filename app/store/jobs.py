@@ -37,11 +37,6 @@ def schedule_earliest(conn: sqlite3.Connection, kind: str, ref: str, due_at: int
     )
 
 
-def due_at(conn: sqlite3.Connection, kind: str, ref: str) -> int | None:
-    row = conn.execute("SELECT due_at FROM jobs WHERE kind = ? AND ref = ?", (kind, ref)).fetchone()
-    return row[0] if row else None
-
-
 def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...] | None = None) -> None:
     if kinds is None:
         conn.execute("DELETE FROM jobs WHERE ref = ?", (ref,))
