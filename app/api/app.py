@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -103,11 +102,7 @@ def create_app(
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
 
             async def on_status(reports: Sequence[StatusReport]) -> None:
-                def apply(conn: sqlite3.Connection) -> None:
-                    for report in reports:
-                        messaging.apply_report(conn, report, sms.name, clock.now_ms())
-
-                await db.write(apply)
+                await messaging.record_reports(ctx, reports)
 
             await sms.start(on_status)
             stack.push_async_callback(sms.close)

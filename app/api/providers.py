@@ -155,8 +155,4 @@ class TwilioCallbackController(Controller):
             message_id=parse_uuid(request.query_params.get("messageId") or ""),
             raw=params,
         )
-        changed = await ctx.db.write(
-            lambda c: messaging.apply_report(c, report, twilio.TwilioProvider.name, ctx.clock.now_ms())
-        )
-        if changed:
-            ctx.scheduler.wake()
+        await messaging.record_reports(ctx, [report])

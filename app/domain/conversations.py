@@ -25,7 +25,7 @@ from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
 from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody
-from app.providers.base import ProviderRejected, SendRequest
+from app.providers.base import ProviderRejected
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
@@ -230,15 +230,8 @@ async def create(
         return persisted.outcome, True
     message = persisted
 
-    request = SendRequest(
-        message_id=message.id,
-        from_number=sender,
-        to_number=body.to_number,
-        body=opening,
-        status_callback_url=ctx.status_callback_url(message.id),
-    )
     try:
-        accepted = await ctx.provider.send(request)
+        accepted = await ctx.provider.send(messaging.send_request(ctx, message))
     except ProviderRejected as exc:
         rejected = exc
         outcome = CreateOutcome(

@@ -34,9 +34,7 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
             report = None
         applied = False
         if report is not None:
-            applied = await ctx.db.write(
-                lambda c, report=report: messaging.apply_report(c, report, ctx.provider.name, ctx.clock.now_ms())
-            )
+            applied = await messaging.record_reports(ctx, [report]) > 0
         if not applied:
             # Nothing new (or no answer): ask again only once it has aged again, so a message the provider
             # cannot tell about never crowds out the others.

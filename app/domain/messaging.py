@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -151,18 +152,22 @@ async def send_in_conversation(ctx: Context, conversation_id: str, org_id: str, 
     return await hand_to_provider(ctx, conversation, message)
 
 
-async def hand_to_provider(ctx: Context, conversation: Conversation, message: Message) -> Message:
-    """Send a persisted, queued message; record its acceptance (`sms.message_sent`, and activity when the
-    conversation is in progress) or its rejection, which raises ProviderFailed."""
-    request = SendRequest(
+def send_request(ctx: Context, message: Message) -> SendRequest:
+    """What the provider is handed for a persisted message; its status callback names our message id."""
+    return SendRequest(
         message_id=message.id,
         from_number=message.from_number,
         to_number=message.to_number,
         body=message.content,
         status_callback_url=ctx.status_callback_url(message.id),
     )
+
+
+async def hand_to_provider(ctx: Context, conversation: Conversation, message: Message) -> Message:
+    """Send a persisted, queued message; record its acceptance (`sms.message_sent`, and activity when the
+    conversation is in progress) or its rejection, which raises ProviderFailed."""
     try:
-        accepted = await ctx.provider.send(request)
+        accepted = await ctx.provider.send(send_request(ctx, message))
     except ProviderRejected as exc:
         rejected = exc
         await ctx.db.write(lambda c: record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
@@ -179,6 +184,15 @@ async def hand_to_provider(ctx: Context, conversation: Conversation, message: Me
     sent = await ctx.db.write(finish)
     ctx.scheduler.wake()
     return sent
+
+
+async def record_reports(ctx: Context, reports: Sequence[StatusReport]) -> int:
+    """Apply provider status reports, in order, in one transaction; return how many changed a message."""
+
+    def apply(conn: sqlite3.Connection) -> int:
+        return sum(apply_report(conn, report, ctx.provider.name, ctx.clock.now_ms()) for report in reports)
+
+    return await ctx.db.write(apply)
 
 
 def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, now_ms: int) -> bool:
