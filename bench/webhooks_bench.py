@@ -142,7 +142,7 @@ async def run(count: int, endpoints: int) -> None:
             app = create_app(settings)
             async with Lifespan(app):
                 ctx = app.app.state.ctx
-                client = ctx.extras["webhook_dispatcher"].client
+                client = ctx.webhooks.client
                 concurrency = PER_ENDPOINT_CONCURRENCY * endpoints
                 raw = await raw_rate(client, url, count * endpoints, concurrency)
                 delivered = await delivery_rate(ctx, url, count, endpoints)

@@ -48,7 +48,7 @@ async def running(tmp_path: Path, llm: FakeLLM | None, **overrides: Any) -> Asyn
     harnesses = start_harness(tmp_path, **overrides)
     h = await anext(harnesses)
     try:
-        h.ctx.extras["assistant"].model.retry_delays = (0.01, 0.02)
+        h.ctx.assistant.model.retry_delays = (0.01, 0.02)
         yield h
     finally:
         await harnesses.aclose()

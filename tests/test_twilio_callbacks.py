@@ -250,7 +250,7 @@ async def test_opt_out_type_reaches_the_inbound_hooks(h: Harness) -> None:
     async def hook(ctx: Any, result: InboundResult, sms: InboundSms) -> None:
         seen.append(sms.provider_opt_out_type)
 
-    h.ctx.extras.setdefault("inbound_hooks", []).append(hook)
+    h.ctx.inbound_hooks.append(hook)
     await callback(h, INBOUND, inbound_params(body="STOP", OptOutType="STOP"))
     await callback(h, INBOUND, inbound_params(sid="SM" + "c" * 32, body="hello"))
     assert seen == ["STOP", None]

@@ -219,7 +219,7 @@ async def test_a_timeout_or_429_waits_at_least_a_minute(tmp_path: Path, clock: F
 
     with Receiver(respond) as receiver:
         async with running(tmp_path, clock, webhook_retry_schedule=(5, 5, 5)) as h:
-            h.ctx.extras["webhook_dispatcher"].timeout = 0.2  # the production 15 s, shrunk for the test
+            h.ctx.webhooks.timeout = 0.2  # the production 15 s, shrunk for the test
             await register(h, receiver)
             event_id = await emit(h)
             first = (await settled_attempts(h, event_id, 1))[0]

@@ -79,7 +79,7 @@ def create_app(
             webhook_client = guarded_client(settings, WEBHOOK_TIMEOUT_SECONDS)
             stack.push_async_callback(webhook_client.aclose)
             dispatcher = Dispatcher(db, clock, webhook_client, schedule=settings.webhook_retry_schedule)
-            ctx.extras["webhook_dispatcher"] = dispatcher
+            ctx.webhooks = dispatcher
             loop = asyncio.get_running_loop()
             await db.write(lambda c: webhook_store.register_waker(c, lambda: loop.call_soon_threadsafe(scheduler.wake)))
             stack.push_async_callback(db.write, webhook_store.unregister_waker)
@@ -89,9 +89,9 @@ def create_app(
             model = ChatModel(settings)
             stack.push_async_callback(model.close)
             assistant = Assistant(ctx, model)
-            ctx.extras["assistant"] = assistant
-            ctx.extras["inbound_hooks"] = [compliance.on_inbound, assistant.on_inbound]
-            ctx.extras["generate_opening"] = assistant.generate_opening
+            ctx.assistant = assistant
+            ctx.inbound_hooks = [compliance.on_inbound, assistant.on_inbound]
+            ctx.generate_opening = assistant.generate_opening
 
             scheduler.register(housekeeping.JOB, lambda job: housekeeping.run(ctx, job))
             scheduler.register(webhook_store.ENDPOINT_JOB, dispatcher.run_endpoint)

@@ -66,7 +66,9 @@ def tool_call_out(call: ToolCall) -> ToolCallOut:
 
 
 def assistant_of(request: Request) -> Assistant:
-    return rq.context(request).extras["assistant"]  # type: ignore[return-value]
+    assistant = rq.context(request).assistant
+    assert assistant is not None, "the lifespan wires the assistant"
+    return assistant
 
 
 class AssistantController(Controller):

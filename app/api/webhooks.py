@@ -126,7 +126,9 @@ def delivery_out(d: store.Delivery) -> DeliveryOut:
 
 
 def dispatcher(request: Request) -> Dispatcher:
-    return rq.context(request).extras["webhook_dispatcher"]  # type: ignore[return-value]
+    dispatcher = rq.context(request).webhooks
+    assert dispatcher is not None, "the lifespan wires the webhook dispatcher"
+    return dispatcher
 
 
 class WebhookController(Controller):

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.clock import Clock
 from app.config import Settings
 from app.providers.base import Provider
 from app.scheduler import Scheduler
 from app.store.db import Database
+
+if TYPE_CHECKING:
+    from app.domain.agents import Agent
+    from app.domain.assistant import Assistant
+    from app.domain.inbound import InboundHook
+    from app.webhooks.delivery import Dispatcher
+
+# Writes a conversation's first SMS with the model: (agent, dynamic variables) -> text.
+OpeningWriter = Callable[["Agent", dict[str, str]], Awaitable[str]]
 
 
 @dataclass
@@ -18,7 +29,11 @@ class Context:
     provider: Provider
     settings: Settings
     scheduler: Scheduler
-    extras: dict[str, object] = field(default_factory=dict)
+    # Wired by the app's lifespan; each is absent in a bare Context (some tests).
+    inbound_hooks: list[InboundHook] = field(default_factory=list)
+    generate_opening: OpeningWriter | None = None
+    assistant: Assistant | None = None
+    webhooks: Dispatcher | None = None
 
     def status_callback_url(self, message_id: str) -> str:
         return f"{self.settings.public_url}/v1/providers/{self.provider.name}/status?messageId={message_id}"

@@ -170,7 +170,7 @@ async def create(
     agent = await resolve_agent(ctx, body, org_id)
     sender, opening = check_agent_rules(body, agent)
     if opening is None:
-        opener = ctx.extras.get("generate_opening")
+        opener = ctx.generate_opening
         if opener is None:
             raise ValidationFailed.field(
                 "welcomeMessage",
@@ -180,7 +180,7 @@ async def create(
         # An opted-out recipient is refused before the model is asked to write (the transaction re-checks).
         if await ctx.db.read(lambda c: store.is_opted_out(c, org_id, sender, body.to_number)):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
-        opening = await opener(agent, body.dynamic_variables)  # type: ignore[operator]
+        opening = await opener(agent, body.dynamic_variables)
     # The opt-out list is checked (409) inside `persist`, in the transaction that would create the conversation.
 
     now = ctx.clock.now_ms()

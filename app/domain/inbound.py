@@ -98,8 +98,7 @@ async def receive(ctx: Context, sms: InboundSms, org_id: str | None = None) -> I
             mask(sms.to_number),
         )
     if not result.duplicate:
-        hooks: list[InboundHook] = ctx.extras.get("inbound_hooks", [])  # type: ignore[assignment]
-        for hook in hooks:
+        for hook in ctx.inbound_hooks:
             await hook(ctx, result, sms)
         ctx.scheduler.wake()
     return result
