@@ -66,12 +66,9 @@ def store_inbound(conn: sqlite3.Connection, sms: InboundSms, now_ms: int, org_id
         status="received",
         provider=sms.provider,
         provider_message_id=sms.provider_message_id,
-        error_code=None,
         encoding=encoding,
         segments=segments,
         created_at=now_ms,
-        sent_at=None,
-        delivered_at=None,
     )
     store.insert_message(conn, message)
     if conversation is not None:

@@ -38,13 +38,9 @@ def new_outbound(conversation: Conversation, content: str, author: str, now_ms: 
         content=content,
         status="queued",
         provider=provider,
-        provider_message_id=None,
-        error_code=None,
         encoding=encoding,
         segments=segments,
         created_at=now_ms,
-        sent_at=None,
-        delivered_at=None,
     )
 
 

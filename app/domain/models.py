@@ -46,10 +46,10 @@ class Message(msgspec.Struct, kw_only=True):
     content: str
     status: str
     provider: str
-    provider_message_id: str | None
-    error_code: str | None
     encoding: str
     segments: int
     created_at: int
-    sent_at: int | None
-    delivered_at: int | None
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    sent_at: int | None = None
+    delivered_at: int | None = None
