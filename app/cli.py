@@ -11,6 +11,7 @@ from pathlib import Path
 from app.clock import SystemClock, iso
 from app.config import ConfigError, Settings, load_settings
 from app.domain import agent_registry, keys
+from app.domain.agents import load_agents_file
 from app.domain.errors import NotFound, Unauthorized
 from app.store import agents as agents_store
 from app.store import orgs
@@ -67,11 +68,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.port:
         settings = _replace(settings, port=args.port)
     configure_logging(settings.log_format)
-    conn = _open(settings)
-    try:
-        write_sync(conn, lambda c: agent_registry.sync_managed(c, settings.agents_file, _now()))
-    finally:
-        conn.close()
+    # The lifespan migrates and syncs agents; checking the agents file here first turns a mistake in it
+    # into one readable line instead of a failed start-up with a traceback.
+    load_agents_file(settings.agents_file)
     if args.dev:
         raw = ensure_dev_key(settings)
         print(f"Dev API key (saved to {settings.data_dir / 'dev-api-key'}):\n{raw}", flush=True)
