@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 
@@ -64,12 +64,24 @@ class FakeClock:
                 waiter.cancel()
 
 
+_second_prefixes: dict[int, str] = {}
+
+
 def iso(ms: int | None) -> str | None:
-    """RFC 3339 UTC with milliseconds, e.g. 2026-04-10T14:00:00.000Z."""
+    """RFC 3339 UTC with milliseconds, e.g. 2026-04-10T14:00:00.000Z.
+
+    Every event and message carries several timestamps, mostly within the same second: the
+    formatted second is memoised (a few thousand entries at most) and only the milliseconds vary.
+    """
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    second, milli = divmod(ms, 1000)
+    prefix = _second_prefixes.get(second)
+    if prefix is None:
+        if len(_second_prefixes) >= 4096:
+            _second_prefixes.clear()
+        prefix = _second_prefixes[second] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+    return f"{prefix}{milli:03d}Z"
 
 
 def parse_iso(text: str) -> int:

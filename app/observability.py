@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 
+import msgspec
+
+_json = msgspec.json.Encoder(enc_hook=str)
 STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
 
 
@@ -21,7 +23,7 @@ class JsonFormatter(logging.Formatter):
         data.update({k: v for k, v in record.__dict__.items() if k not in STANDARD})
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+        return _json.encode(data).decode()
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -35,6 +37,12 @@ class ConsoleFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str, level: int = logging.INFO) -> None:
+    # Parley's log lines never use the caller's file/line, thread or process names: skip collecting them
+    # (the "Optimization" table of the logging HOWTO); the access log writes a line per request.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()

@@ -86,6 +86,31 @@ async def test_group_commit_isolates_a_failing_write_from_its_batch(tmp_path: Pa
         await db.close()
 
 
+async def test_a_write_waiting_for_another_process_lock_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "lock.db"))
+    await db.open()
+    try:
+        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+        other = connect_sync(str(tmp_path / "lock.db"))  # another process, as far as SQLite can tell
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t (x) VALUES (1)")
+        short = asyncio.ensure_future(db.write(lambda c: c.execute("INSERT INTO t (x) VALUES (2)").rowcount))
+        long = asyncio.ensure_future(db.write(lambda c: c.execute("DELETE FROM t WHERE x < 0").rowcount, long=True))
+        # The writes wait for the lock on the writer's thread; the loop keeps turning meanwhile.
+        started = asyncio.get_running_loop().time()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert not short.done() and not long.done()
+        other.execute("COMMIT")
+        other.close()
+        assert await asyncio.wait_for(short, 15) == 1
+        assert await asyncio.wait_for(long, 15) == 0
+        assert await db.read(lambda c: [row[0] for row in c.execute("SELECT x FROM t ORDER BY x")]) == [1, 2]
+    finally:
+        await db.close()
+
+
 class HangingProvider:
     """A provider whose send never completes, like a process killed mid-send."""
 

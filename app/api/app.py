@@ -69,7 +69,7 @@ def create_app(
             await db.open()
             stack.push_async_callback(db.close)
             now = clock.now_ms()
-            await db.write(lambda c: agent_registry.sync_managed(c, settings.agents_file, now))
+            await db.write(lambda c: agent_registry.sync_managed(c, settings.agents_file, now), long=True)
             sms = provider or build_provider(settings)
             scheduler = Scheduler(db, clock)
             ctx = Context(db=db, clock=clock, provider=sms, settings=settings, scheduler=scheduler)
@@ -83,7 +83,7 @@ def create_app(
             loop = asyncio.get_running_loop()
             await db.write(lambda c: webhook_store.register_waker(c, lambda: loop.call_soon_threadsafe(scheduler.wake)))
             stack.push_async_callback(db.write, webhook_store.unregister_waker)
-            await db.write(lambda c: webhook_store.recover_leases(c, clock.now_ms()))
+            await db.write(lambda c: webhook_store.recover_leases(c, clock.now_ms()), long=True)
 
             # The assistant: compliance keywords first, then the debounced turn.
             model = ChatModel(settings)

@@ -46,5 +46,5 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
 async def run(ctx: Context, job: Job) -> int:
     await reconcile_stale_statuses(ctx)
     now = ctx.clock.now_ms()
-    await ctx.db.write(lambda c: idempotency.purge_expired(c, now))
+    await ctx.db.write(lambda c: idempotency.purge_expired(c, now), long=True)  # can be a day of keys
     return now + INTERVAL_MS

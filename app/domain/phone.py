@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -9,6 +10,7 @@ import phonenumbers
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
 
+@functools.lru_cache(maxsize=16384)
 def e164_problem(value: str) -> str | None:
     """Why `value` is not an acceptable E.164 number, or None when it is.
 

@@ -47,7 +47,27 @@ def conversation_from_row(row: sqlite3.Row) -> Conversation:
 
 
 def message_from_row(row: sqlite3.Row) -> Message:
-    return Message(**{key: row[key] for key in row.keys()})  # noqa: SIM118 - sqlite3.Row is not a mapping
+    """A row selected with MESSAGE_COLUMNS, in that order."""
+    return Message(
+        id=row[0],
+        conversation_id=row[1],
+        org_id=row[2],
+        seq=row[3],
+        direction=row[4],
+        author=row[5],
+        from_number=row[6],
+        to_number=row[7],
+        content=row[8],
+        status=row[9],
+        provider=row[10],
+        provider_message_id=row[11],
+        error_code=row[12],
+        encoding=row[13],
+        segments=row[14],
+        created_at=row[15],
+        sent_at=row[16],
+        delivered_at=row[17],
+    )
 
 
 def get(conn: sqlite3.Connection, conversation_id: str, org_id: str | None = None) -> Conversation | None:
