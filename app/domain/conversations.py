@@ -200,9 +200,11 @@ async def create(
         end_reason=None,
         superseded_by=None,
         assistant_paused=False,
-        message_count=0,
+        message_count=1,  # the opening message, inserted with it as seq 1
     )
-    message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name)
+    message = msgspec.structs.replace(
+        messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name), seq=1
+    )
 
     def persist(conn: sqlite3.Connection) -> Replay | Message:
         now_ms = ctx.clock.now_ms()
@@ -223,7 +225,8 @@ async def create(
         if store.is_opted_out(conn, org_id, sender, body.to_number):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         store.insert(conn, conversation)
-        return messaging.insert_outbound(conn, message)
+        store.insert_message(conn, message)
+        return message
 
     persisted = await ctx.db.write(persist)
     if isinstance(persisted, Replay):
@@ -269,9 +272,9 @@ async def create(
                     now_ms=now_ms,
                     superseded_by=conversation.id,
                 )
-        started = store.mark_in_progress(conn, conversation.id, now_ms)
+        started = store.mark_in_progress(conn, conversation.id, now_ms)  # also its last activity
         messaging.record_accepted(conn, conversation, message, accepted, now_ms)
-        due = lifecycle.note_activity(conn, conversation, now_ms) if started else None
+        due = lifecycle.arm_inactivity(conn, conversation, now_ms) if started else None
         _finish_idempotency(conn, org_id, idempotency_key, outcome)
         return due
 

@@ -30,7 +30,8 @@ class EventScope(msgspec.Struct, frozen=True, kw_only=True):
     org_id: str
     conversation_id: str | None = None
     agent_id: str | None = None
-    metadata: dict[str, Any] = {}
+    # Raw: the conversation's stored JSON, copied into the envelope as it is (no decode and re-encode).
+    metadata: dict[str, Any] | msgspec.Raw = {}
 
 
 def envelope(

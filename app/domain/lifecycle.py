@@ -54,6 +54,11 @@ def note_activity(conn: sqlite3.Connection, conversation: Conversation, now_ms: 
 
     Returns when the `inactivity` job is now due."""
     store.touch(conn, conversation.id, now_ms)
+    return arm_inactivity(conn, conversation, now_ms)
+
+
+def arm_inactivity(conn: sqlite3.Connection, conversation: Conversation, now_ms: int) -> int:
+    """(Re)schedule the `inactivity` job for activity at `now_ms` (already recorded on the conversation)."""
     deadline = now_ms + conversation.inactivity_timeout_seconds * 1000
     lead = inactivity_warning_seconds(conn, conversation)
     timer = InactivityTimer(deadline=deadline, warn=lead is not None)

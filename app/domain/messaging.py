@@ -83,19 +83,12 @@ def record_accepted(
     """The provider took the message: store its id and emit `sms.message_sent`."""
     new_status = status.canonical(accepted.provider_status) or "queued"
     # A status callback may overtake the send's own answer (it names our message id): never move back.
-    current = store.get_message(conn, message.id)
-    base = current.status if current is not None else "queued"
+    base = store.set_provider_id(conn, message.id, accepted.provider_message_id, now_ms, now_ms) or "queued"
     final = status.advance(base, new_status) or base
+    if final != base:
+        store.update_message(conn, message.id, now_ms, status=final)
     sent = msgspec.structs.replace(
         message, provider_message_id=accepted.provider_message_id, status=final, sent_at=now_ms
-    )
-    store.update_message(
-        conn,
-        message.id,
-        now_ms,
-        provider_message_id=accepted.provider_message_id,
-        status=final,
-        sent_at=now_ms,
     )
     events.append(conn, "sms.message_sent", conversation.scope, message_data(sent), now_ms)
     return sent
@@ -186,20 +179,30 @@ async def record_reports(ctx: Context, reports: Sequence[StatusReport]) -> int:
     """Apply provider status reports, in order, in one transaction; return how many changed a message."""
 
     def apply(conn: sqlite3.Connection) -> int:
-        return sum(apply_report(conn, report, ctx.provider.name, ctx.clock.now_ms()) for report in reports)
+        updated: dict[str, Message] = {}  # reports often come in runs about one message (sent, delivered)
+        return sum(apply_report(conn, report, ctx.provider.name, ctx.clock.now_ms(), updated) for report in reports)
 
     return await ctx.db.write(apply)
 
 
-def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, now_ms: int) -> bool:
+def apply_report(
+    conn: sqlite3.Connection,
+    report: StatusReport,
+    provider: str,
+    now_ms: int,
+    updated: dict[str, Message] | None = None,
+) -> bool:
     """Apply one provider status report; True when it changed the message's canonical status.
 
     Every report is kept. Duplicates (same provider id and status) and lower-rank or post-terminal
-    reports change nothing and emit nothing.
+    reports change nothing and emit nothing. `updated` carries the messages this transaction already
+    changed, by id, so a run of reports about one message reads it once.
     """
     message = None
     if report.message_id is not None:
-        message = store.get_message(conn, report.message_id)
+        message = updated.get(report.message_id) if updated else None
+        if message is None:
+            message = store.get_message(conn, report.message_id)
         if message is not None and message.direction != "outbound":
             message = None
     if message is None:
@@ -230,14 +233,15 @@ def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, 
     if new_status in {"undelivered", "failed"} and report.error_code:
         changes["error_code"] = report.error_code
     store.update_message(conn, message.id, now_ms, **changes)
-    updated = msgspec.structs.replace(message, **changes)
-    scope = store.scope_of(conn, message.conversation_id) if message.conversation_id else None
-    if scope is not None:
-        events.append(
+    changed = msgspec.structs.replace(message, **changes)
+    if updated is not None:
+        updated[message.id] = changed
+    if message.conversation_id is not None:
+        events.append_to_conversation(
             conn,
             "sms.message_delivery_updated",
-            scope,
-            message_data(updated, previousStatus=message.status, errorCode=updated.error_code),
+            message.conversation_id,
+            message_data(changed, previousStatus=message.status, errorCode=changed.error_code),
             now_ms,
         )
     return True

@@ -9,15 +9,19 @@ GSM7_BASIC = set(
 GSM7_EXTENDED = set("^{}\\[~]|€\f")
 
 
+GSM7 = frozenset(GSM7_BASIC | GSM7_EXTENDED)
+
+
 def encoding_of(text: str) -> str:
-    return "GSM-7" if all(ch in GSM7_BASIC or ch in GSM7_EXTENDED for ch in text) else "UCS-2"
+    return "GSM-7" if GSM7.issuperset(text) else "UCS-2"
 
 
 def count_segments(text: str) -> tuple[str, int]:
     """(encoding, segment count) of an SMS body."""
     encoding = encoding_of(text)
     if encoding == "GSM-7":
-        units = sum(2 if ch in GSM7_EXTENDED else 1 for ch in text)
+        # Extended characters take an escape and the character: two septets.
+        units = len(text) + sum(map(text.count, GSM7_EXTENDED))
         single, multi = 160, 153
     else:
         # UCS-2 counts UTF-16 code units: characters outside the BMP take two.

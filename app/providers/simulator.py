@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 
@@ -19,6 +20,7 @@ REJECTED_TO = {
     "+15005550004": ("21610", "Attempt to send to unsubscribed recipient."),
 }
 FAILS_AFTER_ACCEPT = {"+15005550009": "30003"}
+MAX_REPORTS_PER_HANDOVER = 256  # one transaction's worth, run on the event loop
 REJECTED_FROM = {"+15005550001": ("21212", "The 'From' number is not a valid phone number.")}
 
 
@@ -30,37 +32,37 @@ def final_status(to_number: str) -> tuple[str, str | None]:
 
 
 class SimulatorProvider:
+    """Accepts every send at once and reports on it `2 * report_delay` seconds later, like a carrier.
+
+    One carrier task holds the reports that are on their way, in the order they fall due (every send
+    waits the same delay), and hands over all that are due together: under load that is one
+    transaction for many messages' reports instead of a task, a timer and a transaction for each.
+    """
+
     name = "simulator"
     confirms_opt_out = False
 
     def __init__(self, report_delay: float = 0.02) -> None:
         self._report_delay = report_delay
         self._on_status: StatusSink | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._due: collections.deque[tuple[float, list[StatusReport]]] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._carrier: asyncio.Task[None] | None = None
 
     async def start(self, on_status: StatusSink) -> None:
         self._on_status = on_status
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._carrier is not None:
+            self._carrier.cancel()
+            await asyncio.gather(self._carrier, return_exceptions=True)
+            self._carrier = None
 
     async def send(self, request: SendRequest) -> SendAccepted:
         if rejected := REJECTED_FROM.get(request.from_number) or REJECTED_TO.get(request.to_number):
             raise ProviderRejected(*rejected)
         sid = "SM" + secrets.token_hex(16)
-        task = asyncio.create_task(self._report(sid, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return SendAccepted(provider_message_id=sid, provider_status="queued")
-
-    async def _report(self, sid: str, request: SendRequest) -> None:
-        """`sent`, then the final status: handed over together, after the time a carrier would take."""
         status, error = final_status(request.to_number)
-        await asyncio.sleep(2 * self._report_delay)
-        if self._on_status is None:
-            return
         reports = [
             StatusReport(
                 provider_message_id=sid,
@@ -71,10 +73,34 @@ class SimulatorProvider:
             )
             for step, code in (("sent", None), (status, error))
         ]
-        try:
-            await self._on_status(reports)
-        except Exception:  # the reconciler will finish this message
-            log.exception("simulated status report failed")
+        loop = asyncio.get_running_loop()
+        self._due.append((loop.time() + 2 * self._report_delay, reports))
+        self._arrived.set()
+        if self._carrier is None:
+            self._carrier = loop.create_task(self._carry(), name="simulator-carrier")
+        return SendAccepted(provider_message_id=sid, provider_status="queued")
+
+    async def _carry(self) -> None:
+        """Hand over every report that is due, oldest first, a bounded batch at a time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._due:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            wait = self._due[0][0] - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            batch: list[StatusReport] = []
+            now = loop.time()
+            while self._due and self._due[0][0] <= now and len(batch) < MAX_REPORTS_PER_HANDOVER:
+                batch.extend(self._due.popleft()[1])
+            if self._on_status is None:
+                continue
+            try:
+                await self._on_status(batch)
+            except Exception:  # the reconciler will finish these messages
+                log.exception("simulated status reports failed")
 
     async def fetch_status(self, message: Message) -> StatusReport | None:
         if message.provider_message_id is None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import msgspec
 
-from app.domain.events import EventScope
 from app.domain.models import Conversation, Message
 
 _json = msgspec.json.Encoder()
@@ -83,19 +82,11 @@ def get(conn: sqlite3.Connection, conversation_id: str, org_id: str | None = Non
     return conversation_from_row(row) if row else None
 
 
-def scope_of(conn: sqlite3.Connection, conversation_id: str) -> EventScope | None:
-    """Just what an event about the conversation needs (cheaper than reading the whole conversation)."""
-    row = conn.execute(
-        "SELECT org_id, agent_id, metadata FROM conversations WHERE id = ?", (conversation_id,)
-    ).fetchone()
-    if row is None:
-        return None
-    return EventScope(org_id=row[0], conversation_id=conversation_id, agent_id=row[1], metadata=_meta.decode(row[2]))
-
-
 def insert(conn: sqlite3.Connection, c: Conversation) -> None:
+    """A new conversation; its `message_count` messages (the opening one, if counted) hold seq 1..count."""
     conn.execute(
-        f"INSERT INTO conversations ({CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO conversations ({CONVERSATION_COLUMNS}, last_message_seq)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             c.id,
             c.org_id,
@@ -112,6 +103,7 @@ def insert(conn: sqlite3.Connection, c: Conversation) -> None:
             c.end_reason,
             c.superseded_by,
             int(c.assistant_paused),
+            c.message_count,
             c.message_count,
         ),
     )
@@ -274,6 +266,17 @@ def messages_of(conn: sqlite3.Connection, conversation_id: str, *, after_seq: in
         (conversation_id, after_seq, limit),
     ).fetchall()
     return [message_from_row(row) for row in rows]
+
+
+def set_provider_id(
+    conn: sqlite3.Connection, message_id: str, provider_message_id: str, sent_at: int, now_ms: int
+) -> str | None:
+    """Record the provider's id and the send time; return the message's status (None: no such message)."""
+    row = conn.execute(
+        "UPDATE messages SET provider_message_id = ?, sent_at = ?, updated_at = ? WHERE id = ? RETURNING status",
+        (provider_message_id, sent_at, now_ms, message_id),
+    ).fetchone()
+    return row[0] if row else None
 
 
 def update_message(conn: sqlite3.Connection, message_id: str, now_ms: int, **fields: Any) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from msgspec import Raw
+
 from app.domain.events import EventScope, envelope
 from app.domain.ids import new_event_id
 from app.store import webhooks
@@ -18,6 +20,33 @@ def append(conn: sqlite3.Connection, event_type: str, scope: EventScope, data: d
             "UPDATE conversations SET last_event_seq = last_event_seq + 1 WHERE id = ? RETURNING last_event_seq",
             (scope.conversation_id,),
         ).fetchone()[0]
+    return _insert(conn, event_type, scope, sequence, data, now_ms)
+
+
+def append_to_conversation(
+    conn: sqlite3.Connection, event_type: str, conversation_id: str, data: dict[str, Any], now_ms: int
+) -> str | None:
+    """`append` for a conversation known by id only: its scope comes back from the sequence's own UPDATE."""
+    row = conn.execute(
+        "UPDATE conversations SET last_event_seq = last_event_seq + 1 WHERE id = ?"
+        " RETURNING last_event_seq, org_id, agent_id, metadata",
+        (conversation_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    sequence, org_id, agent_id, metadata = row
+    scope = EventScope(org_id=org_id, conversation_id=conversation_id, agent_id=agent_id, metadata=Raw(metadata))
+    return _insert(conn, event_type, scope, sequence, data, now_ms)
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    event_type: str,
+    scope: EventScope,
+    sequence: int | None,
+    data: dict[str, Any],
+    now_ms: int,
+) -> str:
     event_id = new_event_id()
     payload = envelope(
         event_id=event_id, event_type=event_type, scope=scope, sequence=sequence, now_ms=now_ms, data=data
