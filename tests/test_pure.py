@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import os
+import uuid
 
 import pytest
 
 from app.clock import iso, parse_iso
 from app.domain import status
+from app.domain.ids import EntropyPool, new_event_id, new_id
 from app.domain.phone import e164_problem, mask
 from app.domain.segments import count_segments
 from app.domain.templates import render
@@ -117,3 +120,36 @@ def test_timestamps_are_rfc3339_with_milliseconds() -> None:
     assert parse_iso("2026-04-10T16:00:00+02:00") == 1775829600000
     with pytest.raises(ValueError):
         parse_iso("2026-04-10T14:00:00")
+
+
+def test_ids_are_version_4_uuids_and_never_repeat() -> None:
+    made = [new_id() for _ in range(20_000)]  # several refills of the entropy pool
+    assert len(set(made)) == len(made)
+    parsed = [uuid.UUID(value) for value in made]
+    assert {u.version for u in parsed} == {4} and {u.variant for u in parsed} == {uuid.RFC_4122}
+    assert [str(u) for u in parsed] == made
+    events = {new_event_id() for _ in range(5000)}
+    assert len(events) == 5000 and all(len(e) == 4 + 24 for e in events)
+
+
+def test_a_forked_child_never_hands_out_bytes_of_the_parents_pool() -> None:
+    pool = EntropyPool(size=4096)
+    pool.take(16)  # the pool now holds unused bytes a naive fork would share
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write_end, pool.take(16))
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    child = os.read(read_end, 16)
+    os.close(read_end)
+    assert len(child) == 16 and child != pool.take(16)
+
+
+def test_count_segments_charges_extended_gsm_characters_two_septets() -> None:
+    assert count_segments("a" * 160) == ("GSM-7", 1)
+    assert count_segments("a" * 159 + "€") == ("GSM-7", 2)  # 161 septets
+    assert count_segments("[]" * 80) == ("GSM-7", 3)  # 320 septets: three 153-septet parts
+    assert count_segments("a" * 160 + "é") == ("GSM-7", 2)  # é is in the basic set
+    assert count_segments("a" * 70 + "😀") == ("UCS-2", 2)  # 72 UTF-16 units

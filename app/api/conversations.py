@@ -99,10 +99,10 @@ def render_create(outcome: CreateOutcome, *, replayed: bool) -> Response[bytes]:
     return Response(content=body, status_code=outcome.status_code, media_type="application/json", headers=headers)
 
 
-async def _with_slugs(request: Request, items: list[Conversation]) -> list[ConversationOut]:
+def _with_slugs(request: Request, items: list[Conversation]) -> list[ConversationOut]:
     ctx = rq.context(request)
     ids = {c.agent_id for c in items}
-    slugs = await ctx.db.read(lambda c: agents_store.slugs_of(c, ids))
+    slugs = ctx.db.read_now(lambda c: agents_store.slugs_of(c, ids))
     return [conversation_out(c, slugs.get(c.agent_id)) for c in items]
 
 
@@ -168,14 +168,14 @@ class ConversationController(Controller):
         items = await ctx.db.read(run)
         next_cursor = rq.encode_cursor(items[-1].created_at, items[-1].id) if len(items) == limit else None
         return ConversationList(
-            data=await _with_slugs(request, items),
+            data=_with_slugs(request, items),
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),
         )
 
     @get("/{conversation_id:str}", summary="Read one conversation", responses=errors(404))
     async def get_conversation(self, request: Request, conversation_id: str) -> ConversationEnvelope:
         conversation = await conversations.get(rq.context(request), rq.org_of(request), conversation_id)
-        (out,) = await _with_slugs(request, [conversation])
+        (out,) = _with_slugs(request, [conversation])
         return ConversationEnvelope(data=out, meta=Meta(request_id=rq.request_id(request)))
 
     @post(
@@ -218,7 +218,8 @@ class ConversationController(Controller):
         conversation = await conversations.get(ctx, rq.org_of(request), conversation_id)
         after = rq.decode_cursor(cursor, (int,))
         after_seq = after[0] if after else 0
-        items = await ctx.db.read(lambda c: store.messages_of(c, conversation.id, after_seq=after_seq, limit=limit))
+        # One page (at most 100 rows) walked on the (conversation_id, seq) index: a point read, done inline.
+        items = ctx.db.read_now(lambda c: store.messages_of(c, conversation.id, after_seq=after_seq, limit=limit))
         next_cursor = rq.encode_cursor(items[-1].seq) if len(items) == limit else None
         return MessageList(
             data=[message_out(m) for m in items],

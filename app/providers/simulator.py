@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import secrets
 
+from app.domain.ids import new_provider_id
 from app.domain.models import Message
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport, StatusSink
 
@@ -61,7 +61,7 @@ class SimulatorProvider:
     async def send(self, request: SendRequest) -> SendAccepted:
         if rejected := REJECTED_FROM.get(request.from_number) or REJECTED_TO.get(request.to_number):
             raise ProviderRejected(*rejected)
-        sid = "SM" + secrets.token_hex(16)
+        sid = new_provider_id("SM")
         status, error = final_status(request.to_number)
         reports = [
             StatusReport(

@@ -176,9 +176,10 @@ class Database:
     def read_now(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a point lookup synchronously on the event loop's own read-only connection.
 
-        Only for reads by key that touch a handful of rows (microseconds in SQLite): a hop to a reader
-        thread costs more than such a query, in latency and in GIL hand-offs. Scans, lists and anything
-        that can take long go through `read`. WAL readers never wait for the writer.
+        Only for reads by key that touch a handful of rows, or one bounded page (at most 100 rows) walked
+        on an index (microseconds in SQLite): a hop to a reader thread costs more than such a query, in
+        latency and in GIL hand-offs. Filtered scans and anything that can take long go through `read`.
+        WAL readers never wait for the writer.
         """
         assert self._inline is not None, "database is not open"
         return fn(self._inline)
