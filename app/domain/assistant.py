@@ -34,7 +34,7 @@ from app.store.tool_calls import ToolCall
 
 log = logging.getLogger("parley.assistant")
 
-TURN_JOB = "assistant_turn"
+TURN_JOB = lifecycle.TURN_JOB
 # The most recent messages a turn sends the model; SMS conversations rarely come close.
 HISTORY_LIMIT = 400
 

@@ -12,6 +12,10 @@ from app.store import agents, events, jobs
 from app.store import conversations as store
 
 INACTIVITY_JOB = "inactivity"
+TURN_JOB = "assistant_turn"
+# Every job kind whose `ref` is a conversation id: closing a conversation cancels them all. Naming the
+# kinds lets the delete use the jobs' (kind, ref) key; by `ref` alone it would scan every job.
+CONVERSATION_JOBS = (INACTIVITY_JOB, TURN_JOB)
 
 
 class InactivityTimer(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,7 +42,7 @@ def close(
     """Close an open conversation, cancel its timers and pending turns, and emit the event."""
     if not store.close(conn, conversation.id, reason=reason, now_ms=now_ms, superseded_by=superseded_by):
         return False
-    jobs.cancel(conn, conversation.id)
+    jobs.cancel(conn, conversation.id, CONVERSATION_JOBS)
     events.append(
         conn,
         "sms.conversation_closed",

@@ -37,12 +37,10 @@ def schedule_earliest(conn: sqlite3.Connection, kind: str, ref: str, due_at: int
     )
 
 
-def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...] | None = None) -> None:
-    if kinds is None:
-        conn.execute("DELETE FROM jobs WHERE ref = ?", (ref,))
-    else:
-        marks = ",".join("?" * len(kinds))
-        conn.execute(f"DELETE FROM jobs WHERE ref = ? AND kind IN ({marks})", (ref, *kinds))
+def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...]) -> None:
+    """Delete `ref`'s jobs of these kinds (point look-ups on the (kind, ref) key)."""
+    marks = ",".join("?" * len(kinds))
+    conn.execute(f"DELETE FROM jobs WHERE kind IN ({marks}) AND ref = ?", (*kinds, ref))
 
 
 def claim(conn: sqlite3.Connection, now_ms: int, lease_ms: int, limit: int, skip: set[int]) -> list[Job]:
