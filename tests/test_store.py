@@ -178,3 +178,28 @@ def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
     assert settings.log_format == "console"  # the environment wins over .env
     assert settings.webhook_retry_schedule == (1, 2)
     assert settings.public_url == "http://127.0.0.1:9100"
+
+
+def test_cancelling_a_conversations_jobs_deletes_only_them_by_key(tmp_path: Path) -> None:
+    from app.domain.lifecycle import CONVERSATION_JOBS
+    from app.store import jobs
+
+    conn = connect_sync(str(tmp_path / "jobs.db"))
+    migrate(conn)
+    for ref in ("c1", "c2"):
+        for kind in (*CONVERSATION_JOBS, "webhook_endpoint"):
+            jobs.schedule(conn, kind, ref, 1000)
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    jobs.cancel(conn, "c1", CONVERSATION_JOBS)
+    conn.set_trace_callback(None)
+    left = sorted(tuple(row) for row in conn.execute("SELECT kind, ref FROM jobs"))
+    assert left == sorted(
+        [(k, "c2") for k in CONVERSATION_JOBS] + [("webhook_endpoint", "c1"), ("webhook_endpoint", "c2")]
+    )
+    # One delete, on the (kind, ref) key: with 100,000 open conversations a scan of `jobs` per close was the
+    # whole cost of supersede and close.
+    (delete,) = statements
+    plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + delete))
+    assert "SEARCH jobs USING INDEX" in plan and "SCAN" not in plan
+    conn.close()
