@@ -106,7 +106,7 @@ async def update(ctx: Context, org_id: str, webhook_id: str, patch: UpdateWebhoo
         assert updated is not None
         return updated
 
-    updated = await ctx.db.write(apply)
+    updated = await ctx.db.write(apply, long=True)  # disabling fails the whole pending backlog
     ctx.scheduler.wake()
     return updated
 
@@ -115,7 +115,7 @@ async def delete(ctx: Context, org_id: str, webhook_id: str) -> None:
     def apply(conn: sqlite3.Connection) -> None:
         store.delete(conn, _load(conn, org_id, webhook_id).id)
 
-    await ctx.db.write(apply)
+    await ctx.db.write(apply, long=True)  # cascades to every delivery and attempt of the endpoint
 
 
 async def rotate_secret(ctx: Context, org_id: str, webhook_id: str) -> Webhook:
@@ -155,7 +155,7 @@ async def recover(ctx: Context, org_id: str, webhook_id: str, body: RecoverWebho
             raise Conflict("webhook_inactive", "The webhook is disabled; enable it before recovering events.")
         return store.recover(conn, webhook, since, now)
 
-    count = await ctx.db.write(apply)
+    count = await ctx.db.write(apply, long=True)  # up to 14 days of events: off the event loop
     if count:
         ctx.scheduler.wake()
     return count
