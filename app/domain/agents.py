@@ -38,7 +38,7 @@ class HandoffToHumanTool(Struct, tag="handoff_to_human", tag_field="type", forbi
 Tool = WebhookTool | EndConversationTool | HandoffToHumanTool
 
 
-class AgentSettings(Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
+class AgentSettings(Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
     """Everything an agent is configured with (the fields of SPEC §5)."""
 
     name: Name

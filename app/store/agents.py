@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 
 from app.domain.agents import Agent, AgentSettings, settings_decoder, settings_encoder
@@ -12,20 +13,28 @@ COLUMNS = (
 )
 
 
+@functools.lru_cache(maxsize=256)
+def _settings(config: str) -> AgentSettings:
+    """Decoded settings, memoised by their stored JSON (AgentSettings is frozen, so sharing is safe):
+    every create reads its agent, and agents change rarely."""
+    return settings_decoder.decode(config)
+
+
 def _agent(row: sqlite3.Row | None) -> Agent | None:
+    """A row selected with COLUMNS, in that order."""
     if row is None:
         return None
     return Agent(
-        id=row["id"],
-        kind=row["kind"],
-        slug=row["slug"],
-        org_id=row["org_id"],
-        settings=settings_decoder.decode(row["config"]),
-        tool_secret=row["tool_secret"],
-        previous_tool_secret=row["previous_tool_secret"],
-        previous_tool_secret_until=row["previous_tool_secret_until"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        id=row[0],
+        kind=row[1],
+        slug=row[2],
+        org_id=row[3],
+        settings=_settings(row[4]),
+        tool_secret=row[5],
+        previous_tool_secret=row[6],
+        previous_tool_secret_until=row[7],
+        created_at=row[8],
+        updated_at=row[9],
     )
 
 
