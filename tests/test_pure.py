@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import time
 import uuid
 
 import pytest
 
 from app.clock import iso, parse_iso
 from app.domain import status
-from app.domain.ids import EntropyPool, new_event_id, new_id
+from app.domain.ids import EntropyPool, new_event_id, new_id, new_provider_id
 from app.domain.phone import e164_problem, mask
 from app.domain.segments import count_segments
 from app.domain.templates import render
@@ -130,6 +132,16 @@ def test_ids_are_version_4_uuids_and_never_repeat() -> None:
     assert [str(u) for u in parsed] == made
     events = {new_event_id() for _ in range(5000)}
     assert len(events) == 5000 and all(len(e) == 4 + 24 for e in events)
+
+
+def test_event_and_simulator_ids_grow_with_time_so_their_indexes_append() -> None:
+    first_event, first_sid = new_event_id(), new_provider_id("SM")
+    time.sleep(0.003)
+    later_events = [new_event_id() for _ in range(100)]
+    later_sids = [new_provider_id("SM") for _ in range(100)]
+    assert all(first_event < e for e in later_events) and all(first_sid < s for s in later_sids)
+    assert re.fullmatch(r"evt_[0-9a-f]{24}", first_event) and re.fullmatch(r"SM[0-9a-f]{32}", first_sid)
+    assert len(set(later_events)) == 100 and len(set(later_sids)) == 100  # same millisecond: random tails
 
 
 def test_a_forked_child_never_hands_out_bytes_of_the_parents_pool() -> None:

@@ -8,6 +8,7 @@ import os
 import secrets
 import string
 import threading
+import time
 import uuid
 
 BASE62 = string.ascii_letters + string.digits
@@ -49,7 +50,12 @@ def new_id() -> str:
 
 
 def new_event_id() -> str:
-    return "evt_" + _pool.take(12).hex()
+    """`evt_` + 12 hex digits of Unix milliseconds + 12 random hex digits: time-ordered.
+
+    Events are the busiest table (three rows a create) and their ids are a unique index; ids that
+    grow with time append to it instead of dirtying a random page of it for every event.
+    """
+    return f"evt_{time.time_ns() // 1_000_000:012x}{_pool.take(6).hex()}"
 
 
 def new_request_id() -> str:
@@ -57,8 +63,9 @@ def new_request_id() -> str:
 
 
 def new_provider_id(prefix: str) -> str:
-    """A provider-style id (the simulator's `SM…` message SIDs): the prefix and 32 hex digits."""
-    return prefix + _pool.take(16).hex()
+    """A provider-style id (the simulator's `SM…` message SIDs): the prefix and 32 hex digits, time-ordered
+    like event ids (12 of milliseconds, 20 random), so the provider-id indexes append too."""
+    return f"{prefix}{time.time_ns() // 1_000_000:012x}{_pool.take(10).hex()}"
 
 
 def new_api_key(prefix: str = "pk_live_") -> str:
