@@ -86,6 +86,26 @@ async def test_group_commit_isolates_a_failing_write_from_its_batch(tmp_path: Pa
         await db.close()
 
 
+async def test_committed_pages_reach_the_database_file_by_background_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.db"
+    db = Database(str(path))
+    await db.open()
+    try:
+        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY, body TEXT)"))
+        before = path.stat().st_size
+        rows = [(i, "x" * 1000) for i in range(2000)]  # ~500 pages: far below the writer's own threshold
+        await db.write(lambda c: c.executemany("INSERT INTO t (x, body) VALUES (?, ?)", rows))
+        for _ in range(40):  # within ~2 s: a checkpoint runs every CHECKPOINT_SECONDS
+            if path.stat().st_size >= before + 1_500_000:
+                break
+            await asyncio.sleep(0.05)
+        assert path.stat().st_size >= before + 1_500_000
+        busy, frames, copied = await db.checkpoint()
+        assert busy == 0 and copied == frames
+    finally:
+        await db.close()
+
+
 async def test_a_write_waiting_for_another_process_lock_never_blocks_the_event_loop(tmp_path: Path) -> None:
     db = Database(str(tmp_path / "lock.db"))
     await db.open()

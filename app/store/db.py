@@ -11,6 +11,13 @@ each, and run on the event loop's thread: run on the writer's thread, every stat
 GIL and then queued to take it back from the busy event loop, a hand-off per statement that cost a
 quarter of a create's CPU time. A write that can touch many rows (purges, start-up syncs) passes
 `long=True` and runs wholly on the writer's thread instead, so it never stalls the event loop.
+
+Checkpoints (copying committed WAL pages back into the database file) run on their own connection
+and thread, every CHECKPOINT_SECONDS, in PASSIVE mode, which never blocks a writer. Left to SQLite's
+default (every 1,000 pages, inside whichever COMMIT crosses the mark), they sat on the commit path,
+and copied a page that a later transaction would change again once per checkpoint: a create wrote
+~30 % more bytes and cost ~15 % more CPU. The writer keeps SQLite's automatic checkpoint only as a
+safety net, at WAL_AUTOCHECKPOINT_PAGES, should the background checkpoints ever fall behind.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ log = logging.getLogger("parley.db")
 
 MAX_BATCH = 64
 BUSY_TIMEOUT_MS = 10_000
+CHECKPOINT_SECONDS = 0.5
+WAL_AUTOCHECKPOINT_PAGES = 20_000  # ~80 MB of WAL
 
 
 def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
@@ -131,6 +140,8 @@ class Database:
         self._queue: list[tuple[Job, bool, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self._closing = False
 
     async def open(self) -> None:
@@ -140,6 +151,7 @@ class Database:
         await self._call(self._writer, migrate)
         # The event loop must never wait for the write lock: see `_run_batch`.
         await self._call(self._writer, lambda c: c.execute("PRAGMA busy_timeout = 0"))
+        await self._call(self._writer, lambda c: c.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"))
         for _ in range(self._reader_count):
             reader = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
             await self._call(reader, lambda c: configure(c, writer=False))
@@ -147,20 +159,42 @@ class Database:
         self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         configure(self._inline, writer=False)
         self._writer_task = asyncio.create_task(self._write_loop(), name="parley-db-writer")
+        self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        await self._call(self._checkpointer, lambda c: configure(c, writer=False))
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="parley-db-checkpoint")
 
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
         if self._writer_task is not None:
             await self._writer_task
-        for conn in [*self._readers, self._writer]:
+        for conn in [*self._readers, self._checkpointer, self._writer]:
             if conn is not None:
                 await conn.close()
         if self._inline is not None:
             self._inline.close()
             self._inline = None
         self._readers.clear()
+        self._checkpointer = None
         self._writer = None
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        """One PASSIVE checkpoint: (busy, WAL frames, frames now in the database file)."""
+        assert self._checkpointer is not None
+        return await self._call(
+            self._checkpointer, lambda c: tuple(c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+        )
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            try:
+                await self.checkpoint()
+            except Exception:  # the writer's own automatic checkpoint is the safety net
+                log.warning("background WAL checkpoint failed", exc_info=True)
 
     @staticmethod
     async def _call(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
