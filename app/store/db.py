@@ -13,11 +13,12 @@ quarter of a create's CPU time. A write that can touch many rows (purges, start-
 `long=True` and runs wholly on the writer's thread instead, so it never stalls the event loop.
 
 Checkpoints (copying committed WAL pages back into the database file) run on their own connection
-and thread, every CHECKPOINT_SECONDS, in PASSIVE mode, which never blocks a writer. Left to SQLite's
-default (every 1,000 pages, inside whichever COMMIT crosses the mark), they sat on the commit path,
-and copied a page that a later transaction would change again once per checkpoint: a create wrote
-~30 % more bytes and cost ~15 % more CPU. The writer keeps SQLite's automatic checkpoint only as a
-safety net, at WAL_AUTOCHECKPOINT_PAGES, should the background checkpoints ever fall behind.
+and thread, every CHECKPOINT_SECONDS while there are writes, in PASSIVE mode, which never blocks a
+writer. Left to SQLite's default (every 1,000 pages, inside whichever COMMIT crosses the mark), they
+sat on the commit path: a create wrote ~20 % more bytes, and create throughput was ~8 % lower in
+back-to-back runs. Small, frequent checkpoints keep each one's fsync short, so commits queued behind
+it on the disk do not stall (0.5 s between them raised create p99 from 28 to 39 ms). The writer keeps SQLite's automatic checkpoint
+only as a safety net, at WAL_AUTOCHECKPOINT_PAGES, should the background checkpoints fall behind.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ log = logging.getLogger("parley.db")
 
 MAX_BATCH = 64
 BUSY_TIMEOUT_MS = 10_000
-CHECKPOINT_SECONDS = 0.5
+CHECKPOINT_SECONDS = 0.1
 WAL_AUTOCHECKPOINT_PAGES = 20_000  # ~80 MB of WAL
 
 
@@ -143,6 +144,7 @@ class Database:
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._batches = 0  # write batches run so far (the checkpointer's cue)
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -189,8 +191,12 @@ class Database:
         )
 
     async def _checkpoint_loop(self) -> None:
+        checkpointed = self._batches
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
+            if self._batches == checkpointed:
+                continue  # nothing committed since: an idle server does no checkpoint work
+            checkpointed = self._batches
             try:
                 await self.checkpoint()
             except Exception:  # the writer's own automatic checkpoint is the safety net
@@ -266,6 +272,7 @@ class Database:
             self._wake.clear()
             while self._queue:
                 jobs, long, futures = self._next_batch()
+                self._batches += 1
                 try:
                     results = await self._run_batch(jobs, long)
                 except Exception as exc:  # the commit itself failed: nothing in the batch is durable
