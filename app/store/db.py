@@ -17,8 +17,9 @@ and thread, every CHECKPOINT_SECONDS while there are writes, in PASSIVE mode, wh
 writer. Left to SQLite's default (every 1,000 pages, inside whichever COMMIT crosses the mark), they
 sat on the commit path: a create wrote ~20 % more bytes, and create throughput was ~8 % lower in
 back-to-back runs. Small, frequent checkpoints keep each one's fsync short, so commits queued behind
-it on the disk do not stall (0.5 s between them raised create p99 from 28 to 39 ms). The writer keeps SQLite's automatic checkpoint
-only as a safety net, at WAL_AUTOCHECKPOINT_PAGES, should the background checkpoints fall behind.
+it on the disk do not stall (0.5 s between them raised create p99 from 28 to 39 ms). The writer
+keeps SQLite's automatic checkpoint only as a safety net, at WAL_AUTOCHECKPOINT_PAGES, should the
+background checkpoints fall behind.
 """
 
 from __future__ import annotations
