@@ -288,11 +288,15 @@ def update_message(conn: sqlite3.Connection, message_id: str, now_ms: int, **fie
 
 
 def received_by_number(conn: sqlite3.Connection, org_id: str, number: str, limit: int) -> list[Message]:
-    """Outbound messages a provider accepted for `number`, oldest first (the last `limit`)."""
+    """Outbound messages a provider accepted for `number`, oldest first (the last `limit`).
+
+    Found through the org's conversations to `number` (every outbound message is filed under one, and
+    goes to its toNumber): no index of messages by number is kept for this one listing."""
+    columns = ", ".join(f"m.{name.strip()}" for name in MESSAGE_COLUMNS.split(","))
     rows = conn.execute(
-        f"SELECT * FROM (SELECT {MESSAGE_COLUMNS} FROM messages"
-        " WHERE to_number = ? AND direction = 'outbound' AND org_id = ? AND provider_message_id IS NOT NULL"
-        " ORDER BY created_at DESC, rowid DESC LIMIT ?) ORDER BY created_at, seq",
+        f"SELECT * FROM (SELECT {columns} FROM conversations c JOIN messages m ON m.conversation_id = c.id"
+        " WHERE c.to_number = ? AND c.org_id = ? AND m.direction = 'outbound' AND m.provider_message_id IS NOT NULL"
+        " ORDER BY m.created_at DESC, m.rowid DESC LIMIT ?) ORDER BY created_at, seq",
         (number, org_id, limit),
     ).fetchall()
     return [message_from_row(row) for row in rows]
