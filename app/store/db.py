@@ -256,7 +256,7 @@ class Database:
         try:
             begin(conn)  # the lock is free unless another process holds it: then wait for it off the loop
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # any busy (recovery, snapshot...) waits
                 raise
             await self._call(writer, begin_waiting)
         try:
