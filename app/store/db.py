@@ -43,6 +43,10 @@ MAX_BATCH = 64
 BUSY_TIMEOUT_MS = 10_000
 CHECKPOINT_SECONDS = 0.1
 WAL_AUTOCHECKPOINT_PAGES = 20_000  # ~80 MB of WAL
+# Autocommit (transactions are explicit), usable from the connection's thread and the loop's, and room
+# in the prepared-statement cache for every distinct statement Parley runs (~170; sqlite3 keeps 128), so
+# a server with varied traffic (webhooks, the assistant, the API) never prepares one again.
+CONNECT: dict[str, Any] = {"isolation_level": None, "check_same_thread": False, "cached_statements": 512}
 
 
 def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
@@ -62,7 +66,7 @@ def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
 def connect_sync(path: str) -> sqlite3.Connection:
     """A plain connection for commands and start-up work (autocommit; transactions are explicit)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, **CONNECT)
     configure(conn, writer=True)
     return conn
 
@@ -149,20 +153,20 @@ class Database:
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._writer = await aiosqlite.connect(self.path, **CONNECT)
         await self._call(self._writer, lambda c: configure(c, writer=True))
         await self._call(self._writer, migrate)
         # The event loop must never wait for the write lock: see `_run_batch`.
         await self._call(self._writer, lambda c: c.execute("PRAGMA busy_timeout = 0"))
         await self._call(self._writer, lambda c: c.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"))
         for _ in range(self._reader_count):
-            reader = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+            reader = await aiosqlite.connect(self.path, **CONNECT)
             await self._call(reader, lambda c: configure(c, writer=False))
             self._readers.append(reader)
-        self._inline = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._inline = sqlite3.connect(self.path, **CONNECT)
         configure(self._inline, writer=False)
         self._writer_task = asyncio.create_task(self._write_loop(), name="parley-db-writer")
-        self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._checkpointer = await aiosqlite.connect(self.path, **CONNECT)
         await self._call(self._checkpointer, lambda c: configure(c, writer=False))
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="parley-db-checkpoint")
 
