@@ -175,6 +175,14 @@ class Server:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
+    def bytes_written(self) -> int:
+        """Bytes the process has sent to the storage layer (WAL, checkpoints, logs), from /proc/PID/io."""
+        for line in Path(f"/proc/{self.pid}/io").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == "write_bytes":
+                return int(value)
+        return 0
+
 
 def call(method: str, url: str, key: str | None = None, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()

@@ -172,11 +172,29 @@ def main() -> int:
             print("-" * len(header))
 
             def scenario(name: str, script: str, env: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-                b = wrk(bare.base, script, env={**benv, **env}, **common)
-                p = wrk(parley.base, script, env={**benv, **env}, **common)
-                results["scenarios"][name] = {"bare": b, "parley": p, "ratio": p["rps"] / b["rps"]}
+                b, b_cost = measured(bare, script, env)
+                p, p_cost = measured(parley, script, env)
+                results["scenarios"][name] = {
+                    "bare": b,
+                    "parley": p,
+                    "ratio": p["rps"] / b["rps"],
+                    "cost": {"bare": b_cost, "parley": p_cost},
+                }
+                costs.append((name, b_cost, p_cost))
                 print(row(name, b, p), flush=True)
                 return b, p
+
+            def measured(server: Server, script: str, env: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
+                """One wrk run, with the server's CPU time and bytes written per answered request."""
+                cpu, written = server.cpu_seconds(), server.bytes_written()
+                result = wrk(server.base, script, env={**benv, **env}, **common)
+                answered = max(result["requests"], 1)
+                return result, {
+                    "cpu_ms": (server.cpu_seconds() - cpu) * 1000 / answered,
+                    "written_kb": (server.bytes_written() - written) / 1024 / answered,
+                }
+
+            costs: list[tuple[str, dict[str, float], dict[str, float]]] = []
 
             since = int(time.time() * 1000)
             _, unique = scenario("create (unique pairs)", "create.lua", {"BENCH_PAIR": "unique", "BENCH_RUN": "1"})
@@ -207,6 +225,11 @@ def main() -> int:
         durable=durable,
         close_fresh=closed["requests"] - closed["wrapped"],
     )
+    print()
+    print("Server cost per request (CPU of every thread from /proc/PID/stat; bytes to storage from /proc/PID/io):")
+    print(f"{'scenario':<28} {'bare CPU ms':>11} | {'parley CPU ms':>13} {'KB written':>10}")
+    for name, b_cost, p_cost in costs:
+        print(f"{name:<28} {b_cost['cpu_ms']:>11.3f} | {p_cost['cpu_ms']:>13.3f} {p_cost['written_kb']:>10.1f}")
     print()
     print(
         f"Acknowledged creates found in the database: unique {len(created_rows)}/{unique['ok']} rows/201s,"
