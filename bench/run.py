@@ -3,8 +3,9 @@
 Starts `parley serve` (one uvicorn worker, simulator, a fresh database in a temp dir, synchronous=FULL)
 and bench/bare_app.py under uvicorn, both on 127.0.0.1, and drives each scenario with wrk at the same
 concurrency, bare first then Parley, so drift in machine load hits both alike. Prints requests/s,
-p50/p99 latency and Parley/bare ratios, checks every acknowledged create is in the database, and reads
-Parley's RSS from /proc. The assistant's and webhooks' own benchmarks run afterwards when present.
+p50/p99 latency and Parley/bare ratios, then each server's CPU time and bytes written per request (from
+/proc: steadier than throughput on a shared machine), checks every acknowledged create is in the
+database, and reads Parley's RSS from /proc. The assistant's and webhooks' own benchmarks run afterwards when present.
 """
 
 from __future__ import annotations
