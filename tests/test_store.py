@@ -223,3 +223,41 @@ def test_cancelling_a_conversations_jobs_deletes_only_them_by_key(tmp_path: Path
     plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + delete))
     assert "SEARCH jobs USING INDEX" in plan and "SCAN" not in plan
     conn.close()
+
+
+async def test_the_simulator_reports_every_send_in_order_in_bounded_batches() -> None:
+    from app.providers.simulator import MAX_REPORTS_PER_HANDOVER, SimulatorProvider
+
+    handovers: list[list[StatusReport]] = []
+
+    async def sink(reports: Any) -> None:
+        handovers.append(list(reports))
+        await asyncio.sleep(0.005)  # a transaction's worth of time: more reports fall due meanwhile
+
+    sim = SimulatorProvider(report_delay=0.005)
+    await sim.start(sink)
+    try:
+        sends = 300  # 600 reports: more than two handovers' worth
+        accepted = []
+        for i in range(sends):
+            request = SendRequest(
+                message_id=f"m{i}",
+                from_number="+15555550123",
+                to_number="+15555550199",
+                body="hi",
+                status_callback_url="",
+            )
+            accepted.append(await sim.send(request))
+        for _ in range(200):
+            if sum(len(batch) for batch in handovers) == 2 * sends:
+                break
+            await asyncio.sleep(0.01)
+        reports = [report for batch in handovers for report in batch]
+        assert [(r.message_id, r.provider_status) for r in reports] == [
+            (f"m{i}", step) for i in range(sends) for step in ("sent", "delivered")
+        ]
+        assert [r.provider_message_id for r in reports[::2]] == [a.provider_message_id for a in accepted]
+        assert all(len(batch) <= MAX_REPORTS_PER_HANDOVER for batch in handovers)
+        assert len(handovers) < sends  # due reports travel together, not one handover per message
+    finally:
+        await sim.close()
