@@ -176,8 +176,8 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(
         PARLEY_DATABASE=str(tmp_path / "data" / "parley.db"),
         PARLEY_AGENTS_FILE=str(ROOT / "data" / "agents.toml"),
-        **extra,
     )
+    env.update(extra)  # may override the defaults above
     return env
 
 
@@ -201,6 +201,20 @@ def call(method: str, url: str, key: str | None = None, body: Any = None) -> tup
         return error.code, json.loads(error.read() or b"{}")
 
 
+def wait_until_ready(base: str, process: subprocess.Popen[Any], log: Path, timeout: float = 30.0) -> None:
+    """Wait for a started `parley serve` to answer /readyz; kill it and show its log if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if call("GET", base + "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("parley serve did not become ready:\n" + log.read_text())
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
     port = free_port()
@@ -214,16 +228,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if call("GET", base + "/healthz")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        raise AssertionError("server did not start: " + (tmp_path / "server.log").read_text())
+    wait_until_ready(base, process, tmp_path / "server.log")
     yield base, process, tmp_path
     if process.poll() is None:
         process.kill()

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from standardwebhooks import Webhook
 from app.clock import FakeClock
 from tests.conftest import Harness, start_harness
 from tests.fake_llm import FakeLLM, FakeToolServer
+from tests.webhook_receiver import eventually
 
 OURS = "+15555550123"
 CUSTOMER = "+15555550199"
@@ -108,18 +108,6 @@ def events(h: Harness, conversation_id: str, *types: str) -> list[dict[str, Any]
     rows = h.rows("SELECT payload FROM events WHERE conversation_id = ? ORDER BY sequence", conversation_id)
     payloads = [json.loads(row["payload"]) for row in rows]
     return [p for p in payloads if not types or p["event"] in types]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll (in real time) until `check()` is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def settle(seconds: float = 0.15) -> None:

@@ -2,76 +2,40 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, SEED_CREATE
+from tests.conftest import PARLEY, SEED_CREATE, call, env_for, free_port, wait_until_ready
 from tests.webhook_receiver import Received, Receiver, Reply
 
-PARLEY = str(Path(sys.executable).parent / "parley")
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def environment(tmp_path: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "TWILIO_"))}
-    env.update(
+    return env_for(
+        tmp_path,
         PARLEY_DATABASE=str(tmp_path / "parley.db"),
         PARLEY_PORT=str(port),
-        PARLEY_AGENTS_FILE=str(ROOT / "data" / "agents.toml"),
         PARLEY_ALLOW_PRIVATE_URLS="1",
         PARLEY_ALLOW_HTTP_URLS="1",
         PARLEY_WEBHOOK_RETRY_SCHEDULE="1,1,1,1,1,1,1,1",
         PARLEY_RATE_LIMIT="100000",
         PARLEY_LOG_FORMAT="json",
     )
-    return env
-
-
-def call(method: str, url: str, key: str, body: Any = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"Bearer {key}"})
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
 
 
 def serve(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     log = (tmp_path / "server.log").open("ab")
     process = subprocess.Popen([PARLEY, "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{env['PARLEY_PORT']}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("parley serve did not become ready:\n" + (tmp_path / "server.log").read_text())
+    wait_until_ready(f"http://127.0.0.1:{env['PARLEY_PORT']}", process, tmp_path / "server.log")
+    return process
 
 
 def rows(database: Path, sql: str, *args: Any) -> list[sqlite3.Row]:
