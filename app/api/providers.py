@@ -99,7 +99,7 @@ def require(params: dict[str, str], *names: str) -> list[str]:
             problems.append(FieldProblem(name, "is required"))
         values.append(value)
     if problems:
-        raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+        raise ValidationFailed.of(problems)
     return values
 
 

@@ -64,7 +64,7 @@ class SimulatorController(Controller):
             if (problem := e164_problem(value))
         ]
         if problems:
-            raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+            raise ValidationFailed.of(problems)
         sms = inbound.InboundSms(from_number=body.from_, to_number=body.to, body=body.body, provider="simulator")
         result = await inbound.receive(ctx, sms, org_id=rq.org_of(request))
         data = InboundAccepted(

@@ -141,7 +141,7 @@ def check_settings(settings: AgentSettings, *, kind: str) -> None:
         if isinstance(tool, WebhookTool) and tool.parameters.get("type", "object") != "object":
             problems.append(FieldProblem(f"tools.{index}.parameters", "must be a JSON Schema of type object"))
     if problems:
-        raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+        raise ValidationFailed.of(problems)
 
 
 def apply_patch(settings: AgentSettings, patch: AgentPatch) -> AgentSettings:

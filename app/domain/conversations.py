@@ -91,7 +91,7 @@ def check_fields(body: CreateConversation) -> None:
     if body.from_number is not None and (problem := e164_problem(body.from_number)):
         problems.append(FieldProblem("fromNumber", problem))
     if problems:
-        raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+        raise ValidationFailed.of(problems)
 
 
 def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str | None]:

@@ -28,7 +28,12 @@ class ValidationFailed(AppError):
 
     @classmethod
     def field(cls, name: str, message: str) -> ValidationFailed:
-        return cls(f"{name}: {message}", [FieldProblem(name, message)])
+        return cls.of([FieldProblem(name, message)])
+
+    @classmethod
+    def of(cls, problems: list[FieldProblem]) -> ValidationFailed:
+        """Every problem at once: `field: message` pairs joined by `; `, and each one in the details."""
+        return cls("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
 
 
 class Unauthorized(AppError):

@@ -151,7 +151,7 @@ def check_tools(tools: list[Tool], policy: UrlPolicy, *, resolve: guard.Resolver
             for detail in exc.details or [FieldProblem("url", exc.message)]:
                 problems.append(FieldProblem(f"tools.{index}.url", detail.message))
     if problems:
-        raise ValidationFailed("; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+        raise ValidationFailed.of(problems)
 
 
 def request_body(
