@@ -181,7 +181,6 @@ def main() -> int:
                     "ratio": p["rps"] / b["rps"],
                     "cost": {"bare": b_cost, "parley": p_cost},
                 }
-                costs.append((name, b_cost, p_cost))
                 print(row(name, b, p), flush=True)
                 return b, p
 
@@ -194,8 +193,6 @@ def main() -> int:
                     "cpu_ms": (server.cpu_seconds() - cpu) * 1000 / answered,
                     "written_kb": (server.bytes_written() - written) / 1024 / answered,
                 }
-
-            costs: list[tuple[str, dict[str, float], dict[str, float]]] = []
 
             since = int(time.time() * 1000)
             _, unique = scenario("create (unique pairs)", "create.lua", {"BENCH_PAIR": "unique", "BENCH_RUN": "1"})
@@ -229,8 +226,9 @@ def main() -> int:
     print()
     print("Server cost per request (CPU of every thread from /proc/PID/stat; bytes to storage from /proc/PID/io):")
     print(f"{'scenario':<28} {'bare CPU ms':>11} | {'parley CPU ms':>13} {'KB written':>10}")
-    for name, b_cost, p_cost in costs:
-        print(f"{name:<28} {b_cost['cpu_ms']:>11.3f} | {p_cost['cpu_ms']:>13.3f} {p_cost['written_kb']:>10.1f}")
+    for name, measured_run in results["scenarios"].items():
+        bare_cost, ours = measured_run["cost"]["bare"], measured_run["cost"]["parley"]
+        print(f"{name:<28} {bare_cost['cpu_ms']:>11.3f} | {ours['cpu_ms']:>13.3f} {ours['written_kb']:>10.1f}")
     print()
     print(
         f"Acknowledged creates found in the database: unique {len(created_rows)}/{unique['ok']} rows/201s,"
