@@ -202,9 +202,7 @@ async def create(
         assistant_paused=False,
         message_count=1,  # the opening message, inserted with it as seq 1
     )
-    message = msgspec.structs.replace(
-        messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name), seq=1
-    )
+    message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name, seq=1)
 
     def persist(conn: sqlite3.Connection) -> Replay | Message:
         now_ms = ctx.clock.now_ms()

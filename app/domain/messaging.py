@@ -24,13 +24,16 @@ log = logging.getLogger("parley.messaging")
 _raw = msgspec.json.Encoder()
 
 
-def new_outbound(conversation: Conversation, content: str, author: str, now_ms: int, provider: str) -> Message:
+def new_outbound(
+    conversation: Conversation, content: str, author: str, now_ms: int, provider: str, *, seq: int | None = None
+) -> Message:
+    """A queued outbound message; `seq` stays None until `insert_outbound` numbers it, unless known already."""
     encoding, segments = count_segments(content)
     return Message(
         id=new_id(),
         conversation_id=conversation.id,
         org_id=conversation.org_id,
-        seq=None,
+        seq=seq,
         direction="outbound",
         author=author,
         from_number=conversation.from_number,
