@@ -44,6 +44,11 @@ class EntropyPool:
 _pool = EntropyPool()
 
 
+def _time_ordered_hex(random_bytes: int) -> str:
+    """12 hex digits of Unix milliseconds, then `random_bytes` random bytes in hex: sorts by creation time."""
+    return f"{time.time_ns() // 1_000_000:012x}{_pool.take(random_bytes).hex()}"
+
+
 def new_id() -> str:
     """A random (version 4) UUID."""
     return str(uuid.UUID(bytes=_pool.take(16), version=4))
@@ -55,7 +60,7 @@ def new_event_id() -> str:
     Events are the busiest table (three rows a create) and their ids are a unique index; ids that
     grow with time append to it instead of dirtying a random page of it for every event.
     """
-    return f"evt_{time.time_ns() // 1_000_000:012x}{_pool.take(6).hex()}"
+    return "evt_" + _time_ordered_hex(6)
 
 
 def new_request_id() -> str:
@@ -65,7 +70,7 @@ def new_request_id() -> str:
 def new_provider_id(prefix: str) -> str:
     """A provider-style id (the simulator's `SM…` message SIDs): the prefix and 32 hex digits, time-ordered
     like event ids (12 of milliseconds, 20 random), so the provider-id indexes append too."""
-    return f"{prefix}{time.time_ns() // 1_000_000:012x}{_pool.take(10).hex()}"
+    return prefix + _time_ordered_hex(10)
 
 
 def new_api_key(prefix: str = "pk_live_") -> str:
