@@ -195,3 +195,53 @@ def test_apply_report_keeps_the_lattice_maximum_and_emits_once_per_real_change(
     assert reports == len(sequence)  # every raw callback is kept
     error = conn.execute("SELECT error_code FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
     assert error == ("30003" if final in {"undelivered", "failed"} else None)
+
+
+def _outcome(conn: sqlite3.Connection, conversation_id: str, message_id: str) -> tuple[object, ...]:
+    """What a run of reports left behind, without the ids that differ from message to message."""
+    row = conn.execute("SELECT status, error_code, delivered_at FROM messages WHERE id = ?", (message_id,)).fetchone()
+    events = []
+    for sequence, payload in conn.execute(
+        "SELECT sequence, payload FROM events WHERE conversation_id = ? ORDER BY pos", (conversation_id,)
+    ):
+        data = msgspec.json.decode(payload)["data"]
+        events.append((sequence, data.get("previousStatus"), data["status"], data.get("errorCode")))
+    reports = conn.execute(
+        "SELECT provider_status, applied, message_id IS NOT NULL FROM status_reports"
+        " WHERE message_id = ? OR provider_message_id IN (SELECT provider_message_id FROM messages WHERE id = ?)"
+        " ORDER BY id",
+        (message_id, message_id),
+    ).fetchall()
+    return tuple(row), events, [tuple(r) for r in reports]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=callback_sequences())
+def test_a_batch_of_reports_ends_exactly_as_the_same_reports_one_at_a_time(
+    db: tuple[sqlite3.Connection, str, str], sequence: list[tuple[str, bool]]
+) -> None:
+    """`apply_reports` reads and writes a run of reports about one message once; nothing else may differ."""
+    conn, org_id, agent_id = db
+    one_by_one, batched = sent_message(conn, org_id, agent_id), sent_message(conn, org_id, agent_id)
+
+    def reports_for(message_id: str, sid: str) -> list[StatusReport]:
+        return [
+            StatusReport(
+                provider_message_id=sid,
+                provider_status=provider_status,
+                error_code="30003" if TWILIO.get(provider_status) in {"undelivered", "failed"} else None,
+                message_id=message_id if names_message else None,
+                raw={"MessageSid": sid, "MessageStatus": provider_status},
+            )
+            for provider_status, names_message in sequence
+        ]
+
+    conversation_id, message_id, sid = one_by_one
+    singles = [
+        write_sync(conn, lambda c, r=r: messaging.apply_report(c, r, "twilio", 7)) for r in reports_for(message_id, sid)
+    ]
+    conversation_id_b, message_id_b, sid_b = batched
+    changed = write_sync(conn, lambda c: messaging.apply_reports(c, reports_for(message_id_b, sid_b), "twilio", 7))
+
+    assert changed == sum(singles)
+    assert _outcome(conn, conversation_id_b, message_id_b) == _outcome(conn, conversation_id, message_id)

@@ -270,9 +270,10 @@ async def create(
                     now_ms=now_ms,
                     superseded_by=conversation.id,
                 )
-        started = store.mark_in_progress(conn, conversation.id, now_ms)  # also its last activity
-        messaging.record_accepted(conn, conversation, message, accepted, now_ms)
-        due = lifecycle.arm_inactivity(conn, conversation, now_ms) if started else None
+        # In progress and active now; `sequence` is its `sms.message_sent`'s (None: closed while pending).
+        sequence = store.start(conn, conversation.id, now_ms)
+        messaging.record_accepted(conn, conversation, message, accepted, now_ms, sequence=sequence)
+        due = lifecycle.arm_inactivity(conn, conversation, now_ms, agent) if sequence is not None else None
         _finish_idempotency(conn, org_id, idempotency_key, outcome)
         return due
 

@@ -7,6 +7,7 @@ import sqlite3
 import msgspec
 
 from app.clock import iso
+from app.domain.agents import Agent
 from app.domain.models import Conversation
 from app.store import agents, events, jobs
 from app.store import conversations as store
@@ -25,9 +26,17 @@ class InactivityTimer(msgspec.Struct, frozen=True, kw_only=True):
     warn: bool = False
 
 
-def inactivity_warning_seconds(conn: sqlite3.Connection, conversation: Conversation) -> int | None:
-    """The agent's warning lead time, when it has a warning that fits inside this conversation's timeout."""
-    lead = agents.inactivity_warning(conn, conversation.agent_id)
+def inactivity_warning_seconds(
+    conn: sqlite3.Connection, conversation: Conversation, agent: Agent | None = None
+) -> int | None:
+    """The agent's warning lead time, when it has a warning that fits inside this conversation's timeout.
+
+    Read from `agent` when the caller has it loaded already, else from the database."""
+    if agent is None:
+        lead = agents.inactivity_warning(conn, conversation.agent_id)
+    else:
+        settings = agent.settings
+        lead = settings.inactivity_warning_seconds if settings.inactivity_warning_message else None
     return lead if lead is not None and 0 < lead < conversation.inactivity_timeout_seconds else None
 
 
@@ -61,10 +70,13 @@ def note_activity(conn: sqlite3.Connection, conversation: Conversation, now_ms: 
     return arm_inactivity(conn, conversation, now_ms)
 
 
-def arm_inactivity(conn: sqlite3.Connection, conversation: Conversation, now_ms: int) -> int:
-    """(Re)schedule the `inactivity` job for activity at `now_ms` (already recorded on the conversation)."""
+def arm_inactivity(
+    conn: sqlite3.Connection, conversation: Conversation, now_ms: int, agent: Agent | None = None
+) -> int:
+    """(Re)schedule the `inactivity` job for activity at `now_ms` (already recorded on the conversation);
+    `agent` is the conversation's agent when the caller has it loaded."""
     deadline = now_ms + conversation.inactivity_timeout_seconds * 1000
-    lead = inactivity_warning_seconds(conn, conversation)
+    lead = inactivity_warning_seconds(conn, conversation, agent)
     timer = InactivityTimer(deadline=deadline, warn=lead is not None)
     due = deadline - lead * 1000 if lead is not None else deadline
     jobs.schedule(conn, INACTIVITY_JOB, conversation.id, due, msgspec.json.encode(timer).decode())

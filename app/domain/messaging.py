@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -82,8 +83,11 @@ def record_accepted(
     message: Message,
     accepted: SendAccepted,
     now_ms: int,
+    *,
+    sequence: int | None = None,
 ) -> Message:
-    """The provider took the message: store its id and emit `sms.message_sent`."""
+    """The provider took the message: store its id and emit `sms.message_sent` (with `sequence` when the
+    caller already took the event's sequence number)."""
     new_status = status.canonical(accepted.provider_status) or "queued"
     # A status callback may overtake the send's own answer (it names our message id): never move back.
     base = store.set_provider_id(conn, message.id, accepted.provider_message_id, now_ms, now_ms) or "queued"
@@ -93,7 +97,7 @@ def record_accepted(
     sent = msgspec.structs.replace(
         message, provider_message_id=accepted.provider_message_id, status=final, sent_at=now_ms
     )
-    events.append(conn, "sms.message_sent", conversation.scope, message_data(sent), now_ms)
+    events.append(conn, "sms.message_sent", conversation.scope, message_data(sent), now_ms, sequence=sequence)
     return sent
 
 
@@ -180,71 +184,77 @@ async def hand_to_provider(ctx: Context, conversation: Conversation, message: Me
 
 async def record_reports(ctx: Context, reports: Sequence[StatusReport]) -> int:
     """Apply provider status reports, in order, in one transaction; return how many changed a message."""
-
-    def apply(conn: sqlite3.Connection) -> int:
-        updated: dict[str, Message] = {}  # reports often come in runs about one message (sent, delivered)
-        return sum(apply_report(conn, report, ctx.provider.name, ctx.clock.now_ms(), updated) for report in reports)
-
-    return await ctx.db.write(apply)
+    return await ctx.db.write(lambda conn: apply_reports(conn, reports, ctx.provider.name, ctx.clock.now_ms()))
 
 
-def apply_report(
-    conn: sqlite3.Connection,
-    report: StatusReport,
-    provider: str,
-    now_ms: int,
-    updated: dict[str, Message] | None = None,
-) -> bool:
-    """Apply one provider status report; True when it changed the message's canonical status.
+def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, now_ms: int) -> bool:
+    """Apply one provider status report; True when it changed the message's canonical status."""
+    return apply_reports(conn, [report], provider, now_ms) > 0
+
+
+def apply_reports(conn: sqlite3.Connection, reports: Sequence[StatusReport], provider: str, now_ms: int) -> int:
+    """Apply provider status reports in order; return how many changed their message's canonical status.
 
     Every report is kept. Duplicates (same provider id and status) and lower-rank or post-terminal
-    reports change nothing and emit nothing. `updated` carries the messages this transaction already
-    changed, by id, so a run of reports about one message reads it once.
+    reports change nothing and emit nothing. A run of reports about one message (a carrier's `sent`
+    then `delivered`) reads the message and its earlier reports once, writes its row once, and takes
+    the run's event sequence numbers in one statement; each real change still emits its own event.
     """
-    message = None
-    if report.message_id is not None:
-        message = updated.get(report.message_id) if updated else None
-        if message is None:
-            message = store.get_message(conn, report.message_id)
-        if message is not None and message.direction != "outbound":
-            message = None
-    if message is None:
-        message = store.message_by_provider_id(conn, report.provider_message_id)
-    duplicate = store.status_report_seen(conn, report.provider_message_id, report.provider_status)
-    incoming = status.canonical(report.provider_status)
-    new_status = None
-    if message is not None and incoming is not None and not duplicate:
-        new_status = status.advance(message.status, incoming)
-    store.insert_status_report(
-        conn,
-        message_id=message.id if message else None,
-        provider=provider,
-        provider_message_id=report.provider_message_id,
-        provider_status=report.provider_status,
-        error_code=report.error_code,
-        raw=_raw.encode(report.raw).decode(),
-        applied=new_status is not None,
-        now_ms=now_ms,
+    return sum(
+        _apply_run(conn, list(run), provider, now_ms)
+        for _, run in itertools.groupby(reports, key=lambda r: (r.message_id, r.provider_message_id))
     )
-    if message is None or new_status is None:
-        return False
-    changes: dict[str, Any] = {"status": new_status}
-    if message.provider_message_id is None:
-        changes["provider_message_id"] = report.provider_message_id
-    if new_status == "delivered":
-        changes["delivered_at"] = now_ms
-    if new_status in {"undelivered", "failed"} and report.error_code:
-        changes["error_code"] = report.error_code
-    store.update_message(conn, message.id, now_ms, **changes)
-    changed = msgspec.structs.replace(message, **changes)
-    if updated is not None:
-        updated[message.id] = changed
-    if message.conversation_id is not None:
-        events.append_to_conversation(
+
+
+def _reported_message(conn: sqlite3.Connection, report: StatusReport) -> Message | None:
+    """The outbound message a report is about: by our id when the callback carries it, else the provider's."""
+    if report.message_id is not None:
+        message = store.get_message(conn, report.message_id)
+        if message is not None and message.direction == "outbound":
+            return message
+    return store.message_by_provider_id(conn, report.provider_message_id)
+
+
+def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str, now_ms: int) -> int:
+    """Reports that all name the same message (same ids), in order."""
+    original = message = _reported_message(conn, run[0])
+    seen = store.statuses_reported(conn, run[0].provider_message_id)
+    changes: dict[str, Any] = {}
+    updates: list[dict[str, Any]] = []  # each real change's event data, in order
+    for report in run:
+        duplicate = report.provider_status in seen
+        seen.add(report.provider_status)
+        incoming = status.canonical(report.provider_status)
+        new_status = None
+        if message is not None and incoming is not None and not duplicate:
+            new_status = status.advance(message.status, incoming)
+        store.insert_status_report(
             conn,
-            "sms.message_delivery_updated",
-            message.conversation_id,
-            message_data(changed, previousStatus=message.status, errorCode=changed.error_code),
-            now_ms,
+            message_id=message.id if message else None,
+            provider=provider,
+            provider_message_id=report.provider_message_id,
+            provider_status=report.provider_status,
+            error_code=report.error_code,
+            raw=_raw.encode(report.raw).decode(),
+            applied=new_status is not None,
+            now_ms=now_ms,
         )
-    return True
+        if message is None or new_status is None:
+            continue
+        step: dict[str, Any] = {"status": new_status}
+        if message.provider_message_id is None:
+            step["provider_message_id"] = report.provider_message_id
+        if new_status == "delivered":
+            step["delivered_at"] = now_ms
+        if new_status in {"undelivered", "failed"} and report.error_code:
+            step["error_code"] = report.error_code
+        changed = msgspec.structs.replace(message, **step)
+        updates.append(message_data(changed, previousStatus=message.status, errorCode=changed.error_code))
+        changes.update(step)
+        message = changed
+    if original is None or not updates:
+        return 0
+    store.update_message(conn, original.id, now_ms, **changes)
+    if original.conversation_id is not None:
+        events.append_to_conversation(conn, "sms.message_delivery_updated", original.conversation_id, updates, now_ms)
+    return len(updates)

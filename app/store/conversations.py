@@ -165,14 +165,15 @@ def pending(conn: sqlite3.Connection) -> list[Conversation]:
     return [conversation_from_row(row) for row in rows]
 
 
-def mark_in_progress(conn: sqlite3.Connection, conversation_id: str, now_ms: int) -> bool:
-    return (
-        conn.execute(
-            "UPDATE conversations SET status = 'in_progress', last_activity_at = ? WHERE id = ? AND status = 'pending'",
-            (now_ms, conversation_id),
-        ).rowcount
-        == 1
-    )
+def start(conn: sqlite3.Connection, conversation_id: str, now_ms: int) -> int | None:
+    """A pending conversation's opening message went out: mark it in progress (and active now), and take
+    the event sequence number of that `sms.message_sent` in the same UPDATE. None: it was not pending."""
+    row = conn.execute(
+        "UPDATE conversations SET status = 'in_progress', last_activity_at = ?, last_event_seq = last_event_seq + 1"
+        " WHERE id = ? AND status = 'pending' RETURNING last_event_seq",
+        (now_ms, conversation_id),
+    ).fetchone()
+    return row[0] if row else None
 
 
 def close(
@@ -321,13 +322,12 @@ def is_opted_out(conn: sqlite3.Connection, org_id: str, sender: str, phone: str)
     )
 
 
-def status_report_seen(conn: sqlite3.Connection, provider_message_id: str, provider_status: str) -> bool:
-    """Whether this (provider message id, provider status) report was already received."""
-    row = conn.execute(
-        "SELECT 1 FROM status_reports WHERE provider_message_id = ? AND provider_status = ? LIMIT 1",
-        (provider_message_id, provider_status),
-    ).fetchone()
-    return row is not None
+def statuses_reported(conn: sqlite3.Connection, provider_message_id: str) -> set[str]:
+    """The provider statuses already received for this provider message id (duplicates are ignored)."""
+    rows = conn.execute(
+        "SELECT DISTINCT provider_status FROM status_reports WHERE provider_message_id = ?", (provider_message_id,)
+    ).fetchall()
+    return {status for (status,) in rows}
 
 
 def insert_status_report(

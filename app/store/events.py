@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 from msgspec import Raw
@@ -12,10 +13,20 @@ from app.domain.ids import new_event_id
 from app.store import webhooks
 
 
-def append(conn: sqlite3.Connection, event_type: str, scope: EventScope, data: dict[str, Any], now_ms: int) -> str:
-    """Write one event and queue it for every subscribed webhook; a conversation's get the next gap-free `sequence`."""
-    sequence = None
-    if scope.conversation_id is not None:
+def append(
+    conn: sqlite3.Connection,
+    event_type: str,
+    scope: EventScope,
+    data: dict[str, Any],
+    now_ms: int,
+    *,
+    sequence: int | None = None,
+) -> str:
+    """Write one event and queue it for every subscribed webhook; a conversation's get the next gap-free `sequence`.
+
+    A caller that already took the sequence number (in an UPDATE of the conversation it makes anyway,
+    see `conversations.start`) passes it."""
+    if scope.conversation_id is not None and sequence is None:
         sequence = conn.execute(
             "UPDATE conversations SET last_event_seq = last_event_seq + 1 WHERE id = ? RETURNING last_event_seq",
             (scope.conversation_id,),
@@ -24,19 +35,24 @@ def append(conn: sqlite3.Connection, event_type: str, scope: EventScope, data: d
 
 
 def append_to_conversation(
-    conn: sqlite3.Connection, event_type: str, conversation_id: str, data: dict[str, Any], now_ms: int
-) -> str | None:
-    """`append` for a conversation known by id only: its scope comes back from the sequence's own UPDATE."""
+    conn: sqlite3.Connection, event_type: str, conversation_id: str, items: Sequence[dict[str, Any]], now_ms: int
+) -> list[str]:
+    """Events of one type about a conversation known by id only, in order (a status report's run of changes).
+
+    One UPDATE takes all their sequence numbers and returns the conversation's scope; the webhook
+    subscriptions are looked up once. Returns the event ids (none when there is no such conversation)."""
     row = conn.execute(
-        "UPDATE conversations SET last_event_seq = last_event_seq + 1 WHERE id = ?"
+        "UPDATE conversations SET last_event_seq = last_event_seq + ? WHERE id = ?"
         " RETURNING last_event_seq, org_id, agent_id, metadata",
-        (conversation_id,),
+        (len(items), conversation_id),
     ).fetchone()
     if row is None:
-        return None
-    sequence, org_id, agent_id, metadata = row
+        return []
+    last, org_id, agent_id, metadata = row
     scope = EventScope(org_id=org_id, conversation_id=conversation_id, agent_id=agent_id, metadata=Raw(metadata))
-    return _insert(conn, event_type, scope, sequence, data, now_ms)
+    targets = webhooks.subscribers(conn, org_id, event_type)
+    first = last - len(items) + 1
+    return [_insert(conn, event_type, scope, first + i, data, now_ms, targets) for i, data in enumerate(items)]
 
 
 def _insert(
@@ -46,6 +62,7 @@ def _insert(
     sequence: int | None,
     data: dict[str, Any],
     now_ms: int,
+    targets: list[str] | None = None,
 ) -> str:
     event_id = new_event_id()
     payload = envelope(
@@ -56,7 +73,9 @@ def _insert(
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (event_id, scope.org_id, scope.conversation_id, sequence, event_type, payload.decode(), now_ms),
     )
-    webhooks.fan_out(conn, scope.org_id, event_id, event_type, now_ms)
+    if targets is None:
+        targets = webhooks.subscribers(conn, scope.org_id, event_type)
+    webhooks.queue_deliveries(conn, targets, scope.org_id, event_id, event_type, now_ms)
     return event_id
 
 

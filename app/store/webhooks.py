@@ -1,6 +1,6 @@
 """Webhook endpoints, their deliveries (one per event per endpoint) and the attempt log.
 
-Deliveries are written by `fan_out`, inside the transaction that appends the event. Each endpoint with
+Deliveries are written by `queue_deliveries`, inside the transaction that appends the event. Each endpoint with
 due work has one scheduler job (kind `webhook_endpoint`, ref = webhook id); its handler claims the
 endpoint's due deliveries here, each with its own lease, so a crash loses nothing and the same event
 never goes to the same endpoint twice at once.
@@ -260,14 +260,21 @@ def wake_endpoint(conn: sqlite3.Connection, webhook_id: str, due_at: int) -> Non
     )
 
 
-def fan_out(conn: sqlite3.Connection, org_id: str, event_id: str, event_type: str, now_ms: int) -> int:
-    """Queue the event for every active endpoint of the org subscribed to its type (same transaction)."""
-    targets = conn.execute(
+def subscribers(conn: sqlite3.Connection, org_id: str, event_type: str) -> list[str]:
+    """The org's active endpoints subscribed to `event_type` (ids)."""
+    rows = conn.execute(
         "SELECT id FROM webhooks WHERE org_id = ? AND is_active = 1"
         " AND EXISTS (SELECT 1 FROM json_each(webhooks.events) WHERE value IN (?, ?))",
         (org_id, event_type, ALL_EVENTS),
     ).fetchall()
-    for (webhook_id,) in targets:
+    return [webhook_id for (webhook_id,) in rows]
+
+
+def queue_deliveries(
+    conn: sqlite3.Connection, targets: list[str], org_id: str, event_id: str, event_type: str, now_ms: int
+) -> int:
+    """Queue one event for the endpoints `subscribers` named (same transaction as the event)."""
+    for webhook_id in targets:
         conn.execute(
             "INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, status,"
             " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
