@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,17 @@ def row(name: str, bare: dict[str, Any], parley: dict[str, Any]) -> str:
         f" | {parley['rps']:>8.0f} {parley['p50_ms']:>7.2f} {parley['p99_ms']:>7.2f} {errors:>5}"
         f" | {ratio:>5.2f}"
     )
+
+
+def write_path(server: Server) -> dict[str, float]:
+    """Parley's write-path counters (parley_db_write_*) from its /metrics."""
+    with urllib.request.urlopen(f"{server.base}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    prefix = "parley_db_write_"
+    return {
+        name[len(prefix) :].removesuffix("_total"): float(value)
+        for name, value in (line.split(" ", 1) for line in text.splitlines() if line.startswith(prefix))
+    }
 
 
 def conversations_in(db: Path, since_ms: int) -> list[tuple[str, str]]:
@@ -185,14 +197,20 @@ def main() -> int:
                 return b, p
 
             def measured(server: Server, script: str, env: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
-                """One wrk run, with the server's CPU time and bytes written per answered request."""
+                """One wrk run, with the server's CPU time and bytes written per answered request, and for
+                Parley its write path's counters over the run (from /metrics)."""
                 cpu, written = server.cpu_seconds(), server.bytes_written()
+                writes = write_path(server) if server is parley else {}
                 result = wrk(server.base, script, env={**benv, **env}, **common)
                 answered = max(result["requests"], 1)
-                return result, {
+                cost = {
                     "cpu_ms": (server.cpu_seconds() - cpu) * 1000 / answered,
                     "written_kb": (server.bytes_written() - written) / 1024 / answered,
                 }
+                if writes:
+                    after = write_path(server)
+                    cost["writes"] = {name: after[name] - value for name, value in writes.items()}
+                return result, cost
 
             since = int(time.time() * 1000)
             _, unique = scenario("create (unique pairs)", "create.lua", {"BENCH_PAIR": "unique", "BENCH_RUN": "1"})
@@ -229,6 +247,24 @@ def main() -> int:
     for name, measured_run in results["scenarios"].items():
         bare_cost, ours = measured_run["cost"]["bare"], measured_run["cost"]["parley"]
         print(f"{name:<28} {bare_cost['cpu_ms']:>11.3f} | {ours['cpu_ms']:>13.3f} {ours['written_kb']:>10.1f}")
+    print()
+    print("Parley's write path per run (from /metrics): each group commit runs its writes on the event loop,")
+    print("then waits for COMMIT on the writer thread; the wait is COMMIT itself plus the thread hand-offs.")
+    print(
+        f"{'scenario':<28} {'commits/s':>9} {'writes/commit':>13} {'run ms':>7} {'COMMIT ms':>9}"
+        f" {'hand-off ms':>11} {'cycle ms':>8}"
+    )
+    for name, measured_run in results["scenarios"].items():
+        w = measured_run["cost"]["parley"].get("writes")
+        if not w or w["batches"] < args.seconds:  # reads: only the odd housekeeping write
+            continue
+        batches = w["batches"]
+        run_ms, commit_ms = w["run_seconds"] * 1000 / batches, w["commit_seconds"] * 1000 / batches
+        wait_ms = w["commit_wait_seconds"] * 1000 / batches
+        print(
+            f"{name:<28} {batches / args.seconds:>9.0f} {w['jobs'] / batches:>13.1f} {run_ms:>7.2f} {commit_ms:>9.2f}"
+            f" {wait_ms - commit_ms:>11.2f} {run_ms + wait_ms:>8.2f}"
+        )
     print()
     print(
         f"Acknowledged creates found in the database: unique {len(created_rows)}/{unique['ok']} rows/201s,"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,39 @@ async def test_group_commit_isolates_a_failing_write_from_its_batch(tmp_path: Pa
         assert pragmas == ("wal",)
     finally:
         await db.close()
+
+
+async def test_write_stats_count_group_commits_and_split_their_time(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "s.db"))
+    await db.open()
+    try:
+        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+        before = dataclasses.replace(db.stats)
+        await asyncio.gather(
+            *(db.write(lambda c, i=i: c.execute("INSERT INTO t VALUES (?)", (i,))) for i in range(100))
+        )
+        stats = db.stats
+        assert stats.jobs - before.jobs == 100
+        assert 2 <= stats.batches - before.batches < 100  # grouped, at most MAX_BATCH writes per commit
+        assert stats.run_seconds > before.run_seconds
+        assert stats.commit_seconds > before.commit_seconds
+        assert stats.commit_wait_seconds - before.commit_wait_seconds >= stats.commit_seconds - before.commit_seconds
+    finally:
+        await db.close()
+
+
+async def test_metrics_export_the_write_path_counters(tmp_path: Path) -> None:
+    async for h in start_harness(tmp_path):
+        assert (await h.post("/v1/sms-conversations", SEED_CREATE)).status_code == 201
+        text = (await h.client.get("/metrics")).text
+        values = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("parley_db_write_"))
+        assert int(values["parley_db_write_batches_total"]) >= 2  # the create's persist and its outcome
+        assert int(values["parley_db_write_jobs_total"]) >= int(values["parley_db_write_batches_total"])
+        assert float(values["parley_db_write_commit_seconds_total"]) > 0
+        assert float(values["parley_db_write_commit_wait_seconds_total"]) >= float(
+            values["parley_db_write_commit_seconds_total"]
+        )
+        assert float(values["parley_db_write_run_seconds_total"]) > 0
 
 
 async def test_committed_pages_reach_the_database_file_by_background_checkpoints(tmp_path: Path) -> None:

@@ -53,6 +53,17 @@ async def metrics(request: Request) -> str:
     for family, label, count in await ctx.db.read(counts):
         key = "status" if family == "conversations" else "kind"
         lines.append(f'parley_{family}{{{key}="{label}"}} {count}')
+    write = ctx.db.stats
+    for name, value, help_text in (
+        ("batches_total", write.batches, "write transactions (group commits)"),
+        ("jobs_total", write.jobs, "writes they carried"),
+        ("run_seconds_total", write.run_seconds, "event loop time running the writes"),
+        ("commit_seconds_total", write.commit_seconds, "time in COMMIT (WAL write and fsync)"),
+        ("commit_wait_seconds_total", write.commit_wait_seconds, "from handing COMMIT over to the writers' answers"),
+    ):
+        lines.append(f"# HELP parley_db_write_{name} {help_text}")
+        lines.append(f"# TYPE parley_db_write_{name} counter")
+        lines.append(f"parley_db_write_{name} {value}")
     lines.append("# TYPE parley_scheduler_ticks_total counter")
     lines.append(f"parley_scheduler_ticks_total {ctx.scheduler.ticks}")
     return "\n".join(lines) + "\n"

@@ -25,9 +25,11 @@ background checkpoints fall behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -135,6 +137,22 @@ def write_sync(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) 
     return value
 
 
+@dataclasses.dataclass
+class WriteStats:
+    """Where the write path's time goes (exported at /metrics; `make bench` reads it).
+
+    A batch's cycle is: run its jobs on the event loop (`run_seconds`), then hand COMMIT to the writer
+    thread and wait for it (`commit_wait_seconds`), of which `commit_seconds` is COMMIT itself (WAL
+    write and fsync) and the rest is the two thread hand-offs. Long writes are counted in `batches`
+    and `jobs` only."""
+
+    batches: int = 0
+    jobs: int = 0
+    run_seconds: float = 0.0
+    commit_seconds: float = 0.0
+    commit_wait_seconds: float = 0.0
+
+
 class Database:
     def __init__(self, path: str, readers: int = 2) -> None:
         self.path = path
@@ -150,6 +168,7 @@ class Database:
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._closing = False
         self._written = asyncio.Event()  # a batch committed since the last checkpoint
+        self.stats = WriteStats()
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -255,19 +274,30 @@ class Database:
         if long:
             return await self._call(writer, lambda c: run_batch(c, jobs, begin_waiting))
         conn = writer._conn
+        stats = self.stats
+        started = time.perf_counter()
         try:
             begin(conn)  # the lock is free unless another process holds it: then wait for it off the loop
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # any busy (recovery, snapshot...) waits
                 raise
             await self._call(writer, begin_waiting)
+            started = time.perf_counter()
         try:
             results = run_jobs(conn, jobs)
-            await self._call(writer, commit)
+            ran = time.perf_counter()
+            await self._call(writer, self._commit)
         except BaseException:
             await asyncio.shield(self._call(writer, rollback))
             raise
+        stats.run_seconds += ran - started
+        stats.commit_wait_seconds += time.perf_counter() - ran
         return results
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        started = time.perf_counter()
+        commit(conn)
+        self.stats.commit_seconds += time.perf_counter() - started
 
     async def _write_loop(self) -> None:
         while True:
@@ -275,6 +305,8 @@ class Database:
             self._wake.clear()
             while self._queue:
                 jobs, long, futures = self._next_batch()
+                self.stats.batches += 1
+                self.stats.jobs += len(jobs)
                 try:
                     results = await self._run_batch(jobs, long)
                 except Exception as exc:  # the commit itself failed: nothing in the batch is durable
