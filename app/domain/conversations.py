@@ -29,7 +29,7 @@ from app.providers.base import ProviderRejected
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
-from app.store import idempotency
+from app.store import idempotency, opt_outs
 
 log = logging.getLogger("parley.conversations")
 
@@ -178,7 +178,7 @@ async def create(
                 " (LLM-generated openings need the assistant, which is not configured)",
             )
         # An opted-out recipient is refused before the model is asked to write (the transaction re-checks).
-        if await ctx.db.read(lambda c: store.is_opted_out(c, org_id, sender, body.to_number)):
+        if await ctx.db.read(lambda c: opt_outs.contains(c, org_id, sender, body.to_number)):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         opening = await opener(agent, body.dynamic_variables)
     # The opt-out list is checked (409) inside `persist`, in the transaction that would create the conversation.
@@ -220,7 +220,7 @@ async def create(
                 replayed = _replay_or_raise(idempotency.get(conn, org_id, idempotency_key), digest, now_ms)
                 assert replayed is not None
                 return Replay(replayed)
-        if store.is_opted_out(conn, org_id, sender, body.to_number):
+        if opt_outs.contains(conn, org_id, sender, body.to_number):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         store.insert(conn, conversation)
         store.insert_message(conn, message)

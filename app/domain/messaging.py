@@ -19,7 +19,7 @@ from app.domain.models import Conversation, Message
 from app.domain.segments import count_segments
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport
 from app.store import conversations as store
-from app.store import events
+from app.store import events, opt_outs
 
 log = logging.getLogger("parley.messaging")
 _raw = msgspec.json.Encoder()
@@ -130,7 +130,7 @@ def ensure_sendable(conn: sqlite3.Connection, conversation_id: str, org_id: str)
         raise NotFound("Conversation not found.")
     if conversation.status != "in_progress":
         raise Conflict("conversation_closed", "The conversation is closed; no message can be sent in it.")
-    if store.is_opted_out(conn, conversation.org_id, conversation.from_number, conversation.to_number):
+    if opt_outs.contains(conn, conversation.org_id, conversation.from_number, conversation.to_number):
         raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
     return conversation
 

@@ -312,16 +312,6 @@ def unfinished_outbound(conn: sqlite3.Connection, older_than: int, limit: int) -
     return [message_from_row(row) for row in rows]
 
 
-def is_opted_out(conn: sqlite3.Connection, org_id: str, sender: str, phone: str) -> bool:
-    return (
-        conn.execute(
-            "SELECT 1 FROM opt_outs WHERE org_id = ? AND sender_number = ? AND phone_number = ?",
-            (org_id, sender, phone),
-        ).fetchone()
-        is not None
-    )
-
-
 def statuses_reported(conn: sqlite3.Connection, provider_message_id: str) -> set[str]:
     """The provider statuses already received for this provider message id (duplicates are ignored)."""
     rows = conn.execute(
