@@ -24,7 +24,9 @@ ALL_EVENTS = "*"
 _encoder = msgspec.json.Encoder()
 _events_decoder = msgspec.json.Decoder(list[str])
 
-# Called (on the writer thread, before commit) when deliveries become due now, so the scheduler wakes up.
+# Called inside the write transaction (on whichever thread runs it: the event loop's for short writes, the
+# writer's for long ones) when deliveries become due now, so the scheduler wakes up; the scheduler claims
+# through the same write queue, so it sees them once this transaction has committed.
 # Keyed by the writer connection's id: several apps (tests) may share a process.
 _wakers: dict[int, Callable[[], None]] = {}
 _wakers_lock = threading.Lock()
@@ -92,6 +94,11 @@ WEBHOOK_COLUMNS = (
 )
 DELIVERY_COLUMNS = (
     "rowid, id, webhook_id, event_id, event_type, status, attempt_count, next_attempt_at, lease_until, created_at"
+)
+# A new pending delivery, due at once: (id, webhook_id, org_id, event_id, event_type, due, created, updated).
+_INSERT_DELIVERY = (
+    "INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, status,"
+    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
 )
 
 
@@ -176,10 +183,6 @@ def get(conn: sqlite3.Connection, webhook_id: str, org_id: str) -> Webhook | Non
             f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ? AND org_id = ?", (webhook_id, org_id)
         ).fetchone()
     )
-
-
-def get_any(conn: sqlite3.Connection, webhook_id: str) -> Webhook | None:
-    return _webhook(conn.execute(f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE id = ?", (webhook_id,)).fetchone())
 
 
 def list_for_org(conn: sqlite3.Connection, org_id: str, *, after: tuple[int, str] | None, limit: int) -> list[Webhook]:
@@ -275,11 +278,7 @@ def queue_deliveries(
 ) -> int:
     """Queue one event for the endpoints `subscribers` named (same transaction as the event)."""
     for webhook_id in targets:
-        conn.execute(
-            "INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, status,"
-            " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-            (new_id(), webhook_id, org_id, event_id, event_type, now_ms, now_ms, now_ms),
-        )
+        conn.execute(_INSERT_DELIVERY, (new_id(), webhook_id, org_id, event_id, event_type, now_ms, now_ms, now_ms))
         wake_endpoint(conn, webhook_id, now_ms)
     if targets:
         _wake(conn)
@@ -521,8 +520,7 @@ def recover(conn: sqlite3.Connection, webhook: Webhook, since_ms: int, now_ms: i
         (webhook.org_id, since_ms, webhook.created_at, events_json, webhook.id),
     ).fetchall()
     conn.executemany(
-        "INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, status,"
-        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        _INSERT_DELIVERY,
         [(new_id(), webhook.id, webhook.org_id, row["id"], row["type"], now_ms, now_ms, now_ms) for row in missing],
     )
     total = requeued + len(missing)
