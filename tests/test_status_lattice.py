@@ -1,5 +1,5 @@
 """The canonical delivery-status lattice: a literal table of every pair, and a property test of
-`messaging.apply_report` over shuffled, duplicated provider callbacks against a real SQLite file."""
+`messaging.apply_reports` over shuffled, duplicated provider callbacks against a real SQLite file."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_twilio_statuses_map_to_canonical_ones(provider_status: str, canonical: 
     assert status.canonical(f"  {provider_status.upper()} ") == canonical
 
 
-# --- property: apply_report over random callback sequences ----------------------------------------
+# --- property: apply_reports, one report at a time, over random callback sequences ------------------
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def callback_sequences(draw: st.DrawFn) -> list[tuple[str, bool]]:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sequence=callback_sequences())
-def test_apply_report_keeps_the_lattice_maximum_and_emits_once_per_real_change(
+def test_a_report_at_a_time_keeps_the_lattice_maximum_and_emits_once_per_real_change(
     db: tuple[sqlite3.Connection, str, str], sequence: list[tuple[str, bool]]
 ) -> None:
     conn, org_id, agent_id = db
@@ -165,7 +165,7 @@ def test_apply_report_keeps_the_lattice_maximum_and_emits_once_per_real_change(
             message_id=message_id if names_message else None,
             raw={"MessageSid": sid, "MessageStatus": provider_status},
         )
-        changed = write_sync(conn, lambda c, r=report, t=now: messaging.apply_report(c, r, "twilio", t))
+        changed = write_sync(conn, lambda c, r=report, t=now: messaging.apply_reports(c, [r], "twilio", t)) > 0
         after = current()
         assert changed == (after != before)
         if before in TERMINAL:
@@ -238,7 +238,8 @@ def test_a_batch_of_reports_ends_exactly_as_the_same_reports_one_at_a_time(
 
     conversation_id, message_id, sid = one_by_one
     singles = [
-        write_sync(conn, lambda c, r=r: messaging.apply_report(c, r, "twilio", 7)) for r in reports_for(message_id, sid)
+        write_sync(conn, lambda c, r=r: messaging.apply_reports(c, [r], "twilio", 7))
+        for r in reports_for(message_id, sid)
     ]
     conversation_id_b, message_id_b, sid_b = batched
     changed = write_sync(conn, lambda c: messaging.apply_reports(c, reports_for(message_id_b, sid_b), "twilio", 7))

@@ -187,11 +187,6 @@ async def record_reports(ctx: Context, reports: Sequence[StatusReport]) -> int:
     return await ctx.db.write(lambda conn: apply_reports(conn, reports, ctx.provider.name, ctx.clock.now_ms()))
 
 
-def apply_report(conn: sqlite3.Connection, report: StatusReport, provider: str, now_ms: int) -> bool:
-    """Apply one provider status report; True when it changed the message's canonical status."""
-    return apply_reports(conn, [report], provider, now_ms) > 0
-
-
 def apply_reports(conn: sqlite3.Connection, reports: Sequence[StatusReport], provider: str, now_ms: int) -> int:
     """Apply provider status reports in order; return how many changed their message's canonical status.
 
