@@ -196,7 +196,7 @@ class Assistant:
                     snapshot, turn, call, round_=rounds, position=position, assistant_content=answer.content
                 )
                 chat.append(prompt.tool_result_message(record.call_id, record.result))
-            if not await ctx.db.read(lambda c: _is_open(c, conversation.id)):
+            if await ctx.db.read(lambda c: store.get_open(c, conversation.id)) is None:
                 log.info("conversation %s closed during its assistant turn; no reply", conversation.id)
                 return
 
@@ -409,12 +409,6 @@ class Assistant:
         return text
 
 
-def _is_open(conn: sqlite3.Connection, conversation_id: str) -> bool:
-    conversation = store.get(conn, conversation_id)
-    return conversation is not None and conversation.status == "in_progress"
-
-
 def _end(conn: sqlite3.Connection, conversation_id: str, now_ms: int) -> None:
-    conversation = store.get(conn, conversation_id)
-    if conversation is not None and conversation.status == "in_progress":
+    if (conversation := store.get_open(conn, conversation_id)) is not None:
         lifecycle.close(conn, conversation, reason="agent_ended", now_ms=now_ms)

@@ -83,8 +83,7 @@ class Outcome(msgspec.Struct, kw_only=True):
 def _open_conversation(conn: sqlite3.Connection, result: InboundResult) -> Conversation | None:
     if not result.routed or result.conversation is None:
         return None
-    current = store.get(conn, result.conversation.id)
-    return current if current is not None and current.status == "in_progress" else None
+    return store.get_open(conn, result.conversation.id)
 
 
 def _contact_scope(org_id: str, open_conversation: Conversation | None) -> EventScope:

@@ -90,8 +90,8 @@ async def _warn(ctx: Context, job: Job, conversation: Conversation, deadline: in
         if sent is not None:
 
             def restore(conn: sqlite3.Connection) -> None:
-                current = store.get(conn, conversation.id)
-                if current is not None and current.status == "in_progress" and _nothing_since(conn, current.id, sent):
+                current = store.get_open(conn, conversation.id)
+                if current is not None and _nothing_since(conn, current.id, sent):
                     _arm_close(conn, current.id, deadline)
 
             await ctx.db.write(restore)
@@ -108,8 +108,8 @@ async def _close(ctx: Context, job: Job, conversation: Conversation) -> None:
         sent = await _send_system(ctx, conversation, closing, "closing message")
 
     def close(conn: sqlite3.Connection) -> bool:
-        current = store.get(conn, conversation.id)
-        if current is None or current.status != "in_progress":
+        current = store.get_open(conn, conversation.id)
+        if current is None:
             return False
         if sent is None and not jobs.is_current(conn, job):
             return False  # a message arrived while we looked: not quiet after all

@@ -172,8 +172,7 @@ async def hand_to_provider(ctx: Context, conversation: Conversation, message: Me
     def finish(conn: sqlite3.Connection) -> Message:
         now = ctx.clock.now_ms()
         sent = record_accepted(conn, conversation, message, accepted, now)
-        current = store.get(conn, conversation.id)
-        if current is not None and current.status == "in_progress":
+        if (current := store.get_open(conn, conversation.id)) is not None:
             lifecycle.note_activity(conn, current, now)
         return sent
 

@@ -82,6 +82,12 @@ def get(conn: sqlite3.Connection, conversation_id: str, org_id: str | None = Non
     return conversation_from_row(row) if row else None
 
 
+def get_open(conn: sqlite3.Connection, conversation_id: str) -> Conversation | None:
+    """The conversation as it is now, when it is still in progress (None when closed or gone)."""
+    conversation = get(conn, conversation_id)
+    return conversation if conversation is not None and conversation.status == "in_progress" else None
+
+
 def insert(conn: sqlite3.Connection, c: Conversation) -> None:
     """A new conversation; its `message_count` messages (the opening one, if counted) hold seq 1..count."""
     conn.execute(
