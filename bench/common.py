@@ -26,14 +26,6 @@ HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-SEED_CREATE = {
-    "agentSlug": "recall-sms",
-    "toNumber": "+15555550199",
-    "fromNumber": "+15555550123",
-    "welcomeMessage": "Hi Ada, this is PAM Motors following up on your service recall.",
-    "dynamicVariables": {"customerName": "Ada", "dealershipName": "PAM Motors", "recallId": "24V-123"},
-}
-
 
 def free_port() -> int:
     with socket.socket() as s:

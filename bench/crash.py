@@ -38,7 +38,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import HOST, SEED_CREATE, Server, create_key, free_port, load_average, machine
+from bench.common import HOST, Server, create_key, free_port, load_average, machine
+from tests.seed import SEED_CREATE
 
 OUR_NUMBER = SEED_CREATE["fromNumber"]
 

@@ -32,31 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.api.app import create_app
 from app.config import Settings
 from app.observability import configure_logging
-from bench.common import AGENTS_FILE, SEED_CREATE, create_key, load_average, machine
-
-
-class Lifespan:
-    """Drive the app's ASGI lifespan in this event loop."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Lifespan:
-        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-        self.task = asyncio.create_task(self.app(scope, self.inbox.get, self.outbox.put))
-        await self.inbox.put({"type": "lifespan.startup"})
-        message = await self.outbox.get()
-        assert message["type"] == "lifespan.startup.complete", message
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inbox.put({"type": "lifespan.shutdown"})
-        await self.outbox.get()
-        assert self.task is not None
-        await self.task
+from bench.common import AGENTS_FILE, create_key, load_average, machine
+from tests.lifespan import Lifespan
+from tests.seed import SEED_CREATE
 
 
 async def create(app: Any, key: str, to_number: str) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BIN, SEED_CREATE, Server, call, create_key, free_port, load_average, wrk
+from bench.common import BIN, Server, call, create_key, free_port, load_average, wrk
+from tests.seed import SEED_CREATE
 
 
 def summarize(raw: Path, top: int) -> None:

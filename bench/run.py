@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     BIN,
     ROOT,
-    SEED_CREATE,
     Server,
     call,
     create_key,
@@ -36,6 +35,7 @@ from bench.common import (
     machine,
     wrk,
 )
+from tests.seed import SEED_CREATE
 
 TARGET_RATIO = 0.40
 TARGET_P99_MS = 50.0

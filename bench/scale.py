@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     BIN,
-    SEED_CREATE,
     Server,
     call,
     create_key,
@@ -40,6 +39,7 @@ from bench.common import (
     parley_env,
     wrk,
 )
+from tests.seed import SEED_CREATE
 
 OUR_NUMBER = "+15555550123"
 DAY_MS = 86_400_000

@@ -29,6 +29,7 @@ from app.domain.keys import create_key  # noqa: E402
 from app.store import events, orgs  # noqa: E402
 from app.webhooks import service  # noqa: E402
 from app.webhooks.delivery import PER_ENDPOINT_CONCURRENCY  # noqa: E402
+from tests.lifespan import Lifespan  # noqa: E402
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -59,28 +60,6 @@ def receiver_process(port_queue: Any) -> None:
             await server.serve_forever()
 
     asyncio.run(main())
-
-
-class Lifespan:
-    """Run an ASGI app's lifespan (start-up and shut-down) in this event loop."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def __aenter__(self) -> Lifespan:
-        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-        self.task = asyncio.create_task(self.app(scope, self.inbox.get, self.outbox.put))
-        await self.inbox.put({"type": "lifespan.startup"})
-        message = await self.outbox.get()
-        assert message["type"] == "lifespan.startup.complete", message
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inbox.put({"type": "lifespan.shutdown"})
-        await self.outbox.get()
-        await self.task
 
 
 async def raw_rate(client: Any, url: str, count: int, concurrency: int) -> float:

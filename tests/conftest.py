@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -28,15 +27,9 @@ from app.providers.base import Provider
 from app.store import orgs
 from app.store.db import connect_sync, write_sync
 from app.store.migrate import migrate
+from tests.lifespan import Lifespan
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_CREATE = {
-    "agentSlug": "recall-sms",
-    "toNumber": "+15555550199",
-    "fromNumber": "+15555550123",
-    "welcomeMessage": "Hi Ada, this is PAM Motors following up on your service recall.",
-    "dynamicVariables": {"customerName": "Ada", "dealershipName": "PAM Motors", "recallId": "24V-123"},
-}
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -107,34 +100,6 @@ class Harness:
 
     def rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         return query(self.settings.database, sql, *args)
-
-
-class Lifespan:
-    """Drive an ASGI app's lifespan in the test's own event loop."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
-
-    async def _expect(self, kind: str) -> None:
-        message = await asyncio.wait_for(self.outbox.get(), timeout=30)
-        if message["type"] != kind:
-            raise RuntimeError(f"lifespan: expected {kind}, got {message}")
-
-    async def __aenter__(self) -> Lifespan:
-        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-        self.task = asyncio.create_task(self.app(scope, self.inbox.get, self.outbox.put))
-        await self.inbox.put({"type": "lifespan.startup"})
-        await self._expect("lifespan.startup.complete")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.inbox.put({"type": "lifespan.shutdown"})
-        await self._expect("lifespan.shutdown.complete")
-        assert self.task is not None
-        await self.task
 
 
 async def start_harness(

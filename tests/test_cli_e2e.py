@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SEED_CREATE, call, cli, env_for
+from tests.conftest import call, cli, env_for
+from tests.seed import SEED_CREATE
 
 
 @pytest.mark.e2e

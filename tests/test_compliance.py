@@ -20,8 +20,9 @@ from app.domain.compliance import (
     match_keyword,
 )
 from app.providers.simulator import SimulatorProvider
-from tests.conftest import SEED_CREATE, Harness
+from tests.conftest import Harness
 from tests.fake_llm import FakeLLM
+from tests.seed import SEED_CREATE
 from tests.test_assistant import (
     CUSTOMER,
     OURS,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.conftest import SEED_CREATE, Harness
+from tests.conftest import Harness
+from tests.seed import SEED_CREATE
 
 
 def seed(**changes: Any) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SEED_CREATE, call, cli
+from tests.conftest import call, cli
+from tests.seed import SEED_CREATE
 
 
 def create_load(base: str, key: str, stop: threading.Event, acknowledged: list[str]) -> None:

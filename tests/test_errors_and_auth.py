@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from app.clock import SystemClock
-from tests.conftest import SEED_CREATE, Harness, create_key, start_harness
+from tests.conftest import Harness, create_key, start_harness
+from tests.seed import SEED_CREATE
 
 
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:

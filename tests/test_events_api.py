@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import SEED_CREATE, Harness
+from tests.conftest import Harness
+from tests.seed import SEED_CREATE
 from tests.webhook_receiver import Receiver, emit, eventually, register
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import SEED_CREATE, Harness
+from tests.conftest import Harness
+from tests.seed import SEED_CREATE
 
 
 async def test_same_key_same_body_replays_the_first_answer_without_a_second_sms(harness: Harness) -> None:

@@ -12,7 +12,8 @@ import pytest
 from app.clock import FakeClock
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest
 from app.providers.simulator import SimulatorProvider
-from tests.conftest import SEED_CREATE, Harness, start_harness
+from tests.conftest import Harness, start_harness
+from tests.seed import SEED_CREATE
 from tests.webhook_receiver import eventually
 
 WARNING = "Still there? This chat closes in 10 minutes."

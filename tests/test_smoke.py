@@ -1,4 +1,5 @@
-from tests.conftest import SEED_CREATE, Harness
+from tests.conftest import Harness
+from tests.seed import SEED_CREATE
 
 
 async def test_seed_create_request_answers_201_with_the_exact_envelope(harness: Harness) -> None:

@@ -14,7 +14,8 @@ from app.config import ConfigError, load_settings
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport, StatusSink
 from app.store.db import Database, connect_sync
 from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
-from tests.conftest import SEED_CREATE, start_harness
+from tests.conftest import start_harness
+from tests.seed import SEED_CREATE
 
 
 def schema(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:

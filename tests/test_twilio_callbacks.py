@@ -17,8 +17,9 @@ from app.clock import FakeClock
 from app.domain import housekeeping
 from app.domain.inbound import InboundResult, InboundSms
 from app.providers.twilio import TwilioProvider
-from tests.conftest import SEED_CREATE, Harness, start_harness
+from tests.conftest import Harness, start_harness
 from tests.fake_twilio import Action, FakeTwilio, running_fake
+from tests.seed import SEED_CREATE
 
 PUBLIC = "https://parley.example.test"
 INBOUND = "/v1/providers/twilio/inbound"

@@ -17,7 +17,8 @@ from app.clock import FakeClock, iso
 from app.config import DEFAULT_RETRY_SCHEDULE
 from app.domain.events import EVENT_TYPES
 from app.webhooks.delivery import MAX_RESPONSE_BODY, PER_ENDPOINT_CONCURRENCY
-from tests.conftest import SEED_CREATE, Harness, query, start_harness
+from tests.conftest import Harness, query, start_harness
+from tests.seed import SEED_CREATE
 from tests.webhook_receiver import Received, Receiver, Reply, emit, eventually, register
 
 HOUR = 3600

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PARLEY, SEED_CREATE, call, env_for, free_port, wait_until_ready
+from tests.conftest import PARLEY, call, env_for, free_port, wait_until_ready
+from tests.seed import SEED_CREATE
 from tests.webhook_receiver import Received, Receiver, Reply
 
 pytestmark = pytest.mark.e2e
