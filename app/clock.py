@@ -84,12 +84,9 @@ def iso(ms: int | None) -> str | None:
     return f"{prefix}{milli:03d}Z"
 
 
-def parse_iso(text: str) -> int:
-    """Parse an RFC 3339 timestamp (a zone is required) into epoch milliseconds; ValueError if malformed."""
-    value = text.strip()
-    if value.endswith(("Z", "z")):
-        value = value[:-1] + "+00:00"
-    moment = datetime.fromisoformat(value)
+def epoch_ms(moment: datetime) -> int:
+    """A timestamp from a request body (decoded from RFC 3339) in epoch milliseconds; ValueError when it has
+    no time zone, which RFC 3339 requires and JSON decoders let through."""
     if moment.tzinfo is None:
         raise ValueError("timestamp needs a time zone")
     return round(moment.timestamp() * 1000)

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -282,9 +283,9 @@ def main() -> int:
 
 
 def _ms(text: str) -> int:
-    from app.clock import parse_iso
+    from app.clock import epoch_ms
 
-    return parse_iso(text)
+    return epoch_ms(datetime.fromisoformat(text))
 
 
 if __name__ == "__main__":

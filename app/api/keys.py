@@ -12,7 +12,7 @@ from litestar.params import Parameter
 
 from app.api import requests as rq
 from app.api.schemas import ListMeta, Meta, errors, json_body
-from app.clock import iso
+from app.clock import epoch_ms, iso
 from app.domain import keys
 from app.domain.errors import ValidationFailed
 from app.domain.types import Name, StrictDecoder
@@ -81,9 +81,10 @@ class ApiKeyController(Controller):
         body = await rq.read_json(request, create_decoder)
         expires_at = None
         if body.expires_at is not None:
-            if body.expires_at.tzinfo is None:
-                raise ValidationFailed.field("expires_at", "must be an RFC 3339 timestamp with a zone")
-            expires_at = round(body.expires_at.timestamp() * 1000)
+            try:
+                expires_at = epoch_ms(body.expires_at)
+            except ValueError:
+                raise ValidationFailed.field("expires_at", "must be an RFC 3339 timestamp with a zone") from None
             if expires_at <= ctx.clock.now_ms():
                 raise ValidationFailed.field("expires_at", "must be in the future")
         org_id = rq.org_of(request)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime
 from typing import Annotated
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from app.clock import parse_iso
+from app.clock import epoch_ms
 from app.domain.context import Context
 from app.domain.errors import Conflict, NotFound, ValidationFailed
 from app.domain.events import EVENT_TYPES
@@ -35,7 +36,7 @@ class UpdateWebhook(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RecoverWebhook(Struct, forbid_unknown_fields=True, kw_only=True):
-    since: str
+    since: datetime
 
 
 def normalize_events(events: list[str]) -> list[str]:
@@ -142,7 +143,7 @@ async def rotate_secret(ctx: Context, org_id: str, webhook_id: str) -> Webhook:
 async def recover(ctx: Context, org_id: str, webhook_id: str, body: RecoverWebhook) -> int:
     """Re-queue every subscribed event since `since` (at most 14 days back) that this endpoint has not had."""
     try:
-        since = parse_iso(body.since)
+        since = epoch_ms(body.since)
     except ValueError:
         raise ValidationFailed.field("since", "must be an RFC 3339 timestamp with a time zone") from None
 
