@@ -213,18 +213,28 @@ def delete(conn: sqlite3.Connection, webhook_id: str) -> None:
 
 
 def disable(conn: sqlite3.Connection, webhook_id: str, reason: str | None, now_ms: int) -> int:
-    """Deactivate an endpoint; its pending deliveries become `failed` (recover re-queues them)."""
+    """Deactivate an endpoint, and fail its pending deliveries (in a long write: that is its whole backlog)."""
+    deactivate(conn, webhook_id, reason, now_ms)
+    return fail_pending(conn, webhook_id, now_ms)
+
+
+def deactivate(conn: sqlite3.Connection, webhook_id: str, reason: str | None, now_ms: int) -> None:
+    """Stop an endpoint (point writes): nothing more is claimed for it, and its idle job goes."""
     conn.execute(
         "UPDATE webhooks SET is_active = 0, disabled_reason = ?, updated_at = ? WHERE id = ?",
         (reason, now_ms, webhook_id),
     )
-    failed = conn.execute(
+    conn.execute("DELETE FROM jobs WHERE kind = ? AND ref = ? AND lease_until IS NULL", (ENDPOINT_JOB, webhook_id))
+
+
+def fail_pending(conn: sqlite3.Connection, webhook_id: str, now_ms: int) -> int:
+    """A deactivated endpoint's unleased pending deliveries become `failed` (recover re-queues them); a
+    leased one fails when its lease is given back (`release`, `settle`)."""
+    return conn.execute(
         "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
         " WHERE webhook_id = ? AND status = 'pending' AND (lease_until IS NULL OR lease_until <= ?)",
         (now_ms, webhook_id, now_ms),
     ).rowcount
-    conn.execute("DELETE FROM jobs WHERE kind = ? AND ref = ? AND lease_until IS NULL", (ENDPOINT_JOB, webhook_id))
-    return failed
 
 
 def is_active(conn: sqlite3.Connection, webhook_id: str) -> bool | None:

@@ -158,12 +158,13 @@ class Dispatcher:
 
     def _record(
         self, conn: sqlite3.Connection, claimed: store.Claimed, outcome: Outcome, delay_ms: int | None, manual: bool
-    ) -> None:
-        """Write the attempt and its consequences (one transaction)."""
+    ) -> bool:
+        """Write the attempt and its consequences (one transaction of point writes); True when it deactivated
+        the endpoint, whose backlog the caller then fails with `_fail_pending` (a long write)."""
         now = self.clock.now_ms()
         is_active = store.is_active(conn, claimed.webhook_id)
         if is_active is None:
-            return  # the endpoint was deleted meanwhile
+            return False  # the endpoint was deleted meanwhile
         next_attempt_at = None
         if outcome.succeeded:
             status, attempts = "succeeded", claimed.attempt_count + (0 if manual else 1)
@@ -180,18 +181,25 @@ class Dispatcher:
         if not store.settle(
             conn, claimed, status=status, attempt_count=attempts, next_attempt_at=next_attempt_at, now_ms=now
         ):
-            return  # the lease was lost: the row is someone else's now
+            return False  # the lease was lost: the row is someone else's now
         store.insert_attempt(conn, claimed.id, outcome.attempt(), manual=manual)
         if outcome.succeeded:
             store.note_success(conn, claimed.webhook_id, now)
-            return
+            return False
         failing_since = store.note_failure(conn, claimed.webhook_id, now)
         if is_active and outcome.status_code == 410:
             log.warning("webhook %s answered 410 Gone; disabling it", claimed.webhook_id)
-            store.disable(conn, claimed.webhook_id, "gone", now)
-        elif is_active and retry.should_disable(failing_since, now):
+            store.deactivate(conn, claimed.webhook_id, "gone", now)
+            return True
+        if is_active and retry.should_disable(failing_since, now):
             log.warning("webhook %s has failed without a success for 5 days; disabling it", claimed.webhook_id)
-            store.disable(conn, claimed.webhook_id, "failing", now)
+            store.deactivate(conn, claimed.webhook_id, "failing", now)
+            return True
+        return False
+
+    async def _fail_pending(self, webhook_id: str) -> None:
+        """After `_record` deactivated an endpoint: fail its queued backlog, off the event loop."""
+        await self.db.write(lambda c: store.fail_pending(c, webhook_id, self.clock.now_ms()), long=True)
 
     def _delay(self, claimed: store.Claimed, outcome: Outcome, manual: bool) -> int | None:
         if outcome.succeeded or manual:
@@ -222,14 +230,18 @@ class Dispatcher:
         """Send one leased delivery now and record the outcome (the lease is always given back)."""
         outcome = await self._send_leased(claimed)
         delay_ms = self._delay(claimed, outcome, manual)
-        await self.db.write(lambda c: self._record(c, claimed, outcome, delay_ms, manual))
+        if await self.db.write(lambda c: self._record(c, claimed, outcome, delay_ms, manual)):
+            await self._fail_pending(claimed.webhook_id)
         return outcome
 
     async def _stop_if_inactive(
-        self, recorded: Awaitable[list[store.Claimed] | None], queue: deque[store.Claimed]
+        self, recorded: Awaitable[tuple[list[store.Claimed] | None, bool]], queue: deque[store.Claimed], webhook_id: str
     ) -> list[store.Claimed]:
-        """Await a lane's record write; if the endpoint is no longer active, give back what the lane holds."""
-        claimed = await recorded
+        """Await a lane's record write; if the endpoint is no longer active, give back what the lane holds
+        (and fail the backlog, when this very attempt deactivated it)."""
+        claimed, deactivated = await recorded
+        if deactivated:
+            await self._fail_pending(webhook_id)
         if claimed is None:
             await self._release(list(queue))
             queue.clear()
@@ -268,15 +280,16 @@ class Dispatcher:
                     outcome: Outcome = outcome,
                     delay_ms: int | None = delay_ms,
                     want: int = want,
-                ) -> list[store.Claimed] | None:
-                    self._record(conn, current, outcome, delay_ms, manual=False)
+                ) -> tuple[list[store.Claimed] | None, bool]:
+                    deactivated = self._record(conn, current, outcome, delay_ms, manual=False)
                     if not store.is_active(conn, current.webhook_id):
-                        return None  # disabled (a 410, or meanwhile): stop, even what is leased ahead
+                        return None, deactivated  # disabled (a 410, or meanwhile): stop, even what is leased ahead
                     if not want:
-                        return []
-                    return store.claim_due(conn, current.webhook_id, self.clock.now_ms(), want, self.lease_ms)
+                        return [], False
+                    claimed = store.claim_due(conn, current.webhook_id, self.clock.now_ms(), want, self.lease_ms)
+                    return claimed, False
 
-                pending = asyncio.create_task(self._stop_if_inactive(self.db.write(record), queue))
+                pending = asyncio.create_task(self._stop_if_inactive(self.db.write(record), queue, current.webhook_id))
         except BaseException:
             leftovers = list(queue)
             if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
