@@ -17,7 +17,7 @@ import msgspec
 from app.domain import lifecycle, messaging
 from app.domain.context import Context
 from app.domain.errors import Conflict, NotFound, ProviderFailed
-from app.domain.lifecycle import INACTIVITY_JOB, InactivityTimer
+from app.domain.lifecycle import InactivityTimer
 from app.domain.models import Conversation, Message
 from app.store import agents, jobs
 from app.store import conversations as store
@@ -27,7 +27,6 @@ log = logging.getLogger("parley.inactivity")
 
 REASON = "inactivity_timeout"
 _timer_decoder = msgspec.json.Decoder(InactivityTimer)
-_encoder = msgspec.json.Encoder()
 
 
 def _timer(job: Job, conversation: Conversation) -> InactivityTimer:
@@ -40,8 +39,7 @@ def _timer(job: Job, conversation: Conversation) -> InactivityTimer:
 
 
 def _arm_close(conn: sqlite3.Connection, conversation_id: str, deadline: int) -> None:
-    payload = _encoder.encode(InactivityTimer(deadline=deadline, warn=False)).decode()
-    jobs.schedule(conn, INACTIVITY_JOB, conversation_id, deadline, payload)
+    lifecycle.schedule_inactivity(conn, conversation_id, InactivityTimer(deadline=deadline), deadline)
 
 
 def _nothing_since(conn: sqlite3.Connection, conversation_id: str, message: Message) -> bool:

@@ -77,7 +77,11 @@ def arm_inactivity(
     `agent` is the conversation's agent when the caller has it loaded."""
     deadline = now_ms + conversation.inactivity_timeout_seconds * 1000
     lead = inactivity_warning_seconds(conn, conversation, agent)
-    timer = InactivityTimer(deadline=deadline, warn=lead is not None)
     due = deadline - lead * 1000 if lead is not None else deadline
-    jobs.schedule(conn, INACTIVITY_JOB, conversation.id, due, msgspec.json.encode(timer).decode())
+    schedule_inactivity(conn, conversation.id, InactivityTimer(deadline=deadline, warn=lead is not None), due)
     return due
+
+
+def schedule_inactivity(conn: sqlite3.Connection, conversation_id: str, timer: InactivityTimer, due: int) -> None:
+    """(Re)schedule the conversation's `inactivity` job to run at `due` with this timer."""
+    jobs.schedule(conn, INACTIVITY_JOB, conversation_id, due, msgspec.json.encode(timer).decode())
