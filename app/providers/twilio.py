@@ -37,6 +37,7 @@ from app.providers.base import (
     StatusReport,
     StatusSink,
 )
+from app.webhooks.retry import parse_retry_after
 
 log = logging.getLogger("parley.twilio")
 
@@ -327,7 +328,9 @@ class TwilioProvider:
                 return self._accept(data)
             if status == 429:
                 failure = "rate limited (HTTP 429)"
-                wait_hint = _retry_after(response)
+                wait_hint = (
+                    parse_retry_after(response.headers.get("retry-after"), round(self._wall_clock() * 1000)) or 0.0
+                )
                 continue  # a throttled request creates nothing
             if status >= 500:
                 failure = f"HTTP {status}"
@@ -427,10 +430,3 @@ class TwilioProvider:
             message_id=message.id,
             raw=raw,
         )
-
-
-def _retry_after(response: httpx2.Response) -> float:
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "0")))
-    except ValueError:
-        return 0.0
