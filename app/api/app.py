@@ -81,8 +81,9 @@ def create_app(
             dispatcher = Dispatcher(db, clock, webhook_client, schedule=settings.webhook_retry_schedule)
             ctx.webhooks = dispatcher
             loop = asyncio.get_running_loop()
-            await db.write(lambda c: webhook_store.register_waker(c, lambda: loop.call_soon_threadsafe(scheduler.wake)))
-            stack.push_async_callback(db.write, webhook_store.unregister_waker)
+            writer = db.writer_connection
+            webhook_store.register_waker(writer, lambda: loop.call_soon_threadsafe(scheduler.wake))
+            stack.callback(webhook_store.unregister_waker, writer)
             await db.write(lambda c: webhook_store.recover_leases(c, clock.now_ms()), long=True)
 
             # The assistant: compliance keywords first, then the debounced turn.

@@ -207,6 +207,12 @@ class Database:
         self._checkpointer = None
         self._writer = None
 
+    @property
+    def writer_connection(self) -> sqlite3.Connection:
+        """The connection every write runs on (for per-connection registries; never query it directly)."""
+        assert self._writer is not None, "database is not open"
+        return self._writer._conn
+
     async def checkpoint(self) -> tuple[int, int, int]:
         """One PASSIVE checkpoint: (busy, WAL frames, frames now in the database file)."""
         assert self._checkpointer is not None
