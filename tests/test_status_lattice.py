@@ -246,3 +246,30 @@ def test_a_batch_of_reports_ends_exactly_as_the_same_reports_one_at_a_time(
 
     assert changed == sum(singles)
     assert _outcome(conn, conversation_id_b, message_id_b) == _outcome(conn, conversation_id, message_id)
+
+
+def test_a_report_that_came_before_its_message_was_known_is_applied_when_repeated(
+    db: tuple[sqlite3.Connection, str, str],
+) -> None:
+    """A callback naming only a provider id that is not stored yet is kept but changes nothing; the same
+    report, once the id is known, moves the message (a repeat is only ignored if it could not move it)."""
+    conn, org_id, agent_id = db
+    conversation_id, message_id, _ = sent_message(conn, org_id, agent_id)
+    early_sid = "SM" + uuid.uuid4().hex
+
+    def report() -> StatusReport:
+        return StatusReport(provider_message_id=early_sid, provider_status="delivered", raw={"MessageSid": early_sid})
+
+    assert write_sync(conn, lambda c: messaging.apply_reports(c, [report()], "twilio", 5)) == 0
+    conn.execute("UPDATE messages SET provider_message_id = ? WHERE id = ?", (early_sid, message_id))
+    assert write_sync(conn, lambda c: messaging.apply_reports(c, [report()], "twilio", 6)) == 1
+    assert write_sync(conn, lambda c: messaging.apply_reports(c, [report()], "twilio", 7)) == 0
+
+    assert store.get_message(conn, message_id).status == "delivered"  # type: ignore[union-attr]
+    kept = conn.execute(
+        "SELECT message_id IS NOT NULL, applied FROM status_reports WHERE provider_message_id = ? ORDER BY id",
+        (early_sid,),
+    ).fetchall()
+    assert [tuple(row) for row in kept] == [(0, 0), (1, 1), (1, 0)]
+    types = [row[0] for row in conn.execute("SELECT type FROM events WHERE conversation_id = ?", (conversation_id,))]
+    assert types.count("sms.message_delivery_updated") == 1

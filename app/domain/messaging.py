@@ -191,8 +191,9 @@ def apply_reports(conn: sqlite3.Connection, reports: Sequence[StatusReport], pro
 
     Every report is kept. Duplicates (same provider id and status) and lower-rank or post-terminal
     reports change nothing and emit nothing. A run of reports about one message (a carrier's `sent`
-    then `delivered`) reads the message and its earlier reports once, writes its row once, and takes
-    the run's event sequence numbers in one statement; each real change still emits its own event.
+    then `delivered`) reads the message once, writes its row once, stores its raw reports in one call,
+    and takes the run's event sequence numbers in one statement; each real change still emits its own
+    event.
     """
     return sum(
         _apply_run(conn, list(run), provider, now_ms)
@@ -210,28 +211,31 @@ def _reported_message(conn: sqlite3.Connection, report: StatusReport) -> Message
 
 
 def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str, now_ms: int) -> int:
-    """Reports that all name the same message (same ids), in order."""
+    """Reports that all name the same message (same ids), in order.
+
+    The lattice alone makes a repeated report harmless: a status, once seen, left the message at its
+    rank or above, and only a strictly higher rank moves it. A report that arrived before its message
+    could be found is applied when it comes again."""
     original = message = _reported_message(conn, run[0])
-    seen = store.statuses_reported(conn, run[0].provider_message_id)
     changes: dict[str, Any] = {}
     updates: list[dict[str, Any]] = []  # each real change's event data, in order
+    kept: list[tuple[Any, ...]] = []  # every raw report, for the audit table
     for report in run:
-        duplicate = report.provider_status in seen
-        seen.add(report.provider_status)
         incoming = status.canonical(report.provider_status)
         new_status = None
-        if message is not None and incoming is not None and not duplicate:
+        if message is not None and incoming is not None:
             new_status = status.advance(message.status, incoming)
-        store.insert_status_report(
-            conn,
-            message_id=message.id if message else None,
-            provider=provider,
-            provider_message_id=report.provider_message_id,
-            provider_status=report.provider_status,
-            error_code=report.error_code,
-            raw=_raw.encode(report.raw).decode(),
-            applied=new_status is not None,
-            now_ms=now_ms,
+        kept.append(
+            (
+                message.id if message else None,
+                provider,
+                report.provider_message_id,
+                report.provider_status,
+                report.error_code,
+                _raw.encode(report.raw).decode(),
+                int(new_status is not None),
+                now_ms,
+            )
         )
         if message is None or new_status is None:
             continue
@@ -246,6 +250,7 @@ def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str,
         updates.append(message_data(changed, previousStatus=message.status, errorCode=changed.error_code))
         changes.update(step)
         message = changed
+    store.insert_status_reports(conn, kept)
     if original is None or not updates:
         return 0
     store.update_message(conn, original.id, now_ms, **changes)

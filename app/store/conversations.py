@@ -318,30 +318,13 @@ def unfinished_outbound(conn: sqlite3.Connection, older_than: int, limit: int) -
     return [message_from_row(row) for row in rows]
 
 
-def statuses_reported(conn: sqlite3.Connection, provider_message_id: str) -> set[str]:
-    """The provider statuses already received for this provider message id (duplicates are ignored)."""
-    rows = conn.execute(
-        "SELECT DISTINCT provider_status FROM status_reports WHERE provider_message_id = ?", (provider_message_id,)
-    ).fetchall()
-    return {status for (status,) in rows}
-
-
-def insert_status_report(
-    conn: sqlite3.Connection,
-    *,
-    message_id: str | None,
-    provider: str,
-    provider_message_id: str,
-    provider_status: str,
-    error_code: str | None,
-    raw: str,
-    applied: bool,
-    now_ms: int,
-) -> None:
-    conn.execute(
+def insert_status_reports(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Keep raw provider reports: (message_id, provider, provider_message_id, provider_status, error_code,
+    raw, applied, received_at) each."""
+    conn.executemany(
         "INSERT INTO status_reports (message_id, provider, provider_message_id, provider_status, error_code,"
         " raw, applied, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (message_id, provider, provider_message_id, provider_status, error_code, raw, int(applied), now_ms),
+        rows,
     )
 
 
