@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import Harness
+from app.clock import FakeClock
+from tests.conftest import Harness, start_harness
 from tests.seed import SEED_CREATE
 
 
@@ -265,6 +268,46 @@ async def test_custom_agent_number_and_opening_template(harness: Harness) -> Non
     assert all("toolSecret" not in a for a in listed)
     other_org = await harness.post("/v1/sms-conversations", body, org="globex")
     assert other_org.status_code == 404
+
+
+async def test_a_create_sees_an_agent_changed_through_the_api_at_once(harness: Harness) -> None:
+    """Creates keep the agents they name in a cache; a change through the API drops it at once."""
+    created = (await harness.post("/v1/agents", {"name": "A", "openingMessage": "First {{x}}"})).json()["data"]
+    aid = created["agentId"]
+    body = {"agentId": aid, "toNumber": "+15555550199", "fromNumber": "+15555550123", "dynamicVariables": {"x": "1"}}
+
+    async def opening() -> str:
+        response = await harness.post("/v1/sms-conversations", body)
+        assert response.status_code == 201, response.text
+        cid = response.json()["data"]["conversationId"]
+        return (await harness.get(f"/v1/sms-conversations/{cid}/messages")).json()["data"][0]["content"]
+
+    assert await opening() == "First 1"
+    patched = await harness.client.patch(
+        f"/v1/agents/{aid.upper()}", headers=harness.auth(), json={"openingMessage": "Second {{x}}"}
+    )
+    assert patched.status_code == 200
+    assert await opening() == "Second 1"
+    assert (await harness.client.delete(f"/v1/agents/{aid.upper()}", headers=harness.auth())).status_code == 204
+    gone = await harness.post("/v1/sms-conversations", body)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+async def test_a_managed_agent_retired_by_another_process_is_refused_after_the_cache_ttl(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async for harness in start_harness(tmp_path, clock=clock):
+        body = {**SEED_CREATE, "toNumber": "+15555550188"}
+        assert (await harness.post("/v1/sms-conversations", body)).status_code == 201
+        conn = sqlite3.connect(harness.settings.database)
+        conn.execute("UPDATE agents SET deleted_at = 1 WHERE slug = ?", (SEED_CREATE["agentSlug"],))
+        conn.commit()  # as `parley agents sync` does, from its own process, for a slug no longer listed
+        conn.close()
+        body["toNumber"] = "+15555550189"
+        assert (await harness.post("/v1/sms-conversations", body)).status_code == 201  # cached, within the TTL
+        await clock.advance(harness.ctx.agents.ttl_ms / 1000)
+        body["toNumber"] = "+15555550190"
+        retired = await harness.post("/v1/sms-conversations", body)
+        assert retired.status_code == 404 and retired.json()["error"]["code"] == "not_found"
 
 
 async def test_agent_patch_rotate_and_delete(harness: Harness) -> None:

@@ -15,6 +15,7 @@ from app.clock import iso
 from app.domain import agent_registry
 from app.domain.agents import Agent, AgentPatch, AgentSettings, Tool
 from app.domain.context import Context
+from app.domain.ids import parse_uuid
 from app.domain.types import StrictDecoder
 from app.llm import tools as llm_tools
 from app.store import agents as store
@@ -41,6 +42,11 @@ def agent_out(agent: Agent, tool_secret: str | None = None) -> dict[str, Any]:
     if tool_secret is not None:
         out["toolSecret"] = tool_secret
     return out
+
+
+def _forget(ctx: Context, agent_id: str | None) -> None:
+    """Creates must see an agent's change at once: drop it from their cache."""
+    ctx.agents.discard(lambda agent: agent.id == agent_id)
 
 
 async def check_tool_urls(tools: list[Tool], ctx: Context) -> None:
@@ -97,6 +103,7 @@ class AgentController(Controller):
         agent = await ctx.db.write(
             lambda c: agent_registry.update_custom(c, org_id, agent_id, changes, ctx.clock.now_ms())
         )
+        _forget(ctx, agent.id)
         return AgentEnvelope(data=agent_out(agent), meta=Meta(request_id=rq.request_id(request)))
 
     @delete("/{agent_id:str}", status_code=204, responses=errors(404))
@@ -104,6 +111,7 @@ class AgentController(Controller):
         ctx = rq.context(request)
         org_id = rq.org_of(request)
         await ctx.db.write(lambda c: agent_registry.delete_custom(c, org_id, agent_id, ctx.clock.now_ms()))
+        _forget(ctx, parse_uuid(agent_id))
 
     @post("/{agent_id:str}/rotate-tool-secret", status_code=200, responses=errors(404))
     async def rotate_tool_secret(self, request: Request, agent_id: str) -> AgentEnvelope:
@@ -112,4 +120,5 @@ class AgentController(Controller):
         agent, secret = await ctx.db.write(
             lambda c: agent_registry.rotate_tool_secret(c, org_id, agent_id, ctx.clock.now_ms())
         )
+        _forget(ctx, agent.id)
         return AgentEnvelope(data=agent_out(agent, secret), meta=Meta(request_id=rq.request_id(request)))

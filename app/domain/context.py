@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from app.clock import Clock
 from app.config import Settings
+from app.domain.ttl_cache import TtlCache
 from app.providers.base import Provider
 from app.scheduler import Scheduler
 from app.store.db import Database
@@ -34,6 +35,8 @@ class Context:
     generate_opening: OpeningWriter | None = None
     assistant: Assistant | None = None
     webhooks: Dispatcher | None = None
+    # The agents creates name, by ("slug", slug) or ("id", agent id, org id): every create reads one.
+    agents: TtlCache[tuple[str, ...], Agent] = field(default_factory=TtlCache)
 
     def status_callback_url(self, message_id: str) -> str:
         return f"{self.settings.public_url}/v1/providers/{self.provider.name}/status?messageId={message_id}"

@@ -122,14 +122,19 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
 
 
 async def resolve_agent(ctx: Context, body: CreateConversation, org_id: str) -> Agent:
+    """The agent a create names, through `ctx.agents` (agent writes in this process drop it at once)."""
+    now_ms = ctx.clock.now_ms()
     if body.agent_slug is not UNSET:
         slug = body.agent_slug
-        agent = ctx.db.read_now(lambda c: agents_store.by_slug(c, slug))
+        key: tuple[str, ...] = ("slug", slug)
+        agent = ctx.agents.get(key, now_ms) or ctx.db.read_now(lambda c: agents_store.by_slug(c, slug))
     else:
         agent_id = parse_uuid(body.agent_id) or ""
-        agent = ctx.db.read_now(lambda c: agents_store.by_id(c, agent_id, org_id))
+        key = ("id", agent_id, org_id)
+        agent = ctx.agents.get(key, now_ms) or ctx.db.read_now(lambda c: agents_store.by_id(c, agent_id, org_id))
     if agent is None:
         raise NotFound("Agent not found.")
+    ctx.agents.put(key, agent, now_ms)
     return agent
 
 

@@ -8,6 +8,7 @@ import msgspec
 
 from app.domain.errors import NotFound, Unauthorized
 from app.domain.ids import hash_key, new_api_key, new_id, parse_uuid
+from app.domain.ttl_cache import TtlCache
 from app.store import orgs
 
 
@@ -87,34 +88,16 @@ def authenticate(conn: sqlite3.Connection, raw: str, now_ms: int) -> Principal:
     return record.principal
 
 
-class KeyCache:
-    """Recently verified keys, so most requests skip the database.
+class KeyCache(TtlCache[str, KeyRecord]):
+    """Recently verified keys by hash, so most requests skip the database.
 
     Revocation through the API drops the key at once (`forget`), so its very next request fails.
     A key revoked by another process (`parley keys revoke`) is noticed within `ttl_ms`. Expiry is
     checked against the cached expiry on every request.
     """
 
-    def __init__(self, ttl_ms: int = 2000, max_entries: int = 10_000) -> None:
-        self.ttl_ms = ttl_ms
-        self.max_entries = max_entries
-        self._entries: dict[str, tuple[KeyRecord, int]] = {}
-
-    def get(self, key_hash: str, now_ms: int) -> KeyRecord | None:
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[1] <= now_ms:
-            return None
-        return entry[0]
-
-    def put(self, key_hash: str, record: KeyRecord, now_ms: int) -> None:
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[key_hash] = (record, now_ms + self.ttl_ms)
-
     def forget(self, key_id: str) -> None:
-        for key_hash, (record, _) in list(self._entries.items()):
-            if record.principal.key_id == key_id:
-                del self._entries[key_hash]
+        self.discard(lambda record: record.principal.key_id == key_id)
 
 
 def revoke(conn: sqlite3.Connection, key_id: str, now_ms: int, org_id: str | None = None) -> sqlite3.Row:
