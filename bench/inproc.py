@@ -8,8 +8,9 @@ domain code, the database with group commit, the simulator) is driven by `--clie
 callers in its own event loop, with no socket, HTTP parser or load generator. It prints creates per
 second, CPU per create (the whole process and the event loop's thread), and the write path's
 counters over the run: group commits per second, writes per commit, and per commit the time running
-the writes on the loop, COMMIT itself (WAL write and fsync), and the wait for it. What is left at
-these numbers is the ceiling the database's write path puts on a create, whatever HTTP costs.
+the writes on the loop, COMMIT itself (WAL write and fsync), and the wait for it; and how much of the
+run the event loop sat idle, in all and while writes were queued behind a commit in flight. What is
+left at these numbers is the ceiling the database's write path puts on a create, whatever HTTP costs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import selectors
 import sys
 import tempfile
 import time
@@ -80,7 +82,33 @@ async def create(app: Any, key: str, to_number: str) -> None:
         raise RuntimeError(f"create answered {status}")
 
 
-async def run(creates: int, clients: int, runs: int) -> None:
+class IdleProbe(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The event loop's selector, timing each wait for I/O: the loop is idle exactly while it blocks here.
+
+    An idle wait while writes are queued is a wait for the commit in flight: the writer task would
+    otherwise be running them. `db` is set once the app is up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.db: Any = None
+        self.idle = 0.0
+        self.idle_queued = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout == 0:
+            return super().select(timeout)
+        queued = self.db is not None and self.db.queued_writes > 0
+        started = time.perf_counter()
+        try:
+            return super().select(timeout)
+        finally:
+            waited = time.perf_counter() - started
+            self.idle += waited
+            if queued:
+                self.idle_queued += waited
+
+
+async def run(creates: int, clients: int, runs: int, probe: IdleProbe) -> None:
     configure_logging("json")
     logging.getLogger().handlers[0].stream = open(os.devnull, "w")  # noqa: SIM115 - the access log, discarded
     with tempfile.TemporaryDirectory(prefix="parley-inproc-") as tmp:
@@ -90,6 +118,7 @@ async def run(creates: int, clients: int, runs: int) -> None:
         app = create_app(settings)
         async with Lifespan(app):
             db = app.app.state.ctx.db
+            probe.db = db
 
             async def client(number: int, count: int, tag: int) -> None:
                 for i in range(count):
@@ -100,10 +129,12 @@ async def run(creates: int, clients: int, runs: int) -> None:
             for attempt in range(runs):
                 await asyncio.sleep(0.5)  # let the simulator's reports settle
                 before = dataclasses.replace(db.stats)
+                idle, idle_queued = probe.idle, probe.idle_queued
                 started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
                 await asyncio.gather(*(client(c, per_client, attempt) for c in range(clients)))
                 wall = time.perf_counter() - started
                 cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
+                idle, idle_queued = probe.idle - idle, probe.idle_queued - idle_queued
                 done = per_client * clients
                 after = db.stats
                 commits = after.batches - before.batches
@@ -116,6 +147,10 @@ async def run(creates: int, clients: int, runs: int) -> None:
                     f" commit; per commit: writes {1000 * (after.run_seconds - before.run_seconds) / commits:.2f} ms,"
                     f" COMMIT {1000 * (after.commit_seconds - before.commit_seconds) / commits:.2f} ms, waited"
                     f" {1000 * (after.commit_wait_seconds - before.commit_wait_seconds) / commits:.2f} ms",
+                )
+                print(
+                    f"       event loop idle {100 * idle / wall:.0f} % of the run, {100 * idle_queued / wall:.0f} %"
+                    f" with writes queued behind a commit ({1000 * idle_queued / commits:.2f} ms per commit)",
                     flush=True,
                 )
 
@@ -128,7 +163,9 @@ def main() -> int:
     args = parser.parse_args()
     print(f"Machine: {machine()}; load average {load_average()}")
     print(f"{args.clients} concurrent callers, {args.creates} creates per run, in-process (no sockets)")
-    asyncio.run(run(args.creates, args.clients, args.runs))
+    probe = IdleProbe()
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(probe)) as runner:
+        runner.run(run(args.creates, args.clients, args.runs, probe))
     return 0
 
 

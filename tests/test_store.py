@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,26 @@ async def test_write_stats_count_group_commits_and_split_their_time(tmp_path: Pa
         assert stats.run_seconds > before.run_seconds
         assert stats.commit_seconds > before.commit_seconds
         assert stats.commit_wait_seconds - before.commit_wait_seconds >= stats.commit_seconds - before.commit_seconds
+    finally:
+        await db.close()
+
+
+async def test_writes_arriving_during_a_commit_are_counted_as_queued_until_their_batch_runs(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "q.db"))
+    await db.open()
+    try:
+        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
+        release = threading.Event()
+        blocking = asyncio.create_task(db.write(lambda c: release.wait(5), long=True))  # holds the writer
+        await asyncio.sleep(0.05)
+        queued = [
+            asyncio.create_task(db.write(lambda c, i=i: c.execute("INSERT INTO t VALUES (?)", (i,)))) for i in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        assert db.queued_writes == 3
+        release.set()
+        await asyncio.gather(blocking, *queued)
+        assert db.queued_writes == 0
     finally:
         await db.close()
 

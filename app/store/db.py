@@ -208,6 +208,11 @@ class Database:
         self._writer = None
 
     @property
+    def queued_writes(self) -> int:
+        """Writes waiting for the next batch (they wait while a batch commits)."""
+        return len(self._queue)
+
+    @property
     def writer_connection(self) -> sqlite3.Connection:
         """The connection every write runs on (for per-connection registries; never query it directly)."""
         assert self._writer is not None, "database is not open"
