@@ -96,6 +96,7 @@ def build(db: Path, conversations: int, per: int) -> tuple[str, list[str]]:
                     per,
                     per,
                     0,
+                    i + 1,  # pos: conversations are numbered in creation order (migration 0007)
                 )
             )
             for seq in range(1, per + 1):
@@ -122,6 +123,7 @@ def build(db: Path, conversations: int, per: int) -> tuple[str, list[str]]:
                             at,
                             at + 500,
                             at + 500,
+                            i + 1,
                         )
                     )
                 else:
@@ -146,19 +148,21 @@ def build(db: Path, conversations: int, per: int) -> tuple[str, list[str]]:
                             None,
                             None,
                             at,
+                            i + 1,
                         )
                     )
             jobs.append(("inactivity", cid, last + DAY_MS, f'{{"deadline":{last + DAY_MS},"warn":false}}'))
         conn.executemany(
             "INSERT INTO conversations (id, org_id, agent_id, status, from_number, to_number, dynamic_variables,"
             " metadata, inactivity_timeout_seconds, created_at, last_activity_at, message_count, last_message_seq,"
-            " last_event_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " last_event_seq, pos) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             convs,
         )
         conn.executemany(
             "INSERT INTO messages (id, conversation_id, org_id, seq, direction, author, from_number, to_number,"
             " content, status, provider, provider_message_id, error_code, encoding, segments, created_at, sent_at,"
-            " delivered_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " delivered_at, updated_at, conversation_pos)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             msgs,
         )
         conn.executemany("INSERT INTO jobs (kind, ref, due_at, payload) VALUES (?, ?, ?, ?)", jobs)

@@ -63,6 +63,66 @@ def test_a_failing_migration_leaves_nothing_behind(tmp_path: Path) -> None:
     assert [row[0] for row in conn.execute("SELECT version FROM schema_migrations")] == [1]
 
 
+async def test_migration_0007_numbers_existing_conversations_and_keeps_their_messages_and_events(
+    tmp_path: Path,
+) -> None:
+    """A database the previous release left (migrations up to 0006) is upgraded at start-up: its conversations
+    get `pos` in creation order, their messages and events carry it, and the API lists them as before."""
+    previous = tmp_path / "previous-migrations"
+    previous.mkdir()
+    for number, path in migration_files():
+        if number <= 6:
+            (previous / path.name).write_text(path.read_text())
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn, previous)
+    conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
+    conn.execute(
+        "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, created_at, updated_at)"
+        " VALUES ('00000000-0000-4000-8000-00000000000a', 'custom', NULL, 'org-1', '{\"name\":\"Old\"}', 's', 0, 0)"
+    )
+    old_ids = ["11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"]
+    for n, cid in enumerate(old_ids, start=1):
+        conn.execute(
+            "INSERT INTO conversations (id, org_id, agent_id, status, from_number, to_number, dynamic_variables,"
+            " metadata, inactivity_timeout_seconds, created_at, last_activity_at, ended_at, end_reason,"
+            " message_count, last_message_seq, last_event_seq)"
+            " VALUES (?, 'org-1', '00000000-0000-4000-8000-00000000000a', 'closed', '+15555550123', ?, '{}', '{}',"
+            " 3600, ?, ?, ?, 'admin_closed', 2, 2, 1)",
+            (cid, f"+1555555010{n}", n, n, n),
+        )
+        for seq in (1, 2):
+            conn.execute(
+                "INSERT INTO messages (id, conversation_id, org_id, seq, direction, author, from_number, to_number,"
+                " content, status, provider, encoding, segments, created_at, updated_at)"
+                " VALUES (?, ?, 'org-1', ?, 'outbound', 'agent', '+15555550123', ?, ?, 'delivered', 'simulator',"
+                " 'GSM-7', 1, ?, ?)",
+                (f"{cid[:-1]}{seq}", cid, seq, f"+1555555010{n}", f"message {seq} of {n}", n, n),
+            )
+        conn.execute(
+            "INSERT INTO events (id, org_id, conversation_id, sequence, type, payload, created_at)"
+            " VALUES (?, 'org-1', ?, 1, 'sms.conversation_closed', ?, ?)",
+            (f"evt_old{n}", cid, f'{{"id":"evt_old{n}"}}', n),
+        )
+    conn.close()
+
+    async for h in start_harness(tmp_path):
+        numbered = h.rows("SELECT id, pos FROM conversations ORDER BY pos")
+        assert [(r["id"], r["pos"]) for r in numbered] == [(old_ids[0], 1), (old_ids[1], 2)]
+        carried = h.rows("SELECT DISTINCT conversation_id, conversation_pos FROM messages ORDER BY conversation_pos")
+        assert [tuple(r) for r in carried] == [(old_ids[0], 1), (old_ids[1], 2)]
+        for n, cid in enumerate(old_ids, start=1):
+            listed = (await h.get(f"/v1/sms-conversations/{cid}/messages")).json()["data"]
+            assert [m["content"] for m in listed] == [f"message 1 of {n}", f"message 2 of {n}"]
+            logged = (await h.get("/v1/events", conversationId=cid)).json()["data"]
+            assert [e["id"] for e in logged] == [f"evt_old{n}"]
+        created = await h.post("/v1/sms-conversations", SEED_CREATE)
+        assert created.status_code == 201
+        new_id = created.json()["data"]["conversationId"]
+        assert h.rows("SELECT pos FROM conversations WHERE id = ?", new_id)[0]["pos"] == 3
+        assert len((await h.get(f"/v1/sms-conversations/{new_id}/messages")).json()["data"]) == 1
+        assert len((await h.get("/v1/events", conversationId=new_id)).json()["data"]) >= 1
+
+
 async def test_group_commit_isolates_a_failing_write_from_its_batch(tmp_path: Path) -> None:
     db = Database(str(tmp_path / "g.db"))
     await db.open()

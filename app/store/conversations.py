@@ -22,6 +22,9 @@ MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, seq, direction, author, from_number, to_number, content, status, provider,"
     " provider_message_id, error_code, encoding, segments, created_at, sent_at, delivered_at"
 )
+# A conversation's `pos` by its id (NULL for none): messages and events are indexed under it (migration 0007),
+# so a new conversation's rows append to those indexes instead of landing at a random place.
+CONVERSATION_POS = "(SELECT pos FROM conversations WHERE id = ?)"
 
 
 def conversation_from_row(row: sqlite3.Row) -> Conversation:
@@ -89,10 +92,13 @@ def get_open(conn: sqlite3.Connection, conversation_id: str) -> Conversation | N
 
 
 def insert(conn: sqlite3.Connection, c: Conversation) -> None:
-    """A new conversation; its `message_count` messages (the opening one, if counted) hold seq 1..count."""
+    """A new conversation; its `message_count` messages (the opening one, if counted) hold seq 1..count.
+
+    It takes the next `pos`, the integer its messages and events are indexed under (see CONVERSATION_POS)."""
     conn.execute(
-        f"INSERT INTO conversations ({CONVERSATION_COLUMNS}, last_message_seq)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO conversations ({CONVERSATION_COLUMNS}, last_message_seq, pos)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+        " (SELECT IFNULL(MAX(pos), 0) + 1 FROM conversations))",
         (
             c.id,
             c.org_id,
@@ -219,8 +225,8 @@ def next_message_seq(conn: sqlite3.Connection, conversation_id: str) -> int:
 
 def insert_message(conn: sqlite3.Connection, m: Message) -> None:
     conn.execute(
-        f"INSERT INTO messages ({MESSAGE_COLUMNS}, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO messages ({MESSAGE_COLUMNS}, updated_at, conversation_pos)"
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {CONVERSATION_POS})",
         (
             m.id,
             m.conversation_id,
@@ -241,6 +247,7 @@ def insert_message(conn: sqlite3.Connection, m: Message) -> None:
             m.sent_at,
             m.delivered_at,
             m.created_at,
+            m.conversation_id,
         ),
     )
 
@@ -269,7 +276,8 @@ def inbound_by_provider_id(conn: sqlite3.Connection, provider: str, provider_mes
 
 def messages_of(conn: sqlite3.Connection, conversation_id: str, *, after_seq: int, limit: int) -> list[Message]:
     rows = conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_pos = {CONVERSATION_POS} AND seq > ?"
+        " ORDER BY seq LIMIT ?",
         (conversation_id, after_seq, limit),
     ).fetchall()
     return [message_from_row(row) for row in rows]
@@ -301,7 +309,7 @@ def received_by_number(conn: sqlite3.Connection, org_id: str, number: str, limit
     goes to its toNumber): no index of messages by number is kept for this one listing."""
     columns = ", ".join(f"m.{name.strip()}" for name in MESSAGE_COLUMNS.split(","))
     rows = conn.execute(
-        f"SELECT * FROM (SELECT {columns} FROM conversations c JOIN messages m ON m.conversation_id = c.id"
+        f"SELECT * FROM (SELECT {columns} FROM conversations c JOIN messages m ON m.conversation_pos = c.pos"
         " WHERE c.to_number = ? AND c.org_id = ? AND m.direction = 'outbound' AND m.provider_message_id IS NOT NULL"
         " ORDER BY m.created_at DESC, m.rowid DESC LIMIT ?) ORDER BY created_at, seq",
         (number, org_id, limit),

@@ -11,6 +11,7 @@ from msgspec import Raw
 from app.domain.events import EventScope, envelope
 from app.domain.ids import new_event_id
 from app.store import webhooks
+from app.store.conversations import CONVERSATION_POS
 
 
 def append(
@@ -69,9 +70,18 @@ def _insert(
         event_id=event_id, event_type=event_type, scope=scope, sequence=sequence, now_ms=now_ms, data=data
     )
     conn.execute(
-        "INSERT INTO events (id, org_id, conversation_id, sequence, type, payload, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (event_id, scope.org_id, scope.conversation_id, sequence, event_type, payload.decode(), now_ms),
+        "INSERT INTO events (id, org_id, conversation_id, sequence, type, payload, created_at, conversation_pos)"
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, {CONVERSATION_POS})",
+        (
+            event_id,
+            scope.org_id,
+            scope.conversation_id,
+            sequence,
+            event_type,
+            payload.decode(),
+            now_ms,
+            scope.conversation_id,
+        ),
     )
     if targets is None:
         targets = webhooks.subscribers(conn, scope.org_id, event_type)
@@ -94,7 +104,7 @@ def list_for_org(
         sql += " AND type = ?"
         args.append(event_type)
     if conversation_id:
-        sql += " AND conversation_id = ?"
+        sql += f" AND conversation_pos = {CONVERSATION_POS}"
         args.append(conversation_id)
     sql += " ORDER BY pos LIMIT ?"
     args.append(limit)
