@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import sqlite3
+from collections.abc import Callable
 from typing import Annotated
 
 import msgspec
@@ -122,19 +124,24 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
 
 
 async def resolve_agent(ctx: Context, body: CreateConversation, org_id: str) -> Agent:
-    """The agent a create names, through `ctx.agents` (agent writes in this process drop it at once)."""
-    now_ms = ctx.clock.now_ms()
+    """The agent a create names, through `ctx.agents`: looked up on a miss only, so an entry lives its TTL
+    from that look-up however often it is used (agent writes in this process drop it at once)."""
+    key: tuple[str, ...]
+    load: Callable[[sqlite3.Connection], Agent | None]
     if body.agent_slug is not UNSET:
-        slug = body.agent_slug
-        key: tuple[str, ...] = ("slug", slug)
-        agent = ctx.agents.get(key, now_ms) or ctx.db.read_now(lambda c: agents_store.by_slug(c, slug))
+        key = ("slug", body.agent_slug)
+        load = functools.partial(agents_store.by_slug, slug=body.agent_slug)
     else:
         agent_id = parse_uuid(body.agent_id) or ""
         key = ("id", agent_id, org_id)
-        agent = ctx.agents.get(key, now_ms) or ctx.db.read_now(lambda c: agents_store.by_id(c, agent_id, org_id))
+        load = functools.partial(agents_store.by_id, agent_id=agent_id, org_id=org_id)
+    now_ms = ctx.clock.now_ms()
+    agent = ctx.agents.get(key, now_ms)
     if agent is None:
-        raise NotFound("Agent not found.")
-    ctx.agents.put(key, agent, now_ms)
+        agent = ctx.db.read_now(load)
+        if agent is None:
+            raise NotFound("Agent not found.")
+        ctx.agents.put(key, agent, now_ms)
     return agent
 
 
