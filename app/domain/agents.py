@@ -58,6 +58,11 @@ class AgentSettings(Struct, rename="camel", forbid_unknown_fields=True, kw_only=
     phone_number: E164Number | None = None
     opening_message: SmsText | None = None
 
+    @property
+    def warning_lead_seconds(self) -> int | None:
+        """How long before the inactivity deadline the warning goes out; None when there is no warning text."""
+        return self.inactivity_warning_seconds if self.inactivity_warning_message else None
+
 
 class AgentPatch(Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
     name: Name | UnsetType = UNSET

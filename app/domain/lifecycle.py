@@ -35,8 +35,7 @@ def inactivity_warning_seconds(
     if agent is None:
         lead = agents.inactivity_warning(conn, conversation.agent_id)
     else:
-        settings = agent.settings
-        lead = settings.inactivity_warning_seconds if settings.inactivity_warning_message else None
+        lead = agent.settings.warning_lead_seconds
     return lead if lead is not None and 0 < lead < conversation.inactivity_timeout_seconds else None
 
 

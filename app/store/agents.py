@@ -150,15 +150,8 @@ def slugs_of(conn: sqlite3.Connection, agent_ids: set[str]) -> dict[str, str | N
 
 
 def inactivity_warning(conn: sqlite3.Connection, agent_id: str) -> int | None:
-    """The agent's inactivity-warning lead time in seconds, when it has a warning message too.
+    """The agent's inactivity-warning lead time in seconds (`AgentSettings.warning_lead_seconds`).
 
-    Read straight from the stored JSON: this runs for every message, and needs two fields, not the agent.
-    """
-    row = conn.execute(
-        "SELECT json_extract(config, '$.inactivityWarningSeconds'),"
-        " json_extract(config, '$.inactivityWarningMessage') FROM agents WHERE id = ?",
-        (agent_id,),
-    ).fetchone()
-    if row is None or not row[1]:
-        return None
-    return row[0]
+    Reads only the stored settings, decoded once per distinct JSON (`_settings`): this runs for every message."""
+    row = conn.execute("SELECT config FROM agents WHERE id = ?", (agent_id,)).fetchone()
+    return _settings(row[0]).warning_lead_seconds if row else None
