@@ -51,11 +51,9 @@ def percentile(values: list[float], q: float) -> float:
 async def run(rate: float, seconds: float, conversations: int) -> None:
     provider = TimedProvider()
     with FakeLLM(default_reply="Thanks, noted.") as llm, tempfile.TemporaryDirectory() as tmp:
-        harnesses = start_harness(
+        async with start_harness(
             Path(tmp), provider=provider, llm_base_url=llm.base_url, llm_model="bench", rate_limit=1_000_000.0
-        )
-        h = await anext(harnesses)
-        try:
+        ) as h:
             agent = await h.post("/v1/agents", {"name": "bench", "systemPrompt": "Be brief.", "replyDebounceMs": 0})
             agent_id = agent.json()["data"]["agentId"]
             customers = [f"+1555560{i:04d}" for i in range(conversations)]
@@ -91,8 +89,6 @@ async def run(rate: float, seconds: float, conversations: int) -> None:
             while any(provider.pending.values()) and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
             unanswered = sum(len(q) for q in provider.pending.values())
-        finally:
-            await harnesses.aclose()
 
     lat = [x * 1000 for x in provider.latencies]
     print(f"offered rate   {total / offered:8.1f} inbound/s  ({errors} rejected, {unanswered} unanswered after 30 s)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -102,10 +103,13 @@ class Harness:
         return query(self.settings.database, sql, *args)
 
 
+@contextlib.asynccontextmanager
 async def start_harness(
     tmp_path: Path, *, clock: Clock | None = None, provider: Provider | None = None, **overrides: Any
 ) -> AsyncIterator[Harness]:
-    """Start the real app (lifespan included) and a client that calls it in this event loop.
+    """`async with start_harness(...) as h`: the real app (lifespan included) and a client that calls it in
+    this event loop, shut down when the block ends, a failing assertion included (a bare async generator
+    left to the garbage collector kept the app's threads alive, and a failed test hung the run at exit).
 
     Requests run concurrently for real (Litestar's AsyncTestClient runs each request to completion
     on a portal thread, which serializes them).
@@ -121,7 +125,7 @@ async def start_harness(
 
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    async for h in start_harness(tmp_path):
+    async with start_harness(tmp_path) as h:
         yield h
 
 

@@ -45,13 +45,9 @@ async def running(tmp_path: Path, llm: FakeLLM | None, **overrides: Any) -> Asyn
     """The real app, pointed at the fake model (none: the model is not configured), with fast retries."""
     if llm is not None:
         overrides = {"llm_base_url": llm.base_url, "llm_model": "test-model", **overrides}
-    harnesses = start_harness(tmp_path, **overrides)
-    h = await anext(harnesses)
-    try:
+    async with start_harness(tmp_path, **overrides) as h:
         h.ctx.assistant.model.retry_delays = (0.01, 0.02)
         yield h
-    finally:
-        await harnesses.aclose()
 
 
 @pytest.fixture

@@ -295,7 +295,7 @@ async def test_a_create_sees_an_agent_changed_through_the_api_at_once(harness: H
 
 async def test_a_managed_agent_retired_by_another_process_is_refused_after_the_cache_ttl(tmp_path: Path) -> None:
     clock = FakeClock()
-    async for harness in start_harness(tmp_path, clock=clock):
+    async with start_harness(tmp_path, clock=clock) as harness:
         body = {**SEED_CREATE, "toNumber": "+15555550188"}
         assert (await harness.post("/v1/sms-conversations", body)).status_code == 201
         conn = sqlite3.connect(harness.settings.database)

@@ -216,7 +216,7 @@ async def test_client_request_id_is_adopted_when_well_formed(harness: Harness) -
 
 
 async def test_rate_limit_is_429_with_retry_after(tmp_path: Any) -> None:
-    async for h in start_harness(tmp_path, rate_limit=2.0):
+    async with start_harness(tmp_path, rate_limit=2.0) as h:
         statuses = [(await h.get("/v1/sms-conversations")).status_code for _ in range(6)]
         assert statuses[:4] == [200] * 4  # a burst of twice the rate
         limited = await h.get("/v1/sms-conversations")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +42,6 @@ class RejectingSimulator(SimulatorProvider):
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, clock: FakeClock, **kwargs: Any) -> AsyncIterator[Harness]:
-    harness = start_harness(tmp_path, clock=clock, **kwargs)
-    try:
-        yield await anext(harness)
-    finally:
-        await harness.aclose()
 
 
 async def open_conversation(h: Harness, agent: dict[str, Any] | None = None, **extra: Any) -> str:
@@ -105,7 +94,7 @@ def closed_events(h: Harness, conversation_id: str) -> list[Any]:
 
 
 async def test_a_quiet_conversation_closes_after_its_timeout(tmp_path: Path, clock: FakeClock) -> None:
-    async with running(tmp_path, clock) as h:
+    async with start_harness(tmp_path, clock=clock) as h:
         conversation_id = await open_conversation(h, inactivityTimeoutSeconds=600)
         await advance(h, clock, 599)
         assert conversation(h, conversation_id)["status"] == "in_progress"
@@ -121,7 +110,7 @@ async def test_a_quiet_conversation_closes_after_its_timeout(tmp_path: Path, clo
 async def test_the_warning_comes_first_and_the_closing_message_before_the_close(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    async with running(tmp_path, clock) as h:
+    async with start_harness(tmp_path, clock=clock) as h:
         conversation_id = await open_conversation(h, AGENT)
         await advance(h, clock, 2999)
         assert len(messages(h, conversation_id)) == 1
@@ -153,7 +142,7 @@ async def test_the_warning_comes_first_and_the_closing_message_before_the_close(
 
 
 async def test_a_message_in_between_pushes_the_deadline_back(tmp_path: Path, clock: FakeClock) -> None:
-    async with running(tmp_path, clock) as h:
+    async with start_harness(tmp_path, clock=clock) as h:
         conversation_id = await open_conversation(h, inactivityTimeoutSeconds=600)
         await advance(h, clock, 500)
         await inbound(h, "Is the repair free?")
@@ -170,7 +159,7 @@ async def test_a_message_in_between_pushes_the_deadline_back(tmp_path: Path, clo
 
 
 async def test_one_warning_per_quiet_period(tmp_path: Path, clock: FakeClock) -> None:
-    async with running(tmp_path, clock) as h:
+    async with start_harness(tmp_path, clock=clock) as h:
         conversation_id = await open_conversation(h, AGENT)
         await advance(h, clock, 3000)
         await eventually(lambda: len(messages(h, conversation_id)) == 2)
@@ -188,7 +177,7 @@ async def test_one_warning_per_quiet_period(tmp_path: Path, clock: FakeClock) ->
 
 
 async def test_a_rejected_closing_message_still_closes(tmp_path: Path, clock: FakeClock) -> None:
-    async with running(tmp_path, clock, provider=RejectingSimulator(CLOSING)) as h:
+    async with start_harness(tmp_path, clock=clock, provider=RejectingSimulator(CLOSING)) as h:
         conversation_id = await open_conversation(h, AGENT)
         await advance(h, clock, 3000)
         await advance(h, clock, 600)
@@ -200,7 +189,7 @@ async def test_a_rejected_closing_message_still_closes(tmp_path: Path, clock: Fa
 async def test_an_opted_out_recipient_gets_nothing_but_the_conversation_closes(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    async with running(tmp_path, clock) as h:
+    async with start_harness(tmp_path, clock=clock) as h:
         conversation_id = await open_conversation(h, AGENT)
         row = conversation(h, conversation_id)
         await h.ctx.db.write(
@@ -218,7 +207,7 @@ async def test_an_opted_out_recipient_gets_nothing_but_the_conversation_closes(
 
 
 async def test_a_conversation_closed_otherwise_has_no_timer_left(tmp_path: Path, clock: FakeClock) -> None:
-    async with running(tmp_path, clock) as h:
+    async with start_harness(tmp_path, clock=clock) as h:
         conversation_id = await open_conversation(h, AGENT)
         assert h.rows("SELECT 1 FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
         await h.post(f"/v1/sms-conversations/{conversation_id}/close", {})

@@ -105,7 +105,7 @@ async def test_migration_0007_numbers_existing_conversations_and_keeps_their_mes
         )
     conn.close()
 
-    async for h in start_harness(tmp_path):
+    async with start_harness(tmp_path) as h:
         numbered = h.rows("SELECT id, pos FROM conversations ORDER BY pos")
         assert [(r["id"], r["pos"]) for r in numbered] == [(old_ids[0], 1), (old_ids[1], 2)]
         carried = h.rows("SELECT DISTINCT conversation_id, conversation_pos FROM messages ORDER BY conversation_pos")
@@ -189,7 +189,7 @@ async def test_writes_arriving_during_a_commit_are_counted_as_queued_until_their
 
 
 async def test_metrics_export_the_write_path_counters(tmp_path: Path) -> None:
-    async for h in start_harness(tmp_path):
+    async with start_harness(tmp_path) as h:
         assert (await h.post("/v1/sms-conversations", SEED_CREATE)).status_code == 201
         text = (await h.client.get("/metrics")).text
         values = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("parley_db_write_"))
@@ -274,14 +274,14 @@ class HangingProvider:
 
 async def test_a_crash_between_persist_and_send_is_resolved_at_start_up(tmp_path: Path) -> None:
     hanging = HangingProvider()
-    async for first in start_harness(tmp_path, provider=hanging):
+    async with start_harness(tmp_path, provider=hanging) as first:
         task = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "crash-1"}))
         await asyncio.wait_for(hanging.called.wait(), 5)
         assert first.rows("SELECT status FROM conversations")[0][0] == "pending"
         assert first.rows("SELECT status FROM messages")[0][0] == "queued"
         key = first.key()
         # A second process on the same file: its start-up finds the pending conversation.
-        async for second in start_harness(tmp_path):
+        async with start_harness(tmp_path) as second:
             second.keys["acme"] = key
             row = second.rows("SELECT status, end_reason FROM conversations")[0]
             assert tuple(row) == ("closed", "opening_message_failed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -34,8 +35,9 @@ def fake_twilio() -> Iterator[FakeTwilio]:
         yield fake
 
 
-async def twilio_harness(tmp_path: Path, fake: FakeTwilio, **overrides: Any) -> AsyncIterator[Harness]:
-    async for h in start_harness(
+def twilio_harness(tmp_path: Path, fake: FakeTwilio, **overrides: Any) -> AbstractAsyncContextManager[Harness]:
+    """`start_harness` with the Twilio provider pointed at the fake."""
+    return start_harness(
         tmp_path,
         sms_provider="twilio",
         twilio_account_sid=fake.account_sid,
@@ -43,13 +45,12 @@ async def twilio_harness(tmp_path: Path, fake: FakeTwilio, **overrides: Any) -> 
         twilio_api_base=fake.base_url,
         public_url=PUBLIC,
         **overrides,
-    ):
-        yield h
+    )
 
 
 @pytest.fixture
 async def h(tmp_path: Path, fake_twilio: FakeTwilio) -> AsyncIterator[Harness]:
-    async for harness in twilio_harness(tmp_path, fake_twilio):
+    async with twilio_harness(tmp_path, fake_twilio) as harness:
         yield harness
 
 
@@ -174,7 +175,7 @@ async def test_a_send_answered_with_5xx_after_creation_is_not_sent_twice(
         fake_twilio.account_sid, fake_twilio.auth_token, fake_twilio.base_url, timeout=1.0, backoff=(0.01, 0.02)
     )
     fake_twilio.script("send", Action("create_then_status", status=502))
-    async for h in twilio_harness(tmp_path, fake_twilio, provider=provider):
+    async with twilio_harness(tmp_path, fake_twilio, provider=provider) as h:
         _, _, sid = await open_conversation(h)
         assert list(fake_twilio.messages) == [sid]
         assert fake_twilio.routes() == ["send", "list"]
@@ -311,7 +312,7 @@ async def test_callbacks_need_no_api_key_but_the_api_still_does(h: Harness) -> N
 
 
 async def test_callback_routes_exist_only_in_twilio_mode(tmp_path: Path) -> None:
-    async for sim in start_harness(tmp_path):
+    async with start_harness(tmp_path) as sim:
         response = await callback(sim, INBOUND, inbound_params(), token="x")
         assert response.status_code == 404
 
@@ -385,7 +386,7 @@ async def test_a_status_callback_that_overtakes_the_send_answer_is_not_undone(
     tmp_path: Path, fake_twilio: FakeTwilio
 ) -> None:
     fake_twilio.script("send", Action("delay", seconds=0.3))
-    async for h in twilio_harness(tmp_path, fake_twilio):
+    async with twilio_harness(tmp_path, fake_twilio) as h:
         create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
         for _ in range(200):
             if fake_twilio.messages:
@@ -402,7 +403,7 @@ async def test_a_status_callback_that_overtakes_the_send_answer_is_not_undone(
 
 async def test_stale_messages_are_reconciled_by_polling_twilio(tmp_path: Path, fake_twilio: FakeTwilio) -> None:
     clock = FakeClock()
-    async for h in twilio_harness(tmp_path, fake_twilio, clock=clock, status_reconcile_after_seconds=5):
+    async with twilio_harness(tmp_path, fake_twilio, clock=clock, status_reconcile_after_seconds=5) as h:
         conversation_id, message_id, sid = await open_conversation(h)
         fake_twilio.set_status(sid, "delivered")
         assert await housekeeping.reconcile_stale_statuses(h.ctx) == 0  # not stale yet

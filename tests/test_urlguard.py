@@ -200,7 +200,7 @@ async def test_a_redirect_to_a_private_address_is_not_followed() -> None:
 
 
 async def test_registration_through_the_api_applies_the_guard(tmp_path: Path) -> None:
-    async for h in start_harness(tmp_path, allow_private_urls=False, allow_http_urls=False):
+    async with start_harness(tmp_path, allow_private_urls=False, allow_http_urls=False) as h:
         for url in ("https://127.0.0.1/hook", "https://[::ffff:10.0.0.1]/", "https://0x7f000001/", "http://8.8.8.8/"):
             response = await h.post("/v1/webhooks", {"url": url, "events": ["*"]})
             assert response.status_code == 400, url

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,6 @@ HOUR = 3600
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, clock: FakeClock, **overrides: Any) -> AsyncIterator[Harness]:
-    """The app on a fake clock; closed in this task even when the test fails."""
-    harness = start_harness(tmp_path, clock=clock, **overrides)
-    try:
-        yield await anext(harness)
-    finally:
-        await harness.aclose()
 
 
 def attempts_of(h: Harness, event_id: str) -> list[Any]:
@@ -77,7 +66,7 @@ def scripted(
 
 async def test_every_event_type_arrives_and_verifies(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver() as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             await register(h, receiver)
             created = await h.post("/v1/sms-conversations", SEED_CREATE)
             assert created.status_code == 201
@@ -111,7 +100,7 @@ async def test_every_event_type_arrives_and_verifies(tmp_path: Path, clock: Fake
 
 async def test_a_failing_receiver_gets_the_event_with_the_same_webhook_id(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(scripted(500, 503, 502)) as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             await register(h, receiver)
             event_id = await emit(h)
             for n in (1, 2, 3):
@@ -132,7 +121,7 @@ async def test_a_failing_receiver_gets_the_event_with_the_same_webhook_id(tmp_pa
 async def test_the_full_production_schedule_runs_on_a_fake_clock(tmp_path: Path, clock: FakeClock) -> None:
     """About 27.6 hours of retries in a few real seconds, each attempt within jitter of the schedule."""
     with Receiver(lambda _: Reply(status=500)) as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             assert h.settings.webhook_retry_schedule == DEFAULT_RETRY_SCHEDULE
             await register(h, receiver)
             start = clock.now_ms()
@@ -176,7 +165,7 @@ async def test_410_disables_the_endpoint(tmp_path: Path, clock: FakeClock) -> No
         return Reply(status=410)
 
     with Receiver(gone) as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             webhook = await register(h, receiver)
             ids = [await emit(h, n=i) for i in range(10)]
             gate.set()
@@ -201,7 +190,7 @@ async def test_410_disables_the_endpoint(tmp_path: Path, clock: FakeClock) -> No
 async def test_retry_after_is_honoured_up_to_twice_the_scheduled_wait(tmp_path: Path, clock: FakeClock) -> None:
     headers = {0: {"Retry-After": "15"}, 1: {"Retry-After": "100000"}}
     with Receiver(scripted(503, 503, headers=headers)) as receiver:
-        async with running(tmp_path, clock, webhook_retry_schedule=(10, 100, 100)) as h:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(10, 100, 100)) as h:
             await register(h, receiver)
             event_id = await emit(h)
             for n in (1, 2):
@@ -219,7 +208,7 @@ async def test_a_timeout_or_429_waits_at_least_a_minute(tmp_path: Path, clock: F
         return Reply(status=200, delay=0.6) if record.index == 0 else Reply(status=429)
 
     with Receiver(respond) as receiver:
-        async with running(tmp_path, clock, webhook_retry_schedule=(5, 5, 5)) as h:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(5, 5, 5)) as h:
             h.ctx.webhooks.timeout = 0.2  # the production 15 s, shrunk for the test
             await register(h, receiver)
             event_id = await emit(h)
@@ -235,7 +224,7 @@ async def test_a_timeout_or_429_waits_at_least_a_minute(tmp_path: Path, clock: F
 
 async def test_rotation_sends_two_signatures_that_each_verify(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver() as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             webhook = await register(h, receiver)
             old = webhook["secret"]
             rotated = await h.post(f"/v1/webhooks/{webhook['id']}/rotate-secret")
@@ -262,7 +251,7 @@ async def test_rotation_sends_two_signatures_that_each_verify(tmp_path: Path, cl
 
 async def test_an_endpoint_failing_for_five_days_is_disabled(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(lambda _: Reply(status=500)) as receiver:
-        async with running(tmp_path, clock, webhook_retry_schedule=(60,)) as h:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(60,)) as h:
             webhook = await register(h, receiver)
             first = await emit(h)
             await settled_attempts(h, first, 1)
@@ -298,7 +287,7 @@ async def test_a_slow_endpoint_does_not_starve_a_healthy_one(tmp_path: Path, clo
         return Reply(status=200)
 
     with Receiver(slow) as slow_receiver, Receiver() as fast_receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             await register(h, slow_receiver)
             await register(h, fast_receiver)
             events = [await emit(h, n=i) for i in range(16)]
@@ -313,7 +302,7 @@ async def test_a_slow_endpoint_does_not_starve_a_healthy_one(tmp_path: Path, clo
 
 async def test_a_manual_retry_never_overlaps_an_attempt_in_flight(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(lambda _: Reply(status=200, delay=0.5)) as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             webhook = await register(h, receiver)
             event_id = await emit(h)
             await receiver.wait_count(1)
@@ -328,7 +317,7 @@ async def test_a_manual_retry_never_overlaps_an_attempt_in_flight(tmp_path: Path
 async def test_response_bodies_are_capped(tmp_path: Path, clock: FakeClock) -> None:
     big = ("é" * 15_000).encode()  # 30 000 bytes, and the cap falls inside a character
     with Receiver(lambda _: Reply(status=500, body=big)) as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             await register(h, receiver)
             event_id = await emit(h)
             (attempt,) = await settled_attempts(h, event_id, 1)
@@ -340,7 +329,7 @@ async def test_response_bodies_are_capped(tmp_path: Path, clock: FakeClock) -> N
 async def test_redirects_are_not_followed(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver() as target:
         with Receiver(lambda _: Reply(status=307, headers={"Location": target.url})) as receiver:
-            async with running(tmp_path, clock) as h:
+            async with start_harness(tmp_path, clock=clock) as h:
                 await register(h, receiver)
                 event_id = await emit(h)
                 (attempt,) = await settled_attempts(h, event_id, 1)
@@ -351,7 +340,7 @@ async def test_redirects_are_not_followed(tmp_path: Path, clock: FakeClock) -> N
 
 async def test_manual_retry_succeeds_a_failed_delivery(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(scripted(500, 500)) as receiver:
-        async with running(tmp_path, clock, webhook_retry_schedule=(5,)) as h:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(5,)) as h:
             webhook = await register(h, receiver)
             event_id = await emit(h)
             await settled_attempts(h, event_id, 1)
@@ -370,7 +359,7 @@ async def test_manual_retry_succeeds_a_failed_delivery(tmp_path: Path, clock: Fa
 
 async def test_a_failed_manual_retry_does_not_re_enter_the_schedule(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(lambda _: Reply(status=500)) as receiver:
-        async with running(tmp_path, clock, webhook_retry_schedule=(5,)) as h:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(5,)) as h:
             webhook = await register(h, receiver)
             event_id = await emit(h)
             await settled_attempts(h, event_id, 1)
@@ -389,7 +378,7 @@ async def test_a_failed_manual_retry_does_not_re_enter_the_schedule(tmp_path: Pa
 
 async def test_a_failed_manual_retry_keeps_a_pending_delivery_on_its_schedule(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(scripted(500, 500)) as receiver:
-        async with running(tmp_path, clock, webhook_retry_schedule=(100,)) as h:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(100,)) as h:
             webhook = await register(h, receiver)
             event_id = await emit(h)
             await settled_attempts(h, event_id, 1)
@@ -405,7 +394,7 @@ async def test_a_failed_manual_retry_keeps_a_pending_delivery_on_its_schedule(tm
 
 async def test_recover_requeues_failed_and_missed_events(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(scripted(410)) as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             webhook = await register(h, receiver, events=["sms.message_sent"])
             path = f"/v1/webhooks/{webhook['id']}"
             since = iso(clock.now_ms() - 60_000)
@@ -433,7 +422,7 @@ async def test_shutdown_lets_attempts_in_flight_finish_and_gives_back_the_rest(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     with Receiver(lambda _: Reply(status=200, delay=0.4)) as receiver:
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             await register(h, receiver)
             ids = [await emit(h, n=i) for i in range(12)]
             await receiver.wait_count(PER_ENDPOINT_CONCURRENCY)
@@ -444,7 +433,7 @@ async def test_shutdown_lets_attempts_in_flight_finish_and_gives_back_the_rest(
         assert PER_ENDPOINT_CONCURRENCY <= statuses.count("succeeded") < len(ids)
         assert set(statuses) == {"succeeded", "pending"}
         assert len(receiver.snapshot()) == statuses.count("succeeded")
-        async with running(tmp_path, clock) as h:
+        async with start_harness(tmp_path, clock=clock) as h:
             await receiver.wait_for(lambda seen: {r.webhook_id for r in seen} == set(ids))
             await eventually(
                 lambda: all(s["status"] == "succeeded" for s in h.rows("SELECT status FROM webhook_deliveries"))
