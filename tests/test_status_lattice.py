@@ -134,6 +134,17 @@ def real_changes(sequence: list[tuple[str, bool]]) -> int:
     return changes
 
 
+def callback(sid: str, message_id: str, provider_status: str, *, names_message: bool) -> StatusReport:
+    """A Twilio status callback for `sid` (failures carry error 30003); its URL names our message id or not."""
+    return StatusReport(
+        provider_message_id=sid,
+        provider_status=provider_status,
+        error_code="30003" if TWILIO.get(provider_status) in {"undelivered", "failed"} else None,
+        message_id=message_id if names_message else None,
+        raw={"MessageSid": sid, "MessageStatus": provider_status},
+    )
+
+
 @st.composite
 def callback_sequences(draw: st.DrawFn) -> list[tuple[str, bool]]:
     """Provider statuses with duplicates, in any order; each says whether its URL named our message id."""
@@ -157,14 +168,7 @@ def test_a_report_at_a_time_keeps_the_lattice_maximum_and_emits_once_per_real_ch
     observed_changes: list[tuple[str, str]] = []
     for now, (provider_status, names_message) in enumerate(sequence, start=1):
         before = current()
-        error_code = "30003" if TWILIO.get(provider_status) in {"undelivered", "failed"} else None
-        report = StatusReport(
-            provider_message_id=sid,
-            provider_status=provider_status,
-            error_code=error_code,
-            message_id=message_id if names_message else None,
-            raw={"MessageSid": sid, "MessageStatus": provider_status},
-        )
+        report = callback(sid, message_id, provider_status, names_message=names_message)
         changed = write_sync(conn, lambda c, r=report, t=now: messaging.apply_reports(c, [r], "twilio", t)) > 0
         after = current()
         assert changed == (after != before)
@@ -225,16 +229,7 @@ def test_a_batch_of_reports_ends_exactly_as_the_same_reports_one_at_a_time(
     one_by_one, batched = sent_message(conn, org_id, agent_id), sent_message(conn, org_id, agent_id)
 
     def reports_for(message_id: str, sid: str) -> list[StatusReport]:
-        return [
-            StatusReport(
-                provider_message_id=sid,
-                provider_status=provider_status,
-                error_code="30003" if TWILIO.get(provider_status) in {"undelivered", "failed"} else None,
-                message_id=message_id if names_message else None,
-                raw={"MessageSid": sid, "MessageStatus": provider_status},
-            )
-            for provider_status, names_message in sequence
-        ]
+        return [callback(sid, message_id, status, names_message=names) for status, names in sequence]
 
     conversation_id, message_id, sid = one_by_one
     singles = [

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -123,69 +124,61 @@ async def test_migration_0007_numbers_existing_conversations_and_keeps_their_mes
         assert len((await h.get("/v1/events", conversationId=new_id)).json()["data"]) >= 1
 
 
-async def test_group_commit_isolates_a_failing_write_from_its_batch(tmp_path: Path) -> None:
-    db = Database(str(tmp_path / "g.db"))
-    await db.open()
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    """An open Database on a fresh file, with a scratch table `t (x INTEGER PRIMARY KEY, body TEXT)`."""
+    database = Database(str(tmp_path / "store.db"))
+    await database.open()
     try:
-        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
-
-        def insert(value: int) -> Any:
-            return lambda c: c.execute("INSERT INTO t (x) VALUES (?)", (value,)).rowcount
-
-        def broken(c: sqlite3.Connection) -> None:
-            c.execute("INSERT INTO t (x) VALUES (1000)")
-            raise ValueError("this write fails after a statement")
-
-        results = await asyncio.gather(
-            *(db.write(insert(i)) for i in range(100)), db.write(broken), return_exceptions=True
-        )
-        assert results[:100] == [1] * 100
-        assert isinstance(results[100], ValueError)
-        values = await db.read(lambda c: [row[0] for row in c.execute("SELECT x FROM t ORDER BY x")])
-        assert values == list(range(100))
-        pragmas = await db.read(lambda c: (c.execute("PRAGMA journal_mode").fetchone()[0],))
-        assert pragmas == ("wal",)
+        await database.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY, body TEXT)"))
+        yield database
     finally:
-        await db.close()
+        await database.close()
 
 
-async def test_write_stats_count_group_commits_and_split_their_time(tmp_path: Path) -> None:
-    db = Database(str(tmp_path / "s.db"))
-    await db.open()
-    try:
-        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
-        before = dataclasses.replace(db.stats)
-        await asyncio.gather(
-            *(db.write(lambda c, i=i: c.execute("INSERT INTO t VALUES (?)", (i,))) for i in range(100))
-        )
-        stats = db.stats
-        assert stats.jobs - before.jobs == 100
-        assert 2 <= stats.batches - before.batches < 100  # grouped, at most MAX_BATCH writes per commit
-        assert stats.run_seconds > before.run_seconds
-        assert stats.commit_seconds > before.commit_seconds
-        assert stats.commit_wait_seconds - before.commit_wait_seconds >= stats.commit_seconds - before.commit_seconds
-    finally:
-        await db.close()
+async def test_group_commit_isolates_a_failing_write_from_its_batch(db: Database) -> None:
+
+    def insert(value: int) -> Any:
+        return lambda c: c.execute("INSERT INTO t (x) VALUES (?)", (value,)).rowcount
+
+    def broken(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO t (x) VALUES (1000)")
+        raise ValueError("this write fails after a statement")
+
+    results = await asyncio.gather(*(db.write(insert(i)) for i in range(100)), db.write(broken), return_exceptions=True)
+    assert results[:100] == [1] * 100
+    assert isinstance(results[100], ValueError)
+    values = await db.read(lambda c: [row[0] for row in c.execute("SELECT x FROM t ORDER BY x")])
+    assert values == list(range(100))
+    pragmas = await db.read(lambda c: (c.execute("PRAGMA journal_mode").fetchone()[0],))
+    assert pragmas == ("wal",)
 
 
-async def test_writes_arriving_during_a_commit_are_counted_as_queued_until_their_batch_runs(tmp_path: Path) -> None:
-    db = Database(str(tmp_path / "q.db"))
-    await db.open()
-    try:
-        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
-        release = threading.Event()
-        blocking = asyncio.create_task(db.write(lambda c: release.wait(5), long=True))  # holds the writer
-        await asyncio.sleep(0.05)
-        queued = [
-            asyncio.create_task(db.write(lambda c, i=i: c.execute("INSERT INTO t VALUES (?)", (i,)))) for i in range(3)
-        ]
-        await asyncio.sleep(0.05)
-        assert db.queued_writes == 3
-        release.set()
-        await asyncio.gather(blocking, *queued)
-        assert db.queued_writes == 0
-    finally:
-        await db.close()
+async def test_write_stats_count_group_commits_and_split_their_time(db: Database) -> None:
+    before = dataclasses.replace(db.stats)
+    await asyncio.gather(
+        *(db.write(lambda c, i=i: c.execute("INSERT INTO t (x) VALUES (?)", (i,))) for i in range(100))
+    )
+    stats = db.stats
+    assert stats.jobs - before.jobs == 100
+    assert 2 <= stats.batches - before.batches < 100  # grouped, at most MAX_BATCH writes per commit
+    assert stats.run_seconds > before.run_seconds
+    assert stats.commit_seconds > before.commit_seconds
+    assert stats.commit_wait_seconds - before.commit_wait_seconds >= stats.commit_seconds - before.commit_seconds
+
+
+async def test_writes_arriving_during_a_commit_are_counted_as_queued_until_their_batch_runs(db: Database) -> None:
+    release = threading.Event()
+    blocking = asyncio.create_task(db.write(lambda c: release.wait(5), long=True))  # holds the writer
+    await asyncio.sleep(0.05)
+    queued = [
+        asyncio.create_task(db.write(lambda c, i=i: c.execute("INSERT INTO t (x) VALUES (?)", (i,)))) for i in range(3)
+    ]
+    await asyncio.sleep(0.05)
+    assert db.queued_writes == 3
+    release.set()
+    await asyncio.gather(blocking, *queued)
+    assert db.queued_writes == 0
 
 
 async def test_metrics_export_the_write_path_counters(tmp_path: Path) -> None:
@@ -202,49 +195,37 @@ async def test_metrics_export_the_write_path_counters(tmp_path: Path) -> None:
         assert float(values["parley_db_write_run_seconds_total"]) > 0
 
 
-async def test_committed_pages_reach_the_database_file_by_background_checkpoints(tmp_path: Path) -> None:
-    path = tmp_path / "ckpt.db"
-    db = Database(str(path))
-    await db.open()
-    try:
-        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY, body TEXT)"))
-        before = path.stat().st_size
-        rows = [(i, "x" * 1000) for i in range(2000)]  # ~500 pages: far below the writer's own threshold
-        await db.write(lambda c: c.executemany("INSERT INTO t (x, body) VALUES (?, ?)", rows))
-        for _ in range(40):  # within ~2 s: a checkpoint runs every CHECKPOINT_SECONDS
-            if path.stat().st_size >= before + 1_500_000:
-                break
-            await asyncio.sleep(0.05)
-        assert path.stat().st_size >= before + 1_500_000
-        busy, frames, copied = await db.checkpoint()
-        assert busy == 0 and copied == frames
-    finally:
-        await db.close()
+async def test_committed_pages_reach_the_database_file_by_background_checkpoints(db: Database) -> None:
+    path = Path(db.path)
+    before = path.stat().st_size
+    rows = [(i, "x" * 1000) for i in range(2000)]  # ~500 pages: far below the writer's own threshold
+    await db.write(lambda c: c.executemany("INSERT INTO t (x, body) VALUES (?, ?)", rows))
+    for _ in range(40):  # within ~2 s: a checkpoint runs every CHECKPOINT_SECONDS
+        if path.stat().st_size >= before + 1_500_000:
+            break
+        await asyncio.sleep(0.05)
+    assert path.stat().st_size >= before + 1_500_000
+    busy, frames, copied = await db.checkpoint()
+    assert busy == 0 and copied == frames
 
 
-async def test_a_write_waiting_for_another_process_lock_never_blocks_the_event_loop(tmp_path: Path) -> None:
-    db = Database(str(tmp_path / "lock.db"))
-    await db.open()
-    try:
-        await db.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)"))
-        other = connect_sync(str(tmp_path / "lock.db"))  # another process, as far as SQLite can tell
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("INSERT INTO t (x) VALUES (1)")
-        short = asyncio.ensure_future(db.write(lambda c: c.execute("INSERT INTO t (x) VALUES (2)").rowcount))
-        long = asyncio.ensure_future(db.write(lambda c: c.execute("DELETE FROM t WHERE x < 0").rowcount, long=True))
-        # The writes wait for the lock on the writer's thread; the loop keeps turning meanwhile.
-        started = asyncio.get_running_loop().time()
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-        assert asyncio.get_running_loop().time() - started < 1.0
-        assert not short.done() and not long.done()
-        other.execute("COMMIT")
-        other.close()
-        assert await asyncio.wait_for(short, 15) == 1
-        assert await asyncio.wait_for(long, 15) == 0
-        assert await db.read(lambda c: [row[0] for row in c.execute("SELECT x FROM t ORDER BY x")]) == [1, 2]
-    finally:
-        await db.close()
+async def test_a_write_waiting_for_another_process_lock_never_blocks_the_event_loop(db: Database) -> None:
+    other = connect_sync(db.path)  # another process, as far as SQLite can tell
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t (x) VALUES (1)")
+    short = asyncio.ensure_future(db.write(lambda c: c.execute("INSERT INTO t (x) VALUES (2)").rowcount))
+    long = asyncio.ensure_future(db.write(lambda c: c.execute("DELETE FROM t WHERE x < 0").rowcount, long=True))
+    # The writes wait for the lock on the writer's thread; the loop keeps turning meanwhile.
+    started = asyncio.get_running_loop().time()
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert not short.done() and not long.done()
+    other.execute("COMMIT")
+    other.close()
+    assert await asyncio.wait_for(short, 15) == 1
+    assert await asyncio.wait_for(long, 15) == 0
+    assert await db.read(lambda c: [row[0] for row in c.execute("SELECT x FROM t ORDER BY x")]) == [1, 2]
 
 
 class HangingProvider:
