@@ -163,9 +163,11 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the whole process (every thread)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return _cpu_seconds(Path(f"/proc/{self.pid}/stat"))
+
+    def main_thread_cpu_seconds(self) -> float:
+        """User + system CPU time of the main thread alone: in uvicorn, the event loop's."""
+        return _cpu_seconds(Path(f"/proc/{self.pid}/task/{self.pid}/stat"))
 
     def bytes_written(self) -> int:
         """Bytes the process has sent to the storage layer (WAL, checkpoints, logs), from /proc/PID/io."""
@@ -174,6 +176,12 @@ class Server:
             if name == "write_bytes":
                 return int(value)
         return 0
+
+
+def _cpu_seconds(stat_file: Path) -> float:
+    stat = stat_file.read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def call(method: str, url: str, key: str | None = None, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:

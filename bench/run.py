@@ -4,8 +4,9 @@ Starts `parley serve` (one uvicorn worker, simulator, a fresh database in a temp
 and bench/bare_app.py under uvicorn, both on 127.0.0.1, and drives each scenario with wrk at the same
 concurrency, bare first then Parley, so drift in machine load hits both alike. Prints requests/s,
 p50/p99 latency and Parley/bare ratios, then each server's CPU time and bytes written per request (from
-/proc: steadier than throughput on a shared machine), checks every acknowledged create is in the
-database, and reads Parley's RSS from /proc. The assistant's and webhooks' own benchmarks run afterwards when present.
+/proc: steadier than throughput on a shared machine) and how busy its event loop's thread was, checks
+every acknowledged create is in the database, and reads Parley's RSS from /proc. The assistant's and
+webhooks' own benchmarks run afterwards when present.
 """
 
 from __future__ import annotations
@@ -199,12 +200,17 @@ def main() -> int:
             def measured(server: Server, script: str, env: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
                 """One wrk run, with the server's CPU time and bytes written per answered request, and for
                 Parley its write path's counters over the run (from /metrics)."""
-                cpu, written = server.cpu_seconds(), server.bytes_written()
+                cpu, loop_cpu, written = server.cpu_seconds(), server.main_thread_cpu_seconds(), server.bytes_written()
                 writes = write_path(server) if server is parley else {}
+                started = time.perf_counter()
                 result = wrk(server.base, script, env={**benv, **env}, **common)
+                wall = time.perf_counter() - started
                 answered = max(result["requests"], 1)
+                loop_cpu = server.main_thread_cpu_seconds() - loop_cpu
                 cost = {
                     "cpu_ms": (server.cpu_seconds() - cpu) * 1000 / answered,
+                    "loop_cpu_ms": loop_cpu * 1000 / answered,
+                    "loop_busy": loop_cpu / wall,
                     "written_kb": (server.bytes_written() - written) / 1024 / answered,
                 }
                 if writes:
@@ -242,11 +248,18 @@ def main() -> int:
         close_fresh=closed["requests"] - closed["wrapped"],
     )
     print()
-    print("Server cost per request (CPU of every thread from /proc/PID/stat; bytes to storage from /proc/PID/io):")
-    print(f"{'scenario':<28} {'bare CPU ms':>11} | {'parley CPU ms':>13} {'KB written':>10}")
+    print("Server cost per request: CPU of every thread (/proc/PID/stat), of the event loop's thread alone and how")
+    print("busy that thread was over the run (/proc/PID/task/PID/stat), bytes to storage (/proc/PID/io):")
+    print(
+        f"{'scenario':<28} {'bare CPU ms':>11} {'loop busy':>9} | {'parley CPU ms':>13} {'loop ms':>7}"
+        f" {'loop busy':>9} {'KB written':>10}"
+    )
     for name, measured_run in results["scenarios"].items():
         bare_cost, ours = measured_run["cost"]["bare"], measured_run["cost"]["parley"]
-        print(f"{name:<28} {bare_cost['cpu_ms']:>11.3f} | {ours['cpu_ms']:>13.3f} {ours['written_kb']:>10.1f}")
+        print(
+            f"{name:<28} {bare_cost['cpu_ms']:>11.3f} {bare_cost['loop_busy']:>9.0%} | {ours['cpu_ms']:>13.3f}"
+            f" {ours['loop_cpu_ms']:>7.3f} {ours['loop_busy']:>9.0%} {ours['written_kb']:>10.1f}"
+        )
     print()
     print("Parley's write path per run (from /metrics): each group commit runs its writes on the event loop,")
     print("then waits for COMMIT on the writer thread; the wait is COMMIT itself plus the thread hand-offs.")
