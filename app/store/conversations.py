@@ -22,6 +22,8 @@ MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, seq, direction, author, from_number, to_number, content, status, provider,"
     " provider_message_id, error_code, encoding, segments, created_at, sent_at, delivered_at"
 )
+# The same, qualified for a join that names the messages table `m`.
+_MESSAGE_COLUMNS_OF_M = ", ".join(f"m.{name.strip()}" for name in MESSAGE_COLUMNS.split(","))
 # A conversation's `pos` by its id (NULL for none): messages and events are indexed under it (migration 0007),
 # so a new conversation's rows append to those indexes instead of landing at a random place.
 CONVERSATION_POS = "(SELECT pos FROM conversations WHERE id = ?)"
@@ -307,9 +309,9 @@ def received_by_number(conn: sqlite3.Connection, org_id: str, number: str, limit
 
     Found through the org's conversations to `number` (every outbound message is filed under one, and
     goes to its toNumber): no index of messages by number is kept for this one listing."""
-    columns = ", ".join(f"m.{name.strip()}" for name in MESSAGE_COLUMNS.split(","))
     rows = conn.execute(
-        f"SELECT * FROM (SELECT {columns} FROM conversations c JOIN messages m ON m.conversation_pos = c.pos"
+        f"SELECT * FROM (SELECT {_MESSAGE_COLUMNS_OF_M}"
+        " FROM conversations c JOIN messages m ON m.conversation_pos = c.pos"
         " WHERE c.to_number = ? AND c.org_id = ? AND m.direction = 'outbound' AND m.provider_message_id IS NOT NULL"
         " ORDER BY m.created_at DESC, m.rowid DESC LIMIT ?) ORDER BY created_at, seq",
         (number, org_id, limit),
