@@ -36,6 +36,9 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("toNumber not E.164", {**SEED_CREATE, "toNumber": "555-0199"}, "toNumber"),
     ("toNumber impossible", {**SEED_CREATE, "toNumber": "+999123456789"}, "toNumber"),
     ("toNumber wrong type", {**SEED_CREATE, "toNumber": 15555550199}, "toNumber"),
+    ("toNumber ends in a newline", {**SEED_CREATE, "toNumber": "+15555550199\n"}, "toNumber"),
+    ("fromNumber ends in a newline", {**SEED_CREATE, "fromNumber": "+15555550123\n"}, "fromNumber"),
+    ("not UTF-8 inside a field", b'{"agentSlug": "recall-sms", "toNumber": "\xc3"}', "body"),
     ("fromNumber malformed", {**SEED_CREATE, "fromNumber": "+1"}, "fromNumber"),
     ("both agents", {**SEED_CREATE, "agentId": str(uuid.uuid4())}, "agentSlug"),
     ("no agent", without("agentSlug"), "agentSlug"),
@@ -46,6 +49,11 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("welcome too long", {**SEED_CREATE, "welcomeMessage": "x" * 1601}, "welcomeMessage"),
     ("variables not strings", {**SEED_CREATE, "dynamicVariables": {"customerName": 7}}, "dynamicVariables"),
     ("variable name", {**SEED_CREATE, "dynamicVariables": {"1bad": "x"}}, "dynamicVariables"),
+    (
+        "variable name ends in a newline",
+        {**SEED_CREATE, "dynamicVariables": {**SEED_CREATE["dynamicVariables"], "ab\n": "x"}},
+        "dynamicVariables.ab\n",
+    ),
     (
         "required variable missing",
         {**SEED_CREATE, "dynamicVariables": {"customerName": "Ada", "dealershipName": "PAM"}},
@@ -71,6 +79,45 @@ async def test_bad_create_bodies_are_400_with_the_field_named(
         )
     error = assert_error(response, 400, "validation_error")["error"]
     assert any(d["field"] == field or d["field"].startswith(field + ".") for d in error["details"]), error
+
+
+async def test_every_problem_of_a_body_is_reported_each_at_its_dotted_path(harness: Harness) -> None:
+    body = {
+        "agentSlug": "recall-sms",
+        "toNumber": "x",
+        "fromNumber": 7,
+        "welcomeMessage": "z" * 1601,
+        "dynamicVariables": {"customerName": "Ada", "recallId": 2, "1bad": "x"},
+        "metadata": {"crmId": None},
+        "colour": "red",
+    }
+
+    error = assert_error(await harness.post("/v1/sms-conversations", body), 400, "validation_error")["error"]
+
+    fields = [detail["field"] for detail in error["details"]]
+    assert fields == [
+        "toNumber",
+        "fromNumber",
+        "welcomeMessage",
+        "dynamicVariables.recallId",
+        "dynamicVariables.1bad",
+        "metadata.crmId",
+        "colour",
+    ]
+    assert error["message"].count("; ") == len(fields) - 1
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0
+
+
+async def test_close_with_bytes_that_are_not_utf8_is_400(harness: Harness) -> None:
+    created = await harness.post("/v1/sms-conversations", SEED_CREATE)
+    cid = created.json()["data"]["conversationId"]
+    response = await harness.client.post(
+        f"/v1/sms-conversations/{cid}/close",
+        content=b'{"reason": "\xff"}',
+        headers=harness.auth(**{"Content-Type": "application/json"}),
+    )
+    error = assert_error(response, 400, "validation_error")["error"]
+    assert error["details"] == [{"field": "body", "message": "not valid UTF-8"}]
 
 
 async def test_bad_input_never_changes_stored_state(harness: Harness) -> None:
@@ -200,6 +247,15 @@ async def test_query_parameter_errors_are_400(harness: Harness) -> None:
     assert_error(await harness.get("/v1/sms-conversations", limit="many"), 400, "validation_error")
     assert_error(await harness.get("/v1/sms-conversations", cursor="!!!"), 400, "validation_error")
     assert_error(await harness.get("/v1/sms-conversations", status="open"), 400, "validation_error")
+
+
+async def test_a_bad_query_parameter_is_named_as_the_client_sent_it(harness: Harness) -> None:
+    error = assert_error(await harness.get("/v1/sms-conversations", agentId="notuuid"), 400, "validation_error")
+    assert [detail["field"] for detail in error["error"]["details"]] == ["agentId"]
+    newline = assert_error(
+        await harness.get("/v1/sms-conversations", agentId=str(uuid.uuid4()) + "\n"), 400, "validation_error"
+    )
+    assert [detail["field"] for detail in newline["error"]["details"]] == ["agentId"]
 
 
 async def test_client_request_id_is_adopted_when_well_formed(harness: Harness) -> None:

@@ -30,11 +30,11 @@ from app.domain.conversations import UUID_PATTERN, CloseConversation, CreateConv
 from app.domain.errors import NotFound, ValidationFailed
 from app.domain.ids import parse_uuid
 from app.domain.models import Conversation
-from app.domain.types import SmsBody, StrictDecoder
+from app.domain.types import SmsBody, StrictDecoder, whole
 from app.store import agents as agents_store
 from app.store import conversations as store
 
-IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,255}$"
+IDEMPOTENCY_KEY = whole(r"[\x21-\x7e]{1,255}")
 _encoder = msgspec.json.Encoder()
 
 

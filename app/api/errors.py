@@ -93,6 +93,22 @@ def app_error_handler(request: Request, exc: AppError) -> Response:
     return _response(status, body, request, headers)
 
 
+def _public_name(request: Request, key: str) -> str:
+    """The name the client sent a parameter under: Litestar reports it by its Python name (`agent_id`), the
+    client knows the query, header or cookie name it was declared with (`agentId`, `Idempotency-Key`)."""
+    handler = request.scope.get("route_handler")
+    parameter = handler.parsed_fn_signature.parameters.get(key) if handler is not None else None
+    declared = getattr(parameter, "kwarg_definition", None)
+    for alias in (
+        getattr(declared, "query", None),
+        getattr(declared, "header", None),
+        getattr(declared, "cookie", None),
+    ):
+        if isinstance(alias, str) and alias:
+            return alias
+    return key
+
+
 def http_error_handler(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     if isinstance(exc, NotFoundException):
@@ -108,7 +124,8 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response:
         details = []
         for item in exc.extra if isinstance(exc.extra, list) else []:
             if isinstance(item, dict):
-                details.append(ErrorDetail(field=str(item.get("key", "query")), message=str(item.get("message", ""))))
+                field = _public_name(request, str(item.get("key", "query")))
+                details.append(ErrorDetail(field=field, message=str(item.get("message", ""))))
         message = "; ".join(f"{d.field}: {d.message}" for d in details) or "The request is not valid."
         return _response(400, ErrorBody(code="validation_error", message=message, details=details or None), request)
     if status == 413:

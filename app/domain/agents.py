@@ -12,9 +12,9 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from app.domain.errors import FieldProblem, ValidationFailed
 from app.domain.phone import e164_problem
-from app.domain.types import E164Number, Name, VariableName, problem_from_msgspec
+from app.domain.types import E164Number, Name, VariableName, every_problem, whole
 
-ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+ToolName = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9_-]{1,64}"))]
 Prompt = Annotated[str, Meta(max_length=20000)]
 SmsText = Annotated[str, Meta(min_length=1, max_length=1600)]
 
@@ -86,7 +86,7 @@ class AgentPatch(Struct, rename="camel", forbid_unknown_fields=True, kw_only=Tru
 class ManagedAgentEntry(AgentSettings, kw_only=True):
     """One `[[agents]]` entry of agents.toml: the settings plus a slug and an optional tool secret."""
 
-    slug: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,254}$")]
+    slug: Annotated[str, Meta(pattern=whole(r"[a-z0-9][a-z0-9-]{0,254}"))]
     tool_secret: str | None = None
 
 
@@ -160,7 +160,7 @@ def apply_patch(settings: AgentSettings, patch: AgentPatch) -> AgentSettings:
     try:
         return msgspec.convert(merged, AgentSettings, strict=True)
     except msgspec.ValidationError as exc:
-        raise problem_from_msgspec(exc) from None
+        raise every_problem(merged, AgentSettings, exc) from None
 
 
 def resolve_secret(value: str | None, *, slug: str) -> str | None:

@@ -26,7 +26,7 @@ from app.domain.ids import new_id, parse_uuid
 from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
-from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody
+from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody, whole
 from app.providers.base import ProviderRejected
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
@@ -36,7 +36,7 @@ from app.store import idempotency, opt_outs
 log = logging.getLogger("parley.conversations")
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
-UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+UUID_PATTERN = whole(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
 class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):

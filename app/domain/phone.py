@@ -16,7 +16,7 @@ def e164_problem(value: str) -> str | None:
 
     A *possible* number is enough: fictional 555 numbers from the docs must pass.
     """
-    if not E164.match(value):
+    if not E164.fullmatch(value):
         return "must be an E.164 number such as +15555550123"
     try:
         parsed = phonenumbers.parse(value, None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import types
+import typing
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -11,10 +13,17 @@ from app.domain.errors import FieldProblem, ValidationFailed
 
 T = TypeVar("T")
 
-E164Number = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9]\d{6,14}$", examples=["+15555550123"])]
+
+def whole(pattern: str) -> str:
+    r"""`^pattern$` that a value must match entirely, for msgspec and Litestar (Python's `re.search`) and OpenAPI
+    alike: Python's `$` also matches before a final newline, which `(?!\n)` refuses (a no-op in ECMA-262)."""
+    return f"^{pattern}$(?!\\n)"
+
+
+E164Number = Annotated[str, msgspec.Meta(pattern=whole(r"\+[1-9]\d{6,14}"), examples=["+15555550123"])]
 Slug = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 SmsBody = Annotated[str, msgspec.Meta(max_length=1600)]
-VariableName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+VariableName = Annotated[str, msgspec.Meta(pattern=whole(r"[A-Za-z_][A-Za-z0-9_]{0,63}"))]
 VariableValue = Annotated[str, msgspec.Meta(max_length=2000)]
 DynamicVariables = Annotated[dict[VariableName, VariableValue], msgspec.Meta(max_length=50)]
 MetadataValue = str | int | float | bool
@@ -32,29 +41,100 @@ def _dotted(path: str) -> str:
     return re.sub(r"\[(\d+|\.\.\.)\]", lambda m: "." + m.group(1), path).lstrip(".")
 
 
-def problem_from_msgspec(exc: msgspec.DecodeError | msgspec.ValidationError) -> ValidationFailed:
+def _join(base: str, name: object) -> str:
+    return f"{base}.{name}" if base else str(name)
+
+
+def _problem(exc: msgspec.ValidationError, base: str = "") -> FieldProblem:
+    """One msgspec validation error as a problem at `base` plus the path msgspec names (if any)."""
     text = str(exc)
-    if isinstance(exc, msgspec.ValidationError):
-        match = _PATH.search(text)
-        where = _dotted(match.group(1)) if match else ""
-        message = _PATH.sub("", text)
-        if unknown := _UNKNOWN.match(message):
-            field = ".".join(filter(None, [where, unknown.group(1)]))
-            if unknown.group(1) == "clientOrgId":
-                message = "clientOrgId is not accepted: the API key decides the organization"
-            else:
-                message = "unknown field"
-            return ValidationFailed(f"{field}: {message}", [FieldProblem(field, message)])
-        if missing := _MISSING.match(message):
-            field = ".".join(filter(None, [where, missing.group(1)]))
-            return ValidationFailed(f"{field}: is required", [FieldProblem(field, "is required")])
-        field = where or "body"
-        return ValidationFailed(f"{field}: {message}", [FieldProblem(field, message)])
-    return ValidationFailed("The request body is not valid JSON.", [FieldProblem("body", "malformed JSON")])
+    match = _PATH.search(text)
+    where = _dotted(match.group(1)) if match else ""
+    where = _join(base, where) if where else base
+    message = _PATH.sub("", text)
+    if unknown := _UNKNOWN.match(message):
+        name = unknown.group(1)
+        if name == "clientOrgId":
+            return FieldProblem(_join(where, name), "clientOrgId is not accepted: the API key decides the organization")
+        return FieldProblem(_join(where, name), "unknown field")
+    if missing := _MISSING.match(message):
+        return FieldProblem(_join(where, missing.group(1)), "is required")
+    return FieldProblem(where or "body", message)
+
+
+def _unwrap(type_: Any) -> Any:
+    """The type to look inside: without `Annotated` constraints, and the one real member of `X | None | UNSET`."""
+    while True:
+        if typing.get_origin(type_) is Annotated:
+            type_ = typing.get_args(type_)[0]
+            continue
+        if typing.get_origin(type_) in (typing.Union, types.UnionType):
+            members = [m for m in typing.get_args(type_) if m not in (type(None), msgspec.UnsetType)]
+            if len(members) == 1:
+                type_ = members[0]
+                continue
+        return type_
+
+
+def _problems(value: Any, type_: Any, path: str) -> list[FieldProblem]:
+    """Every problem in a parsed JSON value against `type_`, each at its own dotted path.
+
+    msgspec stops at the first error; this walks into objects, maps and lists so that a client sees all of
+    them at once. Where nothing inside is wrong (a constraint on the whole, such as a map's size), the
+    whole is reported."""
+    try:
+        msgspec.convert(value, type_, strict=True)
+        return []
+    except msgspec.ValidationError as exc:
+        whole_problem = _problem(exc, path)
+    inner = _unwrap(type_)
+    found: list[FieldProblem] = []
+    if isinstance(value, dict) and isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+        fields = msgspec.structs.fields(inner)
+        for field in fields:
+            if field.encode_name in value:
+                found += _problems(value[field.encode_name], field.type, _join(path, field.encode_name))
+            elif field.required:
+                found.append(FieldProblem(_join(path, field.encode_name), "is required"))
+        if inner.__struct_config__.forbid_unknown_fields:
+            known = {field.encode_name for field in fields}
+            for name in value:
+                if name not in known:
+                    found.append(
+                        FieldProblem(
+                            _join(path, name), "clientOrgId is not accepted: the API key decides the organization"
+                        )
+                        if name == "clientOrgId" and not path
+                        else FieldProblem(_join(path, name), "unknown field")
+                    )
+    elif isinstance(value, dict) and typing.get_origin(inner) is dict:
+        key_type, value_type = typing.get_args(inner)
+        for key, item in value.items():
+            at = _join(path, key)
+            found += [FieldProblem(at, f"invalid key: {p.message}") for p in _problems(key, key_type, at)]
+            found += _problems(item, value_type, at)
+    elif isinstance(value, list) and typing.get_origin(inner) is list:
+        (item_type,) = typing.get_args(inner)
+        for index, item in enumerate(value):
+            found += _problems(item, item_type, _join(path, index))
+    return found or [whole_problem]
+
+
+def every_problem(value: Any, type_: Any, first: msgspec.ValidationError) -> ValidationFailed:
+    """All of a parsed body's problems against `type_` (`first` is the one msgspec stopped at)."""
+    return ValidationFailed.of(_problems(value, type_, "") or [_problem(first)])
+
+
+_MALFORMED = ("The request body is not valid JSON.", "malformed JSON")
+_NOT_UTF8 = ("The request body is not valid UTF-8.", "not valid UTF-8")
+
+
+def _malformed(kind: tuple[str, str]) -> ValidationFailed:
+    return ValidationFailed(kind[0], [FieldProblem("body", kind[1])])
 
 
 class StrictDecoder:
-    """A prebuilt, strict JSON decoder whose failures become `ValidationFailed`."""
+    """A prebuilt, strict JSON decoder whose failures become `ValidationFailed`, naming every problem."""
 
     def __init__(self, type_: type[T]) -> None:
         self.type = type_
@@ -65,5 +145,17 @@ class StrictDecoder:
             raise ValidationFailed("A JSON body is required.", [FieldProblem("body", "is required")])
         try:
             return self._decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise problem_from_msgspec(exc) from None
+        except msgspec.ValidationError as exc:
+            first = exc
+        except msgspec.DecodeError:
+            raise _malformed(_MALFORMED) from None
+        except UnicodeDecodeError:
+            raise _malformed(_NOT_UTF8) from None
+        # The failure path only: parse without the type, then look for every problem, not just the first.
+        try:
+            value = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise _malformed(_MALFORMED) from None
+        except UnicodeDecodeError:
+            raise _malformed(_NOT_UTF8) from None
+        raise every_problem(value, self.type, first) from None

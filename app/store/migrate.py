@@ -13,7 +13,7 @@ NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
     files = []
     for path in sorted(directory.glob("*.sql")):
-        match = NAME.match(path.name)
+        match = NAME.fullmatch(path.name)
         if not match:
             raise RuntimeError(f"migration file name not of the form NNNN_name.sql: {path.name}")
         files.append((int(match.group(1)), path))

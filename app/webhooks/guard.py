@@ -81,7 +81,7 @@ def _literal_ip(host: str) -> IPAddress | None:
             return ipaddress.IPv6Address(bare.split("%", 1)[0])
         except ValueError:
             raise _fail("is not a valid IPv6 address") from None
-    if _CANONICAL_IPV4.match(bare):
+    if _CANONICAL_IPV4.fullmatch(bare):
         return ipaddress.IPv4Address(bare)
     if _NUMERIC_HOST.match(bare) or bare.rstrip(".").split(".")[-1].isdigit():
         # 2130706433, 0x7f.1, 0177.0.0.1, 127.1, 10.0.0.010 ...: libc reads these as addresses.
@@ -124,7 +124,7 @@ def _split(url: str, settings: GuardSettings) -> tuple[str, str, int]:
         except UnicodeError:
             raise _fail("has an invalid host name") from None
         labels = host.rstrip(".").split(".")
-        if not all(_HOST_LABEL.match(label) for label in labels):
+        if not all(_HOST_LABEL.fullmatch(label) for label in labels):
             raise _fail("has an invalid host name")
     return scheme, host, port or (443 if scheme == "https" else 80)
 
