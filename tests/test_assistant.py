@@ -617,6 +617,45 @@ async def test_a_model_failure_while_writing_an_opening_is_a_502_and_nothing_is_
     assert h.rows("SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 0
 
 
+async def test_a_keyed_create_repeated_while_the_model_writes_its_opening_is_409_in_progress(
+    h: Harness, llm: FakeLLM
+) -> None:
+    agent = await make_agent(h)
+    llm.reply("Hi Ada, PAM Motors here.", delay=0.5)
+    body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS, "dynamicVariables": VARIABLES}
+    key = {"Idempotency-Key": "slow-opening"}
+    first = asyncio.create_task(h.post("/v1/sms-conversations", body, **key))
+    await llm.wait_for_requests(1)
+
+    repeat = await h.post("/v1/sms-conversations", body, **key)
+
+    assert repeat.status_code == 409, repeat.text
+    assert repeat.json()["error"]["code"] == "idempotency_in_progress"
+    created = await first
+    assert created.status_code == 201, created.text
+    replayed = await h.post("/v1/sms-conversations", body, **key)
+    assert (replayed.status_code, replayed.content) == (201, created.content)
+    assert len(llm.bodies) == 1  # the model wrote one opening, not one per request
+    assert h.rows("SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 1
+
+
+async def test_a_key_held_while_the_model_failed_to_write_the_opening_is_free_for_the_retry(
+    h: Harness, llm: FakeLLM
+) -> None:
+    agent = await make_agent(h)
+    body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS}
+    key = {"Idempotency-Key": "retry-after-model-failure"}
+    llm.fail(500)
+    assert (await h.post("/v1/sms-conversations", body, **key)).status_code == 502
+    llm.reply("Hi, PAM Motors here.")
+
+    retried = await h.post("/v1/sms-conversations", body, **key)
+
+    assert retried.status_code == 201, retried.text
+    assert "idempotent-replayed" not in retried.headers
+    assert h.rows("SELECT state FROM idempotency_keys")[0]["state"] == "done"
+
+
 async def test_an_opening_needs_a_configured_model(tmp_path: Path) -> None:
     async with running(tmp_path, None) as h:
         agent = await make_agent(h)

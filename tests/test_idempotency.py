@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import uuid
+from pathlib import Path
 
-from tests.conftest import Harness
+from tests.conftest import Harness, start_harness
 from tests.seed import SEED_CREATE
 
 
@@ -78,3 +81,23 @@ async def test_a_malformed_idempotency_key_is_a_validation_error(harness: Harnes
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "validation_error"
     assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0
+
+
+async def test_a_key_held_for_a_conversation_never_created_is_freed_at_start_up(tmp_path: Path) -> None:
+    """A crash while the model wrote an opening leaves the key claimed with no conversation behind it."""
+    async with start_harness(tmp_path) as h:
+        h.key()
+    conn = sqlite3.connect(tmp_path / "parley.db")
+    with conn:
+        conn.execute(
+            "INSERT INTO idempotency_keys (org_id, key, request_hash, state, conversation_id, created_at, expires_at)"
+            " SELECT id, 'interrupted', 'x', 'running', ?, 0, ? FROM orgs WHERE name = 'acme'",
+            (str(uuid.uuid4()), 2**62),
+        )
+    conn.close()
+
+    async with start_harness(tmp_path) as h:
+        response = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "interrupted"})
+
+    assert response.status_code == 201, response.text
+    assert "idempotent-replayed" not in response.headers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -164,6 +165,25 @@ class Replay(msgspec.Struct):
     outcome: CreateOutcome
 
 
+def _claim(
+    conn: sqlite3.Connection, org_id: str, key: str, digest: str, conversation_id: str, now_ms: int
+) -> Replay | None:
+    """Take the Idempotency-Key for this run (None), or answer from the run that holds it (a replay, 409, 422)."""
+    if idempotency.claim(
+        conn,
+        org_id=org_id,
+        key=key,
+        request_hash=digest,
+        conversation_id=conversation_id,
+        now_ms=now_ms,
+        expires_at=now_ms + IDEMPOTENCY_TTL_MS,
+    ):
+        return None
+    replayed = _replay_or_raise(idempotency.get(conn, org_id, key), digest, now_ms)
+    assert replayed is not None
+    return Replay(replayed)
+
+
 async def create(
     ctx: Context,
     org_id: str,
@@ -181,6 +201,14 @@ async def create(
     check_fields(body)
     agent = await resolve_agent(ctx, body, org_id)
     sender, opening = check_agent_rules(body, agent)
+    conversation_id = new_id()
+    claimed_early = False
+
+    async def free_key() -> None:
+        """Nothing was created: free a key taken early for the client's retry (error answers are not kept)."""
+        if claimed_early:
+            await asyncio.shield(ctx.db.write(lambda c: idempotency.release_running(c, conversation_id)))
+
     if opening is None:
         opener = ctx.generate_opening
         if opener is None:
@@ -189,15 +217,26 @@ async def create(
                 "this agent has no opening template, so a welcomeMessage is required"
                 " (LLM-generated openings need the assistant, which is not configured)",
             )
-        # An opted-out recipient is refused before the model is asked to write (the transaction re-checks).
-        if await ctx.db.read(lambda c: opt_outs.contains(c, org_id, sender, body.to_number)):
-            raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
-        opening = await opener(agent, body.dynamic_variables)
+        if idempotency_key:
+            # The model takes seconds: hold the key while it writes, so a repeat meanwhile is answered 409.
+            key = idempotency_key
+            early = await ctx.db.write(lambda c: _claim(c, org_id, key, digest, conversation_id, ctx.clock.now_ms()))
+            if early is not None:
+                return early.outcome, True
+            claimed_early = True
+        try:
+            # An opted-out recipient is refused before the model is asked to write (the transaction re-checks).
+            if await ctx.db.read(lambda c: opt_outs.contains(c, org_id, sender, body.to_number)):
+                raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
+            opening = await opener(agent, body.dynamic_variables)
+        except BaseException:
+            await free_key()
+            raise
     # The opt-out list is checked (409) inside `persist`, in the transaction that would create the conversation.
 
     now = ctx.clock.now_ms()
     conversation = Conversation(
-        id=new_id(),
+        id=conversation_id,
         org_id=org_id,
         agent_id=agent.id,
         status="pending",
@@ -217,28 +256,21 @@ async def create(
     message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name, seq=1)
 
     def persist(conn: sqlite3.Connection) -> Replay | Message:
-        now_ms = ctx.clock.now_ms()
-        if idempotency_key:
-            claimed = idempotency.claim(
-                conn,
-                org_id=org_id,
-                key=idempotency_key,
-                request_hash=digest,
-                conversation_id=conversation.id,
-                now_ms=now_ms,
-                expires_at=now_ms + IDEMPOTENCY_TTL_MS,
-            )
-            if not claimed:
-                replayed = _replay_or_raise(idempotency.get(conn, org_id, idempotency_key), digest, now_ms)
-                assert replayed is not None
-                return Replay(replayed)
+        if idempotency_key and not claimed_early:
+            replay = _claim(conn, org_id, idempotency_key, digest, conversation.id, ctx.clock.now_ms())
+            if replay is not None:
+                return replay
         if opt_outs.contains(conn, org_id, sender, body.to_number):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         store.insert(conn, conversation)
         store.insert_message(conn, message)
         return message
 
-    persisted = await ctx.db.write(persist)
+    try:
+        persisted = await ctx.db.write(persist)
+    except BaseException:
+        await free_key()
+        raise
     if isinstance(persisted, Replay):
         return persisted.outcome, True
     message = persisted
@@ -343,6 +375,7 @@ async def recover_pending(ctx: Context) -> int:
                     messaging.record_rejected(conn, conversation, message, interrupted, now_ms)
             lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
             idempotency.release_running(conn, conversation.id)
+        idempotency.release_orphaned(conn)  # taken before a model-written opening that never got persisted
         return len(stuck)
 
     count = await ctx.db.write(run)

@@ -48,5 +48,13 @@ def release_running(conn: sqlite3.Connection, conversation_id: str) -> None:
     conn.execute("DELETE FROM idempotency_keys WHERE conversation_id = ? AND state = 'running'", (conversation_id,))
 
 
+def release_orphaned(conn: sqlite3.Connection) -> int:
+    """At start-up, nothing runs yet: free every key still held for a conversation that was never created."""
+    return conn.execute(
+        "DELETE FROM idempotency_keys WHERE state = 'running'"
+        " AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.id = idempotency_keys.conversation_id)"
+    ).rowcount
+
+
 def purge_expired(conn: sqlite3.Connection, now_ms: int) -> int:
     return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now_ms,)).rowcount
