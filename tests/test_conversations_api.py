@@ -331,3 +331,36 @@ async def test_agent_patch_rotate_and_delete(harness: Harness) -> None:
     deleted = await harness.client.delete(f"/v1/agents/{aid}", headers=harness.auth())
     assert deleted.status_code == 204
     assert (await harness.get(f"/v1/agents/{aid}")).status_code == 404
+
+
+async def test_the_messages_list_pages_by_20_unless_a_limit_is_given(harness: Harness) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    for n in range(24):
+        sent = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": f"note {n}"})
+        assert sent.status_code == 201, sent.text
+
+    first = (await harness.get(f"/v1/sms-conversations/{cid}/messages")).json()
+    rest = (await harness.get(f"/v1/sms-conversations/{cid}/messages", cursor=first["meta"]["next_cursor"])).json()
+    everything = (await harness.get(f"/v1/sms-conversations/{cid}/messages", limit=100)).json()
+
+    assert [m["sequenceNumber"] for m in first["data"]] == list(range(1, 21))
+    assert [m["sequenceNumber"] for m in rest["data"]] == list(range(21, 26))
+    assert rest["meta"]["next_cursor"] is None
+    assert len(everything["data"]) == 25
+
+
+async def test_a_phone_number_in_a_request_path_is_masked_in_the_access_log(harness: Harness, caplog: Any) -> None:
+    caplog.set_level("INFO", logger="parley.access")
+    conversation_id = "0195c1d2-7a3b-7c4d-8e9f-012345678901"
+
+    await harness.get("/v1/sms-conversations/+15555550199")
+    await harness.get("/v1/sms-conversations/15555550188/messages")
+    await harness.get(f"/v1/sms-conversations/{conversation_id}")
+
+    paths = [r.path for r in caplog.records if r.name == "parley.access"]
+    assert paths == [
+        "/v1/sms-conversations/***0199",
+        "/v1/sms-conversations/***0188/messages",
+        f"/v1/sms-conversations/{conversation_id}",
+    ]
+    assert "5555550199" not in caplog.text and "5555550188" not in caplog.text

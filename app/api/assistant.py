@@ -97,7 +97,7 @@ class AssistantController(Controller):
         self,
         request: Request,
         conversation_id: str,
-        limit: Annotated[int, Parameter(ge=1, le=100)] = 100,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
         cursor: str | None = None,
     ) -> ToolCallList:
         ctx = rq.context(request)

@@ -211,7 +211,7 @@ class ConversationController(Controller):
         self,
         request: Request,
         conversation_id: str,
-        limit: Annotated[int, Parameter(ge=1, le=100)] = 100,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
         cursor: str | None = None,
     ) -> MessageList:
         ctx = rq.context(request)

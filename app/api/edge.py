@@ -21,10 +21,18 @@ from app.api.errors import error_bytes, request_id_of
 from app.domain import keys
 from app.domain.errors import Unauthorized
 from app.domain.ids import new_request_id
+from app.domain.phone import mask
 
 log = logging.getLogger("parley.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNLIMITED_PREFIXES = ("/healthz", "/readyz", "/schema", "/metrics", "/v1/providers/")
+# A run of 7-15 digits, with or without a `+`, standing on its own in a path (not a UUID's group): a phone number?
+_PHONE_LIKE = re.compile(r"(?<![0-9A-Za-z-])\+?\d{7,15}(?![0-9A-Za-z-])")
+
+
+def loggable_path(path: str) -> str:
+    """The path as the access log shows it: anything that may be a phone number masked to its last 4 digits."""
+    return _PHONE_LIKE.sub(lambda m: mask(m.group()) or "", path)
 
 
 class TokenBucket:
@@ -104,7 +112,7 @@ class Edge:
         started = time.perf_counter()
         incoming = _header(scope, b"x-request-id")
         state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[typeddict-item]
-        state["request_id"] = incoming if incoming and REQUEST_ID.match(incoming) else new_request_id()
+        state["request_id"] = incoming if incoming and REQUEST_ID.fullmatch(incoming) else new_request_id()
         request_id = state["request_id"]
         status_holder = [500]
 
@@ -131,13 +139,13 @@ class Edge:
             status = status_holder[0]
             key = (scope.get("method", "GET"), status)
             self.metrics[key] = self.metrics.get(key, 0) + 1
-            # The path only: query strings can carry phone numbers.
+            # The path only (query strings can carry phone numbers), and numbers in it masked.
             log.info(
                 "request",
                 extra={
                     "request_id": request_id,
                     "method": scope.get("method"),
-                    "path": scope.get("path"),
+                    "path": loggable_path(scope.get("path", "")),
                     "status": status,
                     "duration_ms": round(duration_ms, 2),
                 },

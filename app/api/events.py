@@ -35,7 +35,7 @@ class EventController(Controller):
         after: Annotated[str | None, Parameter(description="an event id: list the events after it")] = None,
         event_type: Annotated[str | None, Parameter(query="type", description="only this event type")] = None,
         conversation_id: Annotated[str | None, Parameter(query="conversationId")] = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     ) -> EventList:
         ctx = rq.context(request)
         org_id = rq.org_of(request)
