@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -12,12 +13,15 @@ from typing import Any
 
 import pytest
 
+from app.clock import FakeClock
 from app.config import ConfigError, load_settings
+from app.domain.ids import new_signing_secret
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport, StatusSink
 from app.store.db import Database, connect_sync
 from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
 from tests.conftest import start_harness
 from tests.seed import SEED_CREATE
+from tests.webhook_receiver import Receiver, emit
 
 
 def schema(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -122,6 +126,59 @@ async def test_migration_0007_numbers_existing_conversations_and_keeps_their_mes
         assert h.rows("SELECT pos FROM conversations WHERE id = ?", new_id)[0]["pos"] == 3
         assert len((await h.get(f"/v1/sms-conversations/{new_id}/messages")).json()["data"]) == 1
         assert len((await h.get("/v1/events", conversationId=new_id)).json()["data"]) >= 1
+
+
+async def test_migration_0008_carries_a_webhooks_previous_secret_into_the_list_and_it_keeps_signing(
+    tmp_path: Path,
+) -> None:
+    """A database the previous release left (migrations up to 0007) with a rotation in its overlap: the
+    previous secret becomes the list's one entry, with its expiry, and signs beside the current one, and
+    beside a newer one after another rotation; the old columns are gone."""
+    previous = tmp_path / "previous-migrations"
+    previous.mkdir()
+    for number, path in migration_files():
+        if number <= 7:
+            (previous / path.name).write_text(path.read_text())
+    clock = FakeClock()
+    s0, s1 = new_signing_secret(), new_signing_secret()
+    until = clock.now_ms() + 12 * 3_600_000
+    rotated_id, plain_id = "33333333-3333-4333-8333-333333333333", "44444444-4444-4444-8444-444444444444"
+    with Receiver() as receiver:
+        conn = connect_sync(str(tmp_path / "parley.db"))
+        migrate(conn, previous)
+        conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
+        conn.execute(
+            "INSERT INTO webhooks (id, org_id, url, events, is_active, secret, previous_secret, previous_secret_until,"
+            " created_at, updated_at) VALUES (?, 'org-1', ?, '[\"*\"]', 1, ?, ?, ?, 0, 0)",
+            (rotated_id, receiver.url, s1, s0, until),
+        )
+        conn.execute(
+            "INSERT INTO webhooks (id, org_id, url, events, is_active, secret, created_at, updated_at)"
+            " VALUES (?, 'org-1', ?, '[\"*\"]', 0, ?, 0, 0)",
+            (plain_id, receiver.url, new_signing_secret()),
+        )
+        conn.close()
+
+        async with start_harness(tmp_path, clock=clock) as h:
+            columns = {row["name"] for row in h.rows("PRAGMA table_info(webhooks)")}
+            assert "previous_secrets" in columns
+            assert not columns & {"previous_secret", "previous_secret_until"}
+            stored = {row["id"]: json.loads(row["previous_secrets"]) for row in h.rows("SELECT * FROM webhooks")}
+            assert stored == {rotated_id: [{"secret": s0, "until": until}], plain_id: []}
+
+            receiver.secrets = [s1, s0]
+            await emit(h)
+            (record,) = await receiver.wait_count(1)
+            assert len(record.signatures()) == 2
+            assert record.verified_by == [s1, s0]
+
+            rotated = await h.post(f"/v1/webhooks/{rotated_id}/rotate-secret")
+            assert rotated.status_code == 200
+            s2 = rotated.json()["data"]["secret"]
+            receiver.secrets = [s2, s1, s0]
+            await emit(h)
+            received = await receiver.wait_count(2)
+            assert received[1].verified_by == [s2, s1, s0]
 
 
 @pytest.fixture

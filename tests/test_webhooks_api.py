@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 from app.clock import iso
 from app.domain.events import EVENT_TYPES
@@ -100,9 +101,10 @@ async def test_rotate_secret_returns_a_new_secret_and_keeps_the_old_one_for_a_da
     data = response.json()["data"]
     assert set(data) == FIELDS | {"secret"}
     assert data["secret"] != created["secret"]
-    row = harness.rows("SELECT secret, previous_secret, previous_secret_until FROM webhooks")[0]
-    assert (row["secret"], row["previous_secret"]) == (data["secret"], created["secret"])
-    assert row["previous_secret_until"] - harness.clock.now_ms() > 23 * 3_600_000
+    row = harness.rows("SELECT secret, previous_secrets FROM webhooks")[0]
+    (previous,) = json.loads(row["previous_secrets"])
+    assert (row["secret"], previous["secret"]) == (data["secret"], created["secret"])
+    assert previous["until"] - harness.clock.now_ms() > 23 * 3_600_000
 
 
 async def test_delete_removes_the_endpoint_and_its_log(harness: Harness) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -247,6 +248,65 @@ async def test_rotation_sends_two_signatures_that_each_verify(tmp_path: Path, cl
             received = await receiver.wait_count(2)
             assert len(received[1].signatures()) == 1
             assert received[1].verified_by == [new]
+
+
+async def rotate(h: Harness, webhook_id: str) -> str:
+    rotated = await h.post(f"/v1/webhooks/{webhook_id}/rotate-secret")
+    assert rotated.status_code == 200
+    return str(rotated.json()["data"]["secret"])
+
+
+async def test_every_secret_rotated_away_within_a_day_keeps_signing_until_its_own_overlap_ends(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    with Receiver() as receiver:
+        async with start_harness(tmp_path, clock=clock) as h:
+            webhook = await register(h, receiver)
+            s0 = webhook["secret"]
+            s1 = await rotate(h, webhook["id"])
+            await clock.advance(12 * HOUR)
+            s2 = await rotate(h, webhook["id"])
+            receiver.secrets = [s2, s1, s0]
+            await emit(h)
+            (record,) = await receiver.wait_count(1)
+            assert record.verified_by == [s2, s1, s0]
+            entries = record.signatures()
+            assert len(entries) == 3
+            for entry, signer in zip(entries, (s2, s1, s0), strict=True):
+                alone = {**record.headers, "webhook-signature": entry}
+                Webhook(signer).verify(record.body, alone)
+                for other in {s0, s1, s2} - {signer}:
+                    with pytest.raises(WebhookVerificationError):
+                        Webhook(other).verify(record.body, alone)
+            # 24 h after the first rotation s0 stops signing; s1, rotated away 12 h later, still signs.
+            await clock.advance(12 * HOUR + 1)
+            await emit(h)
+            received = await receiver.wait_count(2)
+            assert len(received[1].signatures()) == 2
+            assert received[1].verified_by == [s2, s1]
+            await clock.advance(12 * HOUR)
+            await emit(h)
+            received = await receiver.wait_count(3)
+            assert len(received[2].signatures()) == 1
+            assert received[2].verified_by == [s2]
+
+
+async def test_at_most_ten_previous_secrets_sign_the_oldest_are_dropped(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver() as receiver:
+        async with start_harness(tmp_path, clock=clock) as h:
+            webhook = await register(h, receiver)
+            secrets = [webhook["secret"]]
+            for _ in range(12):
+                await clock.advance(60)
+                secrets.append(await rotate(h, webhook["id"]))
+            newest_first = secrets[::-1]
+            receiver.secrets = newest_first
+            await emit(h)
+            (record,) = await receiver.wait_count(1)
+            assert len(record.signatures()) == 11
+            assert record.verified_by == newest_first[:11]  # the current secret and the ten rotated away last
+            stored = json.loads(h.rows("SELECT previous_secrets FROM webhooks")[0]["previous_secrets"])
+            assert [p["secret"] for p in stored] == newest_first[1:11]
 
 
 async def test_an_endpoint_failing_for_five_days_is_disabled(tmp_path: Path, clock: FakeClock) -> None:

@@ -13,7 +13,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from app.config import DEFAULT_RETRY_SCHEDULE
 from app.domain.ids import new_signing_secret
+from app.store.webhooks import PreviousSecret
 from app.webhooks import retry, signing
+from app.webhooks.service import MAX_PREVIOUS_SECRETS, ROTATION_OVERLAP_MS, after_rotation
 
 BODY = b'{"id":"evt_1","event":"sms.message_sent","data":{"content":"h\xc3\xa9llo"}}'
 
@@ -52,10 +54,41 @@ def test_two_secrets_give_two_signatures_each_verifiable_alone() -> None:
             Webhook(other).verify(BODY, alone)
 
 
-def test_the_previous_secret_signs_only_during_the_overlap() -> None:
-    assert signing.active_secrets("new", "old", 1_000, 999) == ["new", "old"]
-    assert signing.active_secrets("new", "old", 1_000, 1_000) == ["new"]
-    assert signing.active_secrets("new", None, None, 0) == ["new"]
+@pytest.mark.parametrize(
+    ("previous", "now", "expected"),
+    [
+        ([], 0, ["new"]),
+        ([("old", 1_000)], 999, ["new", "old"]),
+        ([("old", 1_000)], 1_000, ["new"]),
+        ([("s1", 2_000), ("s0", 1_000)], 999, ["new", "s1", "s0"]),
+        ([("s1", 2_000), ("s0", 1_000)], 1_000, ["new", "s1"]),
+        ([("s1", 2_000), ("s0", 1_000)], 2_000, ["new"]),
+    ],
+)
+def test_each_previous_secret_signs_only_during_its_own_overlap(
+    previous: list[tuple[str, int]], now: int, expected: list[str]
+) -> None:
+    entries = [PreviousSecret(secret=secret, until=until) for secret, until in previous]
+    assert signing.active_secrets("new", entries, now) == expected
+
+
+def test_a_rotation_keeps_every_secret_still_in_its_overlap_newest_first() -> None:
+    day = ROTATION_OVERLAP_MS
+    first = after_rotation([], "s0", 0)
+    assert first == [PreviousSecret(secret="s0", until=day)]
+    second = after_rotation(first, "s1", day // 2)
+    assert second == [PreviousSecret(secret="s1", until=day // 2 + day), PreviousSecret(secret="s0", until=day)]
+    # s0's overlap has ended by the third rotation: it is dropped, s1 stays.
+    third = after_rotation(second, "s2", day)
+    assert [p.secret for p in third] == ["s2", "s1"]
+
+
+def test_a_rotation_keeps_at_most_ten_previous_secrets_dropping_the_oldest() -> None:
+    previous: list[PreviousSecret] = []
+    for n in range(MAX_PREVIOUS_SECRETS + 2):
+        previous = after_rotation(previous, f"s{n}", n)
+    assert MAX_PREVIOUS_SECRETS == 10
+    assert [p.secret for p in previous] == [f"s{n}" for n in range(MAX_PREVIOUS_SECRETS + 1, 1, -1)]
 
 
 def test_a_secret_that_is_not_base64_is_rejected() -> None:

@@ -32,6 +32,16 @@ _wakers: dict[int, Callable[[], None]] = {}
 _wakers_lock = threading.Lock()
 
 
+class PreviousSecret(msgspec.Struct, kw_only=True):
+    """A secret rotated away; it keeps signing, beside the current one, until `until` (ms)."""
+
+    secret: str
+    until: int
+
+
+_previous_secrets_decoder = msgspec.json.Decoder(list[PreviousSecret])
+
+
 class Webhook(msgspec.Struct, kw_only=True):
     id: str
     org_id: str
@@ -39,8 +49,7 @@ class Webhook(msgspec.Struct, kw_only=True):
     events: list[str]
     is_active: bool
     secret: str
-    previous_secret: str | None
-    previous_secret_until: int | None
+    previous_secrets: list[PreviousSecret]  # newest first
     disabled_reason: str | None
     failing_since: int | None
     last_success_at: int | None
@@ -62,8 +71,7 @@ class Claimed(msgspec.Struct, kw_only=True):
     payload: bytes
     url: str
     secret: str
-    previous_secret: str | None
-    previous_secret_until: int | None
+    previous_secrets: list[PreviousSecret]  # as stored: `signing.active_secrets` skips the expired ones
 
 
 class Attempt(msgspec.Struct, kw_only=True):
@@ -89,8 +97,8 @@ class Delivery(msgspec.Struct, kw_only=True):
 
 
 WEBHOOK_COLUMNS = (
-    "id, org_id, url, events, is_active, secret, previous_secret, previous_secret_until, disabled_reason,"
-    " failing_since, last_success_at, created_at, updated_at"
+    "id, org_id, url, events, is_active, secret, previous_secrets, disabled_reason, failing_since, last_success_at,"
+    " created_at, updated_at"
 )
 DELIVERY_COLUMNS = (
     "rowid, id, webhook_id, event_id, event_type, status, attempt_count, next_attempt_at, lease_until, created_at"
@@ -128,8 +136,7 @@ def _webhook(row: sqlite3.Row | None) -> Webhook | None:
         events=_events_decoder.decode(row["events"]),
         is_active=bool(row["is_active"]),
         secret=row["secret"],
-        previous_secret=row["previous_secret"],
-        previous_secret_until=row["previous_secret_until"],
+        previous_secrets=_previous_secrets_decoder.decode(row["previous_secrets"]),
         disabled_reason=row["disabled_reason"],
         failing_since=row["failing_since"],
         last_success_at=row["last_success_at"],
@@ -158,7 +165,7 @@ def _delivery(row: sqlite3.Row) -> Delivery:
 
 def insert(conn: sqlite3.Connection, webhook: Webhook) -> None:
     conn.execute(
-        f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             webhook.id,
             webhook.org_id,
@@ -166,8 +173,7 @@ def insert(conn: sqlite3.Connection, webhook: Webhook) -> None:
             _encoder.encode(webhook.events).decode(),
             int(webhook.is_active),
             webhook.secret,
-            webhook.previous_secret,
-            webhook.previous_secret_until,
+            _encoder.encode(webhook.previous_secrets).decode(),
             webhook.disabled_reason,
             webhook.failing_since,
             webhook.last_success_at,
@@ -201,6 +207,8 @@ def update(conn: sqlite3.Connection, webhook_id: str, now_ms: int, **changes: An
         changes["events"] = _encoder.encode(changes["events"]).decode()
     if "is_active" in changes:
         changes["is_active"] = int(changes["is_active"])
+    if "previous_secrets" in changes:
+        changes["previous_secrets"] = _encoder.encode(changes["previous_secrets"]).decode()
     changes["updated_at"] = now_ms
     assignments = ", ".join(f"{column} = ?" for column in changes)
     conn.execute(f"UPDATE webhooks SET {assignments} WHERE id = ?", (*changes.values(), webhook_id))
@@ -299,7 +307,7 @@ def queue_deliveries(
 
 _CLAIM_SELECT = (
     "SELECT d.id, d.webhook_id, d.event_id, d.event_type, d.status, d.attempt_count, d.next_attempt_at,"
-    " e.payload, w.url, w.secret, w.previous_secret, w.previous_secret_until"
+    " e.payload, w.url, w.secret, w.previous_secrets"
     " FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id JOIN events e ON e.id = d.event_id"
 )
 
@@ -317,8 +325,7 @@ def _claimed(row: sqlite3.Row, lease_until: int) -> Claimed:
         payload=row["payload"].encode(),
         url=row["url"],
         secret=row["secret"],
-        previous_secret=row["previous_secret"],
-        previous_secret_until=row["previous_secret_until"],
+        previous_secrets=_previous_secrets_decoder.decode(row["previous_secrets"]),
     )
 
 

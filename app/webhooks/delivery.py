@@ -109,9 +109,7 @@ class Dispatcher:
         """POST the event's stored bytes, signed; never raises for an HTTP or network failure."""
         at = self.clock.now_ms()
         timestamp = int(self.wall_clock())
-        secrets = signing.active_secrets(
-            claimed.secret, claimed.previous_secret, claimed.previous_secret_until, self.clock.now_ms()
-        )
+        secrets = signing.active_secrets(claimed.secret, claimed.previous_secrets, self.clock.now_ms())
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,

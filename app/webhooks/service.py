@@ -14,10 +14,12 @@ from app.domain.errors import Conflict, NotFound, ValidationFailed
 from app.domain.events import EVENT_TYPES
 from app.domain.ids import new_id, new_signing_secret, parse_uuid
 from app.store import webhooks as store
-from app.store.webhooks import ALL_EVENTS, Webhook
+from app.store.webhooks import ALL_EVENTS, PreviousSecret, Webhook
 from app.webhooks.guard import MAX_URL_LENGTH, check_url_async
 
 ROTATION_OVERLAP_MS = 24 * 3_600_000
+# Each rotation adds a signature to every delivery for a day; the cap bounds the header however often one rotates.
+MAX_PREVIOUS_SECRETS = 10
 RECOVER_WINDOW_MS = 14 * 86_400_000
 
 Url = Annotated[str, Meta(min_length=1, max_length=MAX_URL_LENGTH)]
@@ -51,6 +53,13 @@ def normalize_events(events: list[str]) -> list[str]:
     return list(dict.fromkeys(events))
 
 
+def after_rotation(previous: list[PreviousSecret], retired: str, now_ms: int) -> list[PreviousSecret]:
+    """The previous secrets once `retired` is rotated away at `now_ms`: it first, then those still in their
+    overlap, newest first, at most MAX_PREVIOUS_SECRETS (the oldest beyond that are dropped)."""
+    kept = [p for p in previous if now_ms < p.until]
+    return [PreviousSecret(secret=retired, until=now_ms + ROTATION_OVERLAP_MS), *kept][:MAX_PREVIOUS_SECRETS]
+
+
 def _load(conn: sqlite3.Connection, org_id: str, webhook_id: str) -> Webhook:
     canonical = parse_uuid(webhook_id)
     webhook = store.get(conn, canonical, org_id) if canonical else None
@@ -74,8 +83,7 @@ async def create(ctx: Context, org_id: str, body: CreateWebhook) -> Webhook:
         events=events,
         is_active=True,
         secret=new_signing_secret(),
-        previous_secret=None,
-        previous_secret_until=None,
+        previous_secrets=[],
         disabled_reason=None,
         failing_since=None,
         last_success_at=None,
@@ -120,7 +128,8 @@ async def delete(ctx: Context, org_id: str, webhook_id: str) -> None:
 
 
 async def rotate_secret(ctx: Context, org_id: str, webhook_id: str) -> Webhook:
-    """A new secret; the current one keeps signing beside it for 24 hours."""
+    """A new secret; the current one, like every other rotated away within the last 24 hours, keeps signing
+    beside it until 24 hours after its own rotation."""
 
     def apply(conn: sqlite3.Connection) -> Webhook:
         webhook = _load(conn, org_id, webhook_id)
@@ -130,8 +139,7 @@ async def rotate_secret(ctx: Context, org_id: str, webhook_id: str) -> Webhook:
             webhook.id,
             now,
             secret=new_signing_secret(),
-            previous_secret=webhook.secret,
-            previous_secret_until=now + ROTATION_OVERLAP_MS,
+            previous_secrets=after_rotation(webhook.previous_secrets, webhook.secret, now),
         )
         rotated = store.get(conn, webhook.id, org_id)
         assert rotated is not None

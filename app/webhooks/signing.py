@@ -7,6 +7,10 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.store.webhooks import PreviousSecret
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
@@ -44,11 +48,9 @@ def headers(secrets: Iterable[str], message_id: str, timestamp: int, body: bytes
     }
 
 
-def active_secrets(secret: str, previous: str | None, previous_until: int | None, now_ms: int) -> list[str]:
-    """The current secret, and during a rotation's overlap the previous one too."""
-    if previous and previous_until is not None and now_ms < previous_until:
-        return [secret, previous]
-    return [secret]
+def active_secrets(secret: str, previous: Iterable[PreviousSecret], now_ms: int) -> list[str]:
+    """The current secret, then every secret rotated away whose overlap has not ended yet."""
+    return [secret, *(p.secret for p in previous if now_ms < p.until)]
 
 
 def verify(secrets: Iterable[str], request_headers: Mapping[str, str], body: bytes) -> bool:
