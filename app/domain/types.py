@@ -45,6 +45,12 @@ def _join(base: str, name: object) -> str:
     return f"{base}.{name}" if base else str(name)
 
 
+def _unknown(where: str, name: str) -> FieldProblem:
+    if name == "clientOrgId" and not where:
+        return FieldProblem(name, "clientOrgId is not accepted: the API key decides the organization")
+    return FieldProblem(_join(where, name), "unknown field")
+
+
 def _problem(exc: msgspec.ValidationError, base: str = "") -> FieldProblem:
     """One msgspec validation error as a problem at `base` plus the path msgspec names (if any)."""
     text = str(exc)
@@ -53,10 +59,7 @@ def _problem(exc: msgspec.ValidationError, base: str = "") -> FieldProblem:
     where = _join(base, where) if where else base
     message = _PATH.sub("", text)
     if unknown := _UNKNOWN.match(message):
-        name = unknown.group(1)
-        if name == "clientOrgId":
-            return FieldProblem(_join(where, name), "clientOrgId is not accepted: the API key decides the organization")
-        return FieldProblem(_join(where, name), "unknown field")
+        return _unknown(where, unknown.group(1))
     if missing := _MISSING.match(message):
         return FieldProblem(_join(where, missing.group(1)), "is required")
     return FieldProblem(where or "body", message)
@@ -98,15 +101,7 @@ def _problems(value: Any, type_: Any, path: str) -> list[FieldProblem]:
                 found.append(FieldProblem(_join(path, field.encode_name), "is required"))
         if inner.__struct_config__.forbid_unknown_fields:
             known = {field.encode_name for field in fields}
-            for name in value:
-                if name not in known:
-                    found.append(
-                        FieldProblem(
-                            _join(path, name), "clientOrgId is not accepted: the API key decides the organization"
-                        )
-                        if name == "clientOrgId" and not path
-                        else FieldProblem(_join(path, name), "unknown field")
-                    )
+            found += [_unknown(path, name) for name in value if name not in known]
     elif isinstance(value, dict) and typing.get_origin(inner) is dict:
         key_type, value_type = typing.get_args(inner)
         for key, item in value.items():
