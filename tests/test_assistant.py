@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from standardwebhooks import Webhook
 
 from app.clock import FakeClock
 from tests.conftest import Harness, start_harness
-from tests.fake_llm import FakeLLM, FakeToolServer
+from tests.fake_llm import FakeLLM, FakeToolServer, Recorded
 from tests.webhook_receiver import eventually
 
 OURS = "+15555550123"
@@ -238,6 +239,85 @@ async def test_during_a_rotation_both_tool_secrets_sign(h: Harness, llm: FakeLLM
     Webhook(rotated["toolSecret"]).verify(call.body, call.headers)
     Webhook(agent["toolSecret"]).verify(call.body, call.headers)
     assert len(call.headers["webhook-signature"].split()) == 2
+
+
+HOUR = 3600
+
+
+async def rotate_tool_secret(h: Harness, agent_id: str) -> str:
+    rotated = await h.post(f"/v1/agents/{agent_id}/rotate-tool-secret")
+    assert rotated.status_code == 200, rotated.text
+    return str(rotated.json()["data"]["toolSecret"])
+
+
+def signers(call: Recorded, secrets: list[str]) -> list[str | None]:
+    """The secret behind each entry of the call's webhook-signature header, in header order (None: no match).
+
+    Signatures are recomputed with the `standardwebhooks` library; its `verify` would also reject a fake
+    clock's timestamp, which is far from the real time."""
+    tool_call_id, timestamp = call.headers["webhook-id"], call.headers["webhook-timestamp"]
+    at = datetime.fromtimestamp(int(timestamp), tz=UTC)
+    expected = {Webhook(secret).sign(tool_call_id, at, call.body.decode()): secret for secret in secrets}
+    return [expected.get(entry) for entry in call.headers["webhook-signature"].split()]
+
+
+async def call_tool(h: Harness, llm: FakeLLM, tool_server: FakeToolServer, conversation_id: str) -> Recorded:
+    """One customer text whose turn calls the webhook tool once; the request the tool server received."""
+    seen = len(tool_server.requests)
+    llm.call_tools(("lookup_recall", {"recallId": "1"})).reply("done")
+    await text_in(h, "check")
+    await eventually(lambda: len(replies(h, conversation_id)) > seen)
+    return tool_server.requests[seen]
+
+
+async def test_every_tool_secret_rotated_away_within_a_day_keeps_signing(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    """Two rotations seconds apart (s0 -> s1 -> s2): a tool server still on s0 keeps verifying."""
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    s0 = agent["toolSecret"]
+    s1 = await rotate_tool_secret(h, agent["agentId"])
+    s2 = await rotate_tool_secret(h, agent["agentId"])
+    conversation_id = await open_conversation(h, agent)
+    call = await call_tool(h, llm, tool_server, conversation_id)
+    assert signers(call, [s0, s1, s2]) == [s2, s1, s0]
+    for secret in (s0, s1, s2):
+        Webhook(secret).verify(call.body, call.headers)
+
+
+async def test_a_rotated_tool_secret_stops_signing_24_hours_after_its_own_rotation(
+    tmp_path: Path, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    clock = FakeClock()
+    async with running(tmp_path, llm, clock=clock) as h:
+        agent = await make_agent(h, tools=[webhook_tool(tool_server.url)], inactivityTimeoutSeconds=30 * 24 * HOUR)
+        s0 = agent["toolSecret"]
+        s1 = await rotate_tool_secret(h, agent["agentId"])
+        await clock.advance(12 * HOUR)
+        s2 = await rotate_tool_secret(h, agent["agentId"])
+        conversation_id = await open_conversation(h, agent)
+        secrets = [s0, s1, s2]
+        assert signers(await call_tool(h, llm, tool_server, conversation_id), secrets) == [s2, s1, s0]
+        # 24 h after the first rotation s0 stops signing; s1, rotated away 12 h later, still signs.
+        await clock.advance(12 * HOUR + 0.001)
+        assert signers(await call_tool(h, llm, tool_server, conversation_id), secrets) == [s2, s1]
+        await clock.advance(12 * HOUR)
+        assert signers(await call_tool(h, llm, tool_server, conversation_id), secrets) == [s2]
+
+
+async def test_at_most_ten_rotated_tool_secrets_sign_the_oldest_are_dropped(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    secrets = [agent["toolSecret"]]
+    for _ in range(12):
+        secrets.append(await rotate_tool_secret(h, agent["agentId"]))
+    newest_first = secrets[::-1]
+    conversation_id = await open_conversation(h, agent)
+    call = await call_tool(h, llm, tool_server, conversation_id)
+    assert signers(call, secrets) == newest_first[:11]  # the current secret and the ten rotated away last
+    (row,) = h.rows("SELECT previous_tool_secrets FROM agents WHERE id = ?", agent["agentId"])
+    assert [p["secret"] for p in json.loads(row["previous_tool_secrets"])] == newest_first[1:11]
 
 
 async def test_the_next_turn_sees_earlier_tool_calls_and_results_in_their_roles(

@@ -20,7 +20,9 @@ from app.providers.base import ProviderRejected, SendAccepted, SendRequest, Stat
 from app.store.db import Database, connect_sync
 from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
 from tests.conftest import start_harness
+from tests.fake_llm import FakeLLM, FakeToolServer
 from tests.seed import SEED_CREATE
+from tests.test_assistant import call_tool, open_conversation, signers, webhook_tool
 from tests.webhook_receiver import Receiver, emit
 
 
@@ -179,6 +181,59 @@ async def test_migration_0008_carries_a_webhooks_previous_secret_into_the_list_a
             await emit(h)
             received = await receiver.wait_count(2)
             assert received[1].verified_by == [s2, s1, s0]
+
+
+async def test_migration_0009_carries_an_agents_previous_tool_secret_into_the_list_and_it_keeps_signing(
+    tmp_path: Path,
+) -> None:
+    """A database migrated up to 0008 with a tool-secret rotation in its overlap: the previous secret becomes
+    the list's one entry, with its expiry, and signs the tool server's request beside the current one, and
+    beside a newer one after another rotation; the old columns are gone."""
+    previous = tmp_path / "previous-migrations"
+    previous.mkdir()
+    for number, path in migration_files():
+        if number <= 8:
+            (previous / path.name).write_text(path.read_text())
+    clock = FakeClock()
+    s0, s1 = new_signing_secret(), new_signing_secret()
+    until = clock.now_ms() + 12 * 3_600_000
+    rotated_id, plain_id = "55555555-5555-4555-8555-555555555555", "66666666-6666-4666-8666-666666666666"
+    with FakeLLM() as llm, FakeToolServer() as tool_server:
+        config = json.dumps({"name": "Old", "replyDebounceMs": 0, "tools": [webhook_tool(tool_server.url)]})
+        conn = connect_sync(str(tmp_path / "parley.db"))
+        migrate(conn, previous)
+        conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
+        conn.execute(
+            "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, previous_tool_secret,"
+            " previous_tool_secret_until, created_at, updated_at)"
+            " VALUES (?, 'custom', NULL, 'org-1', ?, ?, ?, ?, 0, 0)",
+            (rotated_id, config, s1, s0, until),
+        )
+        conn.execute(
+            "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, created_at, updated_at)"
+            " VALUES (?, 'custom', NULL, 'org-1', '{\"name\":\"Plain\"}', ?, 0, 0)",
+            (plain_id, new_signing_secret()),
+        )
+        conn.close()
+
+        async with start_harness(tmp_path, clock=clock, llm_base_url=llm.base_url, llm_model="test-model") as h:
+            columns = {row["name"] for row in h.rows("PRAGMA table_info(agents)")}
+            assert "previous_tool_secrets" in columns
+            assert not columns & {"previous_tool_secret", "previous_tool_secret_until"}
+            stored = {
+                row["id"]: json.loads(row["previous_tool_secrets"])
+                for row in h.rows("SELECT id, previous_tool_secrets FROM agents WHERE kind = 'custom'")
+            }
+            assert stored == {rotated_id: [{"secret": s0, "until": until}], plain_id: []}
+
+            conversation_id = await open_conversation(h, {"agentId": rotated_id})
+            assert signers(await call_tool(h, llm, tool_server, conversation_id), [s0, s1]) == [s1, s0]
+
+            rotated = await h.post(f"/v1/agents/{rotated_id}/rotate-tool-secret")
+            assert rotated.status_code == 200
+            s2 = rotated.json()["data"]["toolSecret"]
+            call = await call_tool(h, llm, tool_server, conversation_id)
+            assert signers(call, [s0, s1, s2]) == [s2, s1, s0]
 
 
 @pytest.fixture

@@ -13,9 +13,14 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from app.config import DEFAULT_RETRY_SCHEDULE
 from app.domain.ids import new_signing_secret
-from app.store.webhooks import PreviousSecret
+from app.domain.rotation import (
+    MAX_PREVIOUS_SECRETS,
+    ROTATION_OVERLAP_MS,
+    PreviousSecret,
+    active_secrets,
+    after_rotation,
+)
 from app.webhooks import retry, signing
-from app.webhooks.service import MAX_PREVIOUS_SECRETS, ROTATION_OVERLAP_MS, after_rotation
 
 BODY = b'{"id":"evt_1","event":"sms.message_sent","data":{"content":"h\xc3\xa9llo"}}'
 
@@ -69,7 +74,7 @@ def test_each_previous_secret_signs_only_during_its_own_overlap(
     previous: list[tuple[str, int]], now: int, expected: list[str]
 ) -> None:
     entries = [PreviousSecret(secret=secret, until=until) for secret, until in previous]
-    assert signing.active_secrets("new", entries, now) == expected
+    assert active_secrets("new", entries, now) == expected
 
 
 def test_a_rotation_keeps_every_secret_still_in_its_overlap_newest_first() -> None:

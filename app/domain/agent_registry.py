@@ -17,11 +17,10 @@ from app.domain.agents import (
 )
 from app.domain.errors import NotFound
 from app.domain.ids import new_id, new_signing_secret, parse_uuid
+from app.domain.rotation import after_rotation
 from app.store import agents as store
 
 log = logging.getLogger("parley.agents")
-
-SECRET_OVERLAP_MS = 24 * 3600 * 1000
 
 
 def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
@@ -35,7 +34,7 @@ def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
             agent_id, current_secret = known[entry.slug]
             store.update_settings(conn, agent_id, settings, now_ms)
             if secret is not None and secret != current_secret:
-                store.set_tool_secret(conn, agent_id, secret, None, None, now_ms)
+                store.set_tool_secret(conn, agent_id, secret, [], now_ms)
         else:
             store.insert(
                 conn,
@@ -104,10 +103,12 @@ def delete_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: 
 
 
 def rotate_tool_secret(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: int) -> tuple[Agent, str]:
-    """A new tool secret; the old one keeps signing beside it for 24 h."""
+    """A new tool secret; the current one, like every other rotated away within the last 24 hours, keeps
+    signing beside it until 24 hours after its own rotation."""
     agent = get_own(conn, org_id, agent_id)
     secret = new_signing_secret()
-    store.set_tool_secret(conn, agent.id, secret, agent.tool_secret, now_ms + SECRET_OVERLAP_MS, now_ms)
+    previous = after_rotation(agent.previous_tool_secrets, agent.tool_secret, now_ms)
+    store.set_tool_secret(conn, agent.id, secret, previous, now_ms)
     updated = store.by_id(conn, agent.id, org_id)
     assert updated is not None
     return updated, secret

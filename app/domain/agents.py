@@ -12,6 +12,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from app.domain.errors import FieldProblem, ValidationFailed
 from app.domain.phone import e164_problem
+from app.domain.rotation import PreviousSecret, active_secrets
 from app.domain.types import E164Number, Name, VariableName, every_problem, whole
 
 ToolName = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9_-]{1,64}"))]
@@ -103,17 +104,13 @@ class Agent(Struct, kw_only=True):
     org_id: str | None
     settings: AgentSettings
     tool_secret: str
-    previous_tool_secret: str | None
-    previous_tool_secret_until: int | None
+    previous_tool_secrets: list[PreviousSecret]  # newest first
     created_at: int
     updated_at: int
 
     def signing_secrets(self, now_ms: int) -> list[str]:
-        """The tool secret, plus the previous one during its 24 h overlap after a rotation."""
-        secrets = [self.tool_secret]
-        if self.previous_tool_secret and (self.previous_tool_secret_until or 0) > now_ms:
-            secrets.append(self.previous_tool_secret)
-        return secrets
+        """The tool secret, then every one rotated away whose 24 h overlap has not ended yet."""
+        return active_secrets(self.tool_secret, self.previous_tool_secrets, now_ms)
 
 
 settings_encoder = msgspec.json.Encoder()

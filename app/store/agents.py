@@ -6,11 +6,9 @@ import functools
 import sqlite3
 
 from app.domain.agents import Agent, AgentSettings, settings_decoder, settings_encoder
+from app.domain.rotation import PreviousSecret, decode_previous, encode_previous
 
-COLUMNS = (
-    "id, kind, slug, org_id, config, tool_secret, previous_tool_secret, previous_tool_secret_until,"
-    " created_at, updated_at"
-)
+COLUMNS = "id, kind, slug, org_id, config, tool_secret, previous_tool_secrets, created_at, updated_at"
 
 
 @functools.lru_cache(maxsize=256)
@@ -31,10 +29,9 @@ def _agent(row: sqlite3.Row | None) -> Agent | None:
         org_id=row[3],
         settings=_settings(row[4]),
         tool_secret=row[5],
-        previous_tool_secret=row[6],
-        previous_tool_secret_until=row[7],
-        created_at=row[8],
-        updated_at=row[9],
+        previous_tool_secrets=decode_previous(row[6]),
+        created_at=row[7],
+        updated_at=row[8],
     )
 
 
@@ -118,14 +115,12 @@ def set_tool_secret(
     conn: sqlite3.Connection,
     agent_id: str,
     secret: str,
-    previous: str | None,
-    previous_until: int | None,
+    previous: list[PreviousSecret],
     now_ms: int,
 ) -> None:
     conn.execute(
-        "UPDATE agents SET tool_secret = ?, previous_tool_secret = ?, previous_tool_secret_until = ?,"
-        " updated_at = ? WHERE id = ?",
-        (secret, previous, previous_until, now_ms, agent_id),
+        "UPDATE agents SET tool_secret = ?, previous_tool_secrets = ?, updated_at = ? WHERE id = ?",
+        (secret, encode_previous(previous), now_ms, agent_id),
     )
 
 

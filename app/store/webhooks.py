@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from app.domain.ids import new_id
+from app.domain.rotation import PreviousSecret, decode_previous, encode_previous
 from app.store.jobs import Job
 
 ENDPOINT_JOB = "webhook_endpoint"
@@ -30,16 +31,6 @@ _events_decoder = msgspec.json.Decoder(list[str])
 # Keyed by the writer connection's id: several apps (tests) may share a process.
 _wakers: dict[int, Callable[[], None]] = {}
 _wakers_lock = threading.Lock()
-
-
-class PreviousSecret(msgspec.Struct, kw_only=True):
-    """A secret rotated away; it keeps signing, beside the current one, until `until` (ms)."""
-
-    secret: str
-    until: int
-
-
-_previous_secrets_decoder = msgspec.json.Decoder(list[PreviousSecret])
 
 
 class Webhook(msgspec.Struct, kw_only=True):
@@ -71,7 +62,7 @@ class Claimed(msgspec.Struct, kw_only=True):
     payload: bytes
     url: str
     secret: str
-    previous_secrets: list[PreviousSecret]  # as stored: `signing.active_secrets` skips the expired ones
+    previous_secrets: list[PreviousSecret]  # as stored: `rotation.active_secrets` skips the expired ones
 
 
 class Attempt(msgspec.Struct, kw_only=True):
@@ -136,7 +127,7 @@ def _webhook(row: sqlite3.Row | None) -> Webhook | None:
         events=_events_decoder.decode(row["events"]),
         is_active=bool(row["is_active"]),
         secret=row["secret"],
-        previous_secrets=_previous_secrets_decoder.decode(row["previous_secrets"]),
+        previous_secrets=decode_previous(row["previous_secrets"]),
         disabled_reason=row["disabled_reason"],
         failing_since=row["failing_since"],
         last_success_at=row["last_success_at"],
@@ -173,7 +164,7 @@ def insert(conn: sqlite3.Connection, webhook: Webhook) -> None:
             _encoder.encode(webhook.events).decode(),
             int(webhook.is_active),
             webhook.secret,
-            _encoder.encode(webhook.previous_secrets).decode(),
+            encode_previous(webhook.previous_secrets),
             webhook.disabled_reason,
             webhook.failing_since,
             webhook.last_success_at,
@@ -208,7 +199,7 @@ def update(conn: sqlite3.Connection, webhook_id: str, now_ms: int, **changes: An
     if "is_active" in changes:
         changes["is_active"] = int(changes["is_active"])
     if "previous_secrets" in changes:
-        changes["previous_secrets"] = _encoder.encode(changes["previous_secrets"]).decode()
+        changes["previous_secrets"] = encode_previous(changes["previous_secrets"])
     changes["updated_at"] = now_ms
     assignments = ", ".join(f"{column} = ?" for column in changes)
     conn.execute(f"UPDATE webhooks SET {assignments} WHERE id = ?", (*changes.values(), webhook_id))
@@ -325,7 +316,7 @@ def _claimed(row: sqlite3.Row, lease_until: int) -> Claimed:
         payload=row["payload"].encode(),
         url=row["url"],
         secret=row["secret"],
-        previous_secrets=_previous_secrets_decoder.decode(row["previous_secrets"]),
+        previous_secrets=decode_previous(row["previous_secrets"]),
     )
 
 

@@ -22,6 +22,7 @@ import httpx2
 import msgspec
 
 from app.clock import Clock
+from app.domain import rotation
 from app.domain.errors import Conflict, NotFound
 from app.store import webhooks as store
 from app.store.db import Database
@@ -109,7 +110,7 @@ class Dispatcher:
         """POST the event's stored bytes, signed; never raises for an HTTP or network failure."""
         at = self.clock.now_ms()
         timestamp = int(self.wall_clock())
-        secrets = signing.active_secrets(claimed.secret, claimed.previous_secrets, self.clock.now_ms())
+        secrets = rotation.active_secrets(claimed.secret, claimed.previous_secrets, self.clock.now_ms())
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,

@@ -13,13 +13,11 @@ from app.domain.context import Context
 from app.domain.errors import Conflict, NotFound, ValidationFailed
 from app.domain.events import EVENT_TYPES
 from app.domain.ids import new_id, new_signing_secret, parse_uuid
+from app.domain.rotation import after_rotation
 from app.store import webhooks as store
-from app.store.webhooks import ALL_EVENTS, PreviousSecret, Webhook
+from app.store.webhooks import ALL_EVENTS, Webhook
 from app.webhooks.guard import MAX_URL_LENGTH, check_url_async
 
-ROTATION_OVERLAP_MS = 24 * 3_600_000
-# Each rotation adds a signature to every delivery for a day; the cap bounds the header however often one rotates.
-MAX_PREVIOUS_SECRETS = 10
 RECOVER_WINDOW_MS = 14 * 86_400_000
 
 Url = Annotated[str, Meta(min_length=1, max_length=MAX_URL_LENGTH)]
@@ -51,13 +49,6 @@ def normalize_events(events: list[str]) -> list[str]:
     if ALL_EVENTS in events:
         return [ALL_EVENTS]
     return list(dict.fromkeys(events))
-
-
-def after_rotation(previous: list[PreviousSecret], retired: str, now_ms: int) -> list[PreviousSecret]:
-    """The previous secrets once `retired` is rotated away at `now_ms`: it first, then those still in their
-    overlap, newest first, at most MAX_PREVIOUS_SECRETS (the oldest beyond that are dropped)."""
-    kept = [p for p in previous if now_ms < p.until]
-    return [PreviousSecret(secret=retired, until=now_ms + ROTATION_OVERLAP_MS), *kept][:MAX_PREVIOUS_SECRETS]
 
 
 def _load(conn: sqlite3.Connection, org_id: str, webhook_id: str) -> Webhook:

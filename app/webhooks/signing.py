@@ -7,10 +7,6 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from app.store.webhooks import PreviousSecret
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
@@ -46,11 +42,6 @@ def headers(secrets: Iterable[str], message_id: str, timestamp: int, body: bytes
         "webhook-timestamp": str(timestamp),
         "webhook-signature": signature_header(secrets, message_id, timestamp, body),
     }
-
-
-def active_secrets(secret: str, previous: Iterable[PreviousSecret], now_ms: int) -> list[str]:
-    """The current secret, then every secret rotated away whose overlap has not ended yet."""
-    return [secret, *(p.secret for p in previous if now_ms < p.until)]
 
 
 def verify(secrets: Iterable[str], request_headers: Mapping[str, str], body: bytes) -> bool:
