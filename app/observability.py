@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -11,6 +12,21 @@ import msgspec
 from app.clock import iso
 
 _json = msgspec.json.Encoder(enc_hook=str)
+# A run of 7-15 digits, with or without a `+`, standing on its own in a path (not a UUID's group): a phone number?
+_PHONE_LIKE = re.compile(r"(?<![0-9A-Za-z-])\+?\d{7,15}(?![0-9A-Za-z-])")
+
+
+def _mask(match: re.Match[str]) -> str:
+    return "***" + match.group()[-4:]
+
+
+def loggable_path(path: str) -> str:
+    """A request path as logs show it: anything that may be a phone number masked to its last 4 digits, and
+    control characters (a percent-encoded newline would forge a console log line) escaped."""
+    path = _PHONE_LIKE.sub(_mask, path)
+    return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
+
+
 STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
 
 

@@ -354,12 +354,13 @@ async def test_the_next_turn_sees_earlier_tool_calls_and_results_in_their_roles(
     [
         ({"status": 200, "raw": b"<html>not json</html>"}, 10.0, "not valid JSON"),
         ({"status": 200, "raw": b"{"}, 10.0, "not valid JSON"),
+        ({"status": 200, "raw": b"[" * 7000 + b"]" * 7000}, 10.0, "not valid JSON"),  # deeper than recursion allows
         ({"status": 500, "body": {"detail": "db down"}}, 10.0, "HTTP 500"),
         ({"status": 302, "raw": b""}, 10.0, "HTTP 302"),
         ({"status": 200, "raw": b'"' + b"x" * 17000 + b'"'}, 10.0, "larger than 16 KiB"),
         ({"status": 200, "body": {"late": True}, "delay": 1.0}, 0.2, "did not answer within 0.2 seconds"),
     ],
-    ids=["html", "truncated-json", "http-500", "redirect", "oversized", "timeout"],
+    ids=["html", "truncated-json", "nested-too-deep", "http-500", "redirect", "oversized", "timeout"],
 )
 async def test_a_failing_tool_gives_the_model_an_error_result_not_a_crash(
     h: Harness,

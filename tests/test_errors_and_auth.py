@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 
 from app.clock import SystemClock
@@ -63,6 +65,8 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("timeout too small", {**SEED_CREATE, "inactivityTimeoutSeconds": 59}, "inactivityTimeoutSeconds"),
     ("metadata nested", {**SEED_CREATE, "metadata": {"a": {"b": 1}}}, "metadata"),
     ("metadata too many", {**SEED_CREATE, "metadata": {f"k{i}": i for i in range(21)}}, "metadata"),
+    ("metadata integer beyond int64", {**SEED_CREATE, "metadata": {"big": 2**63}}, "metadata.big"),
+    ("nested too deeply", b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
 ]
 
 
@@ -235,6 +239,19 @@ async def test_another_orgs_resources_are_404(harness: Harness) -> None:
     assert (await harness.get(f"/v1/sms-conversations/{cid}")).json()["data"]["status"] == "in_progress"
 
 
+@pytest.mark.parametrize("path", ["//v1/agents", "//v1/events", "///v1/api-keys", "//v1//sms-conversations"])
+async def test_a_doubled_slash_does_not_skip_the_key_check(harness: Harness, path: str) -> None:
+    """The router reads `//v1/agents` as `/v1/agents`: the key check must too."""
+
+    def raw(path: str) -> httpx.URL:
+        return httpx.URL("http://testserver.local/").copy_with(raw_path=path.encode())
+
+    assert_error(await harness.client.get(raw(path)), 401, "unauthorized")
+    body = {"url": "https://hooks.example.com/x", "events": ["*"]}
+    assert_error(await harness.client.post(raw("//v1/webhooks"), json=body), 401, "unauthorized")
+    assert harness.rows("SELECT COUNT(*) FROM webhooks")[0][0] == 0
+
+
 async def test_malformed_ids_are_404(harness: Harness) -> None:
     assert_error(await harness.get("/v1/sms-conversations/not-a-uuid"), 404, "not_found")
     assert_error(await harness.post("/v1/sms-conversations/not-a-uuid/close"), 404, "not_found")
@@ -246,6 +263,8 @@ async def test_query_parameter_errors_are_400(harness: Harness) -> None:
     assert_error(await harness.get("/v1/sms-conversations", limit=101), 400, "validation_error")
     assert_error(await harness.get("/v1/sms-conversations", limit="many"), 400, "validation_error")
     assert_error(await harness.get("/v1/sms-conversations", cursor="!!!"), 400, "validation_error")
+    beyond_sqlite = base64.urlsafe_b64encode(b"9" * 30 + b"|x").decode().rstrip("=")
+    assert_error(await harness.get("/v1/sms-conversations", cursor=beyond_sqlite), 400, "validation_error")
     assert_error(await harness.get("/v1/sms-conversations", status="open"), 400, "validation_error")
 
 

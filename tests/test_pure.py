@@ -17,6 +17,7 @@ from app.domain.ids import EntropyPool, new_event_id, new_id, new_provider_id
 from app.domain.phone import e164_problem, mask
 from app.domain.segments import count_segments
 from app.domain.templates import render
+from app.observability import loggable_path
 
 STATUSES = ["queued", "sent", "delivered", "undelivered", "failed"]
 
@@ -114,6 +115,26 @@ def test_e164_numbers(number: str, ok: bool) -> None:
 
 def test_mask_keeps_the_last_four_digits() -> None:
     assert mask("+15555550199") == "***0199"
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/v1/sms-conversations/+15555550199", "/v1/sms-conversations/***0199"),
+        ("/v1/x/15555550188/messages", "/v1/x/***0188/messages"),
+        (
+            "/v1/sms-conversations/0195c1d2-7a3b-7c4d-8e9f-012345678901",
+            "/v1/sms-conversations/0195c1d2-7a3b-7c4d-8e9f-012345678901",
+        ),
+        (
+            "/v1/zz\n17:05:00 INFO parley.access: request status=200",
+            "/v1/zz\\n17:05:00 INFO parley.access: request status=200",
+        ),
+        ("/v1/\r+15555550177", "/v1/\\r***0177"),
+    ],
+)
+def test_a_logged_path_masks_phone_numbers_and_escapes_control_characters(path: str, logged: str) -> None:
+    assert loggable_path(path) == logged
 
 
 def test_timestamps_are_rfc3339_with_milliseconds() -> None:

@@ -21,18 +21,11 @@ from app.api.errors import error_bytes, request_id_of
 from app.domain import keys
 from app.domain.errors import Unauthorized
 from app.domain.ids import new_request_id
-from app.domain.phone import mask
+from app.observability import loggable_path
 
 log = logging.getLogger("parley.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNLIMITED_PREFIXES = ("/healthz", "/readyz", "/schema", "/metrics", "/v1/providers/")
-# A run of 7-15 digits, with or without a `+`, standing on its own in a path (not a UUID's group): a phone number?
-_PHONE_LIKE = re.compile(r"(?<![0-9A-Za-z-])\+?\d{7,15}(?![0-9A-Za-z-])")
-
-
-def loggable_path(path: str) -> str:
-    """The path as the access log shows it: anything that may be a phone number masked to its last 4 digits."""
-    return _PHONE_LIKE.sub(lambda m: mask(m.group()) or "", path)
 
 
 class TokenBucket:
@@ -84,6 +77,9 @@ def _freezing_heap(send: Send) -> Send:
 
 
 def needs_key(path: str) -> bool:
+    """Whether a path needs an API key, judged as the router will see it (it collapses `//v1//x` to `/v1/x`)."""
+    if "//" in path:
+        path = re.sub("/{2,}", "/", path)
     return (path == "/v1" or path.startswith("/v1/")) and not path.startswith("/v1/providers/")
 
 

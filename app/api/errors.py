@@ -29,6 +29,7 @@ from app.domain.errors import (
     ValidationFailed,
 )
 from app.domain.ids import new_request_id
+from app.observability import loggable_path
 
 log = logging.getLogger("parley.api")
 _encoder = msgspec.json.Encoder()
@@ -140,7 +141,7 @@ def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.error(
         "unhandled error on %s %s: %s",
         request.method,
-        request.scope.get("path"),
+        loggable_path(request.scope.get("path", "")),
         type(exc).__name__,
         exc_info=exc,
     )

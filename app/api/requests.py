@@ -10,13 +10,17 @@ from litestar import Request
 
 from app.api.errors import request_id_of
 from app.domain.context import Context
-from app.domain.errors import UnsupportedMediaType, ValidationFailed
+from app.domain.errors import Unauthorized, UnsupportedMediaType, ValidationFailed
 from app.domain.keys import Principal
 from app.domain.types import StrictDecoder
 
 
 def principal(request: Request) -> Principal:
-    return request.scope["state"]["principal"]
+    """The caller the edge authenticated; a route reached without one is refused, never served."""
+    found = request.scope.get("state", {}).get("principal")
+    if found is None:
+        raise Unauthorized()
+    return found
 
 
 def org_of(request: Request) -> str:
@@ -60,6 +64,9 @@ def decode_cursor(cursor: str | None, kinds: tuple[type, ...]) -> tuple[Any, ...
         parts = text.split("|")
         if len(parts) != len(kinds):
             raise ValueError
-        return tuple(kind(part) for kind, part in zip(kinds, parts, strict=True))
+        values = tuple(kind(part) for kind, part in zip(kinds, parts, strict=True))
+        if any(isinstance(value, int) and not -(2**63) <= value < 2**63 for value in values):
+            raise ValueError  # beyond what SQLite stores
+        return values
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValidationFailed.field("cursor", "is not a cursor this API returned") from None

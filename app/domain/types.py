@@ -26,7 +26,8 @@ SmsBody = Annotated[str, msgspec.Meta(max_length=1600)]
 VariableName = Annotated[str, msgspec.Meta(pattern=whole(r"[A-Za-z_][A-Za-z0-9_]{0,63}"))]
 VariableValue = Annotated[str, msgspec.Meta(max_length=2000)]
 DynamicVariables = Annotated[dict[VariableName, VariableValue], msgspec.Meta(max_length=50)]
-MetadataValue = str | int | float | bool
+# Integers as JSON parsers commonly read them (int64): a webhook receiver must be able to take the payload.
+MetadataValue = str | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | float | bool
 Metadata = Annotated[dict[Annotated[str, msgspec.Meta(max_length=255)], MetadataValue], msgspec.Meta(max_length=20)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -122,6 +123,7 @@ def every_problem(value: Any, type_: Any, first: msgspec.ValidationError) -> Val
 
 _MALFORMED = ("The request body is not valid JSON.", "malformed JSON")
 _NOT_UTF8 = ("The request body is not valid UTF-8.", "not valid UTF-8")
+_TOO_DEEP = ("The request body is nested too deeply.", "nested too deeply")
 
 
 def _malformed(kind: tuple[str, str]) -> ValidationFailed:
@@ -146,11 +148,15 @@ class StrictDecoder:
             raise _malformed(_MALFORMED) from None
         except UnicodeDecodeError:
             raise _malformed(_NOT_UTF8) from None
+        except RecursionError:
+            raise _malformed(_TOO_DEEP) from None
         # The failure path only: parse without the type, then look for every problem, not just the first.
         try:
-            value = msgspec.json.decode(raw)
+            problems = every_problem(msgspec.json.decode(raw), self.type, first)
         except msgspec.DecodeError:
             raise _malformed(_MALFORMED) from None
         except UnicodeDecodeError:
             raise _malformed(_NOT_UTF8) from None
-        raise every_problem(value, self.type, first) from None
+        except RecursionError:
+            raise _malformed(_TOO_DEEP) from None
+        raise problems

@@ -231,7 +231,7 @@ async def call_webhook(
     if raw.strip():
         try:
             parsed = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's recursion limit
             valid_json = False
     if not 200 <= status < 300:
         details: dict[str, Any] = {"status": status}
