@@ -661,6 +661,23 @@ async def test_a_missing_model_configuration_is_reported_with_the_variables_to_s
         assert conversation["status"] == "in_progress"
 
 
+async def test_an_operator_who_answers_while_the_model_thinks_keeps_the_agent_silent(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("The agent's answer.", delay=0.5)
+    await text_in(h, "Is the part in stock?")
+    await llm.wait_for_requests(1)
+
+    operator = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Yes, it is."})
+    assert operator.status_code == 201, operator.text
+    await eventually(lambda: h.rows("SELECT COUNT(*) AS n FROM assistant_turns")[0]["n"] == 1)
+    await settle()
+
+    assert replies(h, conversation_id) == []
+    phone = (await h.get("/v1/simulator/messages", number=CUSTOMER)).json()["data"]
+    assert "The agent's answer." not in [m["body"] for m in phone]
+
+
 # --- LLM-written openings -----------------------------------------------------------------------
 
 

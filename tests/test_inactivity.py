@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.clock import FakeClock
+from app.clock import FakeClock, SystemClock
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest
 from app.providers.simulator import SimulatorProvider
 from tests.conftest import Harness, start_harness
@@ -215,3 +216,26 @@ async def test_a_conversation_closed_otherwise_has_no_timer_left(tmp_path: Path,
         await advance(h, clock, 7200)
         assert conversation(h, conversation_id)["end_reason"] == "admin_closed"
         assert len(messages(h, conversation_id)) == 1
+
+
+async def test_a_timer_cut_off_by_a_stop_runs_as_soon_as_the_server_is_back(tmp_path: Path) -> None:
+    """A job still leased at start-up was interrupted: it runs when due, not when its lease would end."""
+    async with start_harness(tmp_path) as h:
+        conversation_id = await open_conversation(h, inactivityTimeoutSeconds=3600)
+        key = h.key()
+    # As a stop or crash leaves it: quiet for over an hour, the timer due, claimed a moment ago, lease minutes away.
+    now = SystemClock().now_ms()
+    conn = sqlite3.connect(tmp_path / "parley.db")
+    with conn:
+        conn.execute("UPDATE conversations SET last_activity_at = ? WHERE id = ?", (now - 3_700_000, conversation_id))
+        conn.execute(
+            "UPDATE jobs SET due_at = ?, payload = json_object('deadline', ?), lease_until = ?"
+            " WHERE kind = 'inactivity' AND ref = ?",
+            (now - 1000, now - 1000, now + 120_000, conversation_id),
+        )
+    conn.close()
+
+    async with start_harness(tmp_path) as h:
+        h.keys["acme"] = key
+        await eventually(lambda: conversation(h, conversation_id)["status"] == "closed", timeout=3.0)
+        assert conversation(h, conversation_id)["end_reason"] == "inactivity_timeout"

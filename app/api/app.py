@@ -33,6 +33,7 @@ from app.providers.base import Provider, StatusReport
 from app.providers.simulator import SimulatorProvider
 from app.providers.twilio import TwilioProvider
 from app.scheduler import Scheduler
+from app.store import jobs as jobs_store
 from app.store import webhooks as webhook_store
 from app.store.db import Database
 from app.webhooks.delivery import TIMEOUT_SECONDS as WEBHOOK_TIMEOUT_SECONDS
@@ -85,6 +86,7 @@ def create_app(
             webhook_store.register_waker(writer, lambda: loop.call_soon_threadsafe(scheduler.wake))
             stack.callback(webhook_store.unregister_waker, writer)
             await db.write(lambda c: webhook_store.recover_leases(c, clock.now_ms()), long=True)
+            await db.write(jobs_store.release_leases, long=True)  # turns and timers cut off by a stop or crash
 
             # The assistant: compliance keywords first, then the debounced turn.
             model = ChatModel(settings)

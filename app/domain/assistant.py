@@ -203,9 +203,15 @@ class Assistant:
         reply = prompt.cut_reply(prompt.clean_reply(answer.content), settings.max_reply_chars)
         # Recorded before the send: a crash in between loses this reply rather than sending it twice.
         seen = snapshot.last_seq
-        await ctx.db.write(
-            lambda c: tool_calls_store.record_turn(c, turn.turn_id, conversation.id, seen, ctx.clock.now_ms())
-        )
+
+        def record(conn: sqlite3.Connection) -> bool:
+            """Record the turn; False when a person answered these texts while the model was thinking."""
+            tool_calls_store.record_turn(conn, turn.turn_id, conversation.id, seen, ctx.clock.now_ms())
+            return not store.operator_wrote_after(conn, conversation.id, seen)
+
+        if not await ctx.db.write(record):
+            log.info("an operator answered in conversation %s during its assistant turn; no reply", conversation.id)
+            return
         if reply:
             try:
                 sent = await messaging.send_in_conversation(ctx, conversation.id, conversation.org_id, reply, "agent")

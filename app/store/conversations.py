@@ -285,6 +285,16 @@ def messages_of(conn: sqlite3.Connection, conversation_id: str, *, after_seq: in
     return [message_from_row(row) for row in rows]
 
 
+def operator_wrote_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
+    """Whether a person (an operator message) wrote in the conversation after message `seq`."""
+    row = conn.execute(
+        f"SELECT 1 FROM messages WHERE conversation_pos = {CONVERSATION_POS} AND seq > ?"
+        " AND direction = 'outbound' AND author = 'operator' LIMIT 1",
+        (conversation_id, seq),
+    ).fetchone()
+    return row is not None
+
+
 def set_provider_id(
     conn: sqlite3.Connection, message_id: str, provider_message_id: str, sent_at: int, now_ms: int
 ) -> str | None:

@@ -37,6 +37,12 @@ def schedule_earliest(conn: sqlite3.Connection, kind: str, ref: str, due_at: int
     )
 
 
+def release_leases(conn: sqlite3.Connection) -> int:
+    """At start-up nothing of ours runs yet: a job still leased was cut off by a stop or a crash, and runs again
+    as soon as it is due instead of when its lease would have run out (minutes)."""
+    return conn.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL").rowcount
+
+
 def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...]) -> None:
     """Delete `ref`'s jobs of these kinds (point look-ups on the (kind, ref) key)."""
     marks = ",".join("?" * len(kinds))

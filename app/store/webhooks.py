@@ -428,9 +428,9 @@ def finish_endpoint_job(conn: sqlite3.Connection, job: Job) -> int | None:
 
 
 def recover_leases(conn: sqlite3.Connection, now_ms: int) -> int:
-    """At start-up nothing of ours can be in flight: free every lease and make sure due work has its job."""
+    """At start-up nothing of ours can be in flight: free every delivery lease and make sure due work has its job
+    (the jobs' own leases are freed by `jobs.release_leases`)."""
     released = conn.execute("UPDATE webhook_deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL").rowcount
-    conn.execute("UPDATE jobs SET lease_until = NULL WHERE kind = ? AND lease_until IS NOT NULL", (ENDPOINT_JOB,))
     conn.execute(
         "INSERT INTO jobs (kind, ref, due_at)"
         " SELECT ?, d.webhook_id, MIN(d.next_attempt_at) FROM webhook_deliveries d"
