@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import sqlite3
 import uuid
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.api.edge import Edge
 from app.clock import SystemClock
 from tests.conftest import Harness, create_key, start_harness
 from tests.seed import SEED_CREATE
@@ -352,3 +355,36 @@ async def test_a_key_revoked_by_another_process_is_refused_after_the_cache_ttl(h
     conn.commit()
     conn.close()
     assert_error(await harness.client.get("/v1/sms-conversations", headers=headers), 401, "unauthorized")
+
+
+async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope() -> None:
+    """uvicorn cancels requests still running when its graceful shutdown times out."""
+    entered = asyncio.Event()
+
+    async def never_answers(scope: Any, receive: Any, send: Any) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    edge = Edge(never_answers, rate_limit=10)  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [], "state": {}}
+    request = asyncio.create_task(edge(scope, receive, send))  # type: ignore[arg-type]
+    await entered.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+
+    start, body = sent
+    headers = dict(start["headers"])
+    assert start["status"] == 503
+    assert headers[b"retry-after"] == b"1"
+    envelope = json.loads(body["body"])
+    assert envelope["error"]["code"] == "service_unavailable"
+    assert envelope["meta"]["request_id"] == headers[b"x-request-id"].decode()

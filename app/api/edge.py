@@ -7,6 +7,8 @@ key (and 404 with one), and so that every response, framework errors included, c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -110,7 +112,7 @@ class Edge:
         state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["request_id"] = incoming if incoming and REQUEST_ID.fullmatch(incoming) else new_request_id()
         request_id = state["request_id"]
-        status_holder = [500]
+        status_holder = [0]  # the response's status, once it has started
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -130,9 +132,23 @@ class Edge:
                     await self._reject(send_with_id, *rejection, request_id)
                     return
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server is stopping and gave up on this request: answer in the envelope (uvicorn's own answer is
+            # a plain-text 500 without X-Request-Id), and say it is worth retrying.
+            if not status_holder[0]:
+                with contextlib.suppress(Exception):
+                    await self._reject(
+                        send_with_id,
+                        503,
+                        "service_unavailable",
+                        "The server is shutting down; retry the request.",
+                        {"retry-after": "1"},
+                        request_id,
+                    )
+            raise
         finally:
             duration_ms = (time.perf_counter() - started) * 1000
-            status = status_holder[0]
+            status = status_holder[0] or 500
             key = (scope.get("method", "GET"), status)
             self.metrics[key] = self.metrics.get(key, 0) + 1
             # The path only (query strings can carry phone numbers), and numbers in it masked.
