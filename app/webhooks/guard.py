@@ -37,8 +37,12 @@ _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|\d+)(\.(0x[0-9a-f]*|\d+)){0,3}\.?$", 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$", re.IGNORECASE)
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215 local-use translation: where the IPv4 address sits depends on the operator's prefix length
+# (/48 to /96), so the address it reaches cannot be told; never public.
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 _CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+# IETF protocol assignments (RFC 6890): not global, though older Python tables call some of it global.
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
 
 
 class GuardSettings(Protocol):
@@ -61,12 +65,14 @@ def is_public_address(ip: IPAddress) -> bool:
             return False  # ::ffff:a.b.c.d reaches an IPv4 host through the v6 stack; never allowed
         if ip.sixtofour is not None or ip.teredo is not None:
             return False
-        if ip in _NAT64 or ip in _NAT64_LOCAL:
+        if ip in _NAT64_LOCAL:
+            return False
+        if ip in _NAT64:
             return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         if ip.is_site_local:
             return False
     else:
-        if ip in _CGNAT:
+        if ip in _CGNAT or ip in _IETF_PROTOCOL:
             return False
     if ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
         return False
@@ -146,7 +152,7 @@ def check_url(url: str, settings: GuardSettings, *, resolve: Resolver | None = N
         if not is_public_address(literal):
             raise _fail("must not point to a private, loopback or otherwise non-public address")
         return url.strip()
-    if host == "localhost" or host.endswith((".localhost", ".localhost.")):
+    if (name := host.rstrip(".")) == "localhost" or name.endswith(".localhost"):
         raise _fail("must not point to a private, loopback or otherwise non-public address")
     try:
         addresses = (resolve or _system_resolver)(host, port)
