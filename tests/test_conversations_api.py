@@ -364,3 +364,44 @@ async def test_a_phone_number_in_a_request_path_is_masked_in_the_access_log(harn
         f"/v1/sms-conversations/{conversation_id}",
     ]
     assert "5555550199" not in caplog.text and "5555550188" not in caplog.text
+
+
+async def test_a_number_another_organization_sends_from_is_refused_and_its_conversation_untouched(
+    harness: Harness,
+) -> None:
+    first = await harness.post("/v1/sms-conversations", SEED_CREATE)
+    acme_conversation = first.json()["data"]["conversationId"]
+
+    intruder = await harness.post("/v1/sms-conversations", SEED_CREATE, org="globex")
+
+    assert intruder.status_code == 400, intruder.text
+    assert [d["field"] for d in intruder.json()["error"]["details"]] == ["fromNumber"]
+    kept = (await harness.get(f"/v1/sms-conversations/{acme_conversation}")).json()["data"]
+    assert (kept["status"], kept["supersededBy"]) == ("in_progress", None)
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 1
+    reply = await harness.post(
+        "/v1/simulator/inbound", {"from": SEED_CREATE["toNumber"], "to": SEED_CREATE["fromNumber"], "body": "ok"}
+    )
+    assert reply.json()["data"]["conversationId"] == acme_conversation
+    own = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": "+15555550124"}, org="globex")
+    assert own.status_code == 201, own.text
+
+
+async def test_a_custom_agent_cannot_take_another_organizations_number(harness: Harness) -> None:
+    assert (await harness.post("/v1/sms-conversations", SEED_CREATE)).status_code == 201
+    agent = {"name": "Globex line", "systemPrompt": "Hi.", "phoneNumber": SEED_CREATE["fromNumber"]}
+
+    refused = await harness.post("/v1/agents", agent, org="globex")
+    assert refused.status_code == 400, refused.text
+    assert [d["field"] for d in refused.json()["error"]["details"]] == ["phoneNumber"]
+
+    created = await harness.post("/v1/agents", {**agent, "phoneNumber": "+15555550125"}, org="globex")
+    assert created.status_code == 201, created.text
+    taken = await harness.client.patch(
+        f"/v1/agents/{created.json()['data']['agentId']}",
+        json={"phoneNumber": SEED_CREATE["fromNumber"]},
+        headers=harness.auth("globex"),
+    )
+    assert taken.status_code == 400, taken.text
+    mine = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": "+15555550125"})
+    assert mine.status_code == 400  # acme cannot send from globex's agent's number either

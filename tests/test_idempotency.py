@@ -36,7 +36,7 @@ async def test_keys_are_scoped_to_the_org(harness: Harness) -> None:
     a = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "shared"})
     b = await harness.post(
         "/v1/sms-conversations",
-        {**SEED_CREATE, "toNumber": "+15555550100"},
+        {**SEED_CREATE, "fromNumber": "+15555550124"},  # globex's own number
         org="globex",
         **{"Idempotency-Key": "shared"},
     )

@@ -248,6 +248,48 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
         await database.close()
 
 
+async def test_migration_0010_gives_each_number_to_the_one_organization_that_used_it(tmp_path: Path) -> None:
+    """Numbers one organization sent from (or gave its custom agent) become its own; a number two organizations
+    both sent from stays unowned until one of them sends from it again."""
+    previous = tmp_path / "previous-migrations"
+    previous.mkdir()
+    for number, path in migration_files():
+        if number <= 9:
+            (previous / path.name).write_text(path.read_text())
+    acme_only, shared, globex_agent = "+15555550130", "+15555550131", "+15555550132"
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn, previous)
+    conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0), ('org-2', 'globex', 0)")
+    conn.execute(
+        "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, created_at, updated_at) VALUES"
+        " ('00000000-0000-4000-8000-00000000000a', 'custom', NULL, 'org-1', '{\"name\":\"A\"}', 's', 0, 0),"
+        " ('00000000-0000-4000-8000-00000000000b', 'custom', NULL, 'org-2', ?, 's', 0, 0)",
+        (json.dumps({"name": "B", "phoneNumber": globex_agent}),),
+    )
+    for n, (org, number) in enumerate([("org-1", acme_only), ("org-1", shared), ("org-2", shared)], start=1):
+        conn.execute(
+            "INSERT INTO conversations (id, org_id, agent_id, status, from_number, to_number, dynamic_variables,"
+            " metadata, inactivity_timeout_seconds, created_at, last_activity_at, ended_at, end_reason,"
+            " message_count, last_message_seq, last_event_seq)"
+            " VALUES (?, ?, '00000000-0000-4000-8000-00000000000a', 'closed', ?, '+15555550199', '{}', '{}',"
+            " 3600, ?, ?, ?, 'admin_closed', 0, 0, 0)",
+            (f"11111111-1111-4111-8111-11111111111{n}", org, number, n, n, n),
+        )
+    conn.close()
+
+    async with start_harness(tmp_path) as h:
+        owners = {row["number"]: row["org_id"] for row in h.rows("SELECT number, org_id FROM sender_numbers")}
+        assert owners == {acme_only: "org-1", globex_agent: "org-2"}
+        assert (
+            await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": acme_only}, org="globex")
+        ).status_code == 400
+        assert (await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": globex_agent})).status_code == 400
+        assert (
+            await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared}, org="globex")
+        ).status_code == 201
+        assert (await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared})).status_code == 400
+
+
 async def test_group_commit_isolates_a_failing_write_from_its_batch(db: Database) -> None:
 
     def insert(value: int) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+from app.domain import senders
 from app.domain.agents import (
     Agent,
     AgentPatch,
@@ -55,6 +56,8 @@ def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
 
 def create_custom(conn: sqlite3.Connection, org_id: str, settings: AgentSettings, now_ms: int) -> Agent:
     check_settings(settings, kind="custom")
+    if settings.phone_number is not None:
+        senders.ensure_own(conn, org_id, settings.phone_number, now_ms, field="phoneNumber")
     agent_id = new_id()
     store.insert(
         conn,
@@ -91,6 +94,8 @@ def update_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, patch: A
     agent = get_own(conn, org_id, agent_id)
     settings = apply_patch(agent.settings, patch)
     check_settings(settings, kind="custom")
+    if settings.phone_number is not None and settings.phone_number != agent.settings.phone_number:
+        senders.ensure_own(conn, org_id, settings.phone_number, now_ms, field="phoneNumber")
     store.update_settings(conn, agent.id, settings, now_ms)
     updated = store.by_id(conn, agent.id, org_id)
     assert updated is not None

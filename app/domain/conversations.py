@@ -13,7 +13,7 @@ from typing import Annotated
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from app.domain import lifecycle, messaging
+from app.domain import lifecycle, messaging, senders
 from app.domain.agents import Agent
 from app.domain.context import Context
 from app.domain.errors import (
@@ -260,6 +260,7 @@ async def create(
             replay = _claim(conn, org_id, idempotency_key, digest, conversation.id, ctx.clock.now_ms())
             if replay is not None:
                 return replay
+        senders.ensure_own(conn, org_id, sender, now, field="fromNumber" if sender == body.from_number else "agentId")
         if opt_outs.contains(conn, org_id, sender, body.to_number):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         store.insert(conn, conversation)
