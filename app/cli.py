@@ -63,10 +63,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from app.api.app import create_app
     from app.observability import configure_logging
 
-    if args.host:
-        settings = _replace(settings, host=args.host)
-    if args.port:
-        settings = _replace(settings, port=args.port)
     configure_logging(settings.log_format)
     # The lifespan migrates and syncs agents; checking the agents file here first turns a mistake in it
     # into one readable line instead of a failed start-up with a traceback.
@@ -85,15 +81,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         lifespan="on",
     )
     return 0
-
-
-def _replace(settings: Settings, **changes: object) -> Settings:
-    import msgspec
-
-    updated = msgspec.structs.replace(settings, **changes)
-    if "PARLEY_PUBLIC_URL" not in __import__("os").environ:
-        updated = msgspec.structs.replace(updated, public_url=f"http://{updated.host}:{updated.port}")
-    return updated
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -221,7 +208,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        settings = load_settings()
+        # Only `serve` has --host and --port; they are settings like any other, so that PARLEY_PUBLIC_URL
+        # (from the environment or .env) is derived from them only when it is set in neither.
+        settings = load_settings(host=getattr(args, "host", None), port=getattr(args, "port", None))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -78,8 +78,17 @@ def _schedule(name: str, raw: str) -> tuple[int, ...]:
     return steps
 
 
-def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
-    """Read settings: the process environment wins over `.env`. Raise ConfigError on a bad value."""
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    env_file: str | None = ".env",
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> Settings:
+    """Read settings: `parley serve --host/--port` win over the process environment, which wins over `.env`.
+
+    Raise ConfigError on a bad value.
+    """
     values: dict[str, str] = {}
     if env_file and Path(env_file).is_file():
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
@@ -92,9 +101,13 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     kwargs: dict[str, object] = {}
     if (raw := get("PARLEY_DATABASE")) is not None:
         kwargs["database"] = raw
-    if (raw := get("PARLEY_HOST")) is not None:
+    if host is not None:
+        kwargs["host"] = host
+    elif (raw := get("PARLEY_HOST")) is not None:
         kwargs["host"] = raw
-    if (raw := get("PARLEY_PORT")) is not None:
+    if port is not None:
+        kwargs["port"] = _number("--port", str(port), int, 1, 65535)
+    elif (raw := get("PARLEY_PORT")) is not None:
         kwargs["port"] = _number("PARLEY_PORT", raw, int, 1, 65535)
     if (raw := get("PARLEY_AGENTS_FILE")) is not None:
         kwargs["agents_file"] = raw
@@ -134,12 +147,10 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
         kwargs["status_reconcile_after_seconds"] = _number(
             "PARLEY_STATUS_RECONCILE_AFTER_SECONDS", raw, int, 1, 30 * 86400
         )
-    port = kwargs.get("port", 8000)
-    host = kwargs.get("host", "127.0.0.1")
     if (raw := get("PARLEY_PUBLIC_URL")) is not None:
         kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw)
     else:
-        kwargs["public_url"] = f"http://{host}:{port}"
+        kwargs["public_url"] = f"http://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 8000)}"
     settings = Settings(**kwargs)
     if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
+from twilio.request_validator import RequestValidator
 
-from tests.conftest import call, cli, env_for
+from tests.conftest import PARLEY, call, cli, env_for, free_port, wait_until_ready
 from tests.seed import SEED_CREATE
 
 
@@ -51,6 +55,50 @@ def test_dev_key_is_reused_on_the_next_start(tmp_path: Path) -> None:
     settings = load_settings(env_for(tmp_path), env_file=None)
     first = ensure_dev_key(settings)
     assert ensure_dev_key(settings) == first
+
+
+@pytest.mark.e2e
+def test_a_public_url_from_dot_env_survives_the_port_and_host_flags(tmp_path: Path) -> None:
+    public, token = "https://sms.example.test/parley", "token-from-env"
+    (tmp_path / ".env").write_text(f"PARLEY_PUBLIC_URL={public}\n")
+    env = env_for(
+        tmp_path,
+        PARLEY_SMS_PROVIDER="twilio",
+        TWILIO_ACCOUNT_SID="AC" + "1" * 32,
+        TWILIO_AUTH_TOKEN=token,
+        TWILIO_API_BASE="http://127.0.0.1:9",
+    )
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [PARLEY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(base, process, log)
+        path = "/v1/providers/twilio/inbound"
+        params = {"MessageSid": "SM" + "a" * 32, "From": "+15555550199", "To": "+15555550100", "Body": "hi"}
+        request = urllib.request.Request(
+            base + path,
+            data=urlencode(params).encode(),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                # Twilio signs over the public URL it was given, never over the listen address.
+                "X-Twilio-Signature": RequestValidator(token).compute_signature(public + path, params),
+            },
+        )
+        try:
+            status = urllib.request.urlopen(request, timeout=5).status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def test_keys_commands(tmp_path: Path) -> None:

@@ -297,6 +297,18 @@ def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
     assert settings.public_url == "http://127.0.0.1:9100"
 
 
+def test_serve_flags_win_over_settings_and_never_replace_a_public_url_from_dot_env(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("PARLEY_PORT=9100\n")
+    settings = load_settings({}, str(env_file), host="0.0.0.0", port=9200)
+    assert (settings.host, settings.port, settings.public_url) == ("0.0.0.0", 9200, "http://0.0.0.0:9200")
+    env_file.write_text("PARLEY_PUBLIC_URL=https://sms.example.com/\n")
+    settings = load_settings({}, str(env_file), host="0.0.0.0", port=9200)
+    assert (settings.port, settings.public_url) == (9200, "https://sms.example.com")
+    with pytest.raises(ConfigError, match="--port"):
+        load_settings({}, None, port=0)
+
+
 def test_cancelling_a_conversations_jobs_deletes_only_them_by_key(tmp_path: Path) -> None:
     from app.domain.lifecycle import CONVERSATION_JOBS
     from app.store import jobs
