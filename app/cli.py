@@ -25,10 +25,48 @@ def _now() -> int:
     return SystemClock().now_ms()
 
 
+def _bad_database(settings: Settings, exc: Exception) -> ConfigError:
+    return ConfigError(f"PARLEY_DATABASE must be a writable SQLite file, got {settings.database!r} ({exc})")
+
+
+def _connect(settings: Settings) -> sqlite3.Connection:
+    """The database for a command; one that cannot be opened (a missing parent, a directory, not SQLite) is
+    reported as a bad PARLEY_DATABASE."""
+    try:
+        return connect_sync(settings.database)
+    except (OSError, sqlite3.Error) as exc:
+        raise _bad_database(settings, exc) from None
+
+
+def _migrate(settings: Settings, conn: sqlite3.Connection) -> list[int]:
+    try:
+        return migrate(conn)
+    except sqlite3.Error as exc:  # a read-only file or directory
+        conn.close()
+        raise _bad_database(settings, exc) from None
+
+
 def _open(settings: Settings) -> sqlite3.Connection:
-    conn = connect_sync(settings.database)
-    migrate(conn)
+    conn = _connect(settings)
+    _migrate(settings, conn)
     return conn
+
+
+def _check_database(settings: Settings) -> None:
+    """Migrate, and make sure the server will be able to write, before it starts."""
+    conn = _open(settings)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # A write, rolled back: SQLite opens a file it may not write read-only, and only a write says so.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise _bad_database(settings, exc) from None
+    finally:
+        conn.close()
 
 
 def ensure_dev_key(settings: Settings) -> str:
@@ -67,6 +105,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # The lifespan migrates and syncs agents; checking the agents file here first turns a mistake in it
     # into one readable line instead of a failed start-up with a traceback.
     load_agents_file(settings.agents_file)
+    _check_database(settings)
     if args.dev:
         raw = ensure_dev_key(settings)
         print(f"Dev API key (saved to {settings.data_dir / 'dev-api-key'}):\n{raw}", flush=True)
@@ -84,9 +123,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    conn = connect_sync(settings.database)
+    conn = _connect(settings)
     try:
-        applied = migrate(conn)
+        applied = _migrate(settings, conn)
     finally:
         conn.close()
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(map(str, applied))}" if applied else ""))
@@ -151,8 +190,8 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     if target.exists():
         print(f"refusing to overwrite {target}", file=sys.stderr)
         return 1
+    source = _connect(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
-    source = connect_sync(settings.database)
     dest = sqlite3.connect(str(target))
     started = time.monotonic()
     try:
@@ -216,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](settings, args)
+    except ConfigError as exc:  # a setting only a command's first use can check (the database, say)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # agents.toml problems and the like: one readable line
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -140,3 +140,28 @@ def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:
     result = cli(tmp_path, "migrate", PARLEY_PORT="0")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "PARLEY_PORT" in result.stderr
+
+
+BAD_DATABASES = ["/proc/nope/parley.db", "a-directory", "not-a-database.txt"]
+
+
+@pytest.mark.parametrize(
+    ("command", "bad"),
+    [
+        *((("serve",), bad) for bad in BAD_DATABASES),
+        *((("keys", "list", "--org", "acme"), bad) for bad in BAD_DATABASES),
+        (("migrate",), "a-directory"),
+        (("agents", "sync"), "/proc/nope/parley.db"),
+        (("backup", "b.db"), "not-a-database.txt"),
+    ],
+)
+def test_a_database_that_cannot_be_opened_stops_the_command_with_one_line(
+    tmp_path: Path, command: tuple[str, ...], bad: str
+) -> None:
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "not-a-database.txt").write_text("hello\n" * 100)
+    args = [*command, "--port", str(free_port())] if command == ("serve",) else command
+    result = cli(tmp_path, *args, PARLEY_DATABASE=bad)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "PARLEY_DATABASE" in result.stderr and bad in result.stderr
+    assert not (tmp_path / "b.db").exists()
