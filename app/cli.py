@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sqlite3
 import sys
 import time
@@ -95,12 +97,42 @@ def ensure_dev_key(settings: Settings) -> str:
     return raw
 
 
+def _check_listen(settings: Settings, args: argparse.Namespace) -> None:
+    """Resolve and bind the listen address as the server will (then let go), so that a host that is not this
+    machine's or a port in use stops start-up with one line, before anything else runs."""
+    host_name = "--host" if args.host is not None else "PARLEY_HOST"
+    port_name = "--port" if args.port is not None else "PARLEY_PORT"
+    host, port = settings.host, settings.port
+    try:
+        # Only the local resolver: IP literals need no lookup, and the port is never a service name.
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    except socket.gaierror as exc:
+        problem = f"{host_name} must be an address or host name of this machine, got {host!r} ({exc.strerror})"
+        raise ConfigError(problem) from None
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"{port_name} must be a free port, got {port} (in use on {host})") from None
+                if exc.errno == errno.EACCES:
+                    raise ConfigError(f"{port_name} must be a port this user may listen on, got {port}") from None
+                raise ConfigError(
+                    f"{host_name} must be an address of this machine, got {host!r} ({exc.strerror})"
+                ) from None
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api.app import create_app
     from app.observability import configure_logging
 
+    _check_listen(settings, args)
     configure_logging(settings.log_format)
     # The lifespan migrates and syncs agents; checking the agents file here first turns a mistake in it
     # into one readable line instead of a failed start-up with a traceback.

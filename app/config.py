@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import msgspec
 from dotenv import dotenv_values
 
 DEFAULT_RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
+# RFC 1123 labels (underscores tolerated, as /etc/hosts does); an all-numeric last label is a mistyped IP.
+HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
 class ConfigError(Exception):
@@ -61,6 +65,20 @@ def _number(name: str, raw: str, kind: type, low: float, high: float) -> int | f
     return value
 
 
+def _host(name: str, raw: str) -> str:
+    """An IP address or a well-formed host name; whether it is one of this machine's, `serve` finds out."""
+    value = raw.strip()
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    last = value.rstrip(".").rsplit(".", 1)[-1]
+    if len(value) > 253 or not HOST_NAME.fullmatch(value) or last.isdigit():
+        raise ConfigError(f"{name} must be an IP address or a host name, got {raw!r}")
+    return value
+
+
 def _url(name: str, raw: str) -> str:
     value = raw.strip().rstrip("/")
     if not value.startswith(("http://", "https://")) or len(value) < 10:
@@ -102,9 +120,9 @@ def load_settings(
     if (raw := get("PARLEY_DATABASE")) is not None:
         kwargs["database"] = raw
     if host is not None:
-        kwargs["host"] = host
+        kwargs["host"] = _host("--host", host)
     elif (raw := get("PARLEY_HOST")) is not None:
-        kwargs["host"] = raw
+        kwargs["host"] = _host("PARLEY_HOST", raw)
     if port is not None:
         kwargs["port"] = _number("--port", str(port), int, 1, 65535)
     elif (raw := get("PARLEY_PORT")) is not None:
@@ -150,7 +168,9 @@ def load_settings(
     if (raw := get("PARLEY_PUBLIC_URL")) is not None:
         kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw)
     else:
-        kwargs["public_url"] = f"http://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 8000)}"
+        listen = str(kwargs.get("host", "127.0.0.1"))
+        listen = f"[{listen}]" if ":" in listen else listen  # an IPv6 address
+        kwargs["public_url"] = f"http://{listen}:{kwargs.get('port', 8000)}"
     settings = Settings(**kwargs)
     if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -165,3 +166,34 @@ def test_a_database_that_cannot_be_opened_stops_the_command_with_one_line(
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "PARLEY_DATABASE" in result.stderr and bad in result.stderr
     assert not (tmp_path / "b.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        (("--host", "not a host!"), {}, "--host"),
+        ((), {"PARLEY_HOST": "256.1.1.1"}, "PARLEY_HOST"),
+        ((), {"PARLEY_HOST": "192.0.2.1"}, "PARLEY_HOST"),  # TEST-NET-1: never this machine's
+    ],
+)
+def test_serve_refuses_a_host_it_cannot_listen_on_with_one_line(
+    tmp_path: Path, flags: tuple[str, ...], env: dict[str, str], named: str
+) -> None:
+    result = cli(tmp_path, "serve", "--port", str(free_port()), *flags, **env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and named in result.stderr
+    assert "serving" not in result.stdout and not (tmp_path / "data").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("from_flag", [True, False])
+def test_serve_refuses_a_port_in_use_with_one_line(tmp_path: Path, from_flag: bool) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        flags, env = (("--port", port), {}) if from_flag else ((), {"PARLEY_PORT": port})
+        result = cli(tmp_path, "serve", *flags, **env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert ("--port" if from_flag else "PARLEY_PORT") in result.stderr and port in result.stderr
+    assert "serving" not in result.stdout and not (tmp_path / "data").exists()

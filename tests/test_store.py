@@ -297,6 +297,23 @@ def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
     assert settings.public_url == "http://127.0.0.1:9100"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0", "localhost", "parley-1.lan."])
+def test_a_listen_host_is_an_ip_address_or_a_host_name(host: str) -> None:
+    assert load_settings({"PARLEY_HOST": host}, env_file=None).host == host
+
+
+@pytest.mark.parametrize("host", ["not a host!", "256.1.1.1", "10.0.0", "-lead.example", "a..b", "http://x", " "])
+def test_a_malformed_listen_host_stops_start_up_naming_the_variable_or_the_flag(host: str) -> None:
+    with pytest.raises(ConfigError, match="PARLEY_HOST"):
+        load_settings({"PARLEY_HOST": host}, env_file=None)
+    with pytest.raises(ConfigError, match="--host"):
+        load_settings({"PARLEY_HOST": "127.0.0.1"}, env_file=None, host=host)
+
+
+def test_the_default_public_url_brackets_an_ipv6_listen_address() -> None:
+    assert load_settings({"PARLEY_HOST": "::1", "PARLEY_PORT": "9100"}, env_file=None).public_url == "http://[::1]:9100"
+
+
 def test_serve_flags_win_over_settings_and_never_replace_a_public_url_from_dot_env(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("PARLEY_PORT=9100\n")
