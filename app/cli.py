@@ -13,7 +13,7 @@ from pathlib import Path
 from app.clock import SystemClock, iso
 from app.config import ConfigError, Settings, load_settings
 from app.domain import agent_registry, keys
-from app.domain.agents import load_agents_file
+from app.domain.agents import load_agents_file, resolve_secret
 from app.domain.errors import NotFound, Unauthorized
 from app.store import agents as agents_store
 from app.store import orgs
@@ -126,6 +126,17 @@ def _check_listen(settings: Settings, args: argparse.Namespace) -> None:
                 ) from None
 
 
+def _check_agents_file(settings: Settings) -> None:
+    """Parse the agents file (and find the secrets it names) before anything syncs it, so that a mistake in it
+    is one line naming PARLEY_AGENTS_FILE. A missing file is a mistake too, the default one included: syncing
+    no agents would retire every managed agent."""
+    try:
+        for entry in load_agents_file(settings.agents_file):
+            resolve_secret(entry.tool_secret, slug=entry.slug)
+    except ValueError as exc:
+        raise ConfigError(f"PARLEY_AGENTS_FILE: {exc}") from None
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -134,9 +145,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     _check_listen(settings, args)
     configure_logging(settings.log_format)
-    # The lifespan migrates and syncs agents; checking the agents file here first turns a mistake in it
-    # into one readable line instead of a failed start-up with a traceback.
-    load_agents_file(settings.agents_file)
+    # The lifespan migrates and syncs agents; checking both here first turns a mistake in either into one
+    # readable line instead of a failed start-up with a traceback.
+    _check_agents_file(settings)
     _check_database(settings)
     if args.dev:
         raw = ensure_dev_key(settings)
@@ -201,6 +212,8 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_agents(settings: Settings, args: argparse.Namespace) -> int:
+    if args.agents_command == "sync":
+        _check_agents_file(settings)
     conn = _open(settings)
     try:
         if args.agents_command == "sync":

@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 import pytest
 from twilio.request_validator import RequestValidator
 
-from tests.conftest import PARLEY, call, cli, env_for, free_port, wait_until_ready
+from tests.conftest import PARLEY, ROOT, call, cli, env_for, free_port, wait_until_ready
 from tests.seed import SEED_CREATE
 
 
@@ -197,3 +197,34 @@ def test_serve_refuses_a_port_in_use_with_one_line(tmp_path: Path, from_flag: bo
     assert result.stderr.strip().count("\n") == 0
     assert ("--port" if from_flag else "PARLEY_PORT") in result.stderr and port in result.stderr
     assert "serving" not in result.stdout and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("command", [("serve",), ("agents", "sync")])
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "not found"), ("this is not toml\n", "Expected '='"), (b"\xff\xfe agents", "utf-8")],
+)
+def test_an_agents_file_that_is_missing_or_malformed_stops_the_command_with_one_line_naming_the_variable(
+    tmp_path: Path, command: tuple[str, ...], content: str | bytes | None, reason: str
+) -> None:
+    path = tmp_path / "agents.toml"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    args = [*command, "--port", str(free_port())] if command == ("serve",) else command
+    result = cli(tmp_path, *args, PARLEY_AGENTS_FILE=str(path))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and "PARLEY_AGENTS_FILE" in line and str(path) in line and reason in line
+    assert not (tmp_path / "data").exists()  # checked before the database is touched
+
+
+def test_the_default_agents_file_is_found_where_make_run_starts(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    del env["PARLEY_AGENTS_FILE"]
+    synced = subprocess.run(
+        [PARLEY, "agents", "sync"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert synced.returncode == 0, synced.stderr
+    assert "recall-sms" in synced.stdout
