@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 from dotenv import dotenv_values
@@ -65,23 +66,42 @@ def _number(name: str, raw: str, kind: type, low: float, high: float) -> int | f
     return value
 
 
-def _host(name: str, raw: str) -> str:
-    """An IP address or a well-formed host name; whether it is one of this machine's, `serve` finds out."""
-    value = raw.strip()
+def _is_host(value: str) -> bool:
+    """An IP address or a well-formed host name."""
     try:
         ipaddress.ip_address(value)
-        return value
+        return True
     except ValueError:
         pass
     last = value.rstrip(".").rsplit(".", 1)[-1]
-    if len(value) > 253 or not HOST_NAME.fullmatch(value) or last.isdigit():
+    return len(value) <= 253 and HOST_NAME.fullmatch(value) is not None and not last.isdigit()
+
+
+def _host(name: str, raw: str) -> str:
+    """A listen host; whether it is one of this machine's, `serve` finds out."""
+    value = raw.strip()
+    if not _is_host(value):
         raise ConfigError(f"{name} must be an IP address or a host name, got {raw!r}")
     return value
 
 
-def _url(name: str, raw: str) -> str:
+def _url(name: str, raw: str, *, base: bool = False) -> str:
+    """An http(s) URL with a well-formed host and port; a `base` one (paths are appended to it) has neither
+    query nor fragment."""
     value = raw.strip().rstrip("/")
-    if not value.startswith(("http://", "https://")) or len(value) < 10:
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # a ValueError when the port is not a number from 0 to 65535
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or not value.startswith(("http://", "https://"))
+        or any(c.isspace() or not c.isprintable() for c in value)  # urlsplit silently drops tabs and newlines
+        or not parts.hostname
+        or not _is_host(parts.hostname)
+        or (base and (parts.query or parts.fragment or value.endswith(("?", "#"))))
+    ):
         raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
     return value
 
@@ -140,7 +160,7 @@ def load_settings(
         if (raw := get(name)) is not None:
             kwargs[field] = raw
     if (raw := get("TWILIO_API_BASE")) is not None:
-        kwargs["twilio_api_base"] = _url("TWILIO_API_BASE", raw)
+        kwargs["twilio_api_base"] = _url("TWILIO_API_BASE", raw, base=True)
     if (raw := get("PARLEY_LLM_BASE_URL")) is not None:
         kwargs["llm_base_url"] = _url("PARLEY_LLM_BASE_URL", raw)
     if (raw := get("PARLEY_LLM_API_KEY")) is not None:
@@ -166,7 +186,7 @@ def load_settings(
             "PARLEY_STATUS_RECONCILE_AFTER_SECONDS", raw, int, 1, 30 * 86400
         )
     if (raw := get("PARLEY_PUBLIC_URL")) is not None:
-        kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw)
+        kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw, base=True)
     else:
         listen = str(kwargs.get("host", "127.0.0.1"))
         listen = f"[{listen}]" if ":" in listen else listen  # an IPv6 address

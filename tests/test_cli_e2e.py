@@ -143,6 +143,14 @@ def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0 and "PARLEY_PORT" in result.stderr
 
 
+def test_a_malformed_public_url_in_dot_env_stops_serve_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PARLEY_PUBLIC_URL=http://exa mple.com\n")
+    result = cli(tmp_path, "serve", "--port", str(free_port()))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "PARLEY_PUBLIC_URL" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 BAD_DATABASES = ["/proc/nope/parley.db", "a-directory", "not-a-database.txt"]
 
 
