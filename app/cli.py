@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sqlite3
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 from app.clock import SystemClock, iso
 from app.config import ConfigError, Settings, load_settings
 from app.domain import agent_registry, keys
-from app.domain.agents import load_agents_file
+from app.domain.agents import load_agents_file, resolve_secret
 from app.domain.errors import NotFound, Unauthorized
 from app.store import agents as agents_store
 from app.store import orgs
@@ -25,10 +27,48 @@ def _now() -> int:
     return SystemClock().now_ms()
 
 
+def _bad_database(settings: Settings, exc: Exception) -> ConfigError:
+    return ConfigError(f"PARLEY_DATABASE must be a writable SQLite file, got {settings.database!r} ({exc})")
+
+
+def _connect(settings: Settings) -> sqlite3.Connection:
+    """The database for a command; one that cannot be opened (a missing parent, a directory, not SQLite) is
+    reported as a bad PARLEY_DATABASE."""
+    try:
+        return connect_sync(settings.database)
+    except (OSError, sqlite3.Error) as exc:
+        raise _bad_database(settings, exc) from None
+
+
+def _migrate(settings: Settings, conn: sqlite3.Connection) -> list[int]:
+    try:
+        return migrate(conn)
+    except sqlite3.Error as exc:  # a read-only file or directory
+        conn.close()
+        raise _bad_database(settings, exc) from None
+
+
 def _open(settings: Settings) -> sqlite3.Connection:
-    conn = connect_sync(settings.database)
-    migrate(conn)
+    conn = _connect(settings)
+    _migrate(settings, conn)
     return conn
+
+
+def _check_database(settings: Settings) -> None:
+    """Migrate, and make sure the server will be able to write, before it starts."""
+    conn = _open(settings)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # A write, rolled back: SQLite opens a file it may not write read-only, and only a write says so.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise _bad_database(settings, exc) from None
+    finally:
+        conn.close()
 
 
 def ensure_dev_key(settings: Settings) -> str:
@@ -57,20 +97,58 @@ def ensure_dev_key(settings: Settings) -> str:
     return raw
 
 
+def _check_listen(settings: Settings, args: argparse.Namespace) -> None:
+    """Resolve and bind the listen address as the server will (then let go), so that a host that is not this
+    machine's or a port in use stops start-up with one line, before anything else runs."""
+    host_name = "--host" if args.host is not None else "PARLEY_HOST"
+    port_name = "--port" if args.port is not None else "PARLEY_PORT"
+    host, port = settings.host, settings.port
+    try:
+        # Only the local resolver: IP literals need no lookup, and the port is never a service name.
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    except socket.gaierror as exc:
+        problem = f"{host_name} must be an address or host name of this machine, got {host!r} ({exc.strerror})"
+        raise ConfigError(problem) from None
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"{port_name} must be a free port, got {port} (in use on {host})") from None
+                if exc.errno == errno.EACCES:
+                    raise ConfigError(f"{port_name} must be a port this user may listen on, got {port}") from None
+                raise ConfigError(
+                    f"{host_name} must be an address of this machine, got {host!r} ({exc.strerror})"
+                ) from None
+
+
+def _check_agents_file(settings: Settings) -> None:
+    """Parse the agents file (and find the secrets it names) before anything syncs it, so that a mistake in it
+    is one line naming PARLEY_AGENTS_FILE. A missing file is a mistake too, the default one included: syncing
+    no agents would retire every managed agent."""
+    try:
+        for entry in load_agents_file(settings.agents_file):
+            resolve_secret(entry.tool_secret, slug=entry.slug)
+    except ValueError as exc:
+        raise ConfigError(f"PARLEY_AGENTS_FILE: {exc}") from None
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.api.app import create_app
     from app.observability import configure_logging
 
-    if args.host:
-        settings = _replace(settings, host=args.host)
-    if args.port:
-        settings = _replace(settings, port=args.port)
+    _check_listen(settings, args)
     configure_logging(settings.log_format)
-    # The lifespan migrates and syncs agents; checking the agents file here first turns a mistake in it
-    # into one readable line instead of a failed start-up with a traceback.
-    load_agents_file(settings.agents_file)
+    # The lifespan migrates and syncs agents; checking both here first turns a mistake in either into one
+    # readable line instead of a failed start-up with a traceback.
+    _check_agents_file(settings)
+    _check_database(settings)
     if args.dev:
         raw = ensure_dev_key(settings)
         print(f"Dev API key (saved to {settings.data_dir / 'dev-api-key'}):\n{raw}", flush=True)
@@ -87,19 +165,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _replace(settings: Settings, **changes: object) -> Settings:
-    import msgspec
-
-    updated = msgspec.structs.replace(settings, **changes)
-    if "PARLEY_PUBLIC_URL" not in __import__("os").environ:
-        updated = msgspec.structs.replace(updated, public_url=f"http://{updated.host}:{updated.port}")
-    return updated
-
-
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    conn = connect_sync(settings.database)
+    conn = _connect(settings)
     try:
-        applied = migrate(conn)
+        applied = _migrate(settings, conn)
     finally:
         conn.close()
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(map(str, applied))}" if applied else ""))
@@ -143,6 +212,8 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_agents(settings: Settings, args: argparse.Namespace) -> int:
+    if args.agents_command == "sync":
+        _check_agents_file(settings)
     conn = _open(settings)
     try:
         if args.agents_command == "sync":
@@ -164,8 +235,8 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     if target.exists():
         print(f"refusing to overwrite {target}", file=sys.stderr)
         return 1
+    source = _connect(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
-    source = connect_sync(settings.database)
     dest = sqlite3.connect(str(target))
     started = time.monotonic()
     try:
@@ -221,12 +292,17 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        settings = load_settings()
+        # Only `serve` has --host and --port; they are settings like any other, so that PARLEY_PUBLIC_URL
+        # (from the environment or .env) is derived from them only when it is set in neither.
+        settings = load_settings(host=getattr(args, "host", None), port=getattr(args, "port", None))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     try:
         return COMMANDS[args.command](settings, args)
+    except ConfigError as exc:  # a setting only a command's first use can check (the database, say)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:  # agents.toml problems and the like: one readable line
         print(f"error: {exc}", file=sys.stderr)
         return 2

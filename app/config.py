@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 from dotenv import dotenv_values
 
 DEFAULT_RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
+# RFC 1123 labels (underscores tolerated, as /etc/hosts does); an all-numeric last label is a mistyped IP.
+HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
 class ConfigError(Exception):
@@ -61,9 +66,42 @@ def _number(name: str, raw: str, kind: type, low: float, high: float) -> int | f
     return value
 
 
-def _url(name: str, raw: str) -> str:
+def _is_host(value: str) -> bool:
+    """An IP address or a well-formed host name."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    last = value.rstrip(".").rsplit(".", 1)[-1]
+    return len(value) <= 253 and HOST_NAME.fullmatch(value) is not None and not last.isdigit()
+
+
+def _host(name: str, raw: str) -> str:
+    """A listen host; whether it is one of this machine's, `serve` finds out."""
+    value = raw.strip()
+    if not _is_host(value):
+        raise ConfigError(f"{name} must be an IP address or a host name, got {raw!r}")
+    return value
+
+
+def _url(name: str, raw: str, *, base: bool = False) -> str:
+    """An http(s) URL with a well-formed host and port; a `base` one (paths are appended to it) has neither
+    query nor fragment."""
     value = raw.strip().rstrip("/")
-    if not value.startswith(("http://", "https://")) or len(value) < 10:
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # a ValueError when the port is not a number from 0 to 65535
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or not value.startswith(("http://", "https://"))
+        or any(c.isspace() or not c.isprintable() for c in value)  # urlsplit silently drops tabs and newlines
+        or not parts.hostname
+        or not _is_host(parts.hostname)
+        or (base and (parts.query or parts.fragment or value.endswith(("?", "#"))))
+    ):
         raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
     return value
 
@@ -78,8 +116,17 @@ def _schedule(name: str, raw: str) -> tuple[int, ...]:
     return steps
 
 
-def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
-    """Read settings: the process environment wins over `.env`. Raise ConfigError on a bad value."""
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    env_file: str | None = ".env",
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> Settings:
+    """Read settings: `parley serve --host/--port` win over the process environment, which wins over `.env`.
+
+    Raise ConfigError on a bad value.
+    """
     values: dict[str, str] = {}
     if env_file and Path(env_file).is_file():
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
@@ -92,9 +139,13 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     kwargs: dict[str, object] = {}
     if (raw := get("PARLEY_DATABASE")) is not None:
         kwargs["database"] = raw
-    if (raw := get("PARLEY_HOST")) is not None:
-        kwargs["host"] = raw
-    if (raw := get("PARLEY_PORT")) is not None:
+    if host is not None:
+        kwargs["host"] = _host("--host", host)
+    elif (raw := get("PARLEY_HOST")) is not None:
+        kwargs["host"] = _host("PARLEY_HOST", raw)
+    if port is not None:
+        kwargs["port"] = _number("--port", str(port), int, 1, 65535)
+    elif (raw := get("PARLEY_PORT")) is not None:
         kwargs["port"] = _number("PARLEY_PORT", raw, int, 1, 65535)
     if (raw := get("PARLEY_AGENTS_FILE")) is not None:
         kwargs["agents_file"] = raw
@@ -109,7 +160,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
         if (raw := get(name)) is not None:
             kwargs[field] = raw
     if (raw := get("TWILIO_API_BASE")) is not None:
-        kwargs["twilio_api_base"] = _url("TWILIO_API_BASE", raw)
+        kwargs["twilio_api_base"] = _url("TWILIO_API_BASE", raw, base=True)
     if (raw := get("PARLEY_LLM_BASE_URL")) is not None:
         kwargs["llm_base_url"] = _url("PARLEY_LLM_BASE_URL", raw)
     if (raw := get("PARLEY_LLM_API_KEY")) is not None:
@@ -134,12 +185,12 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
         kwargs["status_reconcile_after_seconds"] = _number(
             "PARLEY_STATUS_RECONCILE_AFTER_SECONDS", raw, int, 1, 30 * 86400
         )
-    port = kwargs.get("port", 8000)
-    host = kwargs.get("host", "127.0.0.1")
     if (raw := get("PARLEY_PUBLIC_URL")) is not None:
-        kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw)
+        kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw, base=True)
     else:
-        kwargs["public_url"] = f"http://{host}:{port}"
+        listen = str(kwargs.get("host", "127.0.0.1"))
+        listen = f"[{listen}]" if ":" in listen else listen  # an IPv6 address
+        kwargs["public_url"] = f"http://{listen}:{kwargs.get('port', 8000)}"
     settings = Settings(**kwargs)
     if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"

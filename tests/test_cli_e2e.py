@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
+import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
+from twilio.request_validator import RequestValidator
 
-from tests.conftest import call, cli, env_for
+from tests.conftest import PARLEY, ROOT, call, cli, env_for, free_port, wait_until_ready
 from tests.seed import SEED_CREATE
 
 
@@ -53,6 +58,50 @@ def test_dev_key_is_reused_on_the_next_start(tmp_path: Path) -> None:
     assert ensure_dev_key(settings) == first
 
 
+@pytest.mark.e2e
+def test_a_public_url_from_dot_env_survives_the_port_and_host_flags(tmp_path: Path) -> None:
+    public, token = "https://sms.example.test/parley", "token-from-env"
+    (tmp_path / ".env").write_text(f"PARLEY_PUBLIC_URL={public}\n")
+    env = env_for(
+        tmp_path,
+        PARLEY_SMS_PROVIDER="twilio",
+        TWILIO_ACCOUNT_SID="AC" + "1" * 32,
+        TWILIO_AUTH_TOKEN=token,
+        TWILIO_API_BASE="http://127.0.0.1:9",
+    )
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [PARLEY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(base, process, log)
+        path = "/v1/providers/twilio/inbound"
+        params = {"MessageSid": "SM" + "a" * 32, "From": "+15555550199", "To": "+15555550100", "Body": "hi"}
+        request = urllib.request.Request(
+            base + path,
+            data=urlencode(params).encode(),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                # Twilio signs over the public URL it was given, never over the listen address.
+                "X-Twilio-Signature": RequestValidator(token).compute_signature(public + path, params),
+            },
+        )
+        try:
+            status = urllib.request.urlopen(request, timeout=5).status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def test_keys_commands(tmp_path: Path) -> None:
     created = cli(tmp_path, "keys", "create", "--org", "acme", "--name", "ops")
     assert created.returncode == 0, created.stderr
@@ -92,3 +141,98 @@ def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:
     result = cli(tmp_path, "migrate", PARLEY_PORT="0")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "PARLEY_PORT" in result.stderr
+
+
+def test_a_malformed_public_url_in_dot_env_stops_serve_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PARLEY_PUBLIC_URL=http://exa mple.com\n")
+    result = cli(tmp_path, "serve", "--port", str(free_port()))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "PARLEY_PUBLIC_URL" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+BAD_DATABASES = ["/proc/nope/parley.db", "a-directory", "not-a-database.txt"]
+
+
+@pytest.mark.parametrize(
+    ("command", "bad"),
+    [
+        *((("serve",), bad) for bad in BAD_DATABASES),
+        *((("keys", "list", "--org", "acme"), bad) for bad in BAD_DATABASES),
+        (("migrate",), "a-directory"),
+        (("agents", "sync"), "/proc/nope/parley.db"),
+        (("backup", "b.db"), "not-a-database.txt"),
+    ],
+)
+def test_a_database_that_cannot_be_opened_stops_the_command_with_one_line(
+    tmp_path: Path, command: tuple[str, ...], bad: str
+) -> None:
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "not-a-database.txt").write_text("hello\n" * 100)
+    args = [*command, "--port", str(free_port())] if command == ("serve",) else command
+    result = cli(tmp_path, *args, PARLEY_DATABASE=bad)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "PARLEY_DATABASE" in result.stderr and bad in result.stderr
+    assert not (tmp_path / "b.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        (("--host", "not a host!"), {}, "--host"),
+        ((), {"PARLEY_HOST": "256.1.1.1"}, "PARLEY_HOST"),
+        ((), {"PARLEY_HOST": "192.0.2.1"}, "PARLEY_HOST"),  # TEST-NET-1: never this machine's
+    ],
+)
+def test_serve_refuses_a_host_it_cannot_listen_on_with_one_line(
+    tmp_path: Path, flags: tuple[str, ...], env: dict[str, str], named: str
+) -> None:
+    result = cli(tmp_path, "serve", "--port", str(free_port()), *flags, **env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and named in result.stderr
+    assert "serving" not in result.stdout and not (tmp_path / "data").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("from_flag", [True, False])
+def test_serve_refuses_a_port_in_use_with_one_line(tmp_path: Path, from_flag: bool) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        flags, env = (("--port", port), {}) if from_flag else ((), {"PARLEY_PORT": port})
+        result = cli(tmp_path, "serve", *flags, **env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert ("--port" if from_flag else "PARLEY_PORT") in result.stderr and port in result.stderr
+    assert "serving" not in result.stdout and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("command", [("serve",), ("agents", "sync")])
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "not found"), ("this is not toml\n", "Expected '='"), (b"\xff\xfe agents", "utf-8")],
+)
+def test_an_agents_file_that_is_missing_or_malformed_stops_the_command_with_one_line_naming_the_variable(
+    tmp_path: Path, command: tuple[str, ...], content: str | bytes | None, reason: str
+) -> None:
+    path = tmp_path / "agents.toml"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    args = [*command, "--port", str(free_port())] if command == ("serve",) else command
+    result = cli(tmp_path, *args, PARLEY_AGENTS_FILE=str(path))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and "PARLEY_AGENTS_FILE" in line and str(path) in line and reason in line
+    assert not (tmp_path / "data").exists()  # checked before the database is touched
+
+
+def test_the_default_agents_file_is_found_where_make_run_starts(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    del env["PARLEY_AGENTS_FILE"]
+    synced = subprocess.run(
+        [PARLEY, "agents", "sync"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert synced.returncode == 0, synced.stderr
+    assert "recall-sms" in synced.stdout

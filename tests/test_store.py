@@ -451,6 +451,77 @@ def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
     assert settings.public_url == "http://127.0.0.1:9100"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0", "localhost", "parley-1.lan."])
+def test_a_listen_host_is_an_ip_address_or_a_host_name(host: str) -> None:
+    assert load_settings({"PARLEY_HOST": host}, env_file=None).host == host
+
+
+@pytest.mark.parametrize("host", ["not a host!", "256.1.1.1", "10.0.0", "-lead.example", "a..b", "http://x", " "])
+def test_a_malformed_listen_host_stops_start_up_naming_the_variable_or_the_flag(host: str) -> None:
+    with pytest.raises(ConfigError, match="PARLEY_HOST"):
+        load_settings({"PARLEY_HOST": host}, env_file=None)
+    with pytest.raises(ConfigError, match="--host"):
+        load_settings({"PARLEY_HOST": "127.0.0.1"}, env_file=None, host=host)
+
+
+def test_the_default_public_url_brackets_an_ipv6_listen_address() -> None:
+    assert load_settings({"PARLEY_HOST": "::1", "PARLEY_PORT": "9100"}, env_file=None).public_url == "http://[::1]:9100"
+
+
+@pytest.mark.parametrize(
+    ("raw", "public_url"),
+    [
+        ("https://sms.example.com", "https://sms.example.com"),
+        ("https://sms.example.com/parley/", "https://sms.example.com/parley"),  # a proxy's path prefix
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
+        ("http://[::1]:8000", "http://[::1]:8000"),
+        ("https://localhost", "https://localhost"),
+    ],
+)
+def test_a_public_url_is_kept_without_its_trailing_slash(raw: str, public_url: str) -> None:
+    assert load_settings({"PARLEY_PUBLIC_URL": raw}, env_file=None).public_url == public_url
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "http://exa mple.com",
+        "http://exa\tmple.com",
+        "ftp://example.com",
+        "sms.example.com",
+        "https://",
+        "http:///callbacks",
+        "http://:8000",
+        "https://example.com:99999",
+        "https://example.com:port",
+        "https://256.1.1.1",
+        "https://example.com/?token=1",
+        "https://example.com/#top",
+    ],
+)
+def test_a_malformed_public_url_stops_start_up_naming_the_variable(raw: str) -> None:
+    with pytest.raises(ConfigError, match="PARLEY_PUBLIC_URL"):
+        load_settings({"PARLEY_PUBLIC_URL": raw}, env_file=None)
+
+
+def test_a_malformed_base_url_stops_start_up_naming_the_variable() -> None:
+    for name in ("TWILIO_API_BASE", "PARLEY_LLM_BASE_URL"):
+        with pytest.raises(ConfigError, match=name):
+            load_settings({name: "http://exa mple.com"}, env_file=None)
+
+
+def test_serve_flags_win_over_settings_and_never_replace_a_public_url_from_dot_env(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("PARLEY_PORT=9100\n")
+    settings = load_settings({}, str(env_file), host="0.0.0.0", port=9200)
+    assert (settings.host, settings.port, settings.public_url) == ("0.0.0.0", 9200, "http://0.0.0.0:9200")
+    env_file.write_text("PARLEY_PUBLIC_URL=https://sms.example.com/\n")
+    settings = load_settings({}, str(env_file), host="0.0.0.0", port=9200)
+    assert (settings.port, settings.public_url) == (9200, "https://sms.example.com")
+    with pytest.raises(ConfigError, match="--port"):
+        load_settings({}, None, port=0)
+
+
 def test_cancelling_a_conversations_jobs_deletes_only_them_by_key(tmp_path: Path) -> None:
     from app.domain.lifecycle import CONVERSATION_JOBS
     from app.store import jobs

@@ -179,11 +179,9 @@ def load_agents_file(path: str | Path) -> list[ManagedAgentEntry]:
     if not file.is_file():
         raise ValueError(f"agents file not found: {file}")
     try:
-        data = tomllib.loads(file.read_text())
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
         parsed = msgspec.convert(data, AgentsFile, strict=True)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{file}: {exc}") from None
-    except msgspec.ValidationError as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
         raise ValueError(f"{file}: {exc}") from None
     slugs = [entry.slug for entry in parsed.agents]
     if len(slugs) != len(set(slugs)):
