@@ -15,6 +15,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.domain import agent_registry, keys
 from app.domain.agents import load_agents_file, resolve_secret
 from app.domain.errors import NotFound, Unauthorized
+from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
 from app.store import orgs
 from app.store.db import connect_sync, write_sync
@@ -159,7 +160,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=8,
+        timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,
         lifespan="on",
     )
     return 0

@@ -1,8 +1,8 @@
 """The in-process scheduler: runs due jobs from the database, each claimed with a lease.
 
 It sleeps until the next deadline or a wake-up, so an idle server costs nothing; a restart resumes
-whatever was due or claimed (a lease simply runs out). Shutdown is two-phase: stop claiming, let
-running work finish within a grace period, then cancel what is left (its lease makes it run again).
+whatever was due or claimed (start-up frees the leases). Shutdown is two-phase: stop claiming, let
+running work finish within a grace period, then cancel what is left (it runs again after a restart).
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ log = logging.getLogger("parley.scheduler")
 Handler = Callable[[Job], Awaitable[int | None]]
 
 IDLE_RECHECK_SECONDS = 60.0
+# SIGTERM gives HTTP requests HTTP_DRAIN_SECONDS (uvicorn's graceful wait, while jobs keep running), then running
+# jobs SHUTDOWN_GRACE_SECONDS more: the two waits follow each other, and together stay well inside 10 s.
+HTTP_DRAIN_SECONDS = 5
+SHUTDOWN_GRACE_SECONDS = 3.0
 
 
 class Scheduler:
@@ -60,7 +64,7 @@ class Scheduler:
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="parley-scheduler")
 
-    async def stop(self, grace: float = 8.0) -> None:
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:
