@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from app.clock import SystemClock, iso
-from app.config import ConfigError, Settings, load_settings
+from app.config import ConfigError, Settings, listen_address, load_settings
 from app.domain import agent_registry, keys
 from app.domain.agents import load_agents_file, resolve_secret
 from app.domain.errors import NotFound, Unauthorized
@@ -153,7 +153,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.dev:
         raw = ensure_dev_key(settings)
         print(f"Dev API key (saved to {settings.data_dir / 'dev-api-key'}):\n{raw}", flush=True)
-    print(f"Parley serving on http://{settings.host}:{settings.port} ({settings.sms_provider})", flush=True)
+    print(
+        f"Parley serving on http://{listen_address(settings.host, settings.port)} ({settings.sms_provider})", flush=True
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -237,8 +239,14 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         print(f"refusing to overwrite {target}", file=sys.stderr)
         return 1
     source = _connect(settings)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    dest = sqlite3.connect(str(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dest = sqlite3.connect(str(target))
+        dest.execute("PRAGMA user_version")  # opens the file: a path that cannot hold a database fails here
+    except (OSError, sqlite3.Error) as exc:
+        source.close()
+        print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
+        return 1
     started = time.monotonic()
     try:
         # The online backup API copies a consistent snapshot while writers carry on.

@@ -85,6 +85,11 @@ def _host(name: str, raw: str) -> str:
     return value
 
 
+def listen_address(host: str, port: int) -> str:
+    """`host:port` as a URL names it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _url(name: str, raw: str, *, base: bool = False) -> str:
     """An http(s) URL with a well-formed host and port; a `base` one (paths are appended to it) has neither
     query nor fragment."""
@@ -103,6 +108,9 @@ def _url(name: str, raw: str, *, base: bool = False) -> str:
         or (base and (parts.query or parts.fragment or value.endswith(("?", "#"))))
     ):
         raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    if parts.username is not None or parts.password is not None:
+        # Never echoed: the value holds a password. (Twilio signs the URL without it; keys go in their variables.)
+        raise ConfigError(f"{name} must not contain credentials (user:password@)")
     return value
 
 
@@ -188,9 +196,9 @@ def load_settings(
     if (raw := get("PARLEY_PUBLIC_URL")) is not None:
         kwargs["public_url"] = _url("PARLEY_PUBLIC_URL", raw, base=True)
     else:
-        listen = str(kwargs.get("host", "127.0.0.1"))
-        listen = f"[{listen}]" if ":" in listen else listen  # an IPv6 address
-        kwargs["public_url"] = f"http://{listen}:{kwargs.get('port', 8000)}"
+        kwargs["public_url"] = (
+            f"http://{listen_address(str(kwargs.get('host', '127.0.0.1')), int(kwargs.get('port', 8000)))}"
+        )
     settings = Settings(**kwargs)
     if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"

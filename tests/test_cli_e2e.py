@@ -135,6 +135,10 @@ def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0] >= 1
     conn.close()
     assert cli(tmp_path, "backup", str(target)).returncode == 1  # never overwrites
+    for nowhere in ("/proc/nope/backup.db", str(tmp_path / "backup.db" / "inside.db")):
+        refused = cli(tmp_path, "backup", nowhere)
+        assert refused.returncode == 1
+        assert refused.stderr.strip().count("\n") == 0 and "cannot write a backup" in refused.stderr, refused.stderr
 
 
 def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:

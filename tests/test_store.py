@@ -504,6 +504,13 @@ def test_a_malformed_public_url_stops_start_up_naming_the_variable(raw: str) -> 
         load_settings({"PARLEY_PUBLIC_URL": raw}, env_file=None)
 
 
+@pytest.mark.parametrize("name", ["PARLEY_PUBLIC_URL", "TWILIO_API_BASE", "PARLEY_LLM_BASE_URL"])
+def test_a_url_with_credentials_stops_start_up_without_echoing_them(name: str) -> None:
+    with pytest.raises(ConfigError, match=name) as refused:
+        load_settings({name: "https://user:hunter2@sms.example.com"}, env_file=None)
+    assert "hunter2" not in str(refused.value)
+
+
 def test_a_malformed_base_url_stops_start_up_naming_the_variable() -> None:
     for name in ("TWILIO_API_BASE", "PARLEY_LLM_BASE_URL"):
         with pytest.raises(ConfigError, match=name):
