@@ -7,6 +7,7 @@ import base64
 import json
 import sqlite3
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -225,6 +226,27 @@ async def test_key_creation_rejects_bad_expiry(harness: Harness) -> None:
     assert_error(
         await harness.post("/v1/api-keys", {"name": "x", "expires_at": "2001-01-01T00:00:00Z"}), 400, "validation_error"
     )
+
+
+async def test_an_expiring_key_cannot_make_a_key_that_outlives_it(harness: Harness) -> None:
+    now = SystemClock().now_ms()
+    expiring = create_key(harness.settings.database, "acme", expires_at=now + 3_600_000)
+    headers = {"Authorization": f"Bearer {expiring}"}
+
+    def iso_in(ms: int) -> str:
+        return datetime.fromtimestamp((now + ms) / 1000, tz=UTC).isoformat()
+
+    for expires_at in (None, iso_in(7_200_000)):
+        response = await harness.client.post(
+            "/v1/api-keys", json={"name": "x", "expires_at": expires_at}, headers=headers
+        )
+        error = assert_error(response, 400, "validation_error")["error"]
+        assert [d["field"] for d in error["details"]] == ["expires_at"]
+    shorter = await harness.client.post(
+        "/v1/api-keys", json={"name": "x", "expires_at": iso_in(1_800_000)}, headers=headers
+    )
+    assert shorter.status_code == 201, shorter.text
+    assert (await harness.post("/v1/api-keys", {"name": "forever", "expires_at": None})).status_code == 201
 
 
 async def test_another_orgs_resources_are_404(harness: Harness) -> None:

@@ -87,7 +87,14 @@ class ApiKeyController(Controller):
                 raise ValidationFailed.field("expires_at", "must be an RFC 3339 timestamp with a zone") from None
             if expires_at <= ctx.clock.now_ms():
                 raise ValidationFailed.field("expires_at", "must be in the future")
-        org_id = rq.org_of(request)
+        caller = rq.principal(request)
+        if caller.expires_at is not None and (expires_at is None or expires_at > caller.expires_at):
+            raise ValidationFailed.field(
+                "expires_at",
+                f"must be no later than {iso(caller.expires_at)}, when the key making this request expires"
+                " (a key cannot make one that outlives it)",
+            )
+        org_id = caller.org_id
         created = await ctx.db.write(lambda c: keys.create_key(c, org_id, body.name, expires_at, ctx.clock.now_ms()))
         data = NewKeyOut(
             id=created.id,

@@ -23,10 +23,11 @@ class CreatedKey(msgspec.Struct, kw_only=True):
 
 
 class Principal(msgspec.Struct, frozen=True):
-    """Who is calling: the key and its organization."""
+    """Who is calling: the key, its organization and when the key expires (None: never)."""
 
     key_id: str
     org_id: str
+    expires_at: int | None = None
 
 
 def create_key(
@@ -75,7 +76,8 @@ def lookup(conn: sqlite3.Connection, key_hash: str) -> KeyRecord | None:
     row = orgs.key_by_hash(conn, key_hash)
     if row is None or row["revoked_at"] is not None:
         return None
-    return KeyRecord(Principal(key_id=row["id"], org_id=row["org_id"]), row["expires_at"])
+    principal = Principal(key_id=row["id"], org_id=row["org_id"], expires_at=row["expires_at"])
+    return KeyRecord(principal, row["expires_at"])
 
 
 def authenticate(conn: sqlite3.Connection, raw: str, now_ms: int) -> Principal:
