@@ -113,6 +113,8 @@ async def test_every_problem_of_a_body_is_reported_each_at_its_dotted_path(harne
         "colour",
     ]
     assert error["message"].count("; ") == len(fields) - 1
+    assert error["details"][0]["message"] == "must be an E.164 number such as +15555550123"
+    assert "regex" not in error["message"]
     assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0
 
 
@@ -295,7 +297,7 @@ async def test_query_parameter_errors_are_400(harness: Harness) -> None:
 
 async def test_a_bad_query_parameter_is_named_as_the_client_sent_it(harness: Harness) -> None:
     error = assert_error(await harness.get("/v1/sms-conversations", agentId="notuuid"), 400, "validation_error")
-    assert [detail["field"] for detail in error["error"]["details"]] == ["agentId"]
+    assert [(d["field"], d["message"]) for d in error["error"]["details"]] == [("agentId", "must be a UUID")]
     newline = assert_error(
         await harness.get("/v1/sms-conversations", agentId=str(uuid.uuid4()) + "\n"), 400, "validation_error"
     )

@@ -29,6 +29,7 @@ from app.domain.errors import (
     ValidationFailed,
 )
 from app.domain.ids import new_request_id
+from app.domain.types import readable
 from app.observability import loggable_path
 
 log = logging.getLogger("parley.api")
@@ -126,7 +127,7 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response:
         for item in exc.extra if isinstance(exc.extra, list) else []:
             if isinstance(item, dict):
                 field = _public_name(request, str(item.get("key", "query")))
-                details.append(ErrorDetail(field=field, message=str(item.get("message", ""))))
+                details.append(ErrorDetail(field=field, message=readable(str(item.get("message", "")))))
         message = "; ".join(f"{d.field}: {d.message}" for d in details) or "The request is not valid."
         return _response(400, ErrorBody(code="validation_error", message=message, details=details or None), request)
     if status == 413:

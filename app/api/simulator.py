@@ -14,7 +14,7 @@ from app.clock import iso
 from app.domain import inbound
 from app.domain.errors import FieldProblem, ValidationFailed
 from app.domain.phone import e164_problem
-from app.domain.types import E164Number, SmsBody, StrictDecoder, whole
+from app.domain.types import E164_PATTERN, E164Number, SmsBody, StrictDecoder
 from app.store import conversations as store
 
 
@@ -75,7 +75,9 @@ class SimulatorController(Controller):
 
     @get("/messages", responses=errors())
     async def messages(
-        self, request: Request, number: Annotated[str, Parameter(query="number", pattern=whole(r"\+[1-9]\d{6,14}"))]
+        self,
+        request: Request,
+        number: Annotated[str, Parameter(query="number", pattern=E164_PATTERN)],
     ) -> PhoneMessages:
         ctx = rq.context(request)
         org_id = rq.org_of(request)

@@ -15,7 +15,7 @@ from app.domain.phone import e164_problem
 from app.domain.rotation import PreviousSecret, active_secrets
 from app.domain.types import E164Number, Name, VariableName, every_problem, whole
 
-ToolName = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9_-]{1,64}"))]
+ToolName = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9_-]{1,64}", "1 to 64 letters, digits, _ or -"))]
 Prompt = Annotated[str, Meta(max_length=20000)]
 SmsText = Annotated[str, Meta(min_length=1, max_length=1600)]
 
@@ -87,7 +87,9 @@ class AgentPatch(Struct, rename="camel", forbid_unknown_fields=True, kw_only=Tru
 class ManagedAgentEntry(AgentSettings, kw_only=True):
     """One `[[agents]]` entry of agents.toml: the settings plus a slug and an optional tool secret."""
 
-    slug: Annotated[str, Meta(pattern=whole(r"[a-z0-9][a-z0-9-]{0,254}"))]
+    slug: Annotated[
+        str, Meta(pattern=whole(r"[a-z0-9][a-z0-9-]{0,254}", "lowercase letters, digits or -, not starting with -"))
+    ]
     tool_secret: str | None = None
 
 

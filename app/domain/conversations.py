@@ -37,7 +37,7 @@ from app.store import idempotency, opt_outs
 log = logging.getLogger("parley.conversations")
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
-UUID_PATTERN = whole(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+UUID_PATTERN = whole(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}", "a UUID")
 
 
 class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):

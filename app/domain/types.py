@@ -14,16 +14,35 @@ from app.domain.errors import FieldProblem, ValidationFailed
 T = TypeVar("T")
 
 
-def whole(pattern: str) -> str:
+_MEANINGS: dict[str, str] = {}  # msgspec's "matching regex" message -> what a client is told instead
+
+
+def whole(pattern: str, meaning: str) -> str:
     r"""`^pattern$` that a value must match entirely, for msgspec and Litestar (Python's `re.search`) and OpenAPI
-    alike: Python's `$` also matches before a final newline, which `(?!\n)` refuses (a no-op in ECMA-262)."""
-    return f"^{pattern}$(?!\\n)"
+    alike: Python's `$` also matches before a final newline, which `(?!\n)` refuses (a no-op in ECMA-262).
+    A value that does not match is reported as "must be <meaning>", not with the regex."""
+    anchored = f"^{pattern}$(?!\\n)"
+    message = f"Expected `str` matching regex {anchored!r}"
+    if _MEANINGS.setdefault(message, f"must be {meaning}") != f"must be {meaning}":
+        raise ValueError(f"{pattern!r} already means {_MEANINGS[message]!r}: give it one name (a shared constant)")
+    return anchored
 
 
-E164Number = Annotated[str, msgspec.Meta(pattern=whole(r"\+[1-9]\d{6,14}"), examples=["+15555550123"])]
+def readable(message: str) -> str:
+    """A validation message as a client reads it (patterns by their meaning)."""
+    return _MEANINGS.get(message, message)
+
+
+E164_PATTERN = whole(r"\+[1-9]\d{6,14}", "an E.164 number such as +15555550123")
+E164Number = Annotated[str, msgspec.Meta(pattern=E164_PATTERN, examples=["+15555550123"])]
 Slug = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 SmsBody = Annotated[str, msgspec.Meta(max_length=1600)]
-VariableName = Annotated[str, msgspec.Meta(pattern=whole(r"[A-Za-z_][A-Za-z0-9_]{0,63}"))]
+VariableName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=whole(r"[A-Za-z_][A-Za-z0-9_]{0,63}", "a letter or _, then letters, digits or _ (64 at most)")
+    ),
+]
 VariableValue = Annotated[str, msgspec.Meta(max_length=2000)]
 DynamicVariables = Annotated[dict[VariableName, VariableValue], msgspec.Meta(max_length=50)]
 # Integers as JSON parsers commonly read them (int64): a webhook receiver must be able to take the payload.
@@ -58,7 +77,7 @@ def _problem(exc: msgspec.ValidationError, base: str = "") -> FieldProblem:
     match = _PATH.search(text)
     where = _dotted(match.group(1)) if match else ""
     where = _join(base, where) if where else base
-    message = _PATH.sub("", text)
+    message = readable(_PATH.sub("", text))
     if unknown := _UNKNOWN.match(message):
         return _unknown(where, unknown.group(1))
     if missing := _MISSING.match(message):
