@@ -406,6 +406,9 @@ class HangingProvider:
     async def fetch_status(self, message: Any) -> StatusReport | None:
         return None
 
+    async def find_sent(self, message: Any) -> SendAccepted | None:
+        return None
+
 
 async def test_a_crash_between_persist_and_send_is_resolved_at_start_up(tmp_path: Path) -> None:
     hanging = HangingProvider()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -21,6 +22,7 @@ from app.providers.twilio import TwilioProvider
 from tests.conftest import Harness, start_harness
 from tests.fake_twilio import Action, FakeTwilio, running_fake
 from tests.seed import SEED_CREATE
+from tests.test_store import HangingProvider
 
 PUBLIC = "https://parley.example.test"
 INBOUND = "/v1/providers/twilio/inbound"
@@ -423,3 +425,66 @@ async def test_stale_messages_are_reconciled_by_polling_twilio(tmp_path: Path, f
         ).status_code == 204
         assert event_types(h, conversation_id).count("sms.message_delivery_updated") == 1
         assert count(h, "status_reports WHERE message_id = ?", message_id) == 2
+
+
+# --- a crash while the opening SMS was on its way to Twilio -------------------------------------------
+
+
+async def crash_mid_send(tmp_path: Path, key: str) -> str:
+    """Leave the database as a kill during the opening's POST does: the conversation `pending`, its message
+    `queued` with no Twilio sid. Returns the API key used."""
+    hanging = HangingProvider()
+    async with start_harness(tmp_path, provider=hanging) as first:
+        request = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": key}))
+        await asyncio.wait_for(hanging.called.wait(), 5)
+        api_key = first.key()
+        assert first.rows("SELECT status FROM conversations")[0][0] == "pending"
+    await asyncio.gather(request, return_exceptions=True)
+    conn = sqlite3.connect(tmp_path / "parley.db")
+    with conn:  # as a kill leaves it (the harness's own shutdown settled the send as failed)
+        conn.execute("UPDATE conversations SET status = 'pending', ended_at = NULL, end_reason = NULL")
+        conn.execute("UPDATE messages SET status = 'queued', error_code = NULL")
+        conn.execute("UPDATE idempotency_keys SET state = 'running', outcome = NULL")
+    conn.close()
+    return api_key
+
+
+async def test_an_opening_twilio_took_before_a_crash_is_kept_and_a_retry_sends_nothing_twice(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    api_key = await crash_mid_send(tmp_path, "crash-sent")
+    # The POST had reached Twilio: the message exists there, its answer died with the process.
+    fake_twilio.create({"To": CUSTOMER, "From": OURS, "Body": SEED_CREATE["welcomeMessage"]})
+
+    async with twilio_harness(tmp_path, fake_twilio) as h:
+        h.keys["acme"] = api_key
+        conversation = h.rows("SELECT id, status FROM conversations")[0]
+        message = h.rows("SELECT provider_message_id, status FROM messages")[0]
+        retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "crash-sent"})
+
+    assert conversation["status"] == "in_progress"
+    assert message["provider_message_id"] in fake_twilio.messages
+    assert retry.status_code == 201, retry.text
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json()["data"]["conversationId"] == conversation["id"]
+    assert retry.json()["data"]["providerMessageId"] == message["provider_message_id"]
+    assert len(fake_twilio.messages) == 1 and fake_twilio.sends() == []  # never sent again
+
+
+async def test_an_opening_whose_fate_twilio_cannot_tell_after_a_crash_is_not_resent(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    api_key = await crash_mid_send(tmp_path, "crash-unknown")
+    fake_twilio.script("list", *[Action("status", status=503)] * 10)
+
+    async with twilio_harness(tmp_path, fake_twilio) as h:
+        h.keys["acme"] = api_key
+        conversation = h.rows("SELECT status, end_reason FROM conversations")[0]
+        message = h.rows("SELECT status, error_code FROM messages")[0]
+        retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "crash-unknown"})
+
+    assert tuple(conversation) == ("closed", "opening_message_failed")
+    assert tuple(message) == ("failed", "provider_outcome_unknown")
+    assert retry.status_code == 502, retry.text
+    assert retry.json()["error"]["providerCode"] == "provider_outcome_unknown"
+    assert fake_twilio.sends() == []

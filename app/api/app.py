@@ -101,14 +101,14 @@ def create_app(
             scheduler.register(lifecycle.INACTIVITY_JOB, lambda job: inactivity.run(ctx, job))
             scheduler.register(TURN_JOB, assistant.run_job)
 
-            await conversations.recover_pending(ctx)
-            await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
-
             async def on_status(reports: Sequence[StatusReport]) -> None:
                 await messaging.record_reports(ctx, reports)
 
             await sms.start(on_status)
             stack.push_async_callback(sms.close)
+            # After the provider starts: an interrupted opening is looked up at the provider.
+            await conversations.recover_pending(ctx)
+            await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
             stack.callback(dispatcher.stop_claiming)

@@ -23,12 +23,12 @@ from app.domain.errors import (
     NotFound,
     ValidationFailed,
 )
-from app.domain.ids import new_id, parse_uuid
+from app.domain.ids import new_id, new_request_id, parse_uuid
 from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
 from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody, whole
-from app.providers.base import ProviderRejected
+from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted, SendOutcomeUnknown
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
@@ -154,6 +154,27 @@ def _replay_or_raise(row: sqlite3.Row, digest: str, now_ms: int) -> CreateOutcom
     if row["state"] == "running":
         raise Conflict("idempotency_in_progress", "A request with this Idempotency-Key is still running.")
     return _outcome_codec.decode(row["outcome"])
+
+
+def _opening_sent(
+    conn: sqlite3.Connection,
+    conversation: Conversation,
+    message: Message,
+    accepted: SendAccepted,
+    agent: Agent | None,
+    now_ms: int,
+) -> int | None:
+    """The provider took the opening SMS: supersede the pair's other open conversation, start this one, record
+    the send and arm the inactivity timer; return the timer's due time (None: it was closed while pending)."""
+    for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
+        if other.id != conversation.id:
+            lifecycle.close(
+                conn, other, reason="superseded_by_new_conversation", now_ms=now_ms, superseded_by=conversation.id
+            )
+    # In progress and active now; `sequence` is its `sms.message_sent`'s (None: closed while pending).
+    sequence = store.start(conn, conversation.id, now_ms)
+    messaging.record_accepted(conn, conversation, message, accepted, now_ms, sequence=sequence)
+    return lifecycle.arm_inactivity(conn, conversation, now_ms, agent) if sequence is not None else None
 
 
 def _finish_idempotency(conn: sqlite3.Connection, org_id: str, key: str | None, outcome: CreateOutcome) -> None:
@@ -305,20 +326,7 @@ async def create(
     )
 
     def record_success(conn: sqlite3.Connection) -> int | None:
-        now_ms = ctx.clock.now_ms()
-        for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
-            if other.id != conversation.id:
-                lifecycle.close(
-                    conn,
-                    other,
-                    reason="superseded_by_new_conversation",
-                    now_ms=now_ms,
-                    superseded_by=conversation.id,
-                )
-        # In progress and active now; `sequence` is its `sms.message_sent`'s (None: closed while pending).
-        sequence = store.start(conn, conversation.id, now_ms)
-        messaging.record_accepted(conn, conversation, message, accepted, now_ms, sequence=sequence)
-        due = lifecycle.arm_inactivity(conn, conversation, now_ms, agent) if sequence is not None else None
+        due = _opening_sent(conn, conversation, message, accepted, agent, ctx.clock.now_ms())
         _finish_idempotency(conn, org_id, idempotency_key, outcome)
         return due
 
@@ -359,27 +367,78 @@ async def get(ctx: Context, org_id: str, conversation_id: str) -> Conversation:
     return conversation
 
 
+def _unsent_opening(conn: sqlite3.Connection, conversation: Conversation) -> Message | None:
+    """A pending conversation's opening SMS, if no provider has been recorded as taking it."""
+    for message in store.messages_of(conn, conversation.id, after_seq=0, limit=1):
+        if message.direction == "outbound" and message.status == "queued" and not message.provider_message_id:
+            return message
+    return None
+
+
 async def recover_pending(ctx: Context) -> int:
-    """At start-up: a conversation still `pending` was interrupted between persist and send.
+    """At start-up: a conversation still `pending` was interrupted between persist and the send's outcome.
 
-    Its create never answered, so the client will retry: close it as `opening_message_failed`,
-    fail its message, and release its Idempotency-Key so the retry can run.
+    Its create never answered, so the client may retry it. The send may have been in flight, so the provider
+    is asked whether it took the opening SMS. If it did, the conversation goes on as the create would have left
+    it, and its Idempotency-Key replays a 201 (a retry sends nothing twice). If it did not, the conversation is
+    closed as `opening_message_failed` and the key released, so the retry runs. If the provider cannot say, the
+    conversation is closed and the key keeps a 502 `provider_outcome_unknown`: a missing SMS can be sent again,
+    a duplicate cannot be taken back.
     """
-    interrupted = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
+    stuck = await ctx.db.read(
+        lambda c: [(conversation, _unsent_opening(c, conversation)) for conversation in store.pending(c)]
+    )
+    for conversation, message in stuck:
+        accepted: SendAccepted | None = None
+        unknown: ProviderRejected | None = None
+        if message is not None:
+            try:
+                accepted = await ctx.provider.find_sent(message)
+            except Exception as exc:  # the provider could not be asked
+                log.warning("could not learn whether an interrupted opening SMS was sent: %s", type(exc).__name__)
+                unknown = SendOutcomeUnknown(
+                    OUTCOME_UNKNOWN,
+                    "the server stopped during the send, and the provider could not say whether it took it",
+                )
+        await ctx.db.write(functools.partial(_settle_interrupted, ctx, conversation, message, accepted, unknown))
+    await ctx.db.write(idempotency.release_orphaned)  # taken before a model-written opening that never got persisted
+    if stuck:
+        log.warning("recovered %d conversation(s) interrupted before their opening SMS was settled", len(stuck))
+    return len(stuck)
 
-    def run(conn: sqlite3.Connection) -> int:
-        now_ms = ctx.clock.now_ms()
-        stuck = store.pending(conn)
-        for conversation in stuck:
-            for message in store.messages_of(conn, conversation.id, after_seq=0, limit=10):
-                if message.direction == "outbound" and message.status == "queued" and not message.provider_message_id:
-                    messaging.record_rejected(conn, conversation, message, interrupted, now_ms)
-            lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
-            idempotency.release_running(conn, conversation.id)
-        idempotency.release_orphaned(conn)  # taken before a model-written opening that never got persisted
-        return len(stuck)
 
-    count = await ctx.db.write(run)
-    if count:
-        log.warning("recovered %d conversation(s) interrupted before their opening SMS was sent", count)
-    return count
+def _settle_interrupted(
+    ctx: Context,
+    conversation: Conversation,
+    message: Message | None,
+    accepted: SendAccepted | None,
+    unknown: ProviderRejected | None,
+    conn: sqlite3.Connection,
+) -> None:
+    now_ms = ctx.clock.now_ms()
+    if message is not None and accepted is not None:
+        agent = agents_store.by_id_any(conn, conversation.agent_id)
+        _opening_sent(conn, conversation, message, accepted, agent, now_ms)
+        outcome = CreateOutcome(
+            status_code=201,
+            request_id=new_request_id(),  # the create's own answer was lost with the process
+            conversation_id=conversation.id,
+            provider_message_id=accepted.provider_message_id,
+        )
+        idempotency.finish_running(conn, conversation.id, msgspec.json.encode(outcome).decode())
+        return
+    rejected = unknown or ProviderRejected("parley_interrupted", "the server stopped before the send completed")
+    if message is not None:
+        messaging.record_rejected(conn, conversation, message, rejected, now_ms)
+    lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+    if unknown is None:
+        idempotency.release_running(conn, conversation.id)
+        return
+    outcome = CreateOutcome(
+        status_code=502,
+        request_id=new_request_id(),
+        conversation_id=conversation.id,
+        provider_code=unknown.code,
+        message=f"The SMS provider could not confirm the opening message: {unknown.message}",
+    )
+    idempotency.finish_running(conn, conversation.id, msgspec.json.encode(outcome).decode())

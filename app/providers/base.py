@@ -45,6 +45,9 @@ class ProviderRejected(Exception):
         self.message = message
 
 
+OUTCOME_UNKNOWN = "provider_outcome_unknown"  # the code of a send whose outcome the provider could not confirm
+
+
 class SendOutcomeUnknown(ProviderRejected):
     """The provider could not confirm whether it took the message (it stayed unreachable after a
     request that may have arrived). The send is recorded as failed and never resent automatically:
@@ -70,4 +73,9 @@ class Provider(Protocol):
 
     async def fetch_status(self, message: Message) -> StatusReport | None:
         """Ask the provider for a message's current status (None when it cannot say)."""
+        ...
+
+    async def find_sent(self, message: Message) -> SendAccepted | None:
+        """After a crash during a send whose answer was lost: the provider's acceptance of `message`, or None
+        when it certainly did not take it; raise when it cannot be asked."""
         ...

@@ -102,6 +102,10 @@ class SimulatorProvider:
             except Exception:  # the reconciler will finish these messages
                 log.exception("simulated status reports failed")
 
+    async def find_sent(self, message: Message) -> SendAccepted | None:
+        """The simulated carrier lives in this process: a send a crash cut off never reached anyone."""
+        return None
+
     async def fetch_status(self, message: Message) -> StatusReport | None:
         if message.provider_message_id is None:
             return None

@@ -30,6 +30,7 @@ import httpx2
 from app.config import Settings
 from app.domain.models import Message
 from app.providers.base import (
+    OUTCOME_UNKNOWN,
     ProviderRejected,
     SendAccepted,
     SendOutcomeUnknown,
@@ -53,7 +54,6 @@ CLAIMED_SIDS_KEPT = 10_000
 
 # Parley's own codes, for failures that carry no Twilio code.
 UNAVAILABLE = "provider_unavailable"
-OUTCOME_UNKNOWN = "provider_outcome_unknown"
 
 # Twilio's send-time error codes Parley expects (and their wording when Twilio's answer has none).
 KNOWN_ERRORS = {
@@ -397,6 +397,19 @@ class TwilioProvider:
             users[0] -= 1
             if users[0] == 0:
                 self._inflight.pop(key, None)
+
+    async def find_sent(self, message: Message) -> SendAccepted | None:
+        """After a crash: the message Twilio created for a send of ours whose answer was lost (the look-up a send
+        makes after an unanswered POST), or None when Twilio has none; TwilioUnavailable when it cannot say."""
+        request = SendRequest(
+            message_id=message.id,
+            from_number=message.from_number,
+            to_number=message.to_number,
+            body=message.content,
+            status_callback_url="",
+        )
+        found = await self._find_created(request, message.created_at / 1000)
+        return self._accept(found) if found is not None else None
 
     # -- status look-up --
 

@@ -43,6 +43,14 @@ def finish(conn: sqlite3.Connection, org_id: str, key: str, outcome: str) -> Non
     )
 
 
+def finish_running(conn: sqlite3.Connection, conversation_id: str, outcome: str) -> None:
+    """Store the outcome of an interrupted run (start-up recovery knows the conversation, not the key)."""
+    conn.execute(
+        "UPDATE idempotency_keys SET state = 'done', outcome = ? WHERE conversation_id = ? AND state = 'running'",
+        (outcome, conversation_id),
+    )
+
+
 def release_running(conn: sqlite3.Connection, conversation_id: str) -> None:
     """Free a key whose run was interrupted, so the client's retry can run."""
     conn.execute("DELETE FROM idempotency_keys WHERE conversation_id = ? AND state = 'running'", (conversation_id,))
