@@ -83,6 +83,13 @@ async def test_a_malformed_idempotency_key_is_a_validation_error(harness: Harnes
     assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0
 
 
+async def test_a_key_with_a_space_is_printable_ascii_and_replays(harness: Harness) -> None:
+    first = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "order 42"})
+    again = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "order 42"})
+    assert (first.status_code, again.status_code) == (201, 201), first.text
+    assert again.headers["idempotent-replayed"] == "true"
+
+
 async def test_a_key_held_for_a_conversation_never_created_is_freed_at_start_up(tmp_path: Path) -> None:
     """A crash while the model wrote an opening leaves the key claimed with no conversation behind it."""
     async with start_harness(tmp_path) as h:

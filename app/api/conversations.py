@@ -34,7 +34,7 @@ from app.domain.types import SmsBody, StrictDecoder, whole
 from app.store import agents as agents_store
 from app.store import conversations as store
 
-IDEMPOTENCY_KEY = whole(r"[\x21-\x7e]{1,255}", "1 to 255 printable ASCII characters without spaces")
+IDEMPOTENCY_KEY = whole(r"[\x20-\x7e]{1,255}", "1 to 255 printable ASCII characters")
 _encoder = msgspec.json.Encoder()
 
 
