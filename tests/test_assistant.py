@@ -699,7 +699,7 @@ async def test_an_agent_without_opening_text_gets_a_model_written_first_sms(h: H
     assert phone[-1]["body"] == "Hi Ada! PAM Motors here about your open recall. Can we book the free fix?"
 
 
-async def test_a_model_failure_while_writing_an_opening_is_a_502_and_nothing_is_stored(
+async def test_a_model_failure_while_writing_an_opening_is_a_502_naming_a_closed_conversation_and_nothing_is_sent(
     h: Harness, llm: FakeLLM
 ) -> None:
     agent = await make_agent(h)
@@ -712,7 +712,11 @@ async def test_a_model_failure_while_writing_an_opening_is_a_502_and_nothing_is_
     error = response.json()["error"]
     assert (error["code"], error["providerCode"]) == ("provider_error", "model_http_500")
     assert len(llm.bodies) == 1  # one chat completion, not retried inside the request
-    assert h.rows("SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 0
+    closed = (await h.get(f"/v1/sms-conversations/{error['conversationId']}")).json()["data"]
+    assert (closed["status"], closed["endReason"]) == ("closed", "opening_message_failed")
+    assert (await h.get(f"/v1/sms-conversations/{error['conversationId']}/messages")).json()["data"] == []
+    assert events(h, error["conversationId"], "sms.conversation_closed")
+    assert (await h.get("/v1/simulator/messages", number=CUSTOMER)).json()["data"] == []
 
 
 async def test_a_keyed_create_repeated_while_the_model_writes_its_opening_is_409_in_progress(
@@ -737,21 +741,40 @@ async def test_a_keyed_create_repeated_while_the_model_writes_its_opening_is_409
     assert h.rows("SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 1
 
 
-async def test_a_key_held_while_the_model_failed_to_write_the_opening_is_free_for_the_retry(
-    h: Harness, llm: FakeLLM
-) -> None:
+async def test_a_model_failure_under_an_idempotency_key_is_replayed_like_any_502(h: Harness, llm: FakeLLM) -> None:
     agent = await make_agent(h)
     body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS}
-    key = {"Idempotency-Key": "retry-after-model-failure"}
+    key = {"Idempotency-Key": "model-failure"}
     llm.fail(500)
-    assert (await h.post("/v1/sms-conversations", body, **key)).status_code == 502
+    failed = await h.post("/v1/sms-conversations", body, **key)
+    assert failed.status_code == 502
     llm.reply("Hi, PAM Motors here.")
+
+    repeated = await h.post("/v1/sms-conversations", body, **key)
+
+    assert (repeated.status_code, repeated.content) == (502, failed.content)
+    assert repeated.headers["idempotent-replayed"] == "true"
+    assert len(llm.bodies) == 1
+
+
+async def test_a_key_held_while_an_opted_out_recipient_is_refused_is_free_for_the_retry(
+    h: Harness, llm: FakeLLM
+) -> None:
+    """A 4xx is not kept: the early claim is given back."""
+    agent = await make_agent(h)
+    body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS}
+    key = {"Idempotency-Key": "opted-out-then-back"}
+    await open_conversation(h, agent)
+    await text_in(h, "STOP")
+    refused = await h.post("/v1/sms-conversations", body, **key)
+    assert refused.status_code == 409, refused.text
+    await text_in(h, "START")
+    llm.reply("Hi again from PAM Motors.")
 
     retried = await h.post("/v1/sms-conversations", body, **key)
 
     assert retried.status_code == 201, retried.text
     assert "idempotent-replayed" not in retried.headers
-    assert h.rows("SELECT state FROM idempotency_keys")[0]["state"] == "done"
 
 
 async def test_an_opening_needs_a_configured_model(tmp_path: Path) -> None:

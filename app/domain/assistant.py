@@ -387,8 +387,8 @@ class Assistant:
         """The first SMS written by the model (one chat completion, no user message).
 
         A model that is not configured is the caller's 400 (give a welcomeMessage); a model that fails
-        is a 502 `provider_error` whose `providerCode` says why (`model_timeout`, `model_http_500`, …).
-        Nothing is stored and nothing sent in either case, so the request can simply be retried.
+        is a 502 `provider_error` (raised as ProviderFailed) whose `providerCode` says why (`model_timeout`,
+        `model_http_500`, …). Nothing is sent in either case.
         """
         settings = agent.settings
         if missing := self.model.missing(settings.model):

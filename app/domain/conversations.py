@@ -21,6 +21,7 @@ from app.domain.errors import (
     FieldProblem,
     IdempotencyKeyReused,
     NotFound,
+    ProviderFailed,
     ValidationFailed,
 )
 from app.domain.ids import new_id, new_request_id, parse_uuid
@@ -222,7 +223,27 @@ async def create(
     check_fields(body)
     agent = await resolve_agent(ctx, body, org_id)
     sender, opening = check_agent_rules(body, agent)
-    conversation_id = new_id()
+    now = ctx.clock.now_ms()
+    conversation = Conversation(
+        id=new_id(),
+        org_id=org_id,
+        agent_id=agent.id,
+        status="pending",
+        from_number=sender,
+        to_number=body.to_number,
+        dynamic_variables=dict(body.dynamic_variables),
+        metadata=dict(body.metadata),
+        inactivity_timeout_seconds=body.inactivity_timeout_seconds or agent.settings.inactivity_timeout_seconds,
+        created_at=now,
+        last_activity_at=now,
+        ended_at=None,
+        end_reason=None,
+        superseded_by=None,
+        assistant_paused=False,
+        message_count=1,  # the opening message, inserted with it as seq 1
+    )
+    conversation_id = conversation.id
+    sender_field = "fromNumber" if sender == body.from_number else "agentId"
     claimed_early = False
 
     async def free_key() -> None:
@@ -250,30 +271,35 @@ async def create(
             if await ctx.db.read(lambda c: opt_outs.contains(c, org_id, sender, body.to_number)):
                 raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
             opening = await opener(agent, body.dynamic_variables)
+        except ProviderFailed as exc:
+            # The model could not write it: as when a provider refuses the SMS, the create ends in a closed
+            # conversation that the 502 names (and that its Idempotency-Key replays).
+            unwritten = CreateOutcome(
+                status_code=502,
+                request_id=request_id,
+                conversation_id=conversation_id,
+                provider_code=exc.provider_code,
+                message=exc.message,
+            )
+
+            def record_unwritten(conn: sqlite3.Connection) -> None:
+                now_ms = ctx.clock.now_ms()
+                senders.ensure_own(conn, org_id, sender, now_ms, field=sender_field)
+                store.insert(conn, msgspec.structs.replace(conversation, message_count=0))
+                lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+                _finish_idempotency(conn, org_id, idempotency_key, unwritten)
+
+            try:
+                await ctx.db.write(record_unwritten)
+            except BaseException:
+                await free_key()
+                raise
+            return unwritten, False
         except BaseException:
             await free_key()
             raise
     # The opt-out list is checked (409) inside `persist`, in the transaction that would create the conversation.
 
-    now = ctx.clock.now_ms()
-    conversation = Conversation(
-        id=conversation_id,
-        org_id=org_id,
-        agent_id=agent.id,
-        status="pending",
-        from_number=sender,
-        to_number=body.to_number,
-        dynamic_variables=dict(body.dynamic_variables),
-        metadata=dict(body.metadata),
-        inactivity_timeout_seconds=body.inactivity_timeout_seconds or agent.settings.inactivity_timeout_seconds,
-        created_at=now,
-        last_activity_at=now,
-        ended_at=None,
-        end_reason=None,
-        superseded_by=None,
-        assistant_paused=False,
-        message_count=1,  # the opening message, inserted with it as seq 1
-    )
     message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name, seq=1)
 
     def persist(conn: sqlite3.Connection) -> Replay | Message:
@@ -281,7 +307,7 @@ async def create(
             replay = _claim(conn, org_id, idempotency_key, digest, conversation.id, ctx.clock.now_ms())
             if replay is not None:
                 return replay
-        senders.ensure_own(conn, org_id, sender, now, field="fromNumber" if sender == body.from_number else "agentId")
+        senders.ensure_own(conn, org_id, sender, now, field=sender_field)
         if opt_outs.contains(conn, org_id, sender, body.to_number):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         store.insert(conn, conversation)
