@@ -107,7 +107,8 @@ def _url(name: str, raw: str, *, base: bool = False) -> str:
         or not _is_host(parts.hostname)
         or (base and (parts.query or parts.fragment or value.endswith(("?", "#"))))
     ):
-        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+        shown = repr(raw) if "@" not in raw else "a value with user:password@ in it (not shown)"
+        raise ConfigError(f"{name} must be an http(s) URL, got {shown}")
     if parts.username is not None or parts.password is not None:
         # Never echoed: the value holds a password. (Twilio signs the URL without it; keys go in their variables.)
         raise ConfigError(f"{name} must not contain credentials (user:password@)")

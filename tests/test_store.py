@@ -512,6 +512,9 @@ def test_a_url_with_credentials_stops_start_up_without_echoing_them(name: str) -
     with pytest.raises(ConfigError, match=name) as refused:
         load_settings({name: "https://user:hunter2@sms.example.com"}, env_file=None)
     assert "hunter2" not in str(refused.value)
+    with pytest.raises(ConfigError, match=name) as malformed:
+        load_settings({name: "https://user:hunter2@sms example.com"}, env_file=None)
+    assert "hunter2" not in str(malformed.value)
 
 
 def test_a_malformed_base_url_stops_start_up_naming_the_variable() -> None:
