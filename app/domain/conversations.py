@@ -247,7 +247,7 @@ async def create(
     claimed_early = False
 
     async def free_key() -> None:
-        """Nothing was created: free a key taken early for the client's retry (error answers are not kept)."""
+        """Nothing was created: free a key taken early for the client's retry (4xx answers are not kept)."""
         if claimed_early:
             await asyncio.shield(ctx.db.write(lambda c: idempotency.release_running(c, conversation_id)))
 
