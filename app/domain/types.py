@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 import typing
+from collections.abc import Iterator
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -140,13 +142,24 @@ def every_problem(value: Any, type_: Any, first: msgspec.ValidationError) -> Val
     return ValidationFailed.of(_problems(value, type_, "") or [_problem(first)])
 
 
-_MALFORMED = ("The request body is not valid JSON.", "malformed JSON")
-_NOT_UTF8 = ("The request body is not valid UTF-8.", "not valid UTF-8")
-_TOO_DEEP = ("The request body is nested too deeply.", "nested too deeply")
+def _unparsable(message: str, detail: str) -> ValidationFailed:
+    return ValidationFailed(message, [FieldProblem("body", detail)])
 
 
-def _malformed(kind: tuple[str, str]) -> ValidationFailed:
-    return ValidationFailed(kind[0], [FieldProblem("body", kind[1])])
+@contextlib.contextmanager
+def _parsing_body() -> Iterator[None]:
+    """Turn a body that cannot be parsed at all into its 400; a msgspec.ValidationError (the body parsed, a value
+    in it is wrong) passes through."""
+    try:
+        yield
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError:
+        raise _unparsable("The request body is not valid JSON.", "malformed JSON") from None
+    except UnicodeDecodeError:
+        raise _unparsable("The request body is not valid UTF-8.", "not valid UTF-8") from None
+    except RecursionError:
+        raise _unparsable("The request body is nested too deeply.", "nested too deeply") from None
 
 
 class StrictDecoder:
@@ -160,22 +173,11 @@ class StrictDecoder:
         if not raw.strip():
             raise ValidationFailed("A JSON body is required.", [FieldProblem("body", "is required")])
         try:
-            return self._decoder.decode(raw)
+            with _parsing_body():
+                return self._decoder.decode(raw)
         except msgspec.ValidationError as exc:
             first = exc
-        except msgspec.DecodeError:
-            raise _malformed(_MALFORMED) from None
-        except UnicodeDecodeError:
-            raise _malformed(_NOT_UTF8) from None
-        except RecursionError:
-            raise _malformed(_TOO_DEEP) from None
         # The failure path only: parse without the type, then look for every problem, not just the first.
-        try:
+        with _parsing_body():
             problems = every_problem(msgspec.json.decode(raw), self.type, first)
-        except msgspec.DecodeError:
-            raise _malformed(_MALFORMED) from None
-        except UnicodeDecodeError:
-            raise _malformed(_NOT_UTF8) from None
-        except RecursionError:
-            raise _malformed(_TOO_DEEP) from None
         raise problems
