@@ -358,10 +358,10 @@ async def test_openapi_marks_keyed_routes_and_leaves_health_open(harness: Harnes
 
 
 def test_key_cache_expires_entries_and_forgets_revoked_keys() -> None:
-    from app.domain.keys import KeyCache, KeyRecord, Principal
+    from app.domain.keys import KeyCache, Principal
 
     cache = KeyCache(ttl_ms=1000)
-    record = KeyRecord(Principal(key_id="k1", org_id="o1"), None)
+    record = Principal(key_id="k1", org_id="o1")
     cache.put("h1", record, now_ms=0)
     assert cache.get("h1", now_ms=999) == record
     assert cache.get("h1", now_ms=1000) is None  # re-read from the database after the TTL

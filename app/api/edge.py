@@ -174,15 +174,14 @@ class Edge:
             return 401, "unauthorized", Unauthorized().message, {}
         now_ms = ctx.clock.now_ms()
         key_hash = keys.hash_key(raw)
-        record = self.key_cache.get(key_hash, now_ms)
-        if record is None:
-            record = await ctx.db.read(lambda c: keys.lookup(c, key_hash))
-            if record is None:
+        principal = self.key_cache.get(key_hash, now_ms)
+        if principal is None:
+            principal = await ctx.db.read(lambda c: keys.lookup(c, key_hash))
+            if principal is None:
                 return 401, "unauthorized", Unauthorized().message, {}
-            self.key_cache.put(key_hash, record, now_ms)
-        if record.expires_at is not None and record.expires_at <= now_ms:
+            self.key_cache.put(key_hash, principal, now_ms)
+        if keys.expired(principal, now_ms):
             return 401, "unauthorized", Unauthorized().message, {}
-        principal = record.principal
         state["principal"] = principal
         wait = self.buckets.take(principal.key_id, time.monotonic())
         if wait > 0:

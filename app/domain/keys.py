@@ -62,35 +62,33 @@ def create_key(
     return created
 
 
-class KeyRecord(msgspec.Struct, frozen=True):
-    principal: Principal
-    expires_at: int | None
-
-
 def well_formed(raw: str) -> bool:
     return raw.startswith(("pk_live_", "pk_test_")) and len(raw) <= 200
 
 
-def lookup(conn: sqlite3.Connection, key_hash: str) -> KeyRecord | None:
-    """The live (unrevoked) key with this hash, whatever its expiry."""
+def lookup(conn: sqlite3.Connection, key_hash: str) -> Principal | None:
+    """The live (unrevoked) key with this hash, whatever its expiry (`expired` says)."""
     row = orgs.key_by_hash(conn, key_hash)
     if row is None or row["revoked_at"] is not None:
         return None
-    principal = Principal(key_id=row["id"], org_id=row["org_id"], expires_at=row["expires_at"])
-    return KeyRecord(principal, row["expires_at"])
+    return Principal(key_id=row["id"], org_id=row["org_id"], expires_at=row["expires_at"])
+
+
+def expired(principal: Principal, now_ms: int) -> bool:
+    return principal.expires_at is not None and principal.expires_at <= now_ms
 
 
 def authenticate(conn: sqlite3.Connection, raw: str, now_ms: int) -> Principal:
     """The principal of a raw key; Unauthorized for unknown, expired or revoked keys alike."""
     if not well_formed(raw):
         raise Unauthorized()
-    record = lookup(conn, hash_key(raw))
-    if record is None or (record.expires_at is not None and record.expires_at <= now_ms):
+    principal = lookup(conn, hash_key(raw))
+    if principal is None or expired(principal, now_ms):
         raise Unauthorized()
-    return record.principal
+    return principal
 
 
-class KeyCache(TtlCache[str, KeyRecord]):
+class KeyCache(TtlCache[str, Principal]):
     """Recently verified keys by hash, so most requests skip the database.
 
     Revocation through the API drops the key at once (`forget`), so its very next request fails.
@@ -99,7 +97,7 @@ class KeyCache(TtlCache[str, KeyRecord]):
     """
 
     def forget(self, key_id: str) -> None:
-        self.discard(lambda record: record.principal.key_id == key_id)
+        self.discard(lambda principal: principal.key_id == key_id)
 
 
 def revoke(conn: sqlite3.Connection, key_id: str, now_ms: int, org_id: str | None = None) -> sqlite3.Row:
