@@ -178,6 +178,22 @@ def _opening_sent(
     return lifecycle.arm_inactivity(conn, conversation, now_ms, agent) if sequence is not None else None
 
 
+def _record_unwritten(
+    ctx: Context,
+    conversation: Conversation,
+    sender_field: str,
+    idempotency_key: str | None,
+    outcome: CreateOutcome,
+    conn: sqlite3.Connection,
+) -> None:
+    """The model could not write the opening: the conversation is kept, closed, with no message."""
+    now_ms = ctx.clock.now_ms()
+    senders.ensure_own(conn, conversation.org_id, conversation.from_number, now_ms, field=sender_field)
+    store.insert(conn, msgspec.structs.replace(conversation, message_count=0))
+    lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+    _finish_idempotency(conn, conversation.org_id, idempotency_key, outcome)
+
+
 def _finish_idempotency(conn: sqlite3.Connection, org_id: str, key: str | None, outcome: CreateOutcome) -> None:
     if key is not None:
         idempotency.finish(conn, org_id, key, msgspec.json.encode(outcome).decode())
@@ -242,72 +258,16 @@ async def create(
         assistant_paused=False,
         message_count=1,  # the opening message, inserted with it as seq 1
     )
-    conversation_id = conversation.id
     sender_field = "fromNumber" if sender == body.from_number else "agentId"
     claimed_early = False
 
-    async def free_key() -> None:
-        """Nothing was created: free a key taken early for the client's retry (4xx answers are not kept)."""
-        if claimed_early:
-            await asyncio.shield(ctx.db.write(lambda c: idempotency.release_running(c, conversation_id)))
-
-    if opening is None:
-        opener = ctx.generate_opening
-        if opener is None:
-            raise ValidationFailed.field(
-                "welcomeMessage",
-                "this agent has no opening template, so a welcomeMessage is required"
-                " (LLM-generated openings need the assistant, which is not configured)",
-            )
-        if idempotency_key:
-            # The model takes seconds: hold the key while it writes, so a repeat meanwhile is answered 409.
-            key = idempotency_key
-            early = await ctx.db.write(lambda c: _claim(c, org_id, key, digest, conversation_id, ctx.clock.now_ms()))
-            if early is not None:
-                return early.outcome, True
-            claimed_early = True
-        try:
-            # An opted-out recipient is refused before the model is asked to write (the transaction re-checks).
-            if await ctx.db.read(lambda c: opt_outs.contains(c, org_id, sender, body.to_number)):
-                raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
-            opening = await opener(agent, body.dynamic_variables)
-        except ProviderFailed as exc:
-            # The model could not write it: as when a provider refuses the SMS, the create ends in a closed
-            # conversation that the 502 names (and that its Idempotency-Key replays).
-            unwritten = CreateOutcome(
-                status_code=502,
-                request_id=request_id,
-                conversation_id=conversation_id,
-                provider_code=exc.provider_code,
-                message=exc.message,
-            )
-
-            def record_unwritten(conn: sqlite3.Connection) -> None:
-                now_ms = ctx.clock.now_ms()
-                senders.ensure_own(conn, org_id, sender, now_ms, field=sender_field)
-                store.insert(conn, msgspec.structs.replace(conversation, message_count=0))
-                lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
-                _finish_idempotency(conn, org_id, idempotency_key, unwritten)
-
-            try:
-                await ctx.db.write(record_unwritten)
-            except BaseException:
-                await free_key()
-                raise
-            return unwritten, False
-        except BaseException:
-            await free_key()
-            raise
-    # The opt-out list is checked (409) inside `persist`, in the transaction that would create the conversation.
-
-    message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name, seq=1)
-
-    def persist(conn: sqlite3.Connection) -> Replay | Message:
+    def persist(conn: sqlite3.Connection, message: Message) -> Replay | Message:
         if idempotency_key and not claimed_early:
             replay = _claim(conn, org_id, idempotency_key, digest, conversation.id, ctx.clock.now_ms())
             if replay is not None:
                 return replay
         senders.ensure_own(conn, org_id, sender, now, field=sender_field)
+        # The opt-out list is checked (409) here, in the transaction that would create the conversation.
         if opt_outs.contains(conn, org_id, sender, body.to_number):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
         store.insert(conn, conversation)
@@ -315,9 +275,47 @@ async def create(
         return message
 
     try:
-        persisted = await ctx.db.write(persist)
+        if opening is None:
+            opener = ctx.generate_opening
+            if opener is None:
+                raise ValidationFailed.field(
+                    "welcomeMessage",
+                    "this agent has no opening template, so a welcomeMessage is required"
+                    " (LLM-generated openings need the assistant, which is not configured)",
+                )
+            if idempotency_key:
+                # The model takes seconds: hold the key while it writes, so a repeat meanwhile is answered 409.
+                key = idempotency_key
+                early = await ctx.db.write(
+                    lambda c: _claim(c, org_id, key, digest, conversation.id, ctx.clock.now_ms())
+                )
+                if early is not None:
+                    return early.outcome, True
+                claimed_early = True
+            # An opted-out recipient is refused before the model is asked to write (the transaction re-checks).
+            if await ctx.db.read(lambda c: opt_outs.contains(c, org_id, sender, body.to_number)):
+                raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
+            try:
+                opening = await opener(agent, body.dynamic_variables)
+            except ProviderFailed as exc:
+                # The model could not write it: as when a provider refuses the SMS, the create ends in a closed
+                # conversation that the 502 names (and that its Idempotency-Key replays).
+                unwritten = CreateOutcome(
+                    status_code=502,
+                    request_id=request_id,
+                    conversation_id=conversation.id,
+                    provider_code=exc.provider_code,
+                    message=exc.message,
+                )
+                await ctx.db.write(
+                    functools.partial(_record_unwritten, ctx, conversation, sender_field, idempotency_key, unwritten)
+                )
+                return unwritten, False
+        message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name, seq=1)
+        persisted = await ctx.db.write(functools.partial(persist, message=message))
     except BaseException:
-        await free_key()
+        if claimed_early:  # nothing was created: free the key for the client's retry (4xx answers are not kept)
+            await asyncio.shield(ctx.db.write(lambda c: idempotency.release_running(c, conversation.id)))
         raise
     if isinstance(persisted, Replay):
         return persisted.outcome, True
