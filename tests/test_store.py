@@ -70,18 +70,24 @@ def test_a_failing_migration_leaves_nothing_behind(tmp_path: Path) -> None:
     assert [row[0] for row in conn.execute("SELECT version FROM schema_migrations")] == [1]
 
 
+def database_at(tmp_path: Path, last: int) -> sqlite3.Connection:
+    """`parley.db` in `tmp_path` as an earlier release left it: migrations up to number `last` applied."""
+    previous = tmp_path / "previous-migrations"
+    previous.mkdir()
+    for number, path in migration_files():
+        if number <= last:
+            (previous / path.name).write_text(path.read_text())
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn, previous)
+    return conn
+
+
 async def test_migration_0007_numbers_existing_conversations_and_keeps_their_messages_and_events(
     tmp_path: Path,
 ) -> None:
     """A database the previous release left (migrations up to 0006) is upgraded at start-up: its conversations
     get `pos` in creation order, their messages and events carry it, and the API lists them as before."""
-    previous = tmp_path / "previous-migrations"
-    previous.mkdir()
-    for number, path in migration_files():
-        if number <= 6:
-            (previous / path.name).write_text(path.read_text())
-    conn = connect_sync(str(tmp_path / "parley.db"))
-    migrate(conn, previous)
+    conn = database_at(tmp_path, 6)
     conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
     conn.execute(
         "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, created_at, updated_at)"
@@ -136,18 +142,12 @@ async def test_migration_0008_carries_a_webhooks_previous_secret_into_the_list_a
     """A database the previous release left (migrations up to 0007) with a rotation in its overlap: the
     previous secret becomes the list's one entry, with its expiry, and signs beside the current one, and
     beside a newer one after another rotation; the old columns are gone."""
-    previous = tmp_path / "previous-migrations"
-    previous.mkdir()
-    for number, path in migration_files():
-        if number <= 7:
-            (previous / path.name).write_text(path.read_text())
     clock = FakeClock()
     s0, s1 = new_signing_secret(), new_signing_secret()
     until = clock.now_ms() + 12 * 3_600_000
     rotated_id, plain_id = "33333333-3333-4333-8333-333333333333", "44444444-4444-4444-8444-444444444444"
     with Receiver() as receiver:
-        conn = connect_sync(str(tmp_path / "parley.db"))
-        migrate(conn, previous)
+        conn = database_at(tmp_path, 7)
         conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
         conn.execute(
             "INSERT INTO webhooks (id, org_id, url, events, is_active, secret, previous_secret, previous_secret_until,"
@@ -189,19 +189,13 @@ async def test_migration_0009_carries_an_agents_previous_tool_secret_into_the_li
     """A database migrated up to 0008 with a tool-secret rotation in its overlap: the previous secret becomes
     the list's one entry, with its expiry, and signs the tool server's request beside the current one, and
     beside a newer one after another rotation; the old columns are gone."""
-    previous = tmp_path / "previous-migrations"
-    previous.mkdir()
-    for number, path in migration_files():
-        if number <= 8:
-            (previous / path.name).write_text(path.read_text())
     clock = FakeClock()
     s0, s1 = new_signing_secret(), new_signing_secret()
     until = clock.now_ms() + 12 * 3_600_000
     rotated_id, plain_id = "55555555-5555-4555-8555-555555555555", "66666666-6666-4666-8666-666666666666"
     with FakeLLM() as llm, FakeToolServer() as tool_server:
         config = json.dumps({"name": "Old", "replyDebounceMs": 0, "tools": [webhook_tool(tool_server.url)]})
-        conn = connect_sync(str(tmp_path / "parley.db"))
-        migrate(conn, previous)
+        conn = database_at(tmp_path, 8)
         conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
         conn.execute(
             "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, previous_tool_secret,"
@@ -251,14 +245,8 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 async def test_migration_0010_gives_each_number_to_the_one_organization_that_used_it(tmp_path: Path) -> None:
     """Numbers one organization sent from (or gave its custom agent) become its own; a number two organizations
     both sent from stays unowned until one of them sends from it again."""
-    previous = tmp_path / "previous-migrations"
-    previous.mkdir()
-    for number, path in migration_files():
-        if number <= 9:
-            (previous / path.name).write_text(path.read_text())
     acme_only, shared, globex_agent = "+15555550130", "+15555550131", "+15555550132"
-    conn = connect_sync(str(tmp_path / "parley.db"))
-    migrate(conn, previous)
+    conn = database_at(tmp_path, 9)
     conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0), ('org-2', 'globex', 0)")
     conn.execute(
         "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, created_at, updated_at) VALUES"

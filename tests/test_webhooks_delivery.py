@@ -223,6 +223,19 @@ async def test_a_timeout_or_429_waits_at_least_a_minute(tmp_path: Path, clock: F
             assert receiver.snapshot()[0].webhook_id == receiver.snapshot()[1].webhook_id == event_id
 
 
+def assert_each_signature_is_by(secrets: list[str], record: Any) -> None:
+    """The delivery's `webhook-signature` holds one entry per secret, in this order, and each entry on its own
+    verifies with its secret and with no other."""
+    entries = record.signatures()
+    assert len(entries) == len(secrets)
+    for entry, signer in zip(entries, secrets, strict=True):
+        alone = {**record.headers, "webhook-signature": entry}
+        Webhook(signer).verify(record.body, alone)
+        for other in set(secrets) - {signer}:
+            with pytest.raises(WebhookVerificationError):
+                Webhook(other).verify(record.body, alone)
+
+
 async def test_rotation_sends_two_signatures_that_each_verify(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver() as receiver:
         async with start_harness(tmp_path, clock=clock) as h:
@@ -235,13 +248,7 @@ async def test_rotation_sends_two_signatures_that_each_verify(tmp_path: Path, cl
             receiver.secrets = [new, old]
             await emit(h)
             (record,) = await receiver.wait_count(1)
-            entries = record.signatures()
-            assert len(entries) == 2
-            for entry, signer, other in ((entries[0], new, old), (entries[1], old, new)):
-                alone = {**record.headers, "webhook-signature": entry}
-                Webhook(signer).verify(record.body, alone)
-                with pytest.raises(WebhookVerificationError):
-                    Webhook(other).verify(record.body, alone)
+            assert_each_signature_is_by([new, old], record)
             # After the 24 h overlap only the new secret signs.
             await clock.advance(24 * HOUR + 1)
             await emit(h)
@@ -270,14 +277,7 @@ async def test_every_secret_rotated_away_within_a_day_keeps_signing_until_its_ow
             await emit(h)
             (record,) = await receiver.wait_count(1)
             assert record.verified_by == [s2, s1, s0]
-            entries = record.signatures()
-            assert len(entries) == 3
-            for entry, signer in zip(entries, (s2, s1, s0), strict=True):
-                alone = {**record.headers, "webhook-signature": entry}
-                Webhook(signer).verify(record.body, alone)
-                for other in {s0, s1, s2} - {signer}:
-                    with pytest.raises(WebhookVerificationError):
-                        Webhook(other).verify(record.body, alone)
+            assert_each_signature_is_by([s2, s1, s0], record)
             # 24 h after the first rotation s0 stops signing; s1, rotated away 12 h later, still signs.
             await clock.advance(12 * HOUR + 1)
             await emit(h)
