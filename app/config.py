@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -12,9 +11,9 @@ from urllib.parse import urlsplit
 import msgspec
 from dotenv import dotenv_values
 
+from app.hostnames import is_host_name
+
 DEFAULT_RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
-# RFC 1123 labels (underscores tolerated, as /etc/hosts does); an all-numeric last label is a mistyped IP.
-HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
 class ConfigError(Exception):
@@ -73,8 +72,8 @@ def _is_host(value: str) -> bool:
         return True
     except ValueError:
         pass
-    last = value.rstrip(".").rsplit(".", 1)[-1]
-    return len(value) <= 253 and HOST_NAME.fullmatch(value) is not None and not last.isdigit()
+    # An all-numeric last label is a mistyped IP address.
+    return is_host_name(value) and not value.rstrip(".").rsplit(".", 1)[-1].isdigit()
 
 
 def _host(name: str, raw: str) -> str:

@@ -23,6 +23,7 @@ import httpcore2
 import httpx2
 
 from app.domain.errors import ValidationFailed
+from app.hostnames import is_host_name
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
@@ -34,7 +35,6 @@ DEFAULT_MAX_CONNECTIONS = 100
 # still read as an address (2130706433, 0x7f000001, 0177.0.0.1, 127.1) is ambiguous across parsers.
 _CANONICAL_IPV4 = re.compile(r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$")
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|\d+)(\.(0x[0-9a-f]*|\d+)){0,3}\.?$", re.IGNORECASE)
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$", re.IGNORECASE)
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # RFC 8215 local-use translation: where the IPv4 address sits depends on the operator's prefix length
@@ -129,8 +129,7 @@ def _split(url: str, settings: GuardSettings) -> tuple[str, str, int]:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise _fail("has an invalid host name") from None
-        labels = host.rstrip(".").split(".")
-        if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        if not is_host_name(host):
             raise _fail("has an invalid host name")
     return scheme, host, port or (443 if scheme == "https" else 80)
 
