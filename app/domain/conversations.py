@@ -443,26 +443,26 @@ def _settle_interrupted(
     if message is not None and accepted is not None:
         agent = agents_store.by_id_any(conn, conversation.agent_id)
         _opening_sent(conn, conversation, message, accepted, agent, now_ms)
+        # The create's own answer was lost with the process: a new request id for the one a retry replays.
         outcome = CreateOutcome(
             status_code=201,
-            request_id=new_request_id(),  # the create's own answer was lost with the process
+            request_id=new_request_id(),
             conversation_id=conversation.id,
             provider_message_id=accepted.provider_message_id,
         )
-        idempotency.finish_running(conn, conversation.id, msgspec.json.encode(outcome).decode())
-        return
-    rejected = unknown or ProviderRejected("parley_interrupted", "the server stopped before the send completed")
-    if message is not None:
-        messaging.record_rejected(conn, conversation, message, rejected, now_ms)
-    lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
-    if unknown is None:
-        idempotency.release_running(conn, conversation.id)
-        return
-    outcome = CreateOutcome(
-        status_code=502,
-        request_id=new_request_id(),
-        conversation_id=conversation.id,
-        provider_code=unknown.code,
-        message=f"The SMS provider could not confirm the opening message: {unknown.message}",
-    )
+    else:
+        rejected = unknown or ProviderRejected("parley_interrupted", "the server stopped before the send completed")
+        if message is not None:
+            messaging.record_rejected(conn, conversation, message, rejected, now_ms)
+        lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+        if unknown is None:
+            idempotency.release_running(conn, conversation.id)
+            return
+        outcome = CreateOutcome(
+            status_code=502,
+            request_id=new_request_id(),
+            conversation_id=conversation.id,
+            provider_code=unknown.code,
+            message=f"The SMS provider could not confirm the opening message: {unknown.message}",
+        )
     idempotency.finish_running(conn, conversation.id, msgspec.json.encode(outcome).decode())
