@@ -11,8 +11,6 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +18,23 @@ import pytest
 from standardwebhooks import Webhook
 
 from app.clock import FakeClock
-from tests.conftest import Harness, start_harness
-from tests.fake_llm import FakeLLM, FakeToolServer, Recorded
+from tests.assistant_support import (
+    CUSTOMER,
+    OURS,
+    VARIABLES,
+    call_tool,
+    make_agent,
+    open_conversation,
+    replies,
+    running,
+    settle,
+    signers,
+    text_in,
+    webhook_tool,
+)
+from tests.conftest import Harness
+from tests.fake_llm import FakeLLM, FakeToolServer
 from tests.webhook_receiver import eventually
-
-OURS = "+15555550123"
-CUSTOMER = "+15555550199"
-VARIABLES = {"customerName": "Ada", "dealershipName": "PAM Motors"}
 
 
 @pytest.fixture
@@ -41,86 +49,16 @@ def tool_server() -> Iterator[FakeToolServer]:
         yield server  # type: ignore[misc]
 
 
-@asynccontextmanager
-async def running(tmp_path: Path, llm: FakeLLM | None, **overrides: Any) -> AsyncIterator[Harness]:
-    """The real app, pointed at the fake model (none: the model is not configured), with fast retries."""
-    if llm is not None:
-        overrides = {"llm_base_url": llm.base_url, "llm_model": "test-model", **overrides}
-    async with start_harness(tmp_path, **overrides) as h:
-        h.ctx.assistant.model.retry_delays = (0.01, 0.02)
-        yield h
-
-
 @pytest.fixture
 async def h(tmp_path: Path, llm: FakeLLM) -> AsyncIterator[Harness]:
     async with running(tmp_path, llm) as harness:
         yield harness
 
 
-async def make_agent(h: Harness, **fields: Any) -> dict[str, Any]:
-    body = {
-        "name": "Test agent",
-        "systemPrompt": "You text {{customerName}} for {{dealershipName}}.",
-        "replyDebounceMs": 0,
-        **fields,
-    }
-    response = await h.post("/v1/agents", body)
-    assert response.status_code == 201, response.text
-    return response.json()["data"]
-
-
-async def open_conversation(h: Harness, agent: dict[str, Any], **fields: Any) -> str:
-    body = {
-        "agentId": agent["agentId"],
-        "toNumber": CUSTOMER,
-        "fromNumber": OURS,
-        "welcomeMessage": "Hi Ada, your recall repair is free. Want to book?",
-        "dynamicVariables": VARIABLES,
-        "metadata": {"crmId": "c-1"},
-        **fields,
-    }
-    response = await h.post("/v1/sms-conversations", body)
-    assert response.status_code == 201, response.text
-    return response.json()["data"]["conversationId"]
-
-
-async def text_in(h: Harness, body: str) -> None:
-    response = await h.post("/v1/simulator/inbound", {"from": CUSTOMER, "to": OURS, "body": body})
-    assert response.status_code == 201, response.text
-
-
-def replies(h: Harness, conversation_id: str) -> list[str]:
-    """Agent-written SMS after the opening that the provider accepted, in order."""
-    return [
-        row["content"]
-        for row in h.rows(
-            "SELECT content FROM messages WHERE conversation_id = ? AND direction = 'outbound' AND author = 'agent'"
-            " AND seq > 1 AND provider_message_id IS NOT NULL ORDER BY seq",
-            conversation_id,
-        )
-    ]
-
-
 def events(h: Harness, conversation_id: str, *types: str) -> list[dict[str, Any]]:
     rows = h.rows("SELECT payload FROM events WHERE conversation_id = ? ORDER BY sequence", conversation_id)
     payloads = [json.loads(row["payload"]) for row in rows]
     return [p for p in payloads if not types or p["event"] in types]
-
-
-async def settle(seconds: float = 0.15) -> None:
-    """Let background work (scheduler, provider reports) run for a moment."""
-    await asyncio.sleep(seconds)
-
-
-def webhook_tool(url: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "type": "webhook",
-        "name": "lookup_recall",
-        "description": "Look up a recall by id.",
-        "parameters": {"type": "object", "properties": {"recallId": {"type": "string"}}, "required": ["recallId"]},
-        "url": url,
-        **extra,
-    }
 
 
 # --- plain turns --------------------------------------------------------------------------------
@@ -248,26 +186,6 @@ async def rotate_tool_secret(h: Harness, agent_id: str) -> str:
     rotated = await h.post(f"/v1/agents/{agent_id}/rotate-tool-secret")
     assert rotated.status_code == 200, rotated.text
     return str(rotated.json()["data"]["toolSecret"])
-
-
-def signers(call: Recorded, secrets: list[str]) -> list[str | None]:
-    """The secret behind each entry of the call's webhook-signature header, in header order (None: no match).
-
-    Signatures are recomputed with the `standardwebhooks` library; its `verify` would also reject a fake
-    clock's timestamp, which is far from the real time."""
-    tool_call_id, timestamp = call.headers["webhook-id"], call.headers["webhook-timestamp"]
-    at = datetime.fromtimestamp(int(timestamp), tz=UTC)
-    expected = {Webhook(secret).sign(tool_call_id, at, call.body.decode()): secret for secret in secrets}
-    return [expected.get(entry) for entry in call.headers["webhook-signature"].split()]
-
-
-async def call_tool(h: Harness, llm: FakeLLM, tool_server: FakeToolServer, conversation_id: str) -> Recorded:
-    """One customer text whose turn calls the webhook tool once; the request the tool server received."""
-    seen = len(tool_server.requests)
-    llm.call_tools(("lookup_recall", {"recallId": "1"})).reply("done")
-    await text_in(h, "check")
-    await eventually(lambda: len(replies(h, conversation_id)) > seen)
-    return tool_server.requests[seen]
 
 
 async def test_every_tool_secret_rotated_away_within_a_day_keeps_signing(

@@ -20,13 +20,9 @@ from app.domain.compliance import (
     match_keyword,
 )
 from app.providers.simulator import SimulatorProvider
-from tests.conftest import Harness
-from tests.fake_llm import FakeLLM
-from tests.seed import SEED_CREATE
-from tests.test_assistant import (
+from tests.assistant_support import (
     CUSTOMER,
     OURS,
-    eventually,
     make_agent,
     open_conversation,
     replies,
@@ -34,6 +30,10 @@ from tests.test_assistant import (
     settle,
     text_in,
 )
+from tests.conftest import Harness
+from tests.fake_llm import FakeLLM
+from tests.seed import SEED_CREATE
+from tests.webhook_receiver import eventually
 
 OPT_OUT_WORDS = ["STOP", "STOPALL", "STOP ALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "OPT-OUT"]
 OPT_IN_WORDS = ["START", "UNSTOP", "YES"]

@@ -16,13 +16,14 @@ import pytest
 from app.clock import FakeClock
 from app.config import ConfigError, load_settings
 from app.domain.ids import new_signing_secret
-from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport, StatusSink
+from app.providers.base import SendRequest, StatusReport
 from app.store.db import Database, connect_sync
 from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
+from tests.assistant_support import call_tool, open_conversation, signers, webhook_tool
 from tests.conftest import start_harness
 from tests.fake_llm import FakeLLM, FakeToolServer
+from tests.provider_doubles import HangingProvider
 from tests.seed import SEED_CREATE
-from tests.test_assistant import call_tool, open_conversation, signers, webhook_tool
 from tests.webhook_receiver import Receiver, emit
 
 
@@ -368,34 +369,6 @@ async def test_a_write_waiting_for_another_process_lock_never_blocks_the_event_l
     assert await asyncio.wait_for(short, 15) == 1
     assert await asyncio.wait_for(long, 15) == 0
     assert await db.read(lambda c: [row[0] for row in c.execute("SELECT x FROM t ORDER BY x")]) == [1, 2]
-
-
-class HangingProvider:
-    """A provider whose send never completes, like a process killed mid-send."""
-
-    name = "simulator"
-    confirms_opt_out = False
-
-    def __init__(self) -> None:
-        self.called = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def start(self, on_status: StatusSink) -> None:
-        pass
-
-    async def close(self) -> None:
-        self.release.set()
-
-    async def send(self, request: SendRequest) -> SendAccepted:
-        self.called.set()
-        await self.release.wait()
-        raise ProviderRejected("30008", "gone")
-
-    async def fetch_status(self, message: Any) -> StatusReport | None:
-        return None
-
-    async def find_sent(self, message: Any) -> SendAccepted | None:
-        return None
 
 
 async def test_a_crash_between_persist_and_send_is_resolved_at_start_up(tmp_path: Path) -> None:

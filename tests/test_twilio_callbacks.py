@@ -21,8 +21,8 @@ from app.domain.inbound import InboundResult, InboundSms
 from app.providers.twilio import TwilioProvider
 from tests.conftest import Harness, start_harness
 from tests.fake_twilio import Action, FakeTwilio, running_fake
+from tests.provider_doubles import HangingProvider
 from tests.seed import SEED_CREATE
-from tests.test_store import HangingProvider
 
 PUBLIC = "https://parley.example.test"
 INBOUND = "/v1/providers/twilio/inbound"

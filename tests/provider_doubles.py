@@ -1,0 +1,36 @@
+"""Providers that stand in for a real one where a test needs a send that never finishes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport, StatusSink
+
+
+class HangingProvider:
+    """A provider whose send never completes, like a process killed mid-send."""
+
+    name = "simulator"
+    confirms_opt_out = False
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def start(self, on_status: StatusSink) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.release.set()
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        self.called.set()
+        await self.release.wait()
+        raise ProviderRejected("30008", "gone")
+
+    async def fetch_status(self, message: Any) -> StatusReport | None:
+        return None
+
+    async def find_sent(self, message: Any) -> SendAccepted | None:
+        return None
