@@ -279,6 +279,25 @@ async def test_migration_0010_gives_each_number_to_the_one_organization_that_use
         assert (await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared})).status_code == 400
 
 
+def test_only_messages_a_provider_took_are_in_the_provider_id_index(tmp_path: Path) -> None:
+    """Every outbound message is inserted before a provider takes it: the index skips those rows, and the
+    look-ups by provider id (a status report's message) still use it."""
+    from app.store import conversations as store
+
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    partial = {row["name"]: row["partial"] for row in conn.execute("PRAGMA index_list(messages)")}
+    assert partial["messages_provider_id"] == 1
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    assert store.message_by_provider_id(conn, "SM0001") is None
+    conn.set_trace_callback(None)
+    (lookup,) = statements
+    plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + lookup))
+    assert "USING INDEX messages_provider_id" in plan
+    conn.close()
+
+
 async def test_group_commit_isolates_a_failing_write_from_its_batch(db: Database) -> None:
 
     def insert(value: int) -> Any:
