@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import socket
 import sqlite3
@@ -20,6 +21,8 @@ from app.store import agents as agents_store
 from app.store import orgs
 from app.store.db import connect_sync, write_sync
 from app.store.migrate import migrate
+
+STARTUP_FAILURE = 3  # the exit status uvicorn gives a server whose start-up failed
 
 DEV_ORG = "dev"
 
@@ -98,9 +101,10 @@ def ensure_dev_key(settings: Settings) -> str:
     return raw
 
 
-def _check_listen(settings: Settings, args: argparse.Namespace) -> None:
-    """Resolve and bind the listen address as the server will (then let go), so that a host that is not this
-    machine's or a port in use stops start-up with one line, before anything else runs."""
+def _listen(settings: Settings, args: argparse.Namespace) -> list[socket.socket]:
+    """Resolve and bind the listen address, and keep it: the server is handed these very sockets, so that a
+    host that is not this machine's or a port in use stops start-up with one line, before anything else runs,
+    and no other process can take the port between this check and the server's start."""
     host_name = "--host" if args.host is not None else "PARLEY_HOST"
     port_name = "--port" if args.port is not None else "PARLEY_PORT"
     host, port = settings.host, settings.port
@@ -110,8 +114,11 @@ def _check_listen(settings: Settings, args: argparse.Namespace) -> None:
     except socket.gaierror as exc:
         problem = f"{host_name} must be an address or host name of this machine, got {host!r} ({exc.strerror})"
         raise ConfigError(problem) from None
-    for family, kind, proto, _, address in found:
-        with socket.socket(family, kind, proto) as sock:
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in found:
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -125,6 +132,11 @@ def _check_listen(settings: Settings, args: argparse.Namespace) -> None:
                 raise ConfigError(
                     f"{host_name} must be an address of this machine, got {host!r} ({exc.strerror})"
                 ) from None
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
 
 def _check_agents_file(settings: Settings) -> None:
@@ -144,28 +156,36 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from app.api.app import create_app
     from app.observability import configure_logging
 
-    _check_listen(settings, args)
-    configure_logging(settings.log_format)
-    # The lifespan migrates and syncs agents; checking both here first turns a mistake in either into one
-    # readable line instead of a failed start-up with a traceback.
-    _check_agents_file(settings)
-    _check_database(settings)
-    if args.dev:
-        raw = ensure_dev_key(settings)
-        print(f"Dev API key (saved to {settings.data_dir / 'dev-api-key'}):\n{raw}", flush=True)
-    print(
-        f"Parley serving on http://{listen_address(settings.host, settings.port)} ({settings.sms_provider})", flush=True
-    )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,
-        lifespan="on",
-    )
-    return 0
+    sockets = _listen(settings, args)
+    try:
+        configure_logging(settings.log_format)
+        # The lifespan migrates and syncs agents; checking both here first turns a mistake in either into one
+        # readable line instead of a failed start-up with a traceback.
+        _check_agents_file(settings)
+        _check_database(settings)
+        if args.dev:
+            raw = ensure_dev_key(settings)
+            print(f"Dev API key (saved to {settings.data_dir / 'dev-api-key'}):\n{raw}", flush=True)
+        print(
+            f"Parley serving on http://{listen_address(settings.host, settings.port)} ({settings.sms_provider})",
+            flush=True,
+        )
+        config = uvicorn.Config(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:

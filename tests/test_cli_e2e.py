@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import sqlite3
@@ -209,6 +210,32 @@ def test_serve_refuses_a_port_in_use_with_one_line(tmp_path: Path, from_flag: bo
     assert result.stderr.strip().count("\n") == 0
     assert ("--port" if from_flag else "PARLEY_PORT") in result.stderr and port in result.stderr
     assert "serving" not in result.stdout and not (tmp_path / "data").exists()
+
+
+@pytest.mark.e2e
+def test_serve_holds_its_port_from_the_check_until_it_serves_on_it(tmp_path: Path) -> None:
+    """The port is checked by binding it, and that socket is the one the server listens on: no other process
+    can take the port while start-up (migrations, the agents' sync) runs."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [PARLEY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert "Parley serving on" in process.stdout.readline()  # printed before start-up runs
+        with socket.socket() as other, pytest.raises(OSError) as refused:
+            other.bind(("127.0.0.1", port))
+        assert refused.value.errno == errno.EADDRINUSE
+        wait_until_ready(f"http://127.0.0.1:{port}", process, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
 
 
 @pytest.mark.parametrize("command", [("serve",), ("agents", "sync")])
