@@ -56,6 +56,29 @@ async def test_close_without_body_uses_admin_closed_and_closing_twice_is_not_an_
     assert closed_events == 1
 
 
+async def test_null_in_an_optional_field_means_it_is_not_given(harness: Harness) -> None:
+    """Clients generated from a schema send their unset optional fields as null."""
+    nulls = {"agentId": None, "metadata": None, "inactivityTimeoutSeconds": None, "welcomeMessage": None}
+    body = {**SEED_CREATE, **nulls, "welcomeMessage": SEED_CREATE["welcomeMessage"]}
+    key = {"Idempotency-Key": "nulls-1"}
+    created = await harness.post("/v1/sms-conversations", body, **key)
+    assert created.status_code == 201, created.text
+    cid = created.json()["data"]["conversationId"]
+    # The same create without the nulls is the same request: its key replays instead of answering 422.
+    repeat = await harness.post("/v1/sms-conversations", SEED_CREATE, **key)
+    assert repeat.status_code == 201 and repeat.headers["idempotent-replayed"] == "true"
+    assert repeat.json()["data"]["conversationId"] == cid
+    conversation = (await harness.get(f"/v1/sms-conversations/{cid}")).json()["data"]
+    assert conversation["metadata"] == {} and conversation["agentSlug"] == SEED_CREATE["agentSlug"]
+    closed = await harness.post(f"/v1/sms-conversations/{cid}/close", {"reason": None})
+    assert closed.status_code == 200 and closed.json()["data"]["endReason"] == "admin_closed"
+    only_nulls = await harness.post(
+        "/v1/sms-conversations", {**SEED_CREATE, "agentSlug": None, "agentId": None, "toNumber": "+15555550111"}
+    )
+    assert only_nulls.status_code == 400
+    assert [d["field"] for d in only_nulls.json()["error"]["details"]] == ["agentSlug"]
+
+
 async def test_create_persists_conversation_message_and_event(harness: Harness) -> None:
     body = seed(metadata={"crmId": "42", "priority": 2, "vip": True}, inactivityTimeoutSeconds=3600)
     cid = (await harness.post("/v1/sms-conversations", body)).json()["data"]["conversationId"]

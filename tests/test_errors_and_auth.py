@@ -118,6 +118,26 @@ async def test_every_problem_of_a_body_is_reported_each_at_its_dotted_path(harne
     assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, ["toNumber", "agentSlug"]),
+        ({"toNumber": "x", "agentSlug": "recall-sms", "agentId": str(uuid.uuid4())}, ["toNumber", "agentSlug"]),
+        (
+            {"toNumber": "+15555550199", "agentId": "recall", "fromNumber": "+1000000", "welcomeMessage": 5},
+            ["agentId", "welcomeMessage", "fromNumber"],
+        ),
+    ],
+)
+async def test_rules_a_type_cannot_express_are_reported_with_the_types_problems(
+    harness: Harness, body: dict[str, Any], fields: list[str]
+) -> None:
+    """The agent choice, the agent id's form and a number's possibility join the problems of a body that failed
+    to decode (SPEC §1: one entry per problem), not only those of a body that decoded."""
+    error = assert_error(await harness.post("/v1/sms-conversations", body), 400, "validation_error")["error"]
+    assert [detail["field"] for detail in error["details"]] == fields
+
+
 async def test_close_with_bytes_that_are_not_utf8_is_400(harness: Harness) -> None:
     created = await harness.post("/v1/sms-conversations", SEED_CREATE)
     cid = created.json()["data"]["conversationId"]

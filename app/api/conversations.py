@@ -72,7 +72,7 @@ class MessageList(msgspec.Struct):
     meta: ListMeta
 
 
-create_decoder = StrictDecoder(CreateConversation)
+create_decoder = StrictDecoder(CreateConversation, conversations.raw_field_problems)
 close_decoder = StrictDecoder(CloseConversation)
 operator_decoder = StrictDecoder(OperatorMessage)
 
@@ -114,7 +114,13 @@ class ConversationController(Controller):
         "/",
         status_code=201,
         operation_class=json_body(
-            CreateConversation, extra={"oneOf": [{"required": ["agentSlug"]}, {"required": ["agentId"]}]}
+            CreateConversation,
+            # Exactly one of the two is given: present and not null.
+            extra={
+                "oneOf": [
+                    {"required": [name], "properties": {name: {"type": "string"}}} for name in ("agentSlug", "agentId")
+                ]
+            },
         ),
         responses=errors(404, 409, 413, 415, 422, 502),
         summary="Create an SMS conversation and send its opening message",

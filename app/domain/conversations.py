@@ -8,7 +8,7 @@ import hashlib
 import logging
 import sqlite3
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -42,21 +42,36 @@ UUID_PATTERN = whole(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-
 
 
 class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
-    """Body of POST /v1/sms-conversations."""
+    """Body of POST /v1/sms-conversations. Every optional field may also be `null`, which means not given (clients
+    generated from a schema send their unset fields so): exactly one of agentSlug and agentId is given."""
 
     to_number: E164Number
-    # Optional but not nullable: exactly one of the two is given.
-    agent_slug: Slug | UnsetType = UNSET
-    agent_id: Annotated[str, Meta(pattern=UUID_PATTERN)] | UnsetType = UNSET
+    agent_slug: Slug | UnsetType | None = UNSET
+    agent_id: Annotated[str, Meta(pattern=UUID_PATTERN)] | UnsetType | None = UNSET
     from_number: E164Number | None = None
     welcome_message: SmsBody | None = None
-    dynamic_variables: DynamicVariables = {}
-    metadata: Metadata = {}
+    dynamic_variables: DynamicVariables | None = {}
+    metadata: Metadata | None = {}
     inactivity_timeout_seconds: Annotated[int, Meta(ge=60, le=2592000)] | None = None
+
+    def __post_init__(self) -> None:
+        # `null` is not given: the rest of the create (and the Idempotency-Key's request hash) sees one form.
+        if self.agent_slug is None:
+            self.agent_slug = UNSET
+        if self.agent_id is None:
+            self.agent_id = UNSET
+        if self.dynamic_variables is None:
+            self.dynamic_variables = {}
+        if self.metadata is None:
+            self.metadata = {}
 
 
 class CloseConversation(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    reason: Reason = "admin_closed"
+    reason: Reason | None = "admin_closed"  # null: the default
+
+    def __post_init__(self) -> None:
+        if self.reason is None:
+            self.reason = "admin_closed"
 
 
 class CreateOutcome(msgspec.Struct, kw_only=True):
@@ -83,19 +98,33 @@ def request_hash(body: CreateConversation) -> str:
     return hashlib.sha256(_encoder.encode(body)).hexdigest()
 
 
-def check_fields(body: CreateConversation) -> None:
-    """Field rules a type cannot express; every problem is reported at once."""
+def _given(value: object) -> bool:
+    return value is not UNSET and value is not None
+
+
+def field_problems(agent_slug: object, agent_id: object, to_number: object, from_number: object) -> list[FieldProblem]:
+    """The create's field rules a type cannot express, on decoded or raw values alike (a value of the wrong type
+    is left to its type's own problem)."""
     problems: list[FieldProblem] = []
-    if (body.agent_slug is UNSET) == (body.agent_id is UNSET):
+    if _given(agent_slug) == _given(agent_id):
         problems.append(FieldProblem("agentSlug", "give exactly one of agentSlug or agentId"))
-    if body.agent_id is not UNSET and parse_uuid(body.agent_id) is None:
+    if isinstance(agent_id, str) and parse_uuid(agent_id) is None:
         problems.append(FieldProblem("agentId", "must be a UUID"))
-    if problem := e164_problem(body.to_number):
-        problems.append(FieldProblem("toNumber", problem))
-    if body.from_number is not None and (problem := e164_problem(body.from_number)):
-        problems.append(FieldProblem("fromNumber", problem))
-    if problems:
+    for name, number in (("toNumber", to_number), ("fromNumber", from_number)):
+        if isinstance(number, str) and (problem := e164_problem(number)):
+            problems.append(FieldProblem(name, problem))
+    return problems
+
+
+def check_fields(body: CreateConversation) -> None:
+    """Every problem of a decoded body at once."""
+    if problems := field_problems(body.agent_slug, body.agent_id, body.to_number, body.from_number):
         raise ValidationFailed.of(problems)
+
+
+def raw_field_problems(raw: dict[str, Any]) -> list[FieldProblem]:
+    """The same rules on a body that failed to decode, so that its 400 names these problems too."""
+    return field_problems(raw.get("agentSlug"), raw.get("agentId"), raw.get("toNumber"), raw.get("fromNumber"))
 
 
 def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str | None]:

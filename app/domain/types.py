@@ -6,7 +6,7 @@ import contextlib
 import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -137,9 +137,19 @@ def _problems(value: Any, type_: Any, path: str) -> list[FieldProblem]:
     return found or [whole_problem]
 
 
-def every_problem(value: Any, type_: Any, first: msgspec.ValidationError) -> ValidationFailed:
-    """All of a parsed body's problems against `type_` (`first` is the one msgspec stopped at)."""
-    return ValidationFailed.of(_problems(value, type_, "") or [_problem(first)])
+Rules = Callable[[dict[str, Any]], list[FieldProblem]]
+
+
+def every_problem(
+    value: Any, type_: Any, first: msgspec.ValidationError, rules: Rules | None = None
+) -> ValidationFailed:
+    """All of a parsed body's problems against `type_` (`first` is the one msgspec stopped at), and those `rules`
+    (checks a type cannot express) find in it, for fields without a problem of their own."""
+    found = _problems(value, type_, "") or [_problem(first)]
+    if rules is not None and isinstance(value, dict):
+        named = {problem.field for problem in found}
+        found += [problem for problem in rules(value) if problem.field not in named]
+    return ValidationFailed.of(found)
 
 
 def _unparsable(message: str, detail: str) -> ValidationFailed:
@@ -165,8 +175,9 @@ def _parsing_body() -> Iterator[None]:
 class StrictDecoder:
     """A prebuilt, strict JSON decoder whose failures become `ValidationFailed`, naming every problem."""
 
-    def __init__(self, type_: type[T]) -> None:
+    def __init__(self, type_: type[T], rules: Rules | None = None) -> None:
         self.type = type_
+        self.rules = rules  # the checks a type cannot express, reported with a failed decode's problems
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(type_, strict=True)
 
     def decode(self, raw: bytes) -> Any:
@@ -179,5 +190,5 @@ class StrictDecoder:
             first = exc
         # The failure path only: parse without the type, then look for every problem, not just the first.
         with _parsing_body():
-            problems = every_problem(msgspec.json.decode(raw), self.type, first)
+            problems = every_problem(msgspec.json.decode(raw), self.type, first, self.rules)
         raise problems
