@@ -298,6 +298,22 @@ def test_only_messages_a_provider_took_are_in_the_provider_id_index(tmp_path: Pa
     conn.close()
 
 
+def test_a_page_of_an_endpoints_delivery_log_walks_an_index_without_sorting(tmp_path: Path) -> None:
+    """Newest first from the cursor, on an index: not every delivery of the endpoint read and sorted per page."""
+    from app.store import webhooks
+
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    for status in (None, "failed"):
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+        webhooks.list_deliveries(conn, "w-1", before_rowid=10, status=status, limit=20)
+        conn.set_trace_callback(None)
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
+        assert "USING INDEX webhook_deliveries_by_endpoint" in plan and "TEMP B-TREE" not in plan, plan
+    conn.close()
+
+
 async def test_group_commit_isolates_a_failing_write_from_its_batch(db: Database) -> None:
 
     def insert(value: int) -> Any:
