@@ -16,9 +16,12 @@ from app.domain.compliance import (
     OPT_IN_CONFIRMATION,
     OPT_OUT_CONFIRMATION,
     Action,
+    Keyword,
     blocks_assistant,
+    keyword_of,
     match_keyword,
 )
+from app.domain.inbound import InboundSms
 from app.providers.simulator import SimulatorProvider
 from tests.assistant_support import (
     CUSTOMER,
@@ -116,7 +119,31 @@ def test_full_width_letters_are_read_as_the_keyword() -> None:
     [("STOP", True), ("help", True), ("Info", True), ("yes", False), ("START", False), ("stop texting me", False)],
 )
 def test_only_opt_out_and_help_keywords_are_kept_from_the_model(text: str, blocked: bool) -> None:
-    assert blocks_assistant(text) is blocked
+    assert blocks_assistant(match_keyword(text)) is blocked
+
+
+@pytest.mark.parametrize(
+    ("body", "opt_out_type", "expected"),
+    [
+        ("ARRET", "STOP", Keyword(Action.OPT_OUT, "ARRET")),
+        ("  aide  moi ", "HELP", Keyword(Action.HELP, "AIDE MOI")),
+        ("reprendre", "START", Keyword(Action.OPT_IN, "REPRENDRE")),
+        ("stop", "START", Keyword(Action.OPT_OUT, "STOP")),  # our own keyword decides first
+        ("ARRET", None, None),
+        ("ARRET", "SOMETHING", None),
+    ],
+)
+def test_a_keyword_the_provider_recognised_is_acted_on_as_ours(
+    body: str, opt_out_type: str | None, expected: Keyword | None
+) -> None:
+    sms = InboundSms(
+        from_number="+15555550199",
+        to_number="+15555550123",
+        body=body,
+        provider="twilio",
+        provider_opt_out_type=opt_out_type,
+    )
+    assert keyword_of(sms) == expected
 
 
 # --- through the app ----------------------------------------------------------------------------

@@ -67,7 +67,9 @@ def needs_reply(messages: list[Message], answered_seq: int) -> bool:
     operator = max((m.seq or 0 for m in messages if m.direction == "outbound" and m.author == "operator"), default=0)
     read = max(answered_seq, operator)
     return any(
-        m.direction == "inbound" and (m.seq or 0) > read and not compliance.blocks_assistant(m.content)
+        m.direction == "inbound"
+        and (m.seq or 0) > read
+        and not compliance.blocks_assistant(compliance.match_keyword(m.content))
         for m in messages
     )
 
@@ -116,7 +118,7 @@ class Assistant:
 
     async def on_inbound(self, ctx: Context, result: InboundResult, sms: InboundSms) -> None:
         """The inbound hook: (re)schedule the conversation's debounced turn."""
-        if not result.routed or result.conversation is None or compliance.blocks_assistant(sms.body):
+        if not result.routed or result.conversation is None or compliance.blocks_assistant(compliance.keyword_of(sms)):
             return
         conversation_id = result.conversation.id
 

@@ -68,10 +68,26 @@ def match_keyword(body: str) -> Keyword | None:
     return Keyword(action, text) if action is not None else None
 
 
-def blocks_assistant(body: str) -> bool:
+# What a provider says a message was, when it recognised a keyword itself (Twilio's `OptOutType`).
+PROVIDER_ACTIONS: dict[str, Action] = {"STOP": Action.OPT_OUT, "START": Action.OPT_IN, "HELP": Action.HELP}
+
+
+def keyword_of(sms: InboundSms) -> Keyword | None:
+    """The compliance keyword an inbound SMS is: one of ours (`match_keyword`), else one the provider recognised.
+
+    A Twilio Messaging Service with Advanced Opt-Out can be given keywords of its own (other languages:
+    "ARRET"); it then blocks the pair and says so with `OptOutType`. Parley acts on that as on its own
+    keywords, recording the body as the keyword, so that it neither keeps the conversation open nor has the
+    model answer someone Twilio no longer delivers to."""
+    if (keyword := match_keyword(sms.body)) is not None:
+        return keyword
+    action = PROVIDER_ACTIONS.get(sms.provider_opt_out_type or "")
+    return Keyword(action, normalize(sms.body)) if action is not None else None
+
+
+def blocks_assistant(keyword: Keyword | None) -> bool:
     """Opt-out and HELP keywords never reach the model. Opt-in words do: "YES" is also an ordinary answer,
     and it only acts as an opt-in for a pair that is on the opt-out list (which has no open conversation)."""
-    keyword = match_keyword(body)
     return keyword is not None and keyword.action in (Action.OPT_OUT, Action.HELP)
 
 
@@ -163,7 +179,7 @@ async def _help_text(ctx: Context, conversation: Conversation) -> str:
 
 async def on_inbound(ctx: Context, result: InboundResult, sms: InboundSms) -> None:
     """The inbound hook: act on a compliance keyword. Runs before the assistant's hook."""
-    keyword = match_keyword(sms.body)
+    keyword = keyword_of(sms)
     if keyword is None:
         return
     if result.conversation is None:

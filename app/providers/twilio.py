@@ -200,9 +200,9 @@ def pick_created(items: Iterable[Any], request: SendRequest, since: float, claim
 
 class TwilioProvider:
     name = "twilio"
-    # Twilio confirms STOP/START itself only on some set-ups (Advanced Opt-Out, default US long-code
-    # handling); when it did, the inbound callback carries `OptOutType`, which reaches the compliance
-    # filter as `InboundSms.provider_opt_out_type`. Without it Parley sends its own confirmation.
+    # Twilio says it handled a keyword by putting `OptOutType` on the inbound callback (only for numbers in a
+    # Messaging Service with Advanced Opt-Out); it reaches the compliance filter as
+    # `InboundSms.provider_opt_out_type`. Without it Parley sends its own confirmation (SPEC §5).
     confirms_opt_out = False
 
     def __init__(
