@@ -444,6 +444,37 @@ async def test_stale_messages_are_reconciled_by_polling_twilio(tmp_path: Path, f
         assert count(h, "status_reports WHERE message_id = ?", message_id) == 2
 
 
+async def test_a_message_twilio_leaves_at_sent_is_looked_up_less_often_then_not_at_all(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    """Twilio leaves a message at `sent` for good when the carrier never reports delivery: ten days of 30-minute
+    housekeeping passes ask about it a handful of times, spaced out, and not at all after three days."""
+    clock = FakeClock()
+    async with twilio_harness(tmp_path, fake_twilio, clock=clock, status_reconcile_after_seconds=600) as h:
+        conversation_id, message_id, sid = await open_conversation(h)
+        fake_twilio.set_status(sid, "sent")
+        asked_at: list[int] = []  # in 30-minute steps from the send
+        for step in range(1, 10 * 48 + 1):
+            before = fake_twilio.routes().count("fetch")  # the scheduler's own passes count too
+            await clock.advance(1800)
+            await housekeeping.reconcile_stale_statuses(h.ctx)
+            if fake_twilio.routes().count("fetch") > before:
+                asked_at.append(step)
+        assert 5 <= len(asked_at) <= 12, asked_at  # every pass (480) before
+        gaps = [later - earlier for earlier, later in zip(asked_at, asked_at[1:], strict=False)]
+        assert gaps == sorted(gaps) and gaps[-1] <= 49, asked_at  # spaced out more and more, at most daily
+        assert asked_at[-1] <= 4 * 48, asked_at  # and none once the message is three days old
+        # Each look-up's answer is kept (the test's passes and the scheduler's can both ask in one step).
+        fetches = fake_twilio.routes().count("fetch")
+        assert fetches <= 2 * len(asked_at)
+        assert count(h, "status_reports WHERE message_id = ? AND raw LIKE '%poll%'", message_id) == fetches
+        # A late callback is still applied.
+        late = await callback(h, f"{STATUS}?messageId={message_id}", status_params(sid, "delivered"))
+        assert late.status_code == 204
+        assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "delivered"
+        assert event_types(h, conversation_id).count("sms.message_delivery_updated") >= 1
+
+
 # --- a crash while the opening SMS was on its way to Twilio -------------------------------------------
 
 

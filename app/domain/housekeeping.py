@@ -7,6 +7,7 @@ import sqlite3
 
 from app.domain import messaging
 from app.domain.context import Context
+from app.domain.models import Message
 from app.store import conversations as store
 from app.store import idempotency, jobs
 from app.store.jobs import Job
@@ -15,6 +16,24 @@ log = logging.getLogger("parley.housekeeping")
 
 JOB = "housekeeping"
 INTERVAL_MS = 60_000
+DAY_MS = 86_400_000
+LOOKUP_FOR_MS = 3 * DAY_MS  # a status still not final this long after the send is as final as it will get
+NO_MORE_LOOKUPS = 2**62  # an `updated_at` base no look-up ever comes due from
+
+
+def next_lookup_base(message: Message, now_ms: int, after_ms: int) -> int:
+    """When the wait for a message's next status look-up starts, after one that brought nothing new.
+
+    The look-ups space out as the message ages: the next one comes `after_ms` or the message's age later,
+    whichever is longer, at most a day (10 min, 20, 40, ... then daily), and none come once it is
+    LOOKUP_FOR_MS old. Twilio leaves a message at `sent` for good when the carrier never reports delivery:
+    asking every 10 minutes for ever would spend the account's request budget on such messages and add a
+    stored report each time."""
+    age = now_ms - (message.sent_at or message.created_at)
+    if age >= LOOKUP_FOR_MS:
+        return NO_MORE_LOOKUPS
+    wait = max(after_ms, min(age, DAY_MS))
+    return now_ms + wait - after_ms
 
 
 def ensure_scheduled(conn: sqlite3.Connection, now_ms: int) -> None:
@@ -22,8 +41,9 @@ def ensure_scheduled(conn: sqlite3.Connection, now_ms: int) -> None:
 
 
 async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
-    """Ask the provider about messages still `queued`/`sent` past the configured age."""
-    cutoff = ctx.clock.now_ms() - ctx.settings.status_reconcile_after_seconds * 1000
+    """Ask the provider about messages still `queued`/`sent` past the configured age (see `next_lookup_base`)."""
+    after_ms = ctx.settings.status_reconcile_after_seconds * 1000
+    cutoff = ctx.clock.now_ms() - after_ms
     stale = await ctx.db.read(lambda c: store.unfinished_outbound(c, cutoff, limit))
     changed = 0
     for message in stale:
@@ -36,9 +56,10 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
         if report is not None:
             applied = await messaging.record_reports(ctx, [report]) > 0
         if not applied:
-            # Nothing new (or no answer): ask again only once it has aged again, so a message the provider
-            # cannot tell about never crowds out the others.
-            await ctx.db.write(lambda c, m=message: store.touch_message(c, m.id, ctx.clock.now_ms()))
+            # Nothing new (or no answer): ask again later, and less often as the message ages, so a message the
+            # provider cannot tell about never crowds out the others.
+            base = next_lookup_base(message, ctx.clock.now_ms(), after_ms)
+            await ctx.db.write(lambda c, m=message, b=base: store.defer_status_lookup(c, m.id, b))
         changed += int(applied)
     return changed
 

@@ -348,5 +348,7 @@ def insert_status_reports(conn: sqlite3.Connection, rows: list[tuple[Any, ...]])
     )
 
 
-def touch_message(conn: sqlite3.Connection, message_id: str, now_ms: int) -> None:
-    conn.execute("UPDATE messages SET updated_at = ? WHERE id = ?", (now_ms, message_id))
+def defer_status_lookup(conn: sqlite3.Connection, message_id: str, base_ms: int) -> None:
+    """For a message still `queued`/`sent`, `updated_at` is also when its wait for the next status look-up starts
+    (`unfinished_outbound`): set it to `base_ms`, which may lie ahead to space the look-ups out."""
+    conn.execute("UPDATE messages SET updated_at = ? WHERE id = ?", (base_ms, message_id))
