@@ -29,6 +29,7 @@ class Step:
     body: Any = None
     raw: bytes | None = None
     delay: float = 0.0
+    drip: float = 0.0  # the body one byte at a time, this many seconds apart
 
 
 Responder = Callable[[dict[str, Any]], Step]
@@ -120,6 +121,12 @@ class LoopbackServer:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
             }
         )
+        if step.drip:
+            for index in range(len(payload)):
+                await send({"type": "http.response.body", "body": payload[index : index + 1], "more_body": True})
+                await asyncio.sleep(step.drip)
+            await send({"type": "http.response.body", "body": b""})
+            return
         await send({"type": "http.response.body", "body": payload})
 
 

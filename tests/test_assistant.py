@@ -33,7 +33,7 @@ from tests.assistant_support import (
     webhook_tool,
 )
 from tests.conftest import Harness
-from tests.fake_llm import FakeLLM, FakeToolServer
+from tests.fake_llm import FakeLLM, FakeToolServer, Step
 from tests.webhook_receiver import eventually
 
 
@@ -562,6 +562,37 @@ async def test_a_model_timing_out_yields_assistant_error_and_the_next_text_is_an
         assert await eventually(lambda: replies(h, conversation_id)) == ["Back online."]
 
 
+async def test_a_model_answer_trickling_in_past_the_timeout_is_a_model_timeout(tmp_path: Path, llm: FakeLLM) -> None:
+    """The SDK's timeout bounds each read: an answer that keeps sending a byte at a time never trips it."""
+    async with running(tmp_path, llm, llm_timeout_seconds=0.3) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        completion = llm._completion({"role": "assistant", "content": "dripped"}, "stop", "m")
+        for _ in range(3):
+            llm.respond_with(lambda body, c=completion: Step(200, c, drip=0.02))
+
+        await text_in(h, "Hello?")
+
+        (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"), timeout=10)
+        assert (error["data"]["error"], error["data"]["attempts"]) == ("model_timeout", 3)
+        assert replies(h, conversation_id) == []
+
+
+async def test_an_answer_that_says_json_and_is_not_is_a_bad_response_and_retried(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    for _ in range(3):
+        llm.respond_with(lambda body: Step(200, raw=b"{broken"))
+
+    await text_in(h, "Hello?")
+
+    (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    assert (error["data"]["error"], error["data"]["attempts"]) == ("model_bad_response", 3)
+    llm.reply("Back.")
+    await text_in(h, "Still there?")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Back."]
+
+
 async def test_a_missing_model_configuration_is_reported_with_the_variables_to_set(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -635,6 +666,18 @@ async def test_a_model_failure_while_writing_an_opening_is_a_502_naming_a_closed
     assert (await h.get(f"/v1/sms-conversations/{error['conversationId']}/messages")).json()["data"] == []
     assert events(h, error["conversationId"], "sms.conversation_closed")
     assert (await h.get("/v1/simulator/messages", number=CUSTOMER)).json()["data"] == []
+
+
+async def test_an_opening_answer_that_is_not_json_is_a_502_not_a_500(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h)
+    llm.respond_with(lambda body: Step(200, raw=b"not json at all"))
+    body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS, "dynamicVariables": VARIABLES}
+
+    response = await h.post("/v1/sms-conversations", body)
+
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["providerCode"]) == ("provider_error", "model_bad_response")
 
 
 async def test_a_keyed_create_repeated_while_the_model_writes_its_opening_is_409_in_progress(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -461,7 +462,7 @@ async def test_a_message_twilio_leaves_at_sent_is_looked_up_less_often_then_not_
             if fake_twilio.routes().count("fetch") > before:
                 asked_at.append(step)
         assert 5 <= len(asked_at) <= 12, asked_at  # every pass (480) before
-        gaps = [later - earlier for earlier, later in zip(asked_at, asked_at[1:], strict=False)]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(asked_at)]
         assert gaps == sorted(gaps) and gaps[-1] <= 49, asked_at  # spaced out more and more, at most daily
         assert asked_at[-1] <= 4 * 48, asked_at  # and none once the message is three days old
         # Each look-up's answer is kept (the test's passes and the scheduler's can both ask in one step).

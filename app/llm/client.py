@@ -88,7 +88,7 @@ def parse_answer(response: Any) -> ModelAnswer:
 
 def _classify(exc: Exception) -> tuple[str, bool]:
     """(error code, whether another try may help)."""
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError | TimeoutError):
         return "model_timeout", True
     if isinstance(exc, openai.APIConnectionError):
         return "model_unreachable", True
@@ -164,9 +164,13 @@ class ChatModel:
         tries = attempts or self.attempts
         for attempt in range(1, tries + 1):
             try:
-                response = await self._client.chat.completions.create(**kwargs)
+                # The SDK's timeout bounds each read, not the answer: one that trickles in byte by byte would
+                # hold the turn (and a create's opening) for as long as it likes.
+                async with asyncio.timeout(self.settings.llm_timeout_seconds):
+                    response = await self._client.chat.completions.create(**kwargs)
                 return parse_answer(response)
-            except (openai.OpenAIError, ModelError) as exc:
+            # ValueError: a body that says it is JSON and is not (the SDK parses it as it reads the answer).
+            except (openai.OpenAIError, ModelError, TimeoutError, ValueError) as exc:
                 code, retryable = _classify(exc)
                 log.warning("model call failed (attempt %d of %d): %s", attempt, tries, code)
                 if not retryable or attempt == tries:
