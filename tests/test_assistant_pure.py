@@ -42,6 +42,10 @@ def test_replies_are_cut_at_a_word_boundary(text: str, limit: int, expected: str
         ("  Hi there \n", "Hi there"),
         ("<think>they want a time</think>\nTuesday at 9?", "Tuesday at 9?"),
         ("<THINK>\nmulti\nline\n</THINK>Ok", "Ok"),
+        ("The user wants X, keep it short.\n</think>\n\nSure, your recall is free.", "Sure, your recall is free."),
+        ("<think>I should not leak this reasoning", ""),
+        ("Tuesday works. <think>they might also", "Tuesday works."),
+        ("<think>a</think>Hi <think>b</think>there", "Hi there"),
     ],
 )
 def test_reasoning_blocks_and_whitespace_are_removed_from_replies(raw: str | None, expected: str) -> None:

@@ -21,6 +21,8 @@ INTERRUPTED_RESULT = json.dumps({"error": "the tool call was interrupted before 
 # Outbound messages the customer never received are not part of the conversation the model sees.
 UNSENT = frozenset({"failed", "undelivered"})
 _THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+_OPEN = re.compile(r"<think>", re.IGNORECASE)
 
 
 def system_prompt(settings: AgentSettings, variables: dict[str, str]) -> str:
@@ -103,10 +105,19 @@ def history(
 
 
 def clean_reply(text: str | None) -> str:
-    """The SMS text of a model answer: reasoning blocks some local models emit removed, whitespace trimmed."""
+    """The SMS text of a model answer: reasoning blocks some local models emit removed, whitespace trimmed.
+
+    Besides whole `<think>…</think>` blocks: reasoning before a lone `</think>` (chat templates that put the
+    opening tag into the prompt, served without a reasoning parser), and reasoning after an opening tag that
+    never closes (an answer cut off by the token limit), which leaves nothing to send."""
     if not text:
         return ""
-    return _THINKING.sub("", text).strip()
+    text = _THINKING.sub("", text)
+    if (closing := _CLOSE.search(text)) is not None:
+        text = text[closing.end() :]
+    if (opening := _OPEN.search(text)) is not None:
+        text = text[: opening.start()]
+    return text.strip()
 
 
 def cut_reply(text: str, limit: int) -> str:
