@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport, StatusSink
+from app.providers.simulator import SimulatorProvider
 
 
 class HangingProvider:
@@ -34,3 +35,21 @@ class HangingProvider:
 
     async def find_sent(self, message: Any) -> SendAccepted | None:
         return None
+
+
+class SimulatorHangingFrom(SimulatorProvider):
+    """The simulator, except that its `hang_from`-th send and every later one never completes (a process killed
+    while it waited for the provider)."""
+
+    def __init__(self, hang_from: int) -> None:
+        super().__init__()
+        self.hang_from = hang_from
+        self.sends = 0
+        self.hanging = asyncio.Event()
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        self.sends += 1
+        if self.sends >= self.hang_from:
+            self.hanging.set()
+            await asyncio.Event().wait()
+        return await super().send(request)

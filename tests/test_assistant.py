@@ -34,6 +34,7 @@ from tests.assistant_support import (
 )
 from tests.conftest import Harness
 from tests.fake_llm import FakeLLM, FakeToolServer, Step
+from tests.provider_doubles import SimulatorHangingFrom
 from tests.webhook_receiver import eventually
 
 
@@ -346,6 +347,23 @@ async def test_tool_rounds_stop_at_max_tool_rounds(h: Harness, llm: FakeLLM, too
     assert "tool_choice" not in llm.bodies[0]
     assert llm.bodies[2]["tool_choice"] == "none"
     assert replies(h, conversation_id) == []  # the last answer had no text: nothing is sent
+    (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    assert error["data"]["error"] == "model_tool_rounds_exhausted"
+
+
+async def test_text_the_model_writes_with_tool_calls_after_its_last_round_is_sent(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)], maxToolRounds=1)
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("lookup_recall", {"recallId": "1"}))
+    llm.call_tools(("lookup_recall", {"recallId": "2"}), content="Your recall is open; the fix is free.")
+
+    await text_in(h, "is it open?")
+
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Your recall is open; the fix is free."]
+    assert len(tool_server.requests) == 1  # the call asked for after the last round is not made
+    assert events(h, conversation_id, "sms.assistant_error") == []
 
 
 # --- built-in tools -----------------------------------------------------------------------------
@@ -369,6 +387,102 @@ async def test_end_conversation_closes_with_agent_ended_after_the_reply_is_sent(
     assert offered == ["end_conversation"]
     conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
     assert (conversation["status"], conversation["endReason"]) == ("closed", "agent_ended")
+
+
+async def cut_off(h: Harness) -> None:
+    """Stop the scheduler without letting running turns finish: they are cut off where a crash would cut them."""
+    await h.ctx.scheduler.stop(grace=0)
+
+
+async def test_end_conversation_survives_its_turn_being_cut_off_before_the_reply(tmp_path: Path, llm: FakeLLM) -> None:
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("end_conversation", {"reason": "booked"})).hang(30)
+        await text_in(h, "Tuesday works, bye")
+        await llm.wait_for_requests(2)  # the end is called; the model is writing the goodbye
+        await cut_off(h)
+
+    llm.reply("See you Tuesday!")
+    async with running(tmp_path, llm) as h:
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
+        assert replies(h, conversation_id) == ["See you Tuesday!"]
+
+
+async def test_end_conversation_survives_its_turn_being_cut_off_while_the_reply_is_sent(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    hanging = SimulatorHangingFrom(2)  # the opening goes out; the goodbye never leaves
+    async with running(tmp_path, llm, provider=hanging) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
+        await text_in(h, "Tuesday works, bye")
+        await asyncio.wait_for(hanging.hanging.wait(), 5)
+        await cut_off(h)
+
+    async with running(tmp_path, llm) as h:
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
+        assert len(llm.bodies) == 2  # the recorded turn is not run again: it is finished
+
+
+async def test_an_end_asked_for_in_a_turn_the_model_then_fails_is_dropped(h: Harness, llm: FakeLLM) -> None:
+    agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("end_conversation", {})).fail(400)
+    await text_in(h, "bye")
+    await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    llm.reply("Still here if you need us.")
+    await text_in(h, "actually, one more question")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Still here if you need us."]
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["status"] == "in_progress"
+
+
+async def test_a_tool_call_cut_off_is_completed_as_interrupted_at_start_up(
+    tmp_path: Path, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+        conversation_id = await open_conversation(h, agent)
+        tool_server.then(delay=30)
+        llm.call_tools(("lookup_recall", {"recallId": "1"})).reply("done")
+        await text_in(h, "check my recall")
+        await tool_server.wait_for_requests(1)
+        await cut_off(h)
+        (call,) = (await h.get(f"/v1/sms-conversations/{conversation_id}/tool-calls")).json()["data"]
+        assert call["status"] == "running"
+
+    async with running(tmp_path, llm) as h:
+        (call,) = (await h.get(f"/v1/sms-conversations/{conversation_id}/tool-calls")).json()["data"]
+        assert (call["status"], call["isError"]) == ("completed", True)
+        assert call["result"] == {"error": "the tool call was interrupted before it finished"}
+        (result,) = events(h, conversation_id, "sms.tool_call_result")
+        assert (result["data"]["toolCallId"], result["data"]["isError"]) == (call["toolCallId"], True)
+        assert await eventually(lambda: replies(h, conversation_id)) == ["done"]  # the turn runs again
+        assert len(tool_server.requests) == 1  # and does not call the tool again
+
+
+async def test_no_tool_is_called_once_the_conversation_is_closed_mid_round(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    conversation_id = await open_conversation(h, agent)
+    tool_server.then(delay=0.5)
+    llm.call_tools(("lookup_recall", {"recallId": "1"}), ("lookup_recall", {"recallId": "2"}))
+    await text_in(h, "check both")
+    await tool_server.wait_for_requests(1)
+
+    closed = await h.post(f"/v1/sms-conversations/{conversation_id}/close")
+    assert closed.status_code == 200
+    await eventually(lambda: events(h, conversation_id, "sms.tool_call_result"))
+    await settle(0.3)
+
+    assert len(tool_server.requests) == 1
+    assert len(events(h, conversation_id, "sms.tool_call_invocation")) == 1
+    assert replies(h, conversation_id) == []
 
 
 async def test_built_ins_are_offered_only_when_listed(h: Harness, llm: FakeLLM) -> None:

@@ -108,6 +108,7 @@ def create_app(
             stack.push_async_callback(sms.close)
             # After the provider starts: an interrupted opening is looked up at the provider.
             await conversations.recover_pending(ctx)
+            await assistant.settle_interrupted_tool_calls()
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)

@@ -9,6 +9,7 @@ re-schedules the job, and the next turn answers it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -49,6 +50,7 @@ class Snapshot:
     tool_calls: list[ToolCall]
     reply_positions: dict[str, int]
     answered_seq: int
+    end_requested: bool  # an earlier run of this turn, cut off, had the model end the conversation
 
     @property
     def last_seq(self) -> int:
@@ -91,6 +93,7 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
         tool_calls=tool_calls_store.since_seq(conn, conversation.id, first_seq),
         reply_positions=tool_calls_store.reply_positions(conn, conversation.id, first_seq),
         answered_seq=tool_calls_store.answered_seq(conn, conversation.id),
+        end_requested=store.end_requested(conn, conversation.id),
     )
 
 
@@ -143,20 +146,25 @@ class Assistant:
             await self.run_turn(job.ref)
         except Exception:
             log.exception("assistant turn failed in conversation %s", job.ref)
-            await self._report_error(job.ref, "internal_error", "The assistant turn failed unexpectedly.", attempts=0)
+            await self._abandon(job.ref, "internal_error", "The assistant turn failed unexpectedly.", attempts=0)
         return None
 
     async def run_turn(self, conversation_id: str) -> None:
         ctx = self.ctx
         snapshot = await ctx.db.read(lambda c: _load(c, conversation_id))
-        if snapshot is None or not needs_reply(snapshot.messages, snapshot.answered_seq):
+        if snapshot is None:
+            return
+        if not needs_reply(snapshot.messages, snapshot.answered_seq):
+            if snapshot.end_requested:
+                # The turn that had the model end the conversation was cut off once its reply was recorded.
+                await ctx.db.write(lambda c: _end(c, conversation_id, ctx.clock.now_ms()))
             return
         conversation, agent = snapshot.conversation, snapshot.agent
         settings = agent.settings
         if missing := self.model.missing(settings.model):
             names = " and ".join(missing)
             log.error("the assistant is not configured: set %s (conversation %s gets no reply)", names, conversation.id)
-            await self._report_error(
+            await self._abandon(
                 conversation.id,
                 "model_not_configured",
                 f"No model is configured; set {names} on the server.",
@@ -169,7 +177,7 @@ class Assistant:
             chat.append({"role": "system", "content": system})
         chat.extend(prompt.history(snapshot.messages, snapshot.tool_calls, snapshot.reply_positions))
         offered = tools.specs(settings)
-        turn = TurnState(turn_id=new_id())
+        turn = TurnState(turn_id=new_id(), end_requested=snapshot.end_requested)
         rounds = 0
         while True:
             last_chance = rounds >= settings.max_tool_rounds
@@ -186,7 +194,7 @@ class Assistant:
                 message = exc.message if isinstance(exc, ModelError) else str(exc)
                 attempts = exc.attempts if isinstance(exc, ModelError) else 0
                 log.warning("assistant turn abandoned in conversation %s: %s", conversation.id, code)
-                await self._report_error(conversation.id, code, message, attempts=attempts)
+                await self._abandon(conversation.id, code, message, attempts=attempts)
                 return
             if not answer.tool_calls or last_chance:
                 break
@@ -194,22 +202,39 @@ class Assistant:
             calls = _unique_call_ids(answer.tool_calls)
             chat.append(prompt.tool_call_message(answer.content, [(c.call_id, c.name, c.arguments) for c in calls]))
             for position, call in enumerate(calls):
+                # Checked before every call: a tool can act in the world (a booking), so none runs for a
+                # conversation that was closed (or opted out) while an earlier one ran.
+                if self._closed(conversation.id):
+                    return
                 record = await self._run_tool(
                     snapshot, turn, call, round_=rounds, position=position, assistant_content=answer.content
                 )
                 chat.append(prompt.tool_result_message(record.call_id, record.result))
-            if await ctx.db.read(lambda c: store.get_open(c, conversation.id)) is None:
-                log.info("conversation %s closed during its assistant turn; no reply", conversation.id)
+            if self._closed(conversation.id):
                 return
 
         reply = prompt.cut_reply(prompt.clean_reply(answer.content), settings.max_reply_chars)
+        if answer.tool_calls and not reply:
+            # Asked to answer in words after the last allowed round, the model still asked for tools only.
+            log.warning("the model asked for tools after its last round in conversation %s; no reply", conversation.id)
+            await self._abandon(
+                conversation.id,
+                "model_tool_rounds_exhausted",
+                f"The model still asked for tools after {settings.max_tool_rounds} round(s) and wrote no reply.",
+                attempts=1,
+            )
+            return
         # Recorded before the send: a crash in between loses this reply rather than sending it twice.
         seen = snapshot.last_seq
 
         def record(conn: sqlite3.Connection) -> bool:
-            """Record the turn; False when a person answered these texts while the model was thinking."""
+            """Record the turn; False when a person answered these texts while the model was thinking (the person
+            took over: the model's reply, and any end it asked for, are dropped)."""
             tool_calls_store.record_turn(conn, turn.turn_id, conversation.id, seen, ctx.clock.now_ms())
-            return not store.operator_wrote_after(conn, conversation.id, seen)
+            if store.operator_wrote_after(conn, conversation.id, seen):
+                store.set_end_requested(conn, conversation.id, None)
+                return False
+            return True
 
         if not await ctx.db.write(record):
             log.info("an operator answered in conversation %s during its assistant turn; no reply", conversation.id)
@@ -275,12 +300,13 @@ class Assistant:
         record = await ctx.db.write(invoke)
         started = time.perf_counter()
         handoff_summary: str | None = None
+        ends = False
         if problem is not None:
             outcome = tools.failure(problem)
         elif kind == "unknown":
             outcome = tools.failure(f"there is no tool named {call.name!r}")
         elif kind == tools.END_CONVERSATION:
-            turn.end_requested = True
+            turn.end_requested = ends = True
             outcome = tools.ToolOutcome(result={"ok": True, "note": "The conversation ends after your reply is sent."})
         elif kind == tools.HANDOFF_TO_HUMAN:
             assert arguments is not None
@@ -325,6 +351,8 @@ class Assistant:
                 "durationMs": duration_ms,
             }
             events.append(conn, "sms.tool_call_result", conversation.scope, data, now)
+            if ends:  # kept with the call: a turn cut off from here on still ends the conversation when re-run
+                store.set_end_requested(conn, conversation.id, now)
             if handoff_summary is not None:
                 current = store.get(conn, conversation.id)
                 if current is not None and current.status == "in_progress" and not current.assistant_paused:
@@ -343,11 +371,23 @@ class Assistant:
         record.result, record.is_error, record.duration_ms = result_text, outcome.is_error, duration_ms
         return record
 
-    async def _report_error(self, conversation_id: str, code: str, message: str, *, attempts: int) -> None:
+    def _closed(self, conversation_id: str) -> bool:
+        if self.ctx.db.read_now(lambda c: store.get_open(c, conversation_id)) is not None:
+            return False
+        log.info(
+            "conversation %s closed during its assistant turn; no further tool calls and no reply", conversation_id
+        )
+        return True
+
+    async def _abandon(self, conversation_id: str, code: str, message: str, *, attempts: int) -> None:
+        """The turn gives up: `sms.assistant_error` is emitted, and the conversation stays open (an end the model
+        asked for in this turn is dropped with its reply)."""
+
         def report(conn: sqlite3.Connection) -> None:
             conversation = store.get(conn, conversation_id)
             if conversation is None:
                 return
+            store.set_end_requested(conn, conversation_id, None)
             data = {"error": code, "message": message, "attempts": attempts}
             events.append(conn, "sms.assistant_error", conversation.scope, data, self.ctx.clock.now_ms())
 
@@ -355,6 +395,38 @@ class Assistant:
             await self.ctx.db.write(report)
         except Exception:
             log.exception("could not record an assistant error for conversation %s", conversation_id)
+
+    async def settle_interrupted_tool_calls(self) -> int:
+        """At start-up, before any turn runs: a tool call still running was cut off by a stop or a crash.
+
+        It is completed with the error the re-run turn gives the model in its place (`prompt.INTERRUPTED_RESULT`),
+        and its `sms.tool_call_result` is emitted, so the API and webhook consumers see what the model sees;
+        `durationMs` is the time from the invocation until then. Return how many there were."""
+        ctx = self.ctx
+
+        def settle(conn: sqlite3.Connection) -> int:
+            now = ctx.clock.now_ms()
+            interrupted = tool_calls_store.running(conn)
+            for call in interrupted:
+                duration_ms = max(0, now - call.created_at)
+                tool_calls_store.complete(
+                    conn, call.id, result=prompt.INTERRUPTED_RESULT, is_error=True, duration_ms=duration_ms, now_ms=now
+                )
+                if (conversation := store.get(conn, call.conversation_id)) is not None:
+                    data = {
+                        "toolCallId": call.id,
+                        "name": call.name,
+                        "result": json.loads(prompt.INTERRUPTED_RESULT),
+                        "isError": True,
+                        "durationMs": duration_ms,
+                    }
+                    events.append(conn, "sms.tool_call_result", conversation.scope, data, now)
+            return len(interrupted)
+
+        settled = await ctx.db.write(settle, long=True)
+        if settled:
+            log.warning("completed %d tool call(s) interrupted by a stop or crash as errors", settled)
+        return settled
 
     # --- operator actions -------------------------------------------------------------------------
 

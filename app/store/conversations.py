@@ -209,6 +209,16 @@ def close(
     )
 
 
+def set_end_requested(conn: sqlite3.Connection, conversation_id: str, at_ms: int | None) -> None:
+    """The model asked to end the conversation once its turn's reply is sent (None: no longer)."""
+    conn.execute("UPDATE conversations SET end_requested_at = ? WHERE id = ?", (at_ms, conversation_id))
+
+
+def end_requested(conn: sqlite3.Connection, conversation_id: str) -> bool:
+    row = conn.execute("SELECT end_requested_at FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    return row is not None and row[0] is not None
+
+
 def set_paused(conn: sqlite3.Connection, conversation_id: str, paused: bool) -> None:
     conn.execute("UPDATE conversations SET assistant_paused = ? WHERE id = ?", (int(paused), conversation_id))
 

@@ -75,6 +75,12 @@ def complete(
     )
 
 
+def running(conn: sqlite3.Connection) -> list[ToolCall]:
+    """Tool calls started and never completed (at start-up: cut off by a stop or crash)."""
+    rows = conn.execute(f"SELECT {COLUMNS} FROM tool_calls WHERE completed_at IS NULL ORDER BY pos").fetchall()
+    return [_from_row(row) for row in rows]
+
+
 def of_conversation(
     conn: sqlite3.Connection, conversation_id: str, *, after_pos: int = 0, limit: int = 10_000
 ) -> list[ToolCall]:
