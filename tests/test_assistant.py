@@ -398,7 +398,7 @@ async def test_end_conversation_survives_its_turn_being_cut_off_before_the_reply
     async with running(tmp_path, llm) as h:
         agent = await make_agent(h, tools=[{"type": "end_conversation"}])
         conversation_id = await open_conversation(h, agent)
-        llm.call_tools(("end_conversation", {"reason": "booked"})).hang(30)
+        llm.call_tools(("end_conversation", {"reason": "booked"})).hang(2)
         await text_in(h, "Tuesday works, bye")
         await llm.wait_for_requests(2)  # the end is called; the model is writing the goodbye
         await cut_off(h)
@@ -447,7 +447,7 @@ async def test_a_tool_call_cut_off_is_completed_as_interrupted_at_start_up(
     async with running(tmp_path, llm) as h:
         agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
         conversation_id = await open_conversation(h, agent)
-        tool_server.then(delay=30)
+        tool_server.then(delay=2)
         llm.call_tools(("lookup_recall", {"recallId": "1"})).reply("done")
         await text_in(h, "check my recall")
         await tool_server.wait_for_requests(1)
@@ -683,7 +683,7 @@ async def test_a_model_answer_trickling_in_past_the_timeout_is_a_model_timeout(t
         conversation_id = await open_conversation(h, agent)
         completion = llm._completion({"role": "assistant", "content": "dripped"}, "stop", "m")
         for _ in range(3):
-            llm.respond_with(lambda body, c=completion: Step(200, c, drip=0.02))
+            llm.respond_with(lambda body, c=completion: Step(200, c, drip=0.01))
 
         await text_in(h, "Hello?")
 
