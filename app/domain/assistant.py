@@ -343,13 +343,7 @@ class Assistant:
             tool_calls_store.complete(
                 conn, record.id, result=result_text, is_error=outcome.is_error, duration_ms=duration_ms, now_ms=now
             )
-            data = {
-                "toolCallId": record.id,
-                "name": call.name,
-                "result": outcome.result,
-                "isError": outcome.is_error,
-                "durationMs": duration_ms,
-            }
+            data = _result_data(record.id, call.name, outcome.result, outcome.is_error, duration_ms)
             events.append(conn, "sms.tool_call_result", conversation.scope, data, now)
             if ends:  # kept with the call: a turn cut off from here on still ends the conversation when re-run
                 store.set_end_requested(conn, conversation.id, now)
@@ -413,13 +407,7 @@ class Assistant:
                     conn, call.id, result=prompt.INTERRUPTED_RESULT, is_error=True, duration_ms=duration_ms, now_ms=now
                 )
                 if (conversation := store.get(conn, call.conversation_id)) is not None:
-                    data = {
-                        "toolCallId": call.id,
-                        "name": call.name,
-                        "result": json.loads(prompt.INTERRUPTED_RESULT),
-                        "isError": True,
-                        "durationMs": duration_ms,
-                    }
+                    data = _result_data(call.id, call.name, json.loads(prompt.INTERRUPTED_RESULT), True, duration_ms)
                     events.append(conn, "sms.tool_call_result", conversation.scope, data, now)
             return len(interrupted)
 
@@ -487,6 +475,11 @@ class Assistant:
         if not text:
             raise ProviderFailed("The model wrote an empty opening message.", "model_empty_reply")
         return text
+
+
+def _result_data(tool_call_id: str, name: str, result: Any, is_error: bool, duration_ms: int) -> dict[str, Any]:
+    """The data of `sms.tool_call_result`."""
+    return {"toolCallId": tool_call_id, "name": name, "result": result, "isError": is_error, "durationMs": duration_ms}
 
 
 def _end(conn: sqlite3.Connection, conversation_id: str, now_ms: int) -> None:
