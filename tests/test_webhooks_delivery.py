@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,41 @@ async def test_a_slow_endpoint_does_not_starve_a_healthy_one(tmp_path: Path, clo
             assert state["max"] == PER_ENDPOINT_CONCURRENCY
             for receiver in (slow_receiver, fast_receiver):
                 assert sorted(r.webhook_id for r in receiver.snapshot()) == sorted(events)  # once each
+            await eventually(lambda: not h.rows("SELECT 1 FROM webhook_deliveries WHERE lease_until IS NOT NULL"))
+
+
+async def change_endpoint(h: Harness, webhook_id: str, patch: dict[str, Any] | None) -> float:
+    """PATCH (or DELETE, for None) the endpoint while its lanes are busy; return when it was acknowledged."""
+    if patch is None:
+        response = await h.client.delete(f"/v1/webhooks/{webhook_id}", headers=h.auth())
+    else:
+        response = await h.client.patch(f"/v1/webhooks/{webhook_id}", json=patch, headers=h.auth())
+    assert response.status_code in (200, 204), response.text
+    return time.time()
+
+
+@pytest.mark.parametrize("change", ["disable", "delete", "move"])
+async def test_deliveries_leased_ahead_follow_a_change_of_the_endpoint(
+    tmp_path: Path, clock: FakeClock, change: str
+) -> None:
+    """Each lane leases the deliveries after the one on the wire: once the change is acknowledged, none of them
+    goes to a disabled or deleted endpoint or to the old URL (a request already on the wire still lands)."""
+    with Receiver(lambda _: Reply(status=200, delay=0.3)) as old, Receiver() as new:
+        async with start_harness(tmp_path, clock=clock) as h:
+            webhook = await register(h, old)
+            new.secrets = old.secrets
+            events = [await emit(h, n=i) for i in range(16)]
+            await old.wait_count(6)  # the second round is on the wire: every lane holds deliveries leased ahead
+            patch = {"disable": {"is_active": False}, "delete": None, "move": {"url": new.url}}[change]
+            acknowledged = await change_endpoint(h, webhook["id"], patch)
+            await asyncio.sleep(0.8)  # the requests on the wire land; the lanes would send what they leased
+            late = [r for r in old.snapshot() if r.at > acknowledged + 0.1]
+            assert late == []
+            if change == "move":
+                await new.wait_count(16 - len(old.snapshot()))
+                delivered = sorted(r.webhook_id for r in [*old.snapshot(), *new.snapshot()])
+                assert delivered == sorted(events)  # each event once, the rest at the new URL
+                assert all(r.verified for r in new.snapshot())
             await eventually(lambda: not h.rows("SELECT 1 FROM webhook_deliveries WHERE lease_until IS NOT NULL"))
 
 

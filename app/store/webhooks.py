@@ -236,6 +236,22 @@ def fail_pending(conn: sqlite3.Connection, webhook_id: str, now_ms: int) -> int:
     ).rowcount
 
 
+class Target(msgspec.Struct, frozen=True):
+    """Where an active endpoint's deliveries go now, and what signs them."""
+
+    url: str
+    secret: str
+    previous_secrets: list[PreviousSecret]
+
+
+def target(conn: sqlite3.Connection, webhook_id: str) -> Target | None:
+    """The endpoint's current URL and secrets; None when it is disabled or deleted."""
+    row = conn.execute(
+        "SELECT url, secret, previous_secrets FROM webhooks WHERE id = ? AND is_active = 1", (webhook_id,)
+    ).fetchone()
+    return None if row is None else Target(row["url"], row["secret"], decode_previous(row["previous_secrets"]))
+
+
 def is_active(conn: sqlite3.Connection, webhook_id: str) -> bool | None:
     """Whether the endpoint is active; None when it no longer exists."""
     row = conn.execute("SELECT is_active FROM webhooks WHERE id = ?", (webhook_id,)).fetchone()

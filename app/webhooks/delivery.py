@@ -247,6 +247,19 @@ class Dispatcher:
             return []
         return claimed
 
+    def _retarget(self, claimed: store.Claimed) -> store.Claimed | None:
+        """A delivery leased ahead of its turn, as the endpoint is now: a URL changed or a secret rotated since
+        applies, and a disabled or deleted endpoint gets nothing (None; the lease is the caller's to give back).
+
+        A point read on the loop's own connection, just before the request: the lane leases two deliveries
+        ahead, and without it those went to the old URL, or to an endpoint already switched off."""
+        now = self.db.read_now(lambda c: store.target(c, claimed.webhook_id))
+        if now is None:
+            return None
+        if (now.url, now.secret, now.previous_secrets) == (claimed.url, claimed.secret, claimed.previous_secrets):
+            return claimed
+        return msgspec.structs.replace(claimed, url=now.url, secret=now.secret, previous_secrets=now.previous_secrets)
+
     async def _lane(self, first: store.Claimed) -> None:
         """One of an endpoint's `per_endpoint` lanes: one request in flight at a time, back to back.
 
@@ -266,7 +279,12 @@ class Dispatcher:
                     queue.extend(await pending)
                     pending = None
                     continue
-                current = queue.popleft()
+                leased = queue.popleft()
+                current = self._retarget(leased)
+                if current is None:  # disabled or deleted since it was leased: nothing more goes out
+                    await self._release([leased, *queue])
+                    queue.clear()
+                    continue
                 outcome = await self._send_leased(current)
                 if pending is not None:
                     queue.extend(await pending)
