@@ -37,19 +37,20 @@ class HangingProvider:
         return None
 
 
-class SimulatorHangingFrom(SimulatorProvider):
-    """The simulator, except that its `hang_from`-th send and every later one never completes (a process killed
-    while it waited for the provider)."""
+class SimulatorHolding(SimulatorProvider):
+    """The simulator, except that its `nth` send waits for `release` (never set: a process killed while it waited
+    for the provider)."""
 
-    def __init__(self, hang_from: int) -> None:
+    def __init__(self, nth: int) -> None:
         super().__init__()
-        self.hang_from = hang_from
+        self.nth = nth
         self.sends = 0
-        self.hanging = asyncio.Event()
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def send(self, request: SendRequest) -> SendAccepted:
         self.sends += 1
-        if self.sends >= self.hang_from:
-            self.hanging.set()
-            await asyncio.Event().wait()
+        if self.sends == self.nth:
+            self.holding.set()
+            await self.release.wait()
         return await super().send(request)

@@ -34,7 +34,7 @@ from tests.assistant_support import (
 )
 from tests.conftest import Harness
 from tests.fake_llm import FakeLLM, FakeToolServer, Step
-from tests.provider_doubles import SimulatorHangingFrom
+from tests.provider_doubles import SimulatorHolding
 from tests.webhook_receiver import eventually
 
 
@@ -413,13 +413,13 @@ async def test_end_conversation_survives_its_turn_being_cut_off_before_the_reply
 async def test_end_conversation_survives_its_turn_being_cut_off_while_the_reply_is_sent(
     tmp_path: Path, llm: FakeLLM
 ) -> None:
-    hanging = SimulatorHangingFrom(2)  # the opening goes out; the goodbye never leaves
+    hanging = SimulatorHolding(2)  # the opening goes out; the goodbye never leaves
     async with running(tmp_path, llm, provider=hanging) as h:
         agent = await make_agent(h, tools=[{"type": "end_conversation"}])
         conversation_id = await open_conversation(h, agent)
         llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
         await text_in(h, "Tuesday works, bye")
-        await asyncio.wait_for(hanging.hanging.wait(), 5)
+        await asyncio.wait_for(hanging.holding.wait(), 5)
         await cut_off(h)
 
     async with running(tmp_path, llm) as h:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,9 +21,11 @@ from app.domain.compliance import (
     blocks_assistant,
     keyword_of,
     match_keyword,
+    on_inbound,
 )
-from app.domain.inbound import InboundSms
+from app.domain.inbound import InboundResult, InboundSms
 from app.providers.simulator import SimulatorProvider
+from app.store import conversations as store
 from tests.assistant_support import (
     CUSTOMER,
     OURS,
@@ -35,6 +38,7 @@ from tests.assistant_support import (
 )
 from tests.conftest import Harness
 from tests.fake_llm import FakeLLM
+from tests.provider_doubles import SimulatorHolding
 from tests.seed import SEED_CREATE
 from tests.webhook_receiver import eventually
 
@@ -216,6 +220,45 @@ async def test_stop_opts_out_closes_the_conversation_and_confirms_once_without_t
     await settle()
     assert system_texts(h) == [OPT_OUT_CONFIRMATION]
     assert len(events_of(h, "contact.opt_out")) == 1
+
+
+async def test_a_stop_that_crosses_a_create_on_its_pair_leaves_no_conversation_open(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """The create saved its conversation before the STOP listed the pair and was waiting for the provider to
+    take its opening: the STOP closes it too, so it never starts, open, for an opted-out pair."""
+    held = SimulatorHolding(2)  # the first conversation's opening goes out; the second create waits
+    async with running(tmp_path, llm, provider=held) as h:
+        agent = await make_agent(h)
+        first = await open_conversation(h, agent)
+        crossing = asyncio.create_task(open_conversation(h, agent, welcomeMessage="A second opening"))
+        await asyncio.wait_for(held.holding.wait(), 5)
+
+        await text_in(h, "STOP")
+        held.release.set()
+        second = await crossing
+
+        for conversation_id in (first, second):
+            conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+            assert (conversation["status"], conversation["endReason"]) == ("closed", "opted_out")
+        (opt_out,) = events_of(h, "contact.opt_out")
+        assert opt_out["conversationId"] == first
+        assert h.rows("SELECT COUNT(*) AS n FROM conversations WHERE status != 'closed'")[0]["n"] == 0
+
+
+async def test_a_help_whose_conversation_closes_before_the_answer_is_answered_all_the_same(h: Harness) -> None:
+    """The HELP was routed to the open conversation, which a close (or a newer create) ended before the hook
+    answered: the answer is filed under it, as for a pair with no open conversation."""
+    agent = await make_agent(h, helpMessage="Text us at 555-0100.")
+    conversation_id = await open_conversation(h, agent)
+    routed = h.ctx.db.read_now(lambda c: store.get(c, conversation_id))
+    assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+    sms = InboundSms(from_number=CUSTOMER, to_number=OURS, body="HELP", provider="simulator")
+    message = h.ctx.db.read_now(lambda c: store.messages_of(c, conversation_id, after_seq=0, limit=1))[0]
+
+    await on_inbound(h.ctx, InboundResult(message=message, conversation=routed, routed=True), sms)
+
+    assert system_texts(h) == ["Text us at 555-0100."]
 
 
 async def test_stop_all_is_recorded_with_its_spaces_collapsed(h: Harness) -> None:
