@@ -298,7 +298,7 @@ def test_only_messages_a_provider_took_are_in_the_provider_id_index(tmp_path: Pa
     conn.close()
 
 
-def test_a_page_of_an_endpoints_delivery_log_walks_an_index_without_sorting(tmp_path: Path) -> None:
+def test_the_delivery_log_pages_on_an_index_and_pending_look_ups_keep_the_pending_only_one(tmp_path: Path) -> None:
     """Newest first from the cursor, on an index: not every delivery of the endpoint read and sorted per page."""
     from app.store import webhooks
 
@@ -311,6 +311,18 @@ def test_a_page_of_an_endpoints_delivery_log_walks_an_index_without_sorting(tmp_
         conn.set_trace_callback(None)
         plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
         assert "USING INDEX webhook_deliveries_by_endpoint" in plan and "TEMP B-TREE" not in plan, plan
+    # The look-ups of what is pending stay on the pending-only index, not the endpoint's whole log.
+    for run in (
+        lambda: webhooks.next_due(conn, "w-1"),
+        lambda: webhooks.fail_pending(conn, "w-1", 0),
+        lambda: webhooks.claim_due(conn, "w-1", 0, 4, 1000),
+    ):
+        statements = []
+        conn.set_trace_callback(statements.append)
+        run()
+        conn.set_trace_callback(None)
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
+        assert "INDEX webhook_deliveries_due" in plan, plan
     conn.close()
 
 

@@ -230,7 +230,10 @@ def fail_pending(conn: sqlite3.Connection, webhook_id: str, now_ms: int) -> int:
     """A deactivated endpoint's unleased pending deliveries become `failed` (recover re-queues them); a
     leased one fails when its lease is given back (`release`, `settle`)."""
     return conn.execute(
-        "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
+        # The pending-only index: an endpoint's whole delivery log is also indexed by `webhook_id` (for its list),
+        # and without statistics SQLite would walk that instead.
+        "UPDATE webhook_deliveries INDEXED BY webhook_deliveries_due"
+        " SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
         " WHERE webhook_id = ? AND status = 'pending' AND (lease_until IS NULL OR lease_until <= ?)",
         (now_ms, webhook_id, now_ms),
     ).rowcount
@@ -417,7 +420,8 @@ def release(conn: sqlite3.Connection, claimed: Claimed) -> None:
 def next_due(conn: sqlite3.Connection, webhook_id: str) -> int | None:
     """When the endpoint next has a delivery to attempt (a leased one counts from its lease's end)."""
     row = conn.execute(
-        "SELECT MIN(MAX(d.next_attempt_at, COALESCE(d.lease_until, 0))) FROM webhook_deliveries d"
+        "SELECT MIN(MAX(d.next_attempt_at, COALESCE(d.lease_until, 0)))"
+        " FROM webhook_deliveries d INDEXED BY webhook_deliveries_due"  # as in `fail_pending`
         " JOIN webhooks w ON w.id = d.webhook_id AND w.is_active = 1"
         " WHERE d.webhook_id = ? AND d.status = 'pending'",
         (webhook_id,),
