@@ -96,14 +96,12 @@ class Outcome(msgspec.Struct, kw_only=True):
     conversation: Conversation | None = None  # the conversation a confirmation is filed under
 
 
-def _live(conn: sqlite3.Connection, org_id: str, sms: InboundSms) -> list[Conversation]:
-    """The pair's conversations not yet closed, as they are now: not the one the inbound was routed to in its own
-    earlier transaction, which a create racing the keyword may have superseded since."""
-    return store.live_for_pair(conn, org_id, sms.to_number, sms.from_number)
-
-
-def _open(live: list[Conversation]) -> Conversation | None:
-    return next((c for c in live if c.status == "in_progress"), None)
+def _open(conn: sqlite3.Connection, org_id: str, sms: InboundSms) -> Conversation | None:
+    """The pair's open conversation as it is now: not necessarily the one the inbound was routed to in its own
+    earlier transaction, which a create racing the keyword may have superseded since. (A create still sending
+    its opening closes its conversation itself if it finds the pair listed: `conversations._opening_sent`.)"""
+    found = store.open_for_pair(conn, sms.to_number, sms.from_number)
+    return next((c for c in found if c.org_id == org_id), None)
 
 
 def _contact_scope(org_id: str, open_conversation: Conversation | None) -> EventScope:
@@ -115,21 +113,17 @@ def _contact_scope(org_id: str, open_conversation: Conversation | None) -> Event
 def apply_opt_out(
     conn: sqlite3.Connection, result: InboundResult, sms: InboundSms, keyword: Keyword, now_ms: int
 ) -> Outcome:
-    """List the pair, close its open conversation with `opted_out`, emit `contact.opt_out` (one transaction).
-
-    A conversation whose create is still sending its opening (`pending`) is closed too: it was saved before the
-    pair was listed, and would otherwise start, open, once the provider took its opening."""
+    """List the pair, close its open conversation with `opted_out`, emit `contact.opt_out` (one transaction)."""
     assert result.conversation is not None
     org_id = result.conversation.org_id
-    live = _live(conn, org_id, sms)
-    open_conversation = _open(live)
+    open_conversation = _open(conn, org_id, sms)
     added = opt_outs.add(conn, org_id, sms.to_number, sms.from_number, keyword.keyword, now_ms)
-    if not added and not live:
+    if not added and open_conversation is None:
         return Outcome(changed=False)
     data = {"phoneNumber": sms.from_number, "senderNumber": sms.to_number, "keyword": keyword.keyword}
     events.append(conn, "contact.opt_out", _contact_scope(org_id, open_conversation), data, now_ms)
-    for conversation in live:
-        lifecycle.close(conn, conversation, reason="opted_out", now_ms=now_ms)
+    if open_conversation is not None:
+        lifecycle.close(conn, open_conversation, reason="opted_out", now_ms=now_ms)
     return Outcome(changed=added, conversation=store.get(conn, (open_conversation or result.conversation).id))
 
 
@@ -142,7 +136,7 @@ def apply_opt_in(
     if not opt_outs.remove(conn, org_id, sms.to_number, sms.from_number):
         return Outcome(changed=False)
     data = {"phoneNumber": sms.from_number, "senderNumber": sms.to_number, "keyword": keyword.keyword}
-    events.append(conn, "contact.opt_in", _contact_scope(org_id, _open(_live(conn, org_id, sms))), data, now_ms)
+    events.append(conn, "contact.opt_in", _contact_scope(org_id, _open(conn, org_id, sms)), data, now_ms)
     return Outcome(changed=True, conversation=result.conversation)
 
 

@@ -195,7 +195,8 @@ def _opening_sent(
     now_ms: int,
 ) -> int | None:
     """The provider took the opening SMS: supersede the pair's other open conversation, start this one, record
-    the send and arm the inactivity timer; return the timer's due time (None: it was closed while pending)."""
+    the send and arm the inactivity timer; return the timer's due time (None: it was closed while pending, or
+    the customer opted out while the opening was on its way)."""
     for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
         if other.id != conversation.id:
             lifecycle.close(
@@ -204,7 +205,14 @@ def _opening_sent(
     # In progress and active now; `sequence` is its `sms.message_sent`'s (None: closed while pending).
     sequence = store.start(conn, conversation.id, now_ms)
     messaging.record_accepted(conn, conversation, message, accepted, now_ms, sequence=sequence)
-    return lifecycle.arm_inactivity(conn, conversation, now_ms, agent) if sequence is not None else None
+    if sequence is None:
+        return None
+    if opt_outs.contains(conn, conversation.org_id, conversation.from_number, conversation.to_number):
+        # A STOP came in after the create checked the list and before the provider took the opening (the two
+        # crossed): the opening was already on its way, but the conversation does not stay open.
+        lifecycle.close(conn, conversation, reason="opted_out", now_ms=now_ms)
+        return None
+    return lifecycle.arm_inactivity(conn, conversation, now_ms, agent)
 
 
 def _record_unwritten(

@@ -161,16 +161,6 @@ def open_for_pair(conn: sqlite3.Connection, from_number: str, to_number: str) ->
     return [conversation_from_row(row) for row in rows]
 
 
-def live_for_pair(conn: sqlite3.Connection, org_id: str, from_number: str, to_number: str) -> list[Conversation]:
-    """The pair's conversations not yet closed: the open one, and any whose create is still sending its opening."""
-    rows = conn.execute(
-        f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE from_number = ? AND to_number = ? AND org_id = ?"
-        " AND status IN ('pending', 'in_progress')",
-        (from_number, to_number, org_id),
-    ).fetchall()
-    return [conversation_from_row(row) for row in rows]
-
-
 def latest_for_pair(
     conn: sqlite3.Connection, from_number: str, to_number: str, org_id: str | None = None
 ) -> Conversation | None:
