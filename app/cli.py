@@ -23,6 +23,7 @@ from app.store.db import connect_sync, write_sync
 from app.store.migrate import migrate
 
 STARTUP_FAILURE = 3  # the exit status uvicorn gives a server whose start-up failed
+BACKLOG = 2048  # uvicorn's default
 
 DEV_ORG = "dev"
 
@@ -116,7 +117,8 @@ def _listen(settings: Settings, args: argparse.Namespace) -> list[socket.socket]
         raise ConfigError(problem) from None
     bound: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in found:
+        # Each address once (a resolver can name one twice), as asyncio's own server does.
+        for family, kind, proto, _, address in dict.fromkeys(found):
             sock = socket.socket(family, kind, proto)
             bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
@@ -132,6 +134,9 @@ def _listen(settings: Settings, args: argparse.Namespace) -> list[socket.socket]
                 raise ConfigError(
                     f"{host_name} must be an address of this machine, got {host!r} ({exc.strerror})"
                 ) from None
+            # Listening at once: a socket that is only bound can still be bound by another that sets SO_REUSEADDR
+            # (asyncio's servers do). Connections made meanwhile wait in the backlog until the server is up.
+            sock.listen(BACKLOG)
     except BaseException:
         for sock in bound:
             sock.close()
@@ -174,6 +179,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             create_app(settings),
             host=settings.host,
             port=settings.port,
+            backlog=BACKLOG,
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,

@@ -230,7 +230,9 @@ def test_serve_holds_its_port_from_the_check_until_it_serves_on_it(tmp_path: Pat
         assert process.stdout is not None
         assert "Parley serving on" in process.stdout.readline()  # printed before start-up runs
         with socket.socket() as other, pytest.raises(OSError) as refused:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers, uvicorn's included
             other.bind(("127.0.0.1", port))
+            other.listen()
         assert refused.value.errno == errno.EADDRINUSE
         wait_until_ready(f"http://127.0.0.1:{port}", process, log)
     finally:
