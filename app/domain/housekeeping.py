@@ -25,14 +25,14 @@ def next_lookup_base(message: Message, now_ms: int, after_ms: int) -> int:
     """When the wait for a message's next status look-up starts, after one that brought nothing new.
 
     The look-ups space out as the message ages: the next one comes `after_ms` or the message's age later,
-    whichever is longer, at most a day (10 min, 20, 40, ... then daily), and none come once it is
-    LOOKUP_FOR_MS old. Twilio leaves a message at `sent` for good when the carrier never reports delivery:
+    whichever is longer, at most a day (10 min, 20, 40, ... then daily), and none that would come once it
+    is LOOKUP_FOR_MS old. Twilio leaves a message at `sent` for good when the carrier never reports delivery:
     asking every 10 minutes for ever would spend the account's request budget on such messages and add a
     stored report each time."""
     age = now_ms - (message.sent_at or message.created_at)
-    if age >= LOOKUP_FOR_MS:
-        return NO_MORE_LOOKUPS
     wait = max(after_ms, min(age, DAY_MS))
+    if age + wait > LOOKUP_FOR_MS:
+        return NO_MORE_LOOKUPS
     return now_ms + wait - after_ms
 
 
