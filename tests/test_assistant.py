@@ -678,12 +678,12 @@ async def test_a_model_timing_out_yields_assistant_error_and_the_next_text_is_an
 
 async def test_a_model_answer_trickling_in_past_the_timeout_is_a_model_timeout(tmp_path: Path, llm: FakeLLM) -> None:
     """The SDK's timeout bounds each read: an answer that keeps sending a byte at a time never trips it."""
-    async with running(tmp_path, llm, llm_timeout_seconds=0.3) as h:
+    async with running(tmp_path, llm, llm_timeout_seconds=0.15) as h:
         agent = await make_agent(h)
         conversation_id = await open_conversation(h, agent)
         completion = llm._completion({"role": "assistant", "content": "dripped"}, "stop", "m")
         for _ in range(3):
-            llm.respond_with(lambda body, c=completion: Step(200, c, drip=0.01))
+            llm.respond_with(lambda body, c=completion: Step(200, c, drip=0.004))
 
         await text_in(h, "Hello?")
 

@@ -276,9 +276,7 @@ async def test_parley_confirms_a_stop_only_when_twilio_did_not(
     assert count(h, "events WHERE type = 'contact.opt_out'") == 1
 
 
-async def test_a_keyword_twilio_recognised_opts_the_pair_out_and_never_reaches_the_model(
-    h: Harness, fake_twilio: FakeTwilio
-) -> None:
+async def test_a_keyword_twilio_recognised_opts_the_pair_out(h: Harness, fake_twilio: FakeTwilio) -> None:
     """An Advanced Opt-Out keyword of the Messaging Service's own (not one of Parley's): Twilio has blocked the
     pair and answered, and says so with OptOutType."""
     conversation_id, _, _ = await open_conversation(h)
@@ -289,8 +287,17 @@ async def test_a_keyword_twilio_recognised_opts_the_pair_out_and_never_reaches_t
     (row,) = h.rows("SELECT payload FROM events WHERE type = 'contact.opt_out'")
     assert msgspec.json.decode(row["payload"])["data"]["keyword"] == "ARRET"
     assert count(h, "opt_outs") == 1
-    assert count(h, "jobs WHERE kind = 'assistant_turn'") == 0
     assert len(fake_twilio.sends()) == 1  # the opening only: Twilio confirmed it
+
+
+async def test_a_help_twilio_recognised_never_reaches_the_model(h: Harness, fake_twilio: FakeTwilio) -> None:
+    conversation_id, _, _ = await open_conversation(h)
+    response = await callback(h, INBOUND, inbound_params(body="Aide", OptOutType="HELP"))
+    assert response.status_code == 200
+    assert count(h, "jobs WHERE kind = 'assistant_turn'") == 0  # no turn for it
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["status"] == "in_progress"
+    assert len(fake_twilio.sends()) == 1  # Twilio answered the HELP: Parley adds nothing
 
 
 async def test_a_signed_inbound_without_message_sid_is_400(h: Harness) -> None:

@@ -361,17 +361,21 @@ async def test_a_slow_endpoint_does_not_starve_a_healthy_one(tmp_path: Path, clo
             await eventually(lambda: not h.rows("SELECT 1 FROM webhook_deliveries WHERE lease_until IS NOT NULL"))
 
 
-async def change_endpoint(h: Harness, webhook_id: str, patch: dict[str, Any] | None) -> float:
-    """PATCH (or DELETE, for None) the endpoint while its lanes are busy; return when it was acknowledged."""
-    if patch is None:
-        response = await h.client.delete(f"/v1/webhooks/{webhook_id}", headers=h.auth())
+async def change_endpoint(h: Harness, webhook_id: str, change: str, new_url: str) -> tuple[float, Any]:
+    """Change the endpoint while its lanes are busy; return when it was acknowledged, and the answer's data."""
+    path = f"/v1/webhooks/{webhook_id}"
+    if change == "delete":
+        response = await h.client.delete(path, headers=h.auth())
+    elif change == "rotate":
+        response = await h.post(f"{path}/rotate-secret")
     else:
-        response = await h.client.patch(f"/v1/webhooks/{webhook_id}", json=patch, headers=h.auth())
+        patch = {"is_active": False} if change == "disable" else {"url": new_url}
+        response = await h.client.patch(path, json=patch, headers=h.auth())
     assert response.status_code in (200, 204), response.text
-    return time.time()
+    return time.time(), response.json()["data"] if response.content else None
 
 
-@pytest.mark.parametrize("change", ["disable", "delete", "move"])
+@pytest.mark.parametrize("change", ["disable", "delete", "move", "rotate"])
 async def test_deliveries_leased_ahead_follow_a_change_of_the_endpoint(
     tmp_path: Path, clock: FakeClock, change: str
 ) -> None:
@@ -383,11 +387,17 @@ async def test_deliveries_leased_ahead_follow_a_change_of_the_endpoint(
             new.secrets = old.secrets
             events = [await emit(h, n=i) for i in range(16)]
             await old.wait_count(6)  # the second round is on the wire: every lane holds deliveries leased ahead
-            patch = {"disable": {"is_active": False}, "delete": None, "move": {"url": new.url}}[change]
-            acknowledged = await change_endpoint(h, webhook["id"], patch)
+            acknowledged, data = await change_endpoint(h, webhook["id"], change, new.url)
+            if change == "rotate":
+                old.secrets = [data["secret"], *old.secrets]
             await asyncio.sleep(0.8)  # the requests on the wire land; the lanes would send what they leased
             late = [r for r in old.snapshot() if r.at > acknowledged + 0.1]
-            assert late == []
+            if change == "rotate":
+                await old.wait_count(16)
+                late = [r for r in old.snapshot() if r.at > acknowledged + 0.1]
+                assert late and all(data["secret"] in r.verified_by for r in late)  # signed with the new secret
+            else:
+                assert late == []
             if change == "move":
                 await new.wait_count(16 - len(old.snapshot()))
                 delivered = sorted(r.webhook_id for r in [*old.snapshot(), *new.snapshot()])

@@ -169,8 +169,8 @@ class ChatModel:
                 async with asyncio.timeout(self.settings.llm_timeout_seconds):
                     response = await self._client.chat.completions.create(**kwargs)
                 return parse_answer(response)
-            # ValueError: a body that says it is JSON and is not (the SDK parses it as it reads the answer).
-            except (openai.OpenAIError, ModelError, TimeoutError, ValueError) as exc:
+            # JSONDecodeError: a body that says it is JSON and is not (the SDK parses it as it reads the answer).
+            except (openai.OpenAIError, ModelError, TimeoutError, json.JSONDecodeError) as exc:
                 code, retryable = _classify(exc)
                 log.warning("model call failed (attempt %d of %d): %s", attempt, tries, code)
                 if not retryable or attempt == tries:
