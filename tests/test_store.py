@@ -439,6 +439,51 @@ async def test_a_crash_between_persist_and_send_is_resolved_at_start_up(tmp_path
         assert first.rows("SELECT COUNT(*) FROM conversations WHERE status = 'pending'")[0][0] == 0
 
 
+async def test_a_create_cut_off_after_its_conversation_was_closed_is_settled_at_start_up(tmp_path: Path) -> None:
+    """An operator closed the conversation while its opening was on its way, then the process died: the
+    conversation is no longer `pending`, but its create still held the Idempotency-Key."""
+    hanging = HangingProvider()
+    async with start_harness(tmp_path, provider=hanging) as first:
+        task = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "cut-1"}))
+        await asyncio.wait_for(hanging.called.wait(), 5)
+        (conversation_id,) = [row[0] for row in first.rows("SELECT id FROM conversations")]
+        assert (await first.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+        key = first.key()
+        # A second process on the same file: its start-up finds the create cut off.
+        async with start_harness(tmp_path) as second:
+            second.keys["acme"] = key
+            message = second.rows("SELECT status, error_code FROM messages WHERE conversation_id = ?", conversation_id)
+            assert tuple(message[0]) == ("failed", "parley_interrupted")  # not left `queued` for ever
+            retry = await second.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "cut-1"})
+            assert retry.status_code == 201, retry.text  # the key was freed: not 409 for a day
+            assert retry.json()["data"]["conversationId"] != conversation_id
+        hanging.release.set()
+        await task
+
+
+def test_keys_held_by_running_creates_are_found_on_their_own_index(tmp_path: Path) -> None:
+    """Start-up recovery and the freeing of a key by its conversation read only the keys still `running`, not
+    every key of the last 24 hours."""
+    from app.store import conversations as conversation_store
+    from app.store import idempotency
+
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    for run in (
+        lambda: idempotency.finish_running(conn, "c-1", "{}"),
+        lambda: idempotency.release_running(conn, "c-1"),
+        lambda: idempotency.release_orphaned(conn),
+        lambda: conversation_store.interrupted_creates(conn),
+    ):
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+        run()
+        conn.set_trace_callback(None)
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
+        assert "INDEX idempotency_running" in plan, plan
+    conn.close()
+
+
 def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match="PARLEY_PORT"):
         load_settings({"PARLEY_PORT": "eighty"}, env_file=None)

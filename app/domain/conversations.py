@@ -437,7 +437,8 @@ def _unsent_opening(conn: sqlite3.Connection, conversation: Conversation) -> Mes
 
 
 async def recover_pending(ctx: Context) -> int:
-    """At start-up: a conversation still `pending` was interrupted between persist and the send's outcome.
+    """At start-up: a create was interrupted between persist and the send's outcome. Its conversation is still
+    `pending`, or was closed meanwhile (an operator's close) with its Idempotency-Key still held.
 
     Its create never answered, so the client may retry it. The send may have been in flight, so the provider
     is asked whether it took the opening SMS. If it did, the conversation goes on as the create would have left
@@ -447,7 +448,7 @@ async def recover_pending(ctx: Context) -> int:
     a duplicate cannot be taken back.
     """
     stuck = await ctx.db.read(
-        lambda c: [(conversation, _unsent_opening(c, conversation)) for conversation in store.pending(c)]
+        lambda c: [(conversation, _unsent_opening(c, conversation)) for conversation in store.interrupted_creates(c)]
     )
     for conversation, message in stuck:
         accepted: SendAccepted | None = None

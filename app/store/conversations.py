@@ -174,8 +174,14 @@ def latest_for_pair(
     return conversation_from_row(row) if row else None
 
 
-def pending(conn: sqlite3.Connection) -> list[Conversation]:
-    rows = conn.execute(f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE status = 'pending'").fetchall()
+def interrupted_creates(conn: sqlite3.Connection) -> list[Conversation]:
+    """At start-up, the conversations of creates a stop or crash cut off: those still `pending`, and any other
+    whose Idempotency-Key its create still holds (closed while its opening was on its way)."""
+    rows = conn.execute(
+        f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE status = 'pending'"
+        f" UNION SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id IN"
+        " (SELECT conversation_id FROM idempotency_keys WHERE state = 'running')"
+    ).fetchall()
     return [conversation_from_row(row) for row in rows]
 
 
