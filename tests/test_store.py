@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,17 @@ async def test_migration_0010_gives_each_number_to_the_one_organization_that_use
         assert (await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared})).status_code == 400
 
 
+def plan_of(conn: sqlite3.Connection, run: Callable[[], object]) -> str:
+    """SQLite's query plan for the first statement `run` executes on `conn`, with its values bound."""
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        run()
+    finally:
+        conn.set_trace_callback(None)
+    return " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
+
+
 def test_only_messages_a_provider_took_are_in_the_provider_id_index(tmp_path: Path) -> None:
     """Every outbound message is inserted before a provider takes it: the index skips those rows, and the
     look-ups by provider id (a status report's message) still use it."""
@@ -288,12 +299,7 @@ def test_only_messages_a_provider_took_are_in_the_provider_id_index(tmp_path: Pa
     migrate(conn)
     partial = {row["name"]: row["partial"] for row in conn.execute("PRAGMA index_list(messages)")}
     assert partial["messages_provider_id"] == 1
-    statements: list[str] = []
-    conn.set_trace_callback(statements.append)
-    assert store.message_by_provider_id(conn, "SM0001") is None
-    conn.set_trace_callback(None)
-    (lookup,) = statements
-    plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + lookup))
+    plan = plan_of(conn, lambda: store.message_by_provider_id(conn, "SM0001"))
     assert "USING INDEX messages_provider_id" in plan
     conn.close()
 
@@ -305,11 +311,9 @@ def test_the_delivery_log_pages_on_an_index_and_pending_look_ups_keep_the_pendin
     conn = connect_sync(str(tmp_path / "parley.db"))
     migrate(conn)
     for status in (None, "failed"):
-        statements: list[str] = []
-        conn.set_trace_callback(statements.append)
-        webhooks.list_deliveries(conn, "w-1", before_rowid=10, status=status, limit=20)
-        conn.set_trace_callback(None)
-        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
+        plan = plan_of(
+            conn, lambda s=status: webhooks.list_deliveries(conn, "w-1", before_rowid=10, status=s, limit=20)
+        )
         assert "USING INDEX webhook_deliveries_by_endpoint" in plan and "TEMP B-TREE" not in plan, plan
     # The look-ups of what is pending stay on the pending-only index, not the endpoint's whole log.
     for run in (
@@ -317,11 +321,7 @@ def test_the_delivery_log_pages_on_an_index_and_pending_look_ups_keep_the_pendin
         lambda: webhooks.fail_pending(conn, "w-1", 0),
         lambda: webhooks.claim_due(conn, "w-1", 0, 4, 1000),
     ):
-        statements = []
-        conn.set_trace_callback(statements.append)
-        run()
-        conn.set_trace_callback(None)
-        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
+        plan = plan_of(conn, run)
         assert "INDEX webhook_deliveries_due" in plan, plan
     conn.close()
 
@@ -475,11 +475,7 @@ def test_keys_held_by_running_creates_are_found_on_their_own_index(tmp_path: Pat
         lambda: idempotency.release_orphaned(conn),
         lambda: conversation_store.interrupted_creates(conn),
     ):
-        statements: list[str] = []
-        conn.set_trace_callback(statements.append)
-        run()
-        conn.set_trace_callback(None)
-        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statements[0]))
+        plan = plan_of(conn, run)
         assert "INDEX idempotency_running" in plan, plan
     conn.close()
 
