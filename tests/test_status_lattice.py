@@ -86,6 +86,10 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sqlite3.Conne
     conn.close()
 
 
+# Each conversation its own pair: a random suffix now and then named one twice, and the second could not open.
+CUSTOMER_NUMBERS = itertools.count(1)
+
+
 def sent_message(conn: sqlite3.Connection, org_id: str, agent_id: str) -> tuple[str, str, str]:
     """A fresh conversation whose opening SMS the provider accepted; return (conversation, message, sid)."""
     conversation = Conversation(
@@ -94,7 +98,7 @@ def sent_message(conn: sqlite3.Connection, org_id: str, agent_id: str) -> tuple[
         agent_id=agent_id,
         status="in_progress",
         from_number="+15555550123",
-        to_number="+1555" + str(uuid.uuid4().int)[:7],
+        to_number=f"+1555{next(CUSTOMER_NUMBERS):07d}",
         dynamic_variables={},
         metadata={},
         inactivity_timeout_seconds=86400,
