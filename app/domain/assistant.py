@@ -57,12 +57,6 @@ class Snapshot:
         return max((m.seq or 0 for m in self.messages), default=0)
 
 
-@dataclass
-class TurnState:
-    turn_id: str
-    end_requested: bool = False
-
-
 def needs_reply(messages: list[Message], answered_seq: int) -> bool:
     """True when a customer message (other than a compliance keyword) is newer than both what the last
     completed turn had read and the last message a person (operator) sent."""
@@ -177,7 +171,7 @@ class Assistant:
             chat.append({"role": "system", "content": system})
         chat.extend(prompt.history(snapshot.messages, snapshot.tool_calls, snapshot.reply_positions))
         offered = tools.specs(settings)
-        turn = TurnState(turn_id=new_id(), end_requested=snapshot.end_requested)
+        turn_id = new_id()
         rounds = 0
         while True:
             last_chance = rounds >= settings.max_tool_rounds
@@ -207,7 +201,7 @@ class Assistant:
                 if self._closed(conversation.id):
                     return
                 record = await self._run_tool(
-                    snapshot, turn, call, round_=rounds, position=position, assistant_content=answer.content
+                    snapshot, turn_id, call, round_=rounds, position=position, assistant_content=answer.content
                 )
                 chat.append(prompt.tool_result_message(record.call_id, record.result))
             if self._closed(conversation.id):
@@ -227,18 +221,21 @@ class Assistant:
         # Recorded before the send: a crash in between loses this reply rather than sending it twice.
         seen = snapshot.last_seq
 
-        def record(conn: sqlite3.Connection) -> bool:
-            """Record the turn; False when a person answered these texts while the model was thinking (the person
-            took over: the model's reply, and any end it asked for, are dropped)."""
-            tool_calls_store.record_turn(conn, turn.turn_id, conversation.id, seen, ctx.clock.now_ms())
+        def record(conn: sqlite3.Connection) -> tuple[bool, bool]:
+            """Record the turn: (send the reply, then end the conversation). Nothing is sent when a person answered
+            these texts while the model was thinking: the person took over, and an end the model asked for (in
+            this run or one a stop cut off) is dropped with the reply."""
+            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, ctx.clock.now_ms())
             if store.operator_wrote_after(conn, conversation.id, seen):
                 store.set_end_requested(conn, conversation.id, None)
-                return False
-            return True
+                return False, False
+            return True, store.end_requested(conn, conversation.id)
 
-        if not await ctx.db.write(record):
+        answer_it, ends = await ctx.db.write(record)
+        if not answer_it:
             log.info("an operator answered in conversation %s during its assistant turn; no reply", conversation.id)
             return
+        sent_id: str | None = None
         if reply:
             try:
                 sent = await messaging.send_in_conversation(ctx, conversation.id, conversation.org_id, reply, "agent")
@@ -252,14 +249,21 @@ class Assistant:
                     exc.provider_code,
                 )
             else:
-                await ctx.db.write(lambda c: tool_calls_store.set_turn_reply(c, turn.turn_id, sent.id))
-        if turn.end_requested:
-            await ctx.db.write(lambda c: _end(c, conversation.id, ctx.clock.now_ms()))
+                sent_id = sent.id
+
+        def finish(conn: sqlite3.Connection) -> None:
+            if sent_id is not None:
+                tool_calls_store.set_turn_reply(conn, turn_id, sent_id)
+            if ends:
+                _end(conn, conversation.id, ctx.clock.now_ms())
+
+        if sent_id is not None or ends:
+            await ctx.db.write(finish)
 
     async def _run_tool(
         self,
         snapshot: Snapshot,
-        turn: TurnState,
+        turn_id: str,
         call: ToolCallRequest,
         *,
         round_: int,
@@ -275,7 +279,7 @@ class Assistant:
             id=new_id(),
             conversation_id=conversation.id,
             org_id=conversation.org_id,
-            turn_id=turn.turn_id,
+            turn_id=turn_id,
             round=round_,
             position=position,
             call_id=call.call_id,
@@ -306,7 +310,7 @@ class Assistant:
         elif kind == "unknown":
             outcome = tools.failure(f"there is no tool named {call.name!r}")
         elif kind == tools.END_CONVERSATION:
-            turn.end_requested = ends = True
+            ends = True
             outcome = tools.ToolOutcome(result={"ok": True, "note": "The conversation ends after your reply is sent."})
         elif kind == tools.HANDOFF_TO_HUMAN:
             assert arguments is not None
@@ -345,7 +349,7 @@ class Assistant:
             )
             data = _result_data(record.id, call.name, outcome.result, outcome.is_error, duration_ms)
             events.append(conn, "sms.tool_call_result", conversation.scope, data, now)
-            if ends:  # kept with the call: a turn cut off from here on still ends the conversation when re-run
+            if ends:  # stored with the call: the turn ends the conversation by it, a run a stop cut off included
                 store.set_end_requested(conn, conversation.id, now)
             if handoff_summary is not None:
                 current = store.get(conn, conversation.id)
