@@ -107,7 +107,7 @@ def create_app(
             await sms.start(on_status)
             stack.push_async_callback(sms.close)
             # After the provider starts: an interrupted opening is looked up at the provider.
-            await conversations.recover_pending(ctx)
+            await conversations.recover_interrupted(ctx)
             await assistant.settle_interrupted_tool_calls()
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
             await scheduler.start()

@@ -215,6 +215,16 @@ def _opening_sent(
     return lifecycle.arm_inactivity(conn, conversation, now_ms, agent)
 
 
+def _opening_failed(
+    conn: sqlite3.Connection, conversation: Conversation, message: Message | None, why: ProviderRejected, now_ms: int
+) -> None:
+    """The opening SMS did not go out, or cannot be known to have: its message (if written) fails with `why`, and
+    the conversation closes as `opening_message_failed` (it already is, when an operator closed it meanwhile)."""
+    if message is not None:
+        messaging.record_rejected(conn, conversation, message, why, now_ms)
+    lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+
+
 def _record_unwritten(
     ctx: Context,
     conversation: Conversation,
@@ -371,9 +381,7 @@ async def create(
         )
 
         def record_failure(conn: sqlite3.Connection) -> None:
-            now_ms = ctx.clock.now_ms()
-            messaging.record_rejected(conn, conversation, message, rejected, now_ms)
-            lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+            _opening_failed(conn, conversation, message, rejected, ctx.clock.now_ms())
             _finish_idempotency(conn, org_id, idempotency_key, outcome)
 
         await ctx.db.write(record_failure)
@@ -429,14 +437,14 @@ async def get(ctx: Context, org_id: str, conversation_id: str) -> Conversation:
 
 
 def _unsent_opening(conn: sqlite3.Connection, conversation: Conversation) -> Message | None:
-    """A pending conversation's opening SMS, if no provider has been recorded as taking it."""
+    """An interrupted create's opening SMS, if no provider has been recorded as taking it."""
     for message in store.messages_of(conn, conversation.id, after_seq=0, limit=1):
         if message.direction == "outbound" and message.status == "queued" and not message.provider_message_id:
             return message
     return None
 
 
-async def recover_pending(ctx: Context) -> int:
+async def recover_interrupted(ctx: Context) -> int:
     """At start-up: a create was interrupted between persist and the send's outcome. Its conversation is still
     `pending`, or was closed meanwhile (an operator's close) with its Idempotency-Key still held.
 
@@ -490,9 +498,7 @@ def _settle_interrupted(
         )
     else:
         rejected = unknown or ProviderRejected("parley_interrupted", "the server stopped before the send completed")
-        if message is not None:
-            messaging.record_rejected(conn, conversation, message, rejected, now_ms)
-        lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+        _opening_failed(conn, conversation, message, rejected, now_ms)
         if unknown is None:
             idempotency.release_running(conn, conversation.id)
             return
