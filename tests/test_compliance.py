@@ -21,11 +21,9 @@ from app.domain.compliance import (
     blocks_assistant,
     keyword_of,
     match_keyword,
-    on_inbound,
 )
-from app.domain.inbound import InboundResult, InboundSms
+from app.domain.inbound import InboundSms
 from app.providers.simulator import SimulatorProvider
-from app.store import conversations as store
 from tests.assistant_support import (
     CUSTOMER,
     OURS,
@@ -246,19 +244,72 @@ async def test_a_stop_that_crosses_a_create_on_its_pair_leaves_no_conversation_o
         assert h.rows("SELECT COUNT(*) AS n FROM conversations WHERE status != 'closed'")[0]["n"] == 0
 
 
-async def test_a_help_whose_conversation_closes_before_the_answer_is_answered_all_the_same(h: Harness) -> None:
-    """The HELP was routed to the open conversation, which a close (or a newer create) ended before the hook
-    answered: the answer is filed under it, as for a pair with no open conversation."""
+def write_transactions(statements: list[str]) -> list[list[str]]:
+    """Traced statements of the writer, cut into its transactions (BEGIN … COMMIT)."""
+    out: list[list[str]] = []
+    for statement in statements:
+        if statement.startswith("BEGIN"):
+            out.append([])
+        elif out:
+            out[-1].append(statement)
+    return out
+
+
+@pytest.mark.parametrize(("body", "effect"), [("STOP", "INSERT INTO opt_outs"), ("HELP", "INSERT INTO messages")])
+async def test_a_keyword_is_acted_on_in_the_transaction_that_stores_it(h: Harness, body: str, effect: str) -> None:
+    """A crash can keep an inbound message and lose its effect only if they commit apart: a STOP stored but never
+    applied (the customer texted again), a HELP never answered."""
     agent = await make_agent(h, helpMessage="Text us at 555-0100.")
-    conversation_id = await open_conversation(h, agent)
-    routed = h.ctx.db.read_now(lambda c: store.get(c, conversation_id))
-    assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
-    sms = InboundSms(from_number=CUSTOMER, to_number=OURS, body="HELP", provider="simulator")
-    message = h.ctx.db.read_now(lambda c: store.messages_of(c, conversation_id, after_seq=0, limit=1))[0]
+    await open_conversation(h, agent)
+    statements: list[str] = []
+    h.ctx.db.writer_connection.set_trace_callback(statements.append)
+    try:
+        await text_in(h, body)
+    finally:
+        h.ctx.db.writer_connection.set_trace_callback(None)
+    (stored,) = [t for t in write_transactions(statements) if any("'received'" in s for s in t)]
+    assert len([s for s in stored if s.startswith("INSERT INTO messages")]) == 2  # the text and Parley's answer
+    assert any(s.startswith(effect) for s in stored), stored
 
-    await on_inbound(h.ctx, InboundResult(message=message, conversation=routed, routed=True), sms)
 
-    assert system_texts(h) == ["Text us at 555-0100."]
+async def test_an_ordinary_text_schedules_its_turn_in_the_transaction_that_stores_it(h: Harness) -> None:
+    agent = await make_agent(h)
+    await open_conversation(h, agent)
+    statements: list[str] = []
+    h.ctx.db.writer_connection.set_trace_callback(statements.append)
+    try:
+        await text_in(h, "Can I come Tuesday?")
+    finally:
+        h.ctx.db.writer_connection.set_trace_callback(None)
+    (stored,) = [t for t in write_transactions(statements) if any("'received'" in s for s in t)]
+    assert any("'assistant_turn'" in s and "jobs" in s for s in stored), stored
+
+
+async def test_a_stop_whose_confirmation_was_cut_off_stays_applied_and_the_confirmation_is_settled(
+    tmp_path: Path,
+) -> None:
+    """The process dies while the STOP confirmation is with the provider: the opt-out was committed with the STOP,
+    and the next start-up settles the confirmation (the simulator never took it) instead of leaving it `queued`."""
+    held = SimulatorHolding(2)  # the opening goes out; the confirmation waits
+    async with running(tmp_path, None, provider=held) as first:
+        agent = await make_agent(first, helpMessage="Help text.")
+        conversation_id = await open_conversation(first, agent)
+        stop = asyncio.create_task(text_in(first, "STOP"))
+        await asyncio.wait_for(held.holding.wait(), 5)
+        key = first.key()
+        async with running(tmp_path, None) as second:  # another process on the same file
+            second.keys["acme"] = key
+            conversation = (await second.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+            assert (conversation["status"], conversation["endReason"]) == ("closed", "opted_out")
+            assert len(second.rows("SELECT * FROM opt_outs")) == 1
+            (confirmation,) = second.rows("SELECT status, error_code FROM messages WHERE author = 'system'")
+            assert tuple(confirmation) == ("failed", "parley_interrupted")
+            updates = [e["data"] for e in events_of(second, "sms.message_delivery_updated")]
+            assert [(u["author"], u["status"], u["errorCode"]) for u in updates if u["author"] == "system"] == [
+                ("system", "failed", "parley_interrupted")
+            ]
+        held.release.set()
+        await stop
 
 
 async def test_stop_all_is_recorded_with_its_spaces_collapsed(h: Harness) -> None:

@@ -16,13 +16,14 @@ import pytest
 from app.clock import FakeClock
 from app.config import ConfigError, load_settings
 from app.domain.ids import new_signing_secret
-from app.providers.base import SendRequest, StatusReport
+from app.providers.base import SendAccepted, SendRequest, StatusReport
+from app.providers.simulator import SimulatorProvider
 from app.store.db import Database, connect_sync
 from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
 from tests.assistant_support import call_tool, open_conversation, signers, webhook_tool
 from tests.conftest import start_harness
 from tests.fake_llm import FakeLLM, FakeToolServer
-from tests.provider_doubles import HangingProvider
+from tests.provider_doubles import HangingProvider, SimulatorHolding
 from tests.seed import SEED_CREATE
 from tests.webhook_receiver import Receiver, emit
 
@@ -459,6 +460,67 @@ async def test_a_create_cut_off_after_its_conversation_was_closed_is_settled_at_
             assert retry.json()["data"]["conversationId"] != conversation_id
         hanging.release.set()
         await task
+
+
+class FindsItSent(SimulatorProvider):
+    """A provider that, asked after a crash, says it took the message."""
+
+    async def find_sent(self, message: Any) -> SendAccepted | None:
+        return SendAccepted(provider_message_id="SM" + "f" * 32, provider_status="sent")
+
+
+class CannotSay(SimulatorProvider):
+    """A provider that cannot be asked after a crash (its API is down)."""
+
+    async def find_sent(self, message: Any) -> SendAccepted | None:
+        raise ConnectionError("provider unreachable")
+
+
+@pytest.mark.parametrize(
+    ("provider", "settled", "event"),
+    [
+        (SimulatorProvider, ("failed", "parley_interrupted", None), "sms.message_delivery_updated"),
+        (FindsItSent, ("sent", None, "SM" + "f" * 32), "sms.message_sent"),
+        (CannotSay, ("failed", "provider_outcome_unknown", None), "sms.message_delivery_updated"),
+    ],
+)
+async def test_a_message_cut_off_between_persist_and_send_is_settled_at_start_up(
+    tmp_path: Path, provider: type[SimulatorProvider], settled: tuple[Any, ...], event: str
+) -> None:
+    """Not only a create's opening: any outbound SMS (here an operator's) the process died sending is settled by
+    asking the provider, not left `queued` for ever; nothing is sent twice."""
+    held = SimulatorHolding(2)  # the opening goes out; the operator's message waits
+    async with start_harness(tmp_path, provider=held) as first:
+        created = await first.post("/v1/sms-conversations", SEED_CREATE)
+        conversation_id = created.json()["data"]["conversationId"]
+        task = asyncio.create_task(first.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Hi"}))
+        await asyncio.wait_for(held.holding.wait(), 5)
+        key = first.key()
+        async with start_harness(tmp_path, provider=provider()) as second:  # another process on the same file
+            second.keys["acme"] = key
+            (row,) = second.rows(
+                "SELECT id, status, error_code, provider_message_id FROM messages WHERE author = 'operator'"
+            )
+            assert tuple(row)[1:] == settled
+            payloads = [
+                json.loads(r["payload"]) for r in second.rows("SELECT payload FROM events WHERE type = ?", event)
+            ]
+            assert [p["data"]["messageId"] for p in payloads if p["data"]["author"] == "operator"] == [row["id"]]
+            conversation = (await second.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+            assert conversation["status"] == "in_progress"  # only the message is settled
+        held.release.set()
+        await task
+
+
+def test_unsent_messages_are_found_on_the_unfinished_index(tmp_path: Path) -> None:
+    """Start-up reads only the messages still `queued`/`sent`, not every message ever sent."""
+    from app.store import conversations as conversation_store
+
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    plan = plan_of(conn, lambda: conversation_store.unsent_outbound(conn))
+    assert "INDEX messages_unfinished" in plan, plan
+    conn.close()
 
 
 def test_keys_held_by_running_creates_are_found_on_their_own_index(tmp_path: Path) -> None:

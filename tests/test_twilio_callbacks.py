@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import httpx
 import msgspec
 import pytest
 from twilio.request_validator import RequestValidator
@@ -249,17 +250,47 @@ async def test_a_signature_over_the_default_port_form_is_accepted(h: Harness) ->
     assert count(h, "messages WHERE direction = 'inbound'") == 1  # unrouted: no conversation yet
 
 
-async def test_opt_out_type_reaches_the_inbound_hooks(h: Harness) -> None:
+async def test_opt_out_type_reaches_the_inbound_effects(h: Harness) -> None:
     seen: list[str | None] = []
 
-    async def hook(ctx: Any, result: InboundResult, sms: InboundSms) -> None:
+    def effect(ctx: Any, conn: Any, result: InboundResult, sms: InboundSms, now_ms: int) -> None:
         seen.append(sms.provider_opt_out_type)
 
-    h.ctx.inbound_hooks.append(hook)
+    h.ctx.inbound_effects.append(effect)
     await callback(h, INBOUND, inbound_params(body="STOP", OptOutType="STOP"))
     await callback(h, INBOUND, inbound_params(sid="SM" + "c" * 32, body="hello"))
     assert seen == ["STOP", None]
     assert h.ctx.provider.confirms_opt_out is False  # Parley confirms unless OptOutType says Twilio did
+
+
+@pytest.mark.parametrize("body", ["STOP", "HELP"])
+async def test_twilio_is_answered_before_parleys_own_answer_is_sent(
+    h: Harness, fake_twilio: FakeTwilio, body: str
+) -> None:
+    """The keyword's answer is committed with the inbound message, then handed to Twilio after the TwiML: a slow
+    Twilio API cannot push the webhook past Twilio's 15 s budget."""
+    await open_conversation(h)
+    sends_when_answered: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                sends_when_answered.append(len(fake_twilio.sends()))
+                answered = h.rows("SELECT status FROM messages WHERE author = 'system'")
+                assert [row["status"] for row in answered] == ["queued"]  # committed before the answer
+            await send(message)
+
+        await h.edge(scope, receive, watch)
+
+    params = inbound_params(body=body)
+    headers = signed_headers(h.settings.twilio_auth_token, PUBLIC + INBOUND, params)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver.local") as client:
+        response = await client.post(INBOUND, content=urlencode(params), headers=headers)
+    assert response.status_code == 200
+    assert sends_when_answered == [1]  # only the opening had gone out when Twilio was answered
+    assert len(fake_twilio.sends()) == 2  # then Parley's answer went, in the same request's background task
+    sent = h.rows("SELECT status, provider_message_id FROM messages WHERE author = 'system'")
+    assert sent[0]["provider_message_id"] is not None
 
 
 @pytest.mark.parametrize(("opt_out_type", "confirmations"), [("STOP", 0), (None, 1)])

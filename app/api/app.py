@@ -26,7 +26,7 @@ from app.api.webhooks import WebhookController
 from app.clock import Clock, SystemClock
 from app.config import Settings
 from app.domain import agent_registry, compliance, conversations, housekeeping, inactivity, lifecycle, messaging
-from app.domain.assistant import TURN_JOB, Assistant
+from app.domain.assistant import TURN_JOB, Assistant, schedule_turn
 from app.domain.context import Context
 from app.llm.client import ChatModel
 from app.providers.base import Provider, StatusReport
@@ -93,7 +93,7 @@ def create_app(
             stack.push_async_callback(model.close)
             assistant = Assistant(ctx, model)
             ctx.assistant = assistant
-            ctx.inbound_hooks = [compliance.on_inbound, assistant.on_inbound]
+            ctx.inbound_effects = [compliance.on_inbound, schedule_turn]
             ctx.generate_opening = assistant.generate_opening
 
             scheduler.register(housekeeping.JOB, lambda job: housekeeping.run(ctx, job))
@@ -108,6 +108,7 @@ def create_app(
             stack.push_async_callback(sms.close)
             # After the provider starts: an interrupted opening is looked up at the provider.
             await conversations.recover_interrupted(ctx)
+            await messaging.recover_unsent(ctx)
             await assistant.settle_interrupted_tool_calls()
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
             await scheduler.start()

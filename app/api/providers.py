@@ -3,7 +3,9 @@
 These routes take no API key (the Edge lets /v1/providers/ through); a request is Twilio's only
 when its `X-Twilio-Signature` verifies over `PARLEY_PUBLIC_URL` + path + query string and every
 POSTed parameter. Anything else is answered 403 before a single row is written. Twilio is answered
-only after the callback is committed: it retries an unanswered callback just once.
+only after the callback is committed: it retries an unanswered callback just once. An inbound message's
+answer of Parley's own (a STOP confirmation, a HELP reply), committed with it, is handed to Twilio after the
+TwiML is sent, so a slow send cannot push the webhook past Twilio's 15 s budget.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 from litestar import Controller, Request, Response, post
+from litestar.background_tasks import BackgroundTask
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Operation
 
@@ -111,7 +114,10 @@ class TwilioCallbackController(Controller):
         "/inbound",
         status_code=200,
         summary="Twilio inbound-message webhook (signed by Twilio)",
-        description="Answered with empty TwiML once the message is stored; repeated MessageSids are stored once.",
+        description=(
+            "Answered with empty TwiML once the message and its effects are stored; repeated MessageSids are stored"
+            " once."
+        ),
         request_max_body_size=CALLBACK_BODY_LIMIT,
         security=[{}],
         operation_class=form_body(TwilioInboundForm),
@@ -131,8 +137,10 @@ class TwilioCallbackController(Controller):
             raw=params,
             provider_opt_out_type=opt_out_type,
         )
-        await inbound.receive(rq.context(request), sms)
-        return Response(content=EMPTY_TWIML, status_code=200, media_type="text/xml")
+        ctx = rq.context(request)
+        accepted = await inbound.accept(ctx, sms)
+        later = BackgroundTask(inbound.send_replies, ctx, accepted.replies) if accepted.replies else None
+        return Response(content=EMPTY_TWIML, status_code=200, media_type="text/xml", background=later)
 
     @post(
         "/status",

@@ -104,32 +104,26 @@ def _unique_call_ids(calls: list[ToolCallRequest]) -> list[ToolCallRequest]:
     return out
 
 
+def schedule_turn(ctx: Context, conn: sqlite3.Connection, result: InboundResult, sms: InboundSms, now_ms: int) -> None:
+    """The inbound effect, in the transaction that stores the message (after the compliance filter's): (re)schedule
+    the conversation's debounced turn."""
+    if not result.routed or result.conversation is None or compliance.blocks_assistant(compliance.keyword_of(sms)):
+        return None
+    conversation = store.get(conn, result.conversation.id)
+    if conversation is None or conversation.status != "in_progress" or conversation.assistant_paused:
+        return None  # closed (e.g. by STOP), or handed to a person: stored and emitted, not answered
+    agent = agents_store.by_id_any(conn, conversation.agent_id)
+    debounce = agent.settings.reply_debounce_ms if agent is not None else 0
+    jobs.schedule(conn, TURN_JOB, conversation.id, now_ms + debounce)
+    return None
+
+
 class Assistant:
     """Runs assistant turns and LLM-generated openings for one app; plugged in by the lifespan."""
 
     def __init__(self, ctx: Context, model: ChatModel) -> None:
         self.ctx = ctx
         self.model = model
-
-    # --- inbound ----------------------------------------------------------------------------------
-
-    async def on_inbound(self, ctx: Context, result: InboundResult, sms: InboundSms) -> None:
-        """The inbound hook: (re)schedule the conversation's debounced turn."""
-        if not result.routed or result.conversation is None or compliance.blocks_assistant(compliance.keyword_of(sms)):
-            return
-        conversation_id = result.conversation.id
-
-        def schedule(conn: sqlite3.Connection) -> bool:
-            conversation = store.get(conn, conversation_id)
-            if conversation is None or conversation.status != "in_progress" or conversation.assistant_paused:
-                return False  # closed (e.g. by STOP), or handed to a person: stored and emitted, not answered
-            agent = agents_store.by_id_any(conn, conversation.agent_id)
-            debounce = agent.settings.reply_debounce_ms if agent is not None else 0
-            jobs.schedule(conn, TURN_JOB, conversation_id, ctx.clock.now_ms() + debounce)
-            return True
-
-        if await ctx.db.write(schedule):
-            ctx.scheduler.wake()
 
     # --- turns ------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The compliance filter (SPEC §5): opt-out, opt-in and HELP keywords, handled before any assistant turn.
 
 `match_keyword` is the pure decision (the whole body, trimmed, any case, inner whitespace collapsed);
-`on_inbound` is the inbound hook that acts on it. Opt-out and HELP messages never reach the model.
+`on_inbound` is the inbound effect that acts on it, in the transaction that stores the message. Opt-out and
+HELP messages never reach the model.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import msgspec
 
 from app.domain import lifecycle, messaging
 from app.domain.context import Context
-from app.domain.errors import Conflict, ProviderFailed
 from app.domain.events import EventScope
 from app.domain.inbound import InboundResult, InboundSms
-from app.domain.models import Conversation, Message
+from app.domain.models import Conversation
 from app.domain.templates import render
 from app.store import agents as agents_store
 from app.store import conversations as store
@@ -140,37 +140,14 @@ def apply_opt_in(
     return Outcome(changed=True, conversation=result.conversation)
 
 
-async def send_system(ctx: Context, conversation: Conversation, content: str) -> Message | None:
-    """Send a message Parley writes itself (`author: system`) filed under `conversation`, open or closed.
-
-    Unlike `messaging.send_in_conversation` it neither requires the conversation to be open nor refuses an
-    opted-out pair: an opt-out confirmation goes to exactly such a pair. A rejection is logged, not raised.
-    """
-
-    def persist(conn: sqlite3.Connection) -> Message:
-        now = ctx.clock.now_ms()
-        return messaging.insert_outbound(
-            conn, messaging.new_outbound(conversation, content, "system", now, ctx.provider.name)
-        )
-
-    message = await ctx.db.write(persist)
-    try:
-        return await messaging.hand_to_provider(ctx, conversation, message)
-    except ProviderFailed as exc:
-        log.warning(
-            "provider rejected a system message in conversation %s (code %s)", conversation.id, exc.provider_code
-        )
-        return None
-
-
 def _provider_answered(ctx: Context, sms: InboundSms) -> bool:
     """The provider has already replied to this keyword itself: it always does (`confirms_opt_out`), or it
     says it did this time (Twilio puts `OptOutType` on the callback when its opt-out handling answered)."""
     return ctx.provider.confirms_opt_out or sms.provider_opt_out_type is not None
 
 
-async def _help_text(ctx: Context, conversation: Conversation) -> str:
-    agent = await ctx.db.read(lambda c: agents_store.by_id_any(c, conversation.agent_id))
+def _help_text(conn: sqlite3.Connection, conversation: Conversation) -> str:
+    agent = agents_store.by_id_any(conn, conversation.agent_id)
     if agent is not None and agent.settings.help_message:
         # Like other agent texts it may name the conversation's variables ({{dealershipName}}).
         text = render(agent.settings.help_message, conversation.dynamic_variables).strip()
@@ -179,41 +156,35 @@ async def _help_text(ctx: Context, conversation: Conversation) -> str:
     return DEFAULT_HELP
 
 
-async def on_inbound(ctx: Context, result: InboundResult, sms: InboundSms) -> None:
-    """The inbound hook: act on a compliance keyword. Runs before the assistant's hook."""
+def on_inbound(
+    ctx: Context, conn: sqlite3.Connection, result: InboundResult, sms: InboundSms, now_ms: int
+) -> messaging.Outgoing | None:
+    """The inbound effect: act on a compliance keyword, in the transaction that stores the message (runs before
+    the assistant's). A confirmation or HELP answer is queued in it too, filed under the conversation the
+    keyword concerns, and handed to the provider once committed."""
     keyword = keyword_of(sms)
     if keyword is None:
-        return
+        return None
     if result.conversation is None:
         # No conversation ever used this pair: no org to attribute it to; the message is stored unrouted.
         log.info("%s keyword from a pair with no conversation; stored unrouted", keyword.action.value)
-        return
-    now = ctx.clock.now_ms()
+        return None
     confirm = not _provider_answered(ctx, sms)
+    text: str | None = None
     if keyword.action is Action.OPT_OUT:
-        outcome = await ctx.db.write(lambda c: apply_opt_out(c, result, sms, keyword, now))
+        outcome = apply_opt_out(conn, result, sms, keyword, now_ms)
         log.info("opt-out in conversation %s", result.conversation.id)
-        if outcome.changed and confirm and outcome.conversation is not None:
-            await send_system(ctx, outcome.conversation, OPT_OUT_CONFIRMATION)
+        text = OPT_OUT_CONFIRMATION if outcome.changed else None
     elif keyword.action is Action.OPT_IN:
-        outcome = await ctx.db.write(lambda c: apply_opt_in(c, result, sms, keyword, now))
+        outcome = apply_opt_in(conn, result, sms, keyword, now_ms)
         if outcome.changed:
             log.info("opt-in in conversation %s", result.conversation.id)
-            if confirm and outcome.conversation is not None:
-                await send_system(ctx, outcome.conversation, OPT_IN_CONFIRMATION)
-    elif confirm:
-        text = await _help_text(ctx, result.conversation)
-        if not result.routed:
-            # No open conversation: answered all the same (HELP is answered even for an opted-out pair),
-            # filed under the pair's most recent conversation.
-            await send_system(ctx, result.conversation, text)
-            return
-        try:
-            await messaging.send_in_conversation(
-                ctx, result.conversation.id, result.conversation.org_id, text, "system"
-            )
-        except Conflict:
-            # Closed (or superseded) since the HELP was routed to it: answered all the same, as above.
-            await send_system(ctx, result.conversation, text)
-        except ProviderFailed as exc:
-            log.info("HELP reply in conversation %s not sent: %s", result.conversation.id, type(exc).__name__)
+        text = OPT_IN_CONFIRMATION if outcome.changed else None
+    else:
+        # Answered whether or not the conversation is open (HELP is answered even for an opted-out pair), filed
+        # under the pair's most recent conversation.
+        outcome = Outcome(changed=False, conversation=result.conversation)
+        text = _help_text(conn, result.conversation)
+    if not confirm or text is None or outcome.conversation is None:
+        return None
+    return messaging.queue_system(ctx, conn, outcome.conversation, text)

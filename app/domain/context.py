@@ -16,7 +16,7 @@ from app.store.db import Database
 if TYPE_CHECKING:
     from app.domain.agents import Agent
     from app.domain.assistant import Assistant
-    from app.domain.inbound import InboundHook
+    from app.domain.inbound import InboundEffect
     from app.webhooks.delivery import Dispatcher
 
 # Writes a conversation's first SMS with the model: (agent, dynamic variables) -> text.
@@ -31,7 +31,7 @@ class Context:
     settings: Settings
     scheduler: Scheduler
     # Wired by the app's lifespan; each is absent in a bare Context (some tests).
-    inbound_hooks: list[InboundHook] = field(default_factory=list)
+    inbound_effects: list[InboundEffect] = field(default_factory=list)
     generate_opening: OpeningWriter | None = None
     assistant: Assistant | None = None
     webhooks: Dispatcher | None = None

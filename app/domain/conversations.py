@@ -29,7 +29,7 @@ from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
 from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody, whole
-from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted, SendOutcomeUnknown
+from app.providers.base import ProviderRejected, SendAccepted
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
@@ -459,17 +459,7 @@ async def recover_interrupted(ctx: Context) -> int:
         lambda c: [(conversation, _unsent_opening(c, conversation)) for conversation in store.interrupted_creates(c)]
     )
     for conversation, message in stuck:
-        accepted: SendAccepted | None = None
-        unknown: ProviderRejected | None = None
-        if message is not None:
-            try:
-                accepted = await ctx.provider.find_sent(message)
-            except Exception as exc:  # the provider could not be asked
-                log.warning("could not learn whether an interrupted opening SMS was sent: %s", type(exc).__name__)
-                unknown = SendOutcomeUnknown(
-                    OUTCOME_UNKNOWN,
-                    "the server stopped during the send, and the provider could not say whether it took it",
-                )
+        accepted, unknown = await messaging.ask_provider(ctx, message) if message is not None else (None, None)
         await ctx.db.write(functools.partial(_settle_interrupted, ctx, conversation, message, accepted, unknown))
     await ctx.db.write(idempotency.release_orphaned)  # taken before a model-written opening that never got persisted
     if stuck:
@@ -497,7 +487,7 @@ def _settle_interrupted(
             provider_message_id=accepted.provider_message_id,
         )
     else:
-        rejected = unknown or ProviderRejected("parley_interrupted", "the server stopped before the send completed")
+        rejected = unknown or messaging.INTERRUPTED
         _opening_failed(conn, conversation, message, rejected, now_ms)
         if unknown is None:
             idempotency.release_running(conn, conversation.id)

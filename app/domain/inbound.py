@@ -1,10 +1,16 @@
-"""Inbound SMS: stored, routed to the pair's open conversation, and emitted, before it is acknowledged."""
+"""Inbound SMS: stored, routed to the pair's open conversation, emitted and acted on, before it is acknowledged.
+
+What an inbound SMS changes (a STOP's opt-out and close, the assistant turn it schedules, a confirmation or HELP
+answer queued to send) is committed in the transaction that stores it: a crash keeps the message and its effects
+together or neither. Only the handing of queued answers to the provider comes after the commit; a crash there
+leaves a `queued` message, which start-up settles (`messaging.recover_unsent`).
+"""
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -39,8 +45,14 @@ class InboundResult(msgspec.Struct, kw_only=True):
     duplicate: bool = False
 
 
-# Hooks run after an inbound message is committed (the assistant and compliance filter plug in here).
-InboundHook = Callable[[Context, InboundResult, InboundSms], Awaitable[None]]
+# Effects run in the transaction that stores an inbound message (the compliance filter, then the assistant's
+# scheduling, plug in here): each may return a queued SMS of Parley's own to hand to the provider once committed.
+InboundEffect = Callable[[Context, sqlite3.Connection, InboundResult, InboundSms, int], "messaging.Outgoing | None"]
+
+
+class Accepted(msgspec.Struct, kw_only=True):
+    result: InboundResult
+    replies: list[messaging.Outgoing]  # persisted and committed, not yet handed to the provider
 
 
 def store_inbound(conn: sqlite3.Connection, sms: InboundSms, now_ms: int, org_id: str | None = None) -> InboundResult:
@@ -84,9 +96,21 @@ def store_inbound(conn: sqlite3.Connection, sms: InboundSms, now_ms: int, org_id
     return InboundResult(message=message, conversation=conversation, routed=routed)
 
 
-async def receive(ctx: Context, sms: InboundSms, org_id: str | None = None) -> InboundResult:
-    """Store and route an inbound SMS, then run the registered hooks (assistant, compliance)."""
-    result = await ctx.db.write(lambda c: store_inbound(c, sms, ctx.clock.now_ms(), org_id))
+def _store_and_apply(
+    ctx: Context, conn: sqlite3.Connection, sms: InboundSms, org_id: str | None
+) -> tuple[InboundResult, list[messaging.Outgoing]]:
+    now_ms = ctx.clock.now_ms()
+    result = store_inbound(conn, sms, now_ms, org_id)
+    if result.duplicate:
+        return result, []  # its effects were committed with its first copy
+    replies = [reply for effect in ctx.inbound_effects if (reply := effect(ctx, conn, result, sms, now_ms))]
+    return result, replies
+
+
+async def accept(ctx: Context, sms: InboundSms, org_id: str | None = None) -> Accepted:
+    """Store and route an inbound SMS and apply its effects, in one transaction; the replies it queued are left
+    for the caller to hand to the provider (`send_replies`)."""
+    result, replies = await ctx.db.write(lambda c: _store_and_apply(ctx, c, sms, org_id))
     if result.conversation is None and not result.duplicate:
         # Numbers masked to their last four digits: enough to match a complaint, not a contact list.
         log.info(
@@ -95,7 +119,17 @@ async def receive(ctx: Context, sms: InboundSms, org_id: str | None = None) -> I
             mask(sms.to_number),
         )
     if not result.duplicate:
-        for hook in ctx.inbound_hooks:
-            await hook(ctx, result, sms)
-        ctx.scheduler.wake()
-    return result
+        ctx.scheduler.wake()  # the assistant turn it may have scheduled
+    return Accepted(result=result, replies=replies)
+
+
+async def send_replies(ctx: Context, replies: Sequence[messaging.Outgoing]) -> None:
+    for reply in replies:
+        await messaging.send_queued(ctx, reply)
+
+
+async def receive(ctx: Context, sms: InboundSms, org_id: str | None = None) -> InboundResult:
+    """`accept`, then hand its replies to the provider before returning."""
+    accepted = await accept(ctx, sms, org_id)
+    await send_replies(ctx, accepted.replies)
+    return accepted.result

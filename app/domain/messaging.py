@@ -17,12 +17,22 @@ from app.domain.errors import Conflict, NotFound, ProviderFailed
 from app.domain.ids import new_id
 from app.domain.models import Conversation, Message
 from app.domain.segments import count_segments
-from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport
+from app.providers.base import (
+    OUTCOME_UNKNOWN,
+    ProviderRejected,
+    SendAccepted,
+    SendOutcomeUnknown,
+    SendRequest,
+    StatusReport,
+)
 from app.store import conversations as store
 from app.store import events, opt_outs
 
 log = logging.getLogger("parley.messaging")
 _raw = msgspec.json.Encoder()
+
+# A message whose send a stop or crash cut off, which the provider says it never took.
+INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
 
 
 def new_outbound(
@@ -169,16 +179,95 @@ async def hand_to_provider(ctx: Context, conversation: Conversation, message: Me
         await ctx.db.write(lambda c: record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
         raise ProviderFailed(rejected.message, rejected.code, conversation.id) from None
 
-    def finish(conn: sqlite3.Connection) -> Message:
-        now = ctx.clock.now_ms()
-        sent = record_accepted(conn, conversation, message, accepted, now)
-        if (current := store.get_open(conn, conversation.id)) is not None:
-            lifecycle.note_activity(conn, current, now)
-        return sent
-
-    sent = await ctx.db.write(finish)
+    sent = await ctx.db.write(lambda c: _record_sent(c, conversation, message, accepted, ctx.clock.now_ms()))
     ctx.scheduler.wake()
     return sent
+
+
+def _record_sent(
+    conn: sqlite3.Connection, conversation: Conversation, message: Message, accepted: SendAccepted, now_ms: int
+) -> Message:
+    """`record_accepted`, and activity (the inactivity timer restarts) when the conversation is in progress."""
+    sent = record_accepted(conn, conversation, message, accepted, now_ms)
+    if (current := store.get_open(conn, conversation.id)) is not None:
+        lifecycle.note_activity(conn, current, now_ms)
+    return sent
+
+
+async def ask_provider(ctx: Context, message: Message) -> tuple[SendAccepted | None, ProviderRejected | None]:
+    """After a stop or crash cut off the send of `message`: (the provider's acceptance, None) when it took it,
+    (None, None) when it certainly did not, (None, a `provider_outcome_unknown` rejection) when it cannot say."""
+    try:
+        return await ctx.provider.find_sent(message), None
+    except Exception as exc:  # the provider could not be asked
+        log.warning("could not learn whether an interrupted SMS was sent: %s", type(exc).__name__)
+        unknown = SendOutcomeUnknown(
+            OUTCOME_UNKNOWN, "the server stopped during the send, and the provider could not say whether it took it"
+        )
+        return None, unknown
+
+
+async def recover_unsent(ctx: Context) -> int:
+    """At start-up (after the interrupted creates are settled): every other outbound message a stop or crash cut
+    off between persist and the send's outcome (a reply, an operator's message, a confirmation, a reminder).
+
+    The provider is asked whether it took each: if so, it is recorded as sent; if not, it fails with
+    `parley_interrupted`; if the provider cannot say, it fails with `provider_outcome_unknown`. Nothing is sent
+    again: the send may have reached the phone, and a duplicate SMS cannot be taken back."""
+    unsent = await ctx.db.read(store.unsent_outbound)
+    for message in unsent:
+        accepted, unknown = await ask_provider(ctx, message)
+        await ctx.db.write(lambda c, m=message, a=accepted, u=unknown: _settle_unsent(ctx, c, m, a, u))
+    if unsent:
+        log.warning("settled %d outbound message(s) whose send a stop or crash cut off", len(unsent))
+    return len(unsent)
+
+
+def _settle_unsent(
+    ctx: Context,
+    conn: sqlite3.Connection,
+    message: Message,
+    accepted: SendAccepted | None,
+    unknown: ProviderRejected | None,
+) -> None:
+    current = store.get_message(conn, message.id)
+    if current is None or current.status != "queued" or current.provider_message_id is not None:
+        return  # a status report settled it meanwhile
+    conversation = store.get(conn, message.conversation_id) if message.conversation_id else None
+    if conversation is None:
+        return
+    now_ms = ctx.clock.now_ms()
+    if accepted is not None:
+        _record_sent(conn, conversation, message, accepted, now_ms)
+    else:
+        record_rejected(conn, conversation, message, unknown or INTERRUPTED, now_ms)
+
+
+class Outgoing(msgspec.Struct, frozen=True):
+    """A persisted, queued SMS of Parley's own (`author: system`) and the conversation it is filed under."""
+
+    conversation: Conversation
+    message: Message
+
+
+def queue_system(ctx: Context, conn: sqlite3.Connection, conversation: Conversation, content: str) -> Outgoing:
+    """Persist a message Parley writes itself, filed under `conversation`, open or closed (an opt-out
+    confirmation goes to just such a pair), for `send_queued` once committed."""
+    message = new_outbound(conversation, content, "system", ctx.clock.now_ms(), ctx.provider.name)
+    return Outgoing(conversation, insert_outbound(conn, message))
+
+
+async def send_queued(ctx: Context, outgoing: Outgoing) -> Message | None:
+    """Hand a queued message of Parley's own to the provider; a rejection is logged (and recorded), not raised."""
+    try:
+        return await hand_to_provider(ctx, outgoing.conversation, outgoing.message)
+    except ProviderFailed as exc:
+        log.warning(
+            "provider rejected a system message in conversation %s (code %s)",
+            outgoing.conversation.id,
+            exc.provider_code,
+        )
+        return None
 
 
 async def record_reports(ctx: Context, reports: Sequence[StatusReport]) -> int:

@@ -354,6 +354,16 @@ def unfinished_outbound(conn: sqlite3.Connection, older_than: int, limit: int) -
     return [message_from_row(row) for row in rows]
 
 
+def unsent_outbound(conn: sqlite3.Connection) -> list[Message]:
+    """Outbound messages persisted but never recorded as taken by a provider, oldest first: at start-up, the ones
+    a stop or crash cut off between persist and the send's outcome (found through the unfinished-status index)."""
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages INDEXED BY messages_unfinished WHERE status IN ('queued', 'sent')"
+        " AND status = 'queued' AND direction = 'outbound' AND provider_message_id IS NULL ORDER BY created_at"
+    ).fetchall()
+    return [message_from_row(row) for row in rows]
+
+
 def insert_status_reports(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     """Keep raw provider reports: (message_id, provider, provider_message_id, provider_status, error_code,
     raw, applied, received_at) each."""
