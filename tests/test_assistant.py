@@ -18,6 +18,8 @@ import pytest
 from standardwebhooks import Webhook
 
 from app.clock import FakeClock
+from app.providers.base import SendAccepted, SendRequest
+from app.providers.simulator import SimulatorProvider
 from tests.assistant_support import (
     CUSTOMER,
     OURS,
@@ -439,6 +441,37 @@ async def test_an_end_asked_for_in_a_turn_the_model_then_fails_is_dropped(h: Har
     assert await eventually(lambda: replies(h, conversation_id)) == ["Still here if you need us."]
     conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
     assert conversation["status"] == "in_progress"
+
+
+class BreaksOnNth(SimulatorProvider):
+    """The simulator, except that its `nth` send fails with an error no provider is meant to raise."""
+
+    def __init__(self, nth: int) -> None:
+        super().__init__()
+        self.nth = nth
+        self.sends = 0
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        self.sends += 1
+        if self.sends == self.nth:
+            raise RuntimeError("unexpected")
+        return await super().send(request)
+
+
+async def test_an_end_asked_for_is_carried_out_when_the_turn_fails_after_its_goodbye(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """The reply was recorded and handed over; an unexpected error then ends the turn: the goodbye is on its way,
+    so the conversation closes as the model asked, and the error is reported."""
+    async with running(tmp_path, llm, provider=BreaksOnNth(2)) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
+        await text_in(h, "Tuesday works, bye")
+        (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+        assert error["data"]["error"] == "internal_error"
+        conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+        assert (conversation["status"], conversation["endReason"]) == ("closed", "agent_ended")
 
 
 async def test_a_tool_call_cut_off_is_completed_as_interrupted_at_start_up(

@@ -372,16 +372,23 @@ class Assistant:
         return True
 
     async def _abandon(self, conversation_id: str, code: str, message: str, *, attempts: int) -> None:
-        """The turn gives up: `sms.assistant_error` is emitted, and the conversation stays open (an end the model
-        asked for in this turn is dropped with its reply)."""
+        """The turn gives up: `sms.assistant_error` is emitted, and the conversation stays open. An end the model
+        asked for is dropped with the reply when the turn failed before recording it; when the failure came after
+        (the goodbye was sent, or on its way), the end is carried out, as the re-run of a cut-off turn would."""
 
         def report(conn: sqlite3.Connection) -> None:
             conversation = store.get(conn, conversation_id)
             if conversation is None:
                 return
-            store.set_end_requested(conn, conversation_id, None)
+            now_ms = self.ctx.clock.now_ms()
             data = {"error": code, "message": message, "attempts": attempts}
-            events.append(conn, "sms.assistant_error", conversation.scope, data, self.ctx.clock.now_ms())
+            events.append(conn, "sms.assistant_error", conversation.scope, data, now_ms)
+            if store.end_requested(conn, conversation_id):
+                snapshot = _load(conn, conversation_id)
+                if snapshot is not None and not needs_reply(snapshot.messages, snapshot.answered_seq):
+                    _end(conn, conversation_id, now_ms)
+                else:
+                    store.set_end_requested(conn, conversation_id, None)
 
         try:
             await self.ctx.db.write(report)
