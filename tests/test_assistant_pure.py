@@ -266,3 +266,35 @@ def test_model_answers_of_odd_shapes_are_read_or_refused() -> None:
         parse_answer({"choices": []})
     with pytest.raises(ModelError):
         parse_answer({"choices": [{"finish_reason": "stop"}]})
+
+
+def test_a_help_answered_during_the_debounce_goes_before_the_text_the_model_answers() -> None:
+    """A burst "question one" + "INFO": Parley answers the HELP itself; the model's history leaves the keyword out
+    and ends with the customer's question, not with Parley's answer (some servers continue a trailing
+    assistant message instead of answering)."""
+    messages = [
+        message(1, "outbound", "Hi Ada, your recall repair is free."),
+        message(2, "inbound", "question one"),
+        message(3, "inbound", "INFO"),
+        message(4, "outbound", "Reply STOP to unsubscribe.", author="system"),
+    ]
+    assert prompt.history(messages, []) == [
+        {"role": "assistant", "content": "Hi Ada, your recall repair is free.\nReply STOP to unsubscribe."},
+        {"role": "user", "content": "question one"},
+    ]
+
+
+def test_a_message_of_parleys_own_before_the_customers_latest_text_keeps_its_place() -> None:
+    messages = [
+        message(1, "outbound", "Hi Ada."),
+        message(2, "inbound", "ok"),
+        message(3, "outbound", "Are you still there?", author="system"),
+        message(4, "inbound", "yes, Tuesday"),
+        message(5, "inbound", "  stop  "),
+    ]
+    assert prompt.history(messages, []) == [
+        {"role": "assistant", "content": "Hi Ada."},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "Are you still there?"},
+        {"role": "user", "content": "yes, Tuesday"},
+    ]

@@ -7,6 +7,7 @@ import re
 from itertools import groupby
 from typing import Any
 
+from app.domain import compliance
 from app.domain.agents import AgentSettings
 from app.domain.models import Message
 from app.domain.templates import render
@@ -75,15 +76,26 @@ def history(
 
     Consecutive plain messages of one role are joined (one line each): many chat templates of local
     models refuse two user messages in a row, and a burst of texts reads naturally as lines of one turn.
+
+    Compliance keywords Parley answers itself (STOP, HELP) are left out: they are not the model's to answer.
+    A message of Parley's own (`author: system`, say a HELP answer) sent after the customer's latest text is
+    placed before the run of texts that ends with it, so that the history ends with what the model is to
+    answer, not with an assistant message some servers would take as a start to continue.
     """
     positions = reply_positions or {}
+    shown = [m for m in messages if not _handled_by_parley(m)]
+    run_start = _last_customer_run(shown)
+    last_text = max((m.seq or 0 for m in shown if m.direction == "inbound"), default=0)
     items: list[tuple[tuple[int, int, int], dict[str, Any] | list[ToolCall]]] = []
-    for message in messages:
-        if message.direction == "outbound" and message.status in UNSENT:
-            continue
+    for message in shown:
         role = "assistant" if message.direction == "outbound" else "user"
         seq = message.seq or 0
-        key = (positions[message.id], 2, seq) if message.id in positions else (seq, 0, 0)
+        if message.id in positions:
+            key = (positions[message.id], 2, seq)
+        elif run_start is not None and message.author == "system" and seq > last_text:
+            key = (run_start, -1, seq)
+        else:
+            key = (seq, 0, 0)
         items.append((key, {"role": role, "content": message.content}))
     for _, group in groupby(tool_calls, key=lambda call: (call.turn_id, call.round)):
         calls = list(group)
@@ -102,6 +114,26 @@ def history(
         else:
             chat.append(item)
     return chat
+
+
+def _handled_by_parley(message: Message) -> bool:
+    """Not shown to the model: an outbound SMS that never reached the phone, or an opt-out or HELP keyword."""
+    if message.direction == "outbound":
+        return message.status in UNSENT
+    return compliance.blocks_assistant(compliance.match_keyword(message.content))
+
+
+def _last_customer_run(messages: list[Message]) -> int | None:
+    """The seq of the first customer text in the trailing run of them, messages of Parley's own skipped (None: the
+    last message other than those is not the customer's)."""
+    start = None
+    for message in reversed(messages):
+        if message.direction == "outbound" and message.author == "system":
+            continue
+        if message.direction != "inbound":
+            break
+        start = message.seq or 0
+    return start
 
 
 def clean_reply(text: str | None) -> str:
