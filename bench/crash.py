@@ -3,15 +3,17 @@
     .venv/bin/python bench/crash.py [--kills 100] [--workers 12]
 
 Load: concurrent POST /v1/sms-conversations (new pairs, plus some on existing pairs so supersede runs)
-and POST /v1/simulator/inbound (to the pairs of acknowledged conversations), from one asyncio client on
-127.0.0.1. At each of `--kills` random moments, and only while at least one of those writes has been
+and POST /v1/simulator/inbound (to the pairs of acknowledged conversations; some of them STOP), from one asyncio
+client on 127.0.0.1. At each of `--kills` random moments, and only while at least one of those writes has been
 outstanding for a while (sent, not answered), the server is SIGKILLed, `PRAGMA quick_check` is run on the
 dead server's database, and the server is restarted on the same port and database.
 
 Checked at the end (after a last restart and a graceful stop):
   - every acknowledged (2xx) create is in the database, not `pending`, with the acknowledged providerMessageId
     on its opening message and its `sms.message_sent` event;
-  - every acknowledged inbound message is in the database;
+  - every acknowledged inbound message is in the database, and every acknowledged STOP's pair is on the opt-out
+    list (the opt-out commits with the message);
+  - no outbound message is left `queued` with no provider id (start-up settles every send a kill cut off);
   - no conversation created before a restart was still `pending` once that restart was serving;
   - `PRAGMA integrity_check` is `ok`;
   - with webhooks in the build: a loopback receiver subscribed to every event received every event in the
@@ -87,6 +89,7 @@ class Load:
     creates: dict[str, str] = field(default_factory=dict)  # acknowledged conversation id -> providerMessageId
     pairs: list[str] = field(default_factory=list)  # customer numbers of acknowledged creates
     inbound: set[str] = field(default_factory=set)  # acknowledged inbound message ids
+    stops: set[str] = field(default_factory=set)  # customer numbers whose STOP was acknowledged
     outstanding: dict[int, float] = field(default_factory=dict)  # request serial -> monotonic start
     sent = 0
     refused = 0
@@ -112,7 +115,8 @@ async def worker(load: Load, rng: random.Random, client: httpx.AsyncClient) -> N
             kind, url, body = "create", "/v1/sms-conversations", {**SEED_CREATE, "toNumber": to}
         else:
             frm = rng.choice(load.pairs)
-            kind, url, body = "inbound", "/v1/simulator/inbound", {"from": frm, "to": OUR_NUMBER, "body": "Tuesday?"}
+            text = "STOP" if roll < 0.70 else "Tuesday?"
+            kind, url, body = "inbound", "/v1/simulator/inbound", {"from": frm, "to": OUR_NUMBER, "body": text}
         load.serial += 1
         serial = load.serial
         load.outstanding[serial] = time.monotonic()
@@ -138,6 +142,10 @@ async def worker(load: Load, rng: random.Random, client: httpx.AsyncClient) -> N
             load.pairs.append(body["toNumber"])
         else:
             load.inbound.add(data["messageId"])
+            if body["body"] == "STOP":
+                load.stops.add(body["from"])
+                if body["from"] in load.pairs:
+                    load.pairs.remove(body["from"])  # creates to it are refused from now on
 
 
 def quick_check(db: Path, full: bool = False) -> str:
@@ -258,10 +266,19 @@ async def run(args: argparse.Namespace) -> int:
     no_event = [cid for cid in load.creates if cid in conv_rows and cid not in sent_events]
     lost_inbound = [mid for mid in load.inbound if mid not in message_ids]
     pending_now = sum(1 for st in conv_rows.values() if st == "pending")
-    recovered = read_db(db, "SELECT COUNT(*) FROM messages WHERE error_code = 'parley_interrupted'")[0][0]
+    recovered = read_db(db, "SELECT COUNT(*) FROM messages WHERE error_code = 'parley_interrupted' AND seq = 1")[0][0]
+    settled = read_db(db, "SELECT COUNT(*) FROM messages WHERE error_code = 'parley_interrupted' AND seq > 1")[0][0]
+    opted_out = {r[0] for r in read_db(db, "SELECT phone_number FROM opt_outs")}
+    lost_stops = [number for number in load.stops if number not in opted_out]
+    unsent = read_db(
+        db,
+        "SELECT COUNT(*) FROM messages WHERE direction = 'outbound' AND status = 'queued'"
+        " AND provider_message_id IS NULL",
+    )[0][0]
     unacked_committed = sum(1 for cid in conv_rows if cid not in load.creates)
     integrity = quick_check(db, full=True)
-    losses = len(lost_creates) + len(lost_inbound) + len(wrong_sid) + len(no_event) + len(missing_events)
+    losses = len(lost_creates) + len(lost_inbound) + len(lost_stops) + len(wrong_sid) + len(no_event)
+    losses += len(missing_events)
 
     print()
     print(
@@ -278,6 +295,11 @@ async def run(args: argparse.Namespace) -> int:
         f" {len(pending_acked)}, wrong providerMessageId {len(wrong_sid)}, without sms.message_sent {len(no_event)}"
     )
     print(f"  acknowledged inbound messages checked: {len(load.inbound)}; lost {len(lost_inbound)}")
+    print(f"  acknowledged STOPs checked: {len(load.stops)}; without their opt-out {len(lost_stops)}")
+    print(
+        f"  other outbound messages cut off by a kill and settled at restart: {settled};"
+        f" left queued with no provider id: {unsent}"
+    )
     print(
         f"  conversations interrupted mid-create and recovered at restart: {recovered};"
         f" committed but never acknowledged: {unacked_committed - recovered}"
@@ -292,6 +314,7 @@ async def run(args: argparse.Namespace) -> int:
     print(f"  PRAGMA integrity_check: {integrity}")
     print(f"  LOSSES: {losses}")
     ok = losses == 0 and integrity == "ok" and not stale_pending and not pending_now and not pending_acked
+    ok = ok and not unsent
     ok = ok and delivered_ok and kills >= args.kills
     if ok and args.keep is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -440,6 +440,25 @@ async def test_a_crash_between_persist_and_send_is_resolved_at_start_up(tmp_path
         assert first.rows("SELECT COUNT(*) FROM conversations WHERE status = 'pending'")[0][0] == 0
 
 
+async def test_an_unkeyed_create_cut_off_after_its_conversation_was_closed_leaves_no_message_queued(
+    tmp_path: Path,
+) -> None:
+    """As below, without an Idempotency-Key to find the create by: its opening is still settled at start-up."""
+    hanging = HangingProvider()
+    async with start_harness(tmp_path, provider=hanging) as first:
+        task = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE))
+        await asyncio.wait_for(hanging.called.wait(), 5)
+        (conversation_id,) = [row[0] for row in first.rows("SELECT id FROM conversations")]
+        assert (await first.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+        async with start_harness(tmp_path) as second:  # another process on the same file
+            message = second.rows("SELECT status, error_code FROM messages WHERE conversation_id = ?", conversation_id)
+            assert tuple(message[0]) == ("failed", "parley_interrupted")
+            conversation = second.rows("SELECT status, end_reason FROM conversations")[0]
+            assert tuple(conversation) == ("closed", "admin_closed")
+        hanging.release.set()
+        await task
+
+
 async def test_a_create_cut_off_after_its_conversation_was_closed_is_settled_at_start_up(tmp_path: Path) -> None:
     """An operator closed the conversation while its opening was on its way, then the process died: the
     conversation is no longer `pending`, but its create still held the Idempotency-Key."""
