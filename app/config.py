@@ -29,6 +29,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sms_provider: str = "simulator"
     twilio_account_sid: str | None = None
     twilio_auth_token: str | None = None
+    # An API key (SK…) and its secret authenticate the REST calls instead of the account's auth token, which still
+    # checks Twilio's callback signatures.
+    twilio_api_key: str | None = None
+    twilio_api_secret: str | None = None
     twilio_api_base: str = "https://api.twilio.com"
     llm_base_url: str | None = None
     llm_api_key: str | None = None
@@ -164,6 +168,8 @@ def load_settings(
     for name, field in (
         ("TWILIO_ACCOUNT_SID", "twilio_account_sid"),
         ("TWILIO_AUTH_TOKEN", "twilio_auth_token"),
+        ("TWILIO_API_KEY", "twilio_api_key"),
+        ("TWILIO_API_SECRET", "twilio_api_secret"),
     ):
         if (raw := get(name)) is not None:
             kwargs[field] = raw
@@ -203,6 +209,11 @@ def load_settings(
     if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"
         raise ConfigError(f"{missing} must be set when PARLEY_SMS_PROVIDER=twilio")
+    if bool(settings.twilio_api_key) != bool(settings.twilio_api_secret):
+        missing = "TWILIO_API_SECRET" if settings.twilio_api_key else "TWILIO_API_KEY"
+        raise ConfigError(f"{missing} must be set too when the other of TWILIO_API_KEY and TWILIO_API_SECRET is")
+    if settings.twilio_api_key and not settings.twilio_api_key.startswith("SK"):
+        raise ConfigError("TWILIO_API_KEY must be an API key SID (SK followed by 32 hex digits)")
     if settings.sms_provider == "twilio" and get("PARLEY_PUBLIC_URL") is None:
         # Twilio calls back on this URL and signs over it; a local default would silently lose callbacks.
         raise ConfigError("PARLEY_PUBLIC_URL must be set when PARLEY_SMS_PROVIDER=twilio")

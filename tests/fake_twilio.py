@@ -79,6 +79,7 @@ class FakeTwilio:
     def __init__(self, account_sid: str = "AC" + "0" * 31 + "1", auth_token: str = "test-auth-token") -> None:
         self.account_sid = account_sid
         self.auth_token = auth_token
+        self.api_keys: dict[str, str] = {}  # API key SID (SK…) -> secret, accepted beside the account's own pair
         self.trial = False
         self.requests: list[Recorded] = []
         self.messages: dict[str, dict[str, Any]] = {}
@@ -222,8 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _authorized(self) -> bool:
-        expected = base64.b64encode(f"{self.fake.account_sid}:{self.fake.auth_token}".encode()).decode()
-        return self.headers.get("Authorization", "") == f"Basic {expected}"
+        pairs = [(self.fake.account_sid, self.fake.auth_token), *self.fake.api_keys.items()]
+        accepted = {"Basic " + base64.b64encode(f"{user}:{password}".encode()).decode() for user, password in pairs}
+        return self.headers.get("Authorization", "") in accepted
 
     def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()

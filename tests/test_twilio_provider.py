@@ -89,6 +89,45 @@ async def test_wrong_credentials_are_a_rejection_with_twilios_code(fake_twilio: 
     assert fake_twilio.messages == {}
 
 
+async def test_an_api_key_authenticates_the_sends_in_the_accounts_url(fake_twilio: FakeTwilio) -> None:
+    """Twilio's recommended production credentials: an API key (SK…) and its secret as the Basic-auth pair, the
+    account SID still in the URL; the auth token stays for callback signatures only."""
+    key = "SK" + "3" * 32
+    fake_twilio.api_keys[key] = "key-secret"
+    settings = Settings(
+        sms_provider="twilio",
+        twilio_account_sid=fake_twilio.account_sid,
+        twilio_auth_token="the-token-is-not-used-for-sends",
+        twilio_api_base=fake_twilio.base_url,
+        twilio_api_key=key,
+        twilio_api_secret="key-secret",
+    )
+    p = await started(TwilioProvider.from_settings(settings))
+    try:
+        accepted = await p.send(request())
+    finally:
+        await p.close()
+    (sent,) = fake_twilio.sends()
+    assert sent.authorized
+    assert sent.path == f"/2010-04-01/Accounts/{fake_twilio.account_sid}/Messages.json"
+    assert accepted.provider_message_id in fake_twilio.messages
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"TWILIO_API_KEY": "SK" + "3" * 32}, "TWILIO_API_SECRET"),
+        ({"TWILIO_API_SECRET": "s3cret-value"}, "TWILIO_API_KEY"),
+        ({"TWILIO_API_KEY": "AC" + "3" * 32, "TWILIO_API_SECRET": "s3cret-value"}, "TWILIO_API_KEY"),
+    ],
+)
+def test_an_api_key_needs_its_secret_and_the_sk_form(extra: dict[str, str], named: str) -> None:
+    env = {**TWILIO_ENV, "PARLEY_PUBLIC_URL": "https://sms.example.com", **extra}
+    with pytest.raises(ConfigError, match=named) as caught:
+        load_settings(env, env_file=None)
+    assert "s3cret-value" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("to", "code"),
     [

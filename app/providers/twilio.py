@@ -216,11 +216,14 @@ class TwilioProvider:
         client: httpx2.AsyncClient | None = None,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        api_key: tuple[str, str] | None = None,
     ) -> None:
         if not account_sid or not auth_token:
             raise ValueError("Twilio needs an account SID and an auth token")
         self.account_sid = account_sid
         self._auth_token = auth_token
+        # REST calls authenticate with an API key (SK…, secret) when one is given, else with the account's pair.
+        self._credentials = api_key or (account_sid, auth_token)
         self._api_base = api_base.rstrip("/")
         self._timeout = timeout
         self._backoff = tuple(backoff)
@@ -234,7 +237,15 @@ class TwilioProvider:
     @classmethod
     def from_settings(cls, settings: Settings) -> TwilioProvider:
         # load_settings refuses twilio mode without both; the constructor says so for hand-built Settings.
-        return cls(settings.twilio_account_sid or "", settings.twilio_auth_token or "", settings.twilio_api_base)
+        api_key = None
+        if settings.twilio_api_key and settings.twilio_api_secret:
+            api_key = (settings.twilio_api_key, settings.twilio_api_secret)
+        return cls(
+            settings.twilio_account_sid or "",
+            settings.twilio_auth_token or "",
+            settings.twilio_api_base,
+            api_key=api_key,
+        )
 
     @property
     def messages_url(self) -> str:
@@ -253,7 +264,7 @@ class TwilioProvider:
         # Status reports reach Parley over HTTP (app/api/providers.py) and by polling, not via a sink.
         if self._client is None:
             self._client = httpx2.AsyncClient(
-                auth=httpx2.BasicAuth(self.account_sid, self._auth_token),
+                auth=httpx2.BasicAuth(*self._credentials),
                 timeout=self._timeout,
                 follow_redirects=False,
                 headers={"Accept": "application/json", "User-Agent": "parley-twilio/0.1"},
