@@ -298,3 +298,18 @@ def test_a_message_of_parleys_own_before_the_customers_latest_text_keeps_its_pla
         {"role": "assistant", "content": "Are you still there?"},
         {"role": "user", "content": "yes, Tuesday"},
     ]
+
+
+def test_a_help_keyword_the_provider_recognised_is_never_handed_to_the_model() -> None:
+    """Twilio answered "AIDE" itself (a Messaging Service keyword, `OptOutType=HELP`): Parley stored it as a HELP,
+    so no turn answers it and no history shows it, though its body is not one of Parley's keywords."""
+    aide = msgspec.structs.replace(message(4, "inbound", "AIDE"), keyword="help")
+    messages = [message(1, "outbound", "Hi Ada."), message(2, "inbound", "ok"), message(3, "outbound", "Great!"), aide]
+    assert needs_reply(messages, answered_seq=2) is False
+    assert prompt.history(messages, []) == [
+        {"role": "assistant", "content": "Hi Ada."},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "Great!"},
+    ]
+    yes = msgspec.structs.replace(message(5, "inbound", "Oui"), keyword="opt_in")  # an opt-in word is still a text
+    assert needs_reply([*messages, yes], answered_seq=4) is True

@@ -263,6 +263,15 @@ async def test_opt_out_type_reaches_the_inbound_effects(h: Harness) -> None:
     assert h.ctx.provider.confirms_opt_out is False  # Parley confirms unless OptOutType says Twilio did
 
 
+async def test_a_keyword_twilio_recognised_is_stored_as_the_keyword_it_was_acted_on_as(h: Harness) -> None:
+    await open_conversation(h)
+    await callback(h, INBOUND, inbound_params(body="AIDE", OptOutType="HELP"))
+    await callback(h, INBOUND, inbound_params(sid="SM" + "c" * 32, body="help"))
+    await callback(h, INBOUND, inbound_params(sid="SM" + "d" * 32, body="hello"))
+    rows = h.rows("SELECT content, keyword FROM messages WHERE direction = 'inbound' ORDER BY seq")
+    assert [tuple(row) for row in rows] == [("AIDE", "help"), ("help", "help"), ("hello", None)]
+
+
 @pytest.mark.parametrize("body", ["STOP", "HELP"])
 async def test_twilio_is_answered_before_parleys_own_answer_is_sent(
     h: Harness, fake_twilio: FakeTwilio, body: str

@@ -63,10 +63,7 @@ def needs_reply(messages: list[Message], answered_seq: int) -> bool:
     operator = max((m.seq or 0 for m in messages if m.direction == "outbound" and m.author == "operator"), default=0)
     read = max(answered_seq, operator)
     return any(
-        m.direction == "inbound"
-        and (m.seq or 0) > read
-        and not compliance.blocks_assistant(compliance.match_keyword(m.content))
-        for m in messages
+        m.direction == "inbound" and (m.seq or 0) > read and not compliance.answered_by_parley(m) for m in messages
     )
 
 

@@ -18,7 +18,7 @@ from app.domain import lifecycle, messaging
 from app.domain.context import Context
 from app.domain.events import EventScope
 from app.domain.inbound import InboundResult, InboundSms
-from app.domain.models import Conversation
+from app.domain.models import Conversation, Message
 from app.domain.templates import render
 from app.store import agents as agents_store
 from app.store import conversations as store
@@ -89,6 +89,14 @@ def blocks_assistant(keyword: Keyword | None) -> bool:
     """Opt-out and HELP keywords never reach the model. Opt-in words do: "YES" is also an ordinary answer,
     and it only acts as an opt-in for a pair that is on the opt-out list (which has no open conversation)."""
     return keyword is not None and keyword.action in (Action.OPT_OUT, Action.HELP)
+
+
+def answered_by_parley(message: Message) -> bool:
+    """A stored inbound message the model never answers: an opt-out or HELP keyword, as it was acted on when it
+    arrived (a provider's own keyword included), or as its body reads for one stored before that was kept."""
+    if message.keyword is not None:
+        return message.keyword in (Action.OPT_OUT.value, Action.HELP.value)
+    return blocks_assistant(match_keyword(message.content))
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -165,6 +173,7 @@ def on_inbound(
     keyword = keyword_of(sms)
     if keyword is None:
         return None
+    store.set_keyword(conn, result.message.id, keyword.action.value)
     if result.conversation is None:
         # No conversation ever used this pair: no org to attribute it to; the message is stored unrouted.
         log.info("%s keyword from a pair with no conversation; stored unrouted", keyword.action.value)

@@ -53,3 +53,4 @@ class Message(msgspec.Struct, kw_only=True):
     error_code: str | None = None
     sent_at: int | None = None
     delivered_at: int | None = None
+    keyword: str | None = None  # inbound: the compliance action it was acted on as (`compliance.Action` value)

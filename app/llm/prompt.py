@@ -120,7 +120,7 @@ def _handled_by_parley(message: Message) -> bool:
     """Not shown to the model: an outbound SMS that never reached the phone, or an opt-out or HELP keyword."""
     if message.direction == "outbound":
         return message.status in UNSENT
-    return compliance.blocks_assistant(compliance.match_keyword(message.content))
+    return compliance.answered_by_parley(message)
 
 
 def _last_customer_run(messages: list[Message]) -> int | None:

@@ -20,7 +20,7 @@ CONVERSATION_COLUMNS = (
 )
 MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, seq, direction, author, from_number, to_number, content, status, provider,"
-    " provider_message_id, error_code, encoding, segments, created_at, sent_at, delivered_at"
+    " provider_message_id, error_code, encoding, segments, created_at, sent_at, delivered_at, keyword"
 )
 # The same, qualified for a join that names the messages table `m`.
 _MESSAGE_COLUMNS_OF_M = ", ".join(f"m.{name.strip()}" for name in MESSAGE_COLUMNS.split(","))
@@ -71,6 +71,7 @@ def message_from_row(row: sqlite3.Row) -> Message:
         created_at=row[15],
         sent_at=row[16],
         delivered_at=row[17],
+        keyword=row[18],
     )
 
 
@@ -244,7 +245,7 @@ def next_message_seq(conn: sqlite3.Connection, conversation_id: str) -> int:
 def insert_message(conn: sqlite3.Connection, m: Message) -> None:
     conn.execute(
         f"INSERT INTO messages ({MESSAGE_COLUMNS}, updated_at, conversation_pos)"
-        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {CONVERSATION_POS})",
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {CONVERSATION_POS})",
         (
             m.id,
             m.conversation_id,
@@ -264,10 +265,15 @@ def insert_message(conn: sqlite3.Connection, m: Message) -> None:
             m.created_at,
             m.sent_at,
             m.delivered_at,
+            m.keyword,
             m.created_at,
             m.conversation_id,
         ),
     )
+
+
+def set_keyword(conn: sqlite3.Connection, message_id: str, action: str) -> None:
+    conn.execute("UPDATE messages SET keyword = ? WHERE id = ?", (action, message_id))
 
 
 def get_message(conn: sqlite3.Connection, message_id: str) -> Message | None:
