@@ -1,4 +1,4 @@
-"""Providers that stand in for a real one where a test needs a send that never finishes."""
+"""Providers that stand in for a real one where a test needs a send that never finishes, or fails unexpectedly."""
 
 from __future__ import annotations
 
@@ -53,4 +53,19 @@ class SimulatorHolding(SimulatorProvider):
         if self.sends == self.nth:
             self.holding.set()
             await self.release.wait()
+        return await super().send(request)
+
+
+class BreaksOnNth(SimulatorProvider):
+    """The simulator, except that its `nth` send fails with an error no provider is meant to raise."""
+
+    def __init__(self, nth: int) -> None:
+        super().__init__()
+        self.nth = nth
+        self.sends = 0
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        self.sends += 1
+        if self.sends == self.nth:
+            raise RuntimeError("unexpected")
         return await super().send(request)

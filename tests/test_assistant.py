@@ -18,8 +18,6 @@ import pytest
 from standardwebhooks import Webhook
 
 from app.clock import FakeClock
-from app.providers.base import SendAccepted, SendRequest
-from app.providers.simulator import SimulatorProvider
 from tests.assistant_support import (
     CUSTOMER,
     OURS,
@@ -36,7 +34,7 @@ from tests.assistant_support import (
 )
 from tests.conftest import Harness
 from tests.fake_llm import FakeLLM, FakeToolServer, Step
-from tests.provider_doubles import SimulatorHolding
+from tests.provider_doubles import BreaksOnNth, SimulatorHolding
 from tests.webhook_receiver import eventually
 
 
@@ -441,21 +439,6 @@ async def test_an_end_asked_for_in_a_turn_the_model_then_fails_is_dropped(h: Har
     assert await eventually(lambda: replies(h, conversation_id)) == ["Still here if you need us."]
     conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
     assert conversation["status"] == "in_progress"
-
-
-class BreaksOnNth(SimulatorProvider):
-    """The simulator, except that its `nth` send fails with an error no provider is meant to raise."""
-
-    def __init__(self, nth: int) -> None:
-        super().__init__()
-        self.nth = nth
-        self.sends = 0
-
-    async def send(self, request: SendRequest) -> SendAccepted:
-        self.sends += 1
-        if self.sends == self.nth:
-            raise RuntimeError("unexpected")
-        return await super().send(request)
 
 
 async def test_an_end_asked_for_is_carried_out_when_the_turn_fails_after_its_goodbye(

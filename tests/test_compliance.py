@@ -36,7 +36,7 @@ from tests.assistant_support import (
 )
 from tests.conftest import Harness
 from tests.fake_llm import FakeLLM
-from tests.provider_doubles import SimulatorHolding
+from tests.provider_doubles import BreaksOnNth, SimulatorHolding
 from tests.seed import SEED_CREATE
 from tests.webhook_receiver import eventually
 
@@ -310,6 +310,19 @@ async def test_a_stop_whose_confirmation_was_cut_off_stays_applied_and_the_confi
             ]
         held.release.set()
         await stop
+
+
+async def test_an_unexpected_failure_sending_the_confirmation_still_acknowledges_the_stop(tmp_path: Path) -> None:
+    """The STOP and its opt-out are committed; the phone (or provider) that delivered it gets its 201, not a 500
+    that would have it deliver the STOP again. The confirmation stays `queued` for start-up to settle."""
+    async with running(tmp_path, None, provider=BreaksOnNth(2)) as h:
+        agent = await make_agent(h)
+        await open_conversation(h, agent)
+        response = await h.post("/v1/simulator/inbound", {"from": CUSTOMER, "to": OURS, "body": "STOP"})
+        assert response.status_code == 201, response.text
+        assert len(h.rows("SELECT * FROM opt_outs")) == 1
+        (confirmation,) = h.rows("SELECT status FROM messages WHERE author = 'system'")
+        assert confirmation["status"] == "queued"
 
 
 async def test_stop_all_is_recorded_with_its_spaces_collapsed(h: Harness) -> None:

@@ -124,8 +124,16 @@ async def accept(ctx: Context, sms: InboundSms, org_id: str | None = None) -> Ac
 
 
 async def send_replies(ctx: Context, replies: Sequence[messaging.Outgoing]) -> None:
+    """Hand the replies an inbound message queued to the provider. Never raises: the inbound message is stored
+    whatever happens here, and its sender must not be told otherwise (or be led to send it again). A reply an
+    unexpected error leaves `queued` is settled at the next start-up."""
     for reply in replies:
-        await messaging.send_queued(ctx, reply)
+        try:
+            await messaging.send_queued(ctx, reply)
+        except Exception:
+            log.exception(
+                "could not hand an answer to an inbound message to the provider (message %s)", reply.message.id
+            )
 
 
 async def receive(ctx: Context, sms: InboundSms, org_id: str | None = None) -> InboundResult:
