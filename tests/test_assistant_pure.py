@@ -11,7 +11,7 @@ import pytest
 from app.domain.agents import AgentSettings
 from app.domain.assistant import needs_reply
 from app.domain.errors import ValidationFailed
-from app.domain.models import Message
+from app.domain.models import Media, Message
 from app.llm import prompt, tools
 from app.llm.client import ModelError, parse_answer
 from app.store.tool_calls import ToolCall
@@ -313,3 +313,20 @@ def test_a_help_keyword_the_provider_recognised_is_never_handed_to_the_model() -
     ]
     yes = msgspec.structs.replace(message(5, "inbound", "Oui"), keyword="opt_in")  # an opt-in word is still a text
     assert needs_reply([*messages, yes], answered_seq=4) is True
+
+
+def test_an_mms_reaches_the_model_as_a_note_of_what_it_cannot_see() -> None:
+    photo = Media(url="https://api.twilio.com/m/ME0", content_type="image/jpeg")
+    clip = Media(url="https://api.twilio.com/m/ME1", content_type="video/mp4")
+    messages = [
+        message(1, "outbound", "Hi Ada."),
+        msgspec.structs.replace(message(2, "inbound", ""), media=(photo,)),
+        msgspec.structs.replace(message(3, "inbound", "the dashboard light"), media=(photo, clip)),
+    ]
+    assert prompt.history(messages, [])[1] == {
+        "role": "user",
+        "content": "[The customer sent 1 attachment (image/jpeg), which you cannot see.]\n"
+        "the dashboard light\n"
+        "[The customer sent 2 attachments (image/jpeg, video/mp4), which you cannot see.]",
+    }
+    assert needs_reply(messages, answered_seq=1) is True

@@ -263,6 +263,41 @@ async def test_opt_out_type_reaches_the_inbound_effects(h: Harness) -> None:
     assert h.ctx.provider.confirms_opt_out is False  # Parley confirms unless OptOutType says Twilio did
 
 
+async def test_an_mms_keeps_its_attachments_on_the_message_and_in_its_event(h: Harness) -> None:
+    conversation_id, _, _ = await open_conversation(h)
+    media = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME"
+    params = inbound_params(
+        body="",
+        NumMedia="3",
+        MediaUrl0=media + "0",
+        MediaContentType0="image/jpeg",
+        MediaUrl1="javascript:alert(1)",  # not an http(s) URL: skipped
+        MediaContentType1="image/png",
+        MediaUrl2=media + "2",
+        MediaContentType2="video/mp4",
+    )
+    assert (await callback(h, INBOUND, params)).status_code == 200
+    (row,) = h.rows("SELECT content, media FROM messages WHERE direction = 'inbound'")
+    expected = [{"url": media + "0", "contentType": "image/jpeg"}, {"url": media + "2", "contentType": "video/mp4"}]
+    assert (row["content"], msgspec.json.decode(row["media"])) == ("", expected)
+    events = h.rows(
+        "SELECT payload FROM events WHERE type = 'sms.message_received' AND conversation_id = ?", conversation_id
+    )
+    (received,) = [msgspec.json.decode(e["payload"]) for e in events]
+    assert received["data"]["media"] == expected
+
+
+@pytest.mark.parametrize("num_media", ["0", "two", ""])
+async def test_a_text_without_valid_attachments_has_no_media(h: Harness, num_media: str) -> None:
+    await open_conversation(h)
+    params = inbound_params(NumMedia=num_media, MediaUrl0="https://example.test/m0", MediaContentType0="image/jpeg")
+    assert (await callback(h, INBOUND, params)).status_code == 200
+    (row,) = h.rows("SELECT media FROM messages WHERE direction = 'inbound'")
+    assert row["media"] is None
+    (received,) = h.rows("SELECT payload FROM events WHERE type = 'sms.message_received'")
+    assert "media" not in msgspec.json.decode(received["payload"])["data"]
+
+
 async def test_a_keyword_twilio_recognised_is_stored_as_the_keyword_it_was_acted_on_as(h: Harness) -> None:
     await open_conversation(h)
     await callback(h, INBOUND, inbound_params(body="AIDE", OptOutType="HELP"))

@@ -23,6 +23,7 @@ from app.api.schemas import ErrorEnvelope, request_body
 from app.domain import inbound, messaging
 from app.domain.errors import FieldProblem, Forbidden, UnsupportedMediaType, ValidationFailed
 from app.domain.ids import parse_uuid
+from app.domain.models import Media
 from app.providers import twilio
 from app.providers.base import StatusReport
 
@@ -40,6 +41,29 @@ class TwilioInboundForm(msgspec.Struct, kw_only=True):
     to: str = msgspec.field(name="To")
     body: str = msgspec.field(default="", name="Body")
     opt_out_type: str | None = msgspec.field(default=None, name="OptOutType")
+    num_media: str = msgspec.field(default="0", name="NumMedia")
+    media_url_0: str | None = msgspec.field(default=None, name="MediaUrl0")
+    media_content_type_0: str | None = msgspec.field(default=None, name="MediaContentType0")
+
+
+# Twilio sends at most 10 attachments with one MMS (`MediaUrl0` … `MediaUrl9`).
+MAX_MEDIA = 10
+
+
+def media_of(params: dict[str, str]) -> tuple[Media, ...]:
+    """An inbound MMS's attachments: `MediaUrlN` with its `MediaContentTypeN`, for N below `NumMedia` (at most
+    10). An attachment without an http(s) URL is skipped; a missing or malformed count means none."""
+    try:
+        count = min(int(params.get("NumMedia", "0")), MAX_MEDIA)
+    except ValueError:
+        return ()
+    found = []
+    for n in range(count):
+        url = params.get(f"MediaUrl{n}", "")
+        if url.startswith(("https://", "http://")):
+            content_type = params.get(f"MediaContentType{n}", "") or "application/octet-stream"
+            found.append(Media(url=url, content_type=content_type))
+    return tuple(found)
 
 
 class TwilioStatusForm(msgspec.Struct, kw_only=True):
@@ -136,6 +160,7 @@ class TwilioCallbackController(Controller):
             provider_message_id=sid,
             raw=params,
             provider_opt_out_type=opt_out_type,
+            media=media_of(params),
         )
         ctx = rq.context(request)
         accepted = await inbound.accept(ctx, sms)

@@ -18,7 +18,7 @@ import msgspec
 from app.domain import lifecycle, messaging
 from app.domain.context import Context
 from app.domain.ids import new_id
-from app.domain.models import Conversation, Message
+from app.domain.models import Conversation, Media, Message
 from app.domain.phone import mask
 from app.domain.segments import count_segments
 from app.store import conversations as store
@@ -36,6 +36,7 @@ class InboundSms(msgspec.Struct, frozen=True, kw_only=True):
     raw: dict[str, Any] = {}
     # Provider-side facts the compliance filter may use (e.g. Twilio's OptOutType).
     provider_opt_out_type: str | None = None
+    media: tuple[Media, ...] = ()  # an MMS's attachments
 
 
 class InboundResult(msgspec.Struct, kw_only=True):
@@ -81,6 +82,7 @@ def store_inbound(conn: sqlite3.Connection, sms: InboundSms, now_ms: int, org_id
         encoding=encoding,
         segments=segments,
         created_at=now_ms,
+        media=sms.media,
     )
     store.insert_message(conn, message)
     if conversation is not None:

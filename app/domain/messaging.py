@@ -83,6 +83,8 @@ def message_data(message: Message, **extra: Any) -> dict[str, Any]:
         "segments": message.segments,
         "encoding": message.encoding,
     }
+    if message.media:
+        data["media"] = message.media  # an MMS's attachments (inbound only), [{"url", "contentType"}]
     data.update(extra)
     return data
 

@@ -11,6 +11,13 @@ from app.domain.events import EventScope
 OPEN_STATUSES = ("pending", "in_progress")
 
 
+class Media(msgspec.Struct, frozen=True, rename="camel"):
+    """One attachment of an inbound MMS: where the provider keeps it, and its MIME type."""
+
+    url: str
+    content_type: str
+
+
 class Conversation(msgspec.Struct, kw_only=True):
     id: str
     org_id: str
@@ -54,3 +61,4 @@ class Message(msgspec.Struct, kw_only=True):
     sent_at: int | None = None
     delivered_at: int | None = None
     keyword: str | None = None  # inbound: the compliance action it was acted on as (`compliance.Action` value)
+    media: tuple[Media, ...] = ()  # inbound: an MMS's attachments

@@ -96,7 +96,7 @@ def history(
             key = (run_start, -1, seq)
         else:
             key = (seq, 0, 0)
-        items.append((key, {"role": role, "content": message.content}))
+        items.append((key, {"role": role, "content": _text_of(message)}))
     for _, group in groupby(tool_calls, key=lambda call: (call.turn_id, call.round)):
         calls = list(group)
         items.append(((calls[0].after_seq, 1, calls[0].pos), calls))
@@ -114,6 +114,17 @@ def history(
         else:
             chat.append(item)
     return chat
+
+
+def _text_of(message: Message) -> str:
+    """A message's text, and a note of any attachments an MMS carried: the model cannot see them, but should
+    know they came (a picture sent without text is not an empty message)."""
+    if not message.media:
+        return message.content
+    count = len(message.media)
+    kinds = ", ".join(sorted({m.content_type for m in message.media}))
+    note = f"[The customer sent {count} attachment{'s' if count > 1 else ''} ({kinds}), which you cannot see.]"
+    return f"{message.content}\n{note}" if message.content.strip() else note
 
 
 def _handled_by_parley(message: Message) -> bool:

@@ -7,11 +7,12 @@ from typing import Any
 
 import msgspec
 
-from app.domain.models import Conversation, Message
+from app.domain.models import Conversation, Media, Message
 
 _json = msgspec.json.Encoder()
 _vars = msgspec.json.Decoder(dict[str, str])
 _meta = msgspec.json.Decoder(dict[str, Any])
+_media = msgspec.json.Decoder(tuple[Media, ...])
 
 CONVERSATION_COLUMNS = (
     "id, org_id, agent_id, status, from_number, to_number, dynamic_variables, metadata,"
@@ -20,7 +21,7 @@ CONVERSATION_COLUMNS = (
 )
 MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, seq, direction, author, from_number, to_number, content, status, provider,"
-    " provider_message_id, error_code, encoding, segments, created_at, sent_at, delivered_at, keyword"
+    " provider_message_id, error_code, encoding, segments, created_at, sent_at, delivered_at, keyword, media"
 )
 # The same, qualified for a join that names the messages table `m`.
 _MESSAGE_COLUMNS_OF_M = ", ".join(f"m.{name.strip()}" for name in MESSAGE_COLUMNS.split(","))
@@ -72,6 +73,7 @@ def message_from_row(row: sqlite3.Row) -> Message:
         sent_at=row[16],
         delivered_at=row[17],
         keyword=row[18],
+        media=_media.decode(row[19]) if row[19] else (),
     )
 
 
@@ -245,7 +247,7 @@ def next_message_seq(conn: sqlite3.Connection, conversation_id: str) -> int:
 def insert_message(conn: sqlite3.Connection, m: Message) -> None:
     conn.execute(
         f"INSERT INTO messages ({MESSAGE_COLUMNS}, updated_at, conversation_pos)"
-        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {CONVERSATION_POS})",
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {CONVERSATION_POS})",
         (
             m.id,
             m.conversation_id,
@@ -266,6 +268,7 @@ def insert_message(conn: sqlite3.Connection, m: Message) -> None:
             m.sent_at,
             m.delivered_at,
             m.keyword,
+            _json.encode(m.media).decode() if m.media else None,
             m.created_at,
             m.conversation_id,
         ),
