@@ -185,6 +185,30 @@ async def test_migration_0008_carries_a_webhooks_previous_secret_into_the_list_a
             assert received[1].verified_by == [s2, s1, s0]
 
 
+def test_a_managed_agents_tool_secret_changed_in_the_agents_file_keeps_the_old_one_signing_for_a_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like `rotate-tool-secret`: agents.toml and the tool server need not change at the same moment."""
+    from app.domain import agent_registry
+    from app.store import agents as agents_store
+
+    path = tmp_path / "agents.toml"
+    path.write_text('[[agents]]\nslug = "tooling"\nname = "Tooling"\nsystemPrompt = "Hi."\ntoolSecret = "env:TOOL_S"\n')
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    s0, s1, s2 = new_signing_secret(), new_signing_secret(), new_signing_secret()
+    hour = 3_600_000
+    for now, secret in ((0, s0), (hour, s1), (2 * hour, s2), (3 * hour, s2)):  # the last sync changes nothing
+        monkeypatch.setenv("TOOL_S", secret)
+        agent_registry.sync_managed(conn, str(path), now)
+    (agent_id,) = [row[0] for row in conn.execute("SELECT id FROM agents WHERE slug = 'tooling'")]
+    agent = agents_store.by_id_any(conn, agent_id)
+    assert agent is not None
+    assert agent.signing_secrets(3 * hour) == [s2, s1, s0]
+    assert agent.signing_secrets(hour + 24 * hour + 1) == [s2, s1]  # s0 was replaced at hour 1
+    conn.close()
+
+
 async def test_migration_0009_carries_an_agents_previous_tool_secret_into_the_list_and_it_keeps_signing(
     tmp_path: Path,
 ) -> None:

@@ -35,7 +35,11 @@ def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
             agent_id, current_secret = known[entry.slug]
             store.update_settings(conn, agent_id, settings, now_ms)
             if secret is not None and secret != current_secret:
-                store.set_tool_secret(conn, agent_id, secret, [], now_ms)
+                # A rotation like `rotate-tool-secret`: the secret it replaces keeps signing beside it for 24 h, so
+                # agents.toml and the tool server need not change at the same moment.
+                agent = store.by_id_any(conn, agent_id)
+                kept = agent.previous_tool_secrets if agent is not None else []
+                store.set_tool_secret(conn, agent_id, secret, after_rotation(kept, current_secret, now_ms), now_ms)
         else:
             store.insert(
                 conn,
