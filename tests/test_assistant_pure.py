@@ -330,3 +330,23 @@ def test_an_mms_reaches_the_model_as_a_note_of_what_it_cannot_see() -> None:
         "[The customer sent 2 attachments (image/jpeg, video/mp4), which you cannot see.]",
     }
     assert needs_reply(messages, answered_seq=1) is True
+
+
+def test_the_history_ends_with_the_customer_also_when_a_text_came_during_the_last_turn() -> None:
+    """The last turn's reply is placed after the text it answered, before one that arrived while it ran; a HELP
+    answered since then still goes before that unanswered text."""
+    messages = [
+        message(1, "outbound", "Hi Ada."),
+        message(2, "inbound", "can I book?"),
+        message(3, "inbound", "Tuesday?"),  # arrived while the turn answering seq 2 ran
+        message(4, "outbound", "Sure, what time?"),  # that turn's reply
+        message(5, "inbound", "HELP"),
+        message(6, "outbound", "Reply STOP to unsubscribe.", author="system"),
+    ]
+    assert needs_reply(messages, answered_seq=2) is True
+    assert prompt.history(messages, [], {"m4": 2}) == [
+        {"role": "assistant", "content": "Hi Ada."},
+        {"role": "user", "content": "can I book?"},
+        {"role": "assistant", "content": "Sure, what time?\nReply STOP to unsubscribe."},
+        {"role": "user", "content": "Tuesday?"},
+    ]

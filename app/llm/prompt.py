@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from itertools import groupby
-from typing import Any
+from typing import Any, TypeVar
 
 from app.domain import compliance
 from app.domain.agents import AgentSettings
@@ -21,6 +21,7 @@ OPENING_INSTRUCTION = (
 INTERRUPTED_RESULT = json.dumps({"error": "the tool call was interrupted before it finished"})
 # Outbound messages the customer never received are not part of the conversation the model sees.
 UNSENT = frozenset({"failed", "undelivered"})
+_T = TypeVar("_T", bound=tuple[Any, ...])
 _THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _CLOSE = re.compile(r"</think>", re.IGNORECASE)
 _OPEN = re.compile(r"<think>", re.IGNORECASE)
@@ -83,27 +84,23 @@ def history(
     answer, not with an assistant message some servers would take as a start to continue.
     """
     positions = reply_positions or {}
-    shown = [m for m in messages if not _handled_by_parley(m)]
-    run_start = _last_customer_run(shown)
-    last_text = max((m.seq or 0 for m in shown if m.direction == "inbound"), default=0)
-    items: list[tuple[tuple[int, int, int], dict[str, Any] | list[ToolCall]]] = []
-    for message in shown:
+    items: list[tuple[tuple[int, int, int], dict[str, Any] | list[ToolCall], str]] = []
+    for message in messages:
+        if _handled_by_parley(message):
+            continue
         role = "assistant" if message.direction == "outbound" else "user"
         seq = message.seq or 0
-        if message.id in positions:
-            key = (positions[message.id], 2, seq)
-        elif run_start is not None and message.author == "system" and seq > last_text:
-            key = (run_start, -1, seq)
-        else:
-            key = (seq, 0, 0)
-        items.append((key, {"role": role, "content": _text_of(message)}))
+        key = (positions[message.id], 2, seq) if message.id in positions else (seq, 0, 0)
+        kind = "system" if message.author == "system" else role
+        items.append((key, {"role": role, "content": _text_of(message)}, kind))
     for _, group in groupby(tool_calls, key=lambda call: (call.turn_id, call.round)):
         calls = list(group)
-        items.append(((calls[0].after_seq, 1, calls[0].pos), calls))
+        items.append(((calls[0].after_seq, 1, calls[0].pos), calls, "tools"))
     items.sort(key=lambda item: item[0])
+    items = _ending_with_the_customer(items)
 
     chat: list[dict[str, Any]] = []
-    for _, item in items:
+    for _, item, _ in items:
         if isinstance(item, list):
             chat.append(tool_call_message(item[0].assistant_content, [(c.call_id, c.name, c.arguments) for c in item]))
             chat.extend(tool_result_message(c.call_id, c.result) for c in item)
@@ -134,17 +131,16 @@ def _handled_by_parley(message: Message) -> bool:
     return compliance.answered_by_parley(message)
 
 
-def _last_customer_run(messages: list[Message]) -> int | None:
-    """The seq of the first customer text in the trailing run of them, messages of Parley's own skipped (None: the
-    last message other than those is not the customer's)."""
-    start = None
-    for message in reversed(messages):
-        if message.direction == "outbound" and message.author == "system":
-            continue
-        if message.direction != "inbound":
-            break
-        start = message.seq or 0
-    return start
+def _ending_with_the_customer(items: list[_T]) -> list[_T]:
+    """Placed items (key, item, kind), with the messages of Parley's own that follow the customer's last text moved
+    before the run of customer texts that ends with it (kinds: user, assistant, system, tools)."""
+    last = max((i for i, item in enumerate(items) if item[2] == "user"), default=None)
+    if last is None or last == len(items) - 1 or any(item[2] != "system" for item in items[last + 1 :]):
+        return items  # nothing after the customer's last text, or the history goes on past it
+    start = last
+    while start > 0 and items[start - 1][2] == "user":
+        start -= 1
+    return items[:start] + items[last + 1 :] + items[start : last + 1]
 
 
 def clean_reply(text: str | None) -> str:
