@@ -11,8 +11,8 @@ dead server's database, and the server is restarted on the same port and databas
 Checked at the end (after a last restart and a graceful stop):
   - every acknowledged (2xx) create is in the database, not `pending`, with the acknowledged providerMessageId
     on its opening message and its `sms.message_sent` event;
-  - every acknowledged inbound message is in the database, and every acknowledged STOP's pair is on the opt-out
-    list (the opt-out commits with the message);
+  - every acknowledged inbound message is in the database, and every STOP in it (acknowledged or not) has its
+    pair on the opt-out list (the opt-out commits with the message);
   - no outbound message is left `queued` with no provider id (start-up settles every send a kill cut off);
   - no conversation created before a restart was still `pending` once that restart was serving;
   - `PRAGMA integrity_check` is `ok`;
@@ -269,7 +269,9 @@ async def run(args: argparse.Namespace) -> int:
     recovered = read_db(db, "SELECT COUNT(*) FROM messages WHERE error_code = 'parley_interrupted' AND seq = 1")[0][0]
     settled = read_db(db, "SELECT COUNT(*) FROM messages WHERE error_code = 'parley_interrupted' AND seq > 1")[0][0]
     opted_out = {r[0] for r in read_db(db, "SELECT phone_number FROM opt_outs")}
-    lost_stops = [number for number in load.stops if number not in opted_out]
+    # Every STOP stored, acknowledged or not (a kill may have cut off its answer): its opt-out commits with it.
+    stored_stops = {r[0] for r in read_db(db, "SELECT from_number FROM messages WHERE content = 'STOP'")}
+    lost_stops = [number for number in stored_stops | load.stops if number not in opted_out]
     unsent = read_db(
         db,
         "SELECT COUNT(*) FROM messages WHERE direction = 'outbound' AND status = 'queued'"
@@ -295,7 +297,10 @@ async def run(args: argparse.Namespace) -> int:
         f" {len(pending_acked)}, wrong providerMessageId {len(wrong_sid)}, without sms.message_sent {len(no_event)}"
     )
     print(f"  acknowledged inbound messages checked: {len(load.inbound)}; lost {len(lost_inbound)}")
-    print(f"  acknowledged STOPs checked: {len(load.stops)}; without their opt-out {len(lost_stops)}")
+    print(
+        f"  STOPs checked: {len(stored_stops | load.stops)} stored ({len(load.stops)} acknowledged);"
+        f" without their opt-out {len(lost_stops)}"
+    )
     print(
         f"  other outbound messages cut off by a kill and settled at restart: {settled};"
         f" left queued with no provider id: {unsent}"
