@@ -113,9 +113,12 @@ class Edge:
         state["request_id"] = incoming if incoming and REQUEST_ID.fullmatch(incoming) else new_request_id()
         request_id = state["request_id"]
         status_holder = [0]  # the response's status, once it has started
+        answered = [0.0]  # when its last body chunk went out (work after it, a background task, is not its duration)
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered[0] = time.perf_counter()
+            elif message["type"] == "http.response.start":
                 status_holder[0] = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
@@ -147,7 +150,7 @@ class Edge:
                     )
             raise
         finally:
-            duration_ms = (time.perf_counter() - started) * 1000
+            duration_ms = ((answered[0] or time.perf_counter()) - started) * 1000
             status = status_holder[0] or 500
             key = (scope.get("method", "GET"), status)
             self.metrics[key] = self.metrics.get(key, 0) + 1
