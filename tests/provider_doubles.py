@@ -33,7 +33,7 @@ class HangingProvider:
     async def fetch_status(self, message: Any) -> StatusReport | None:
         return None
 
-    async def find_sent(self, message: Any) -> SendAccepted | None:
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
         return None
 
 

@@ -18,6 +18,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from app.clock import FakeClock
+from app.domain import assistant as assistant_module
 from tests.assistant_support import (
     CUSTOMER,
     OURS,
@@ -441,20 +442,60 @@ async def test_an_end_asked_for_in_a_turn_the_model_then_fails_is_dropped(h: Har
     assert conversation["status"] == "in_progress"
 
 
-async def test_an_end_asked_for_is_carried_out_when_the_turn_fails_after_its_goodbye(
+async def test_a_goodbye_whose_send_fails_unexpectedly_is_failed_and_the_conversation_still_ends(
     tmp_path: Path, llm: FakeLLM
 ) -> None:
-    """The reply was recorded and handed over; an unexpected error then ends the turn: the goodbye is on its way,
-    so the conversation closes as the model asked, and the error is reported."""
+    """The provider's send raises something no provider should (not a refusal): the goodbye is not left `queued`
+    (the simulator did not take it: `parley_send_failed`), and the end the model asked for is carried out."""
     async with running(tmp_path, llm, provider=BreaksOnNth(2)) as h:
         agent = await make_agent(h, tools=[{"type": "end_conversation"}])
         conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
+        await text_in(h, "Tuesday works, bye")
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
+        (goodbye,) = h.rows("SELECT status, error_code FROM messages WHERE content = 'See you Tuesday!'")
+        assert tuple(goodbye) == ("failed", "parley_send_failed")
+
+
+async def test_an_end_asked_for_is_carried_out_when_the_turn_fails_after_recording_its_reply(
+    tmp_path: Path, llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error once the turn is recorded (here injected into the reply's send): the goodbye was on its
+    way, so the conversation closes as the model asked, and the error is reported."""
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("unexpected")
+
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        monkeypatch.setattr(assistant_module.messaging, "send_in_conversation", broken)
         llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
         await text_in(h, "Tuesday works, bye")
         (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
         assert error["data"]["error"] == "internal_error"
         conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
         assert (conversation["status"], conversation["endReason"]) == ("closed", "agent_ended")
+
+
+async def test_an_end_asked_for_in_a_turn_that_fails_is_dropped_when_an_operator_answered(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """The model called end_conversation, then failed before any reply was recorded; meanwhile a person answered:
+    the conversation stays open (the person took over; the customer got no goodbye)."""
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("end_conversation", {})).fail(400, delay=0.6)
+        await text_in(h, "bye")
+        await llm.wait_for_requests(2)
+        answered = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        assert answered.status_code == 201, answered.text
+        await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+        await settle()
+        conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+        assert (conversation["status"], conversation["endReason"]) == ("in_progress", None)
 
 
 async def test_a_tool_call_cut_off_is_completed_as_interrupted_at_start_up(

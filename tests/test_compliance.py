@@ -302,7 +302,8 @@ async def test_a_stop_whose_confirmation_was_cut_off_stays_applied_and_the_confi
             conversation = (await second.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
             assert (conversation["status"], conversation["endReason"]) == ("closed", "opted_out")
             assert len(second.rows("SELECT * FROM opt_outs")) == 1
-            (confirmation,) = second.rows("SELECT status, error_code FROM messages WHERE author = 'system'")
+            settled = "SELECT status, error_code FROM messages WHERE author = 'system' AND status != 'queued'"
+            (confirmation,) = await eventually(lambda: second.rows(settled))  # just after start-up
             assert tuple(confirmation) == ("failed", "parley_interrupted")
             updates = [e["data"] for e in events_of(second, "sms.message_delivery_updated")]
             assert [(u["author"], u["status"], u["errorCode"]) for u in updates if u["author"] == "system"] == [
@@ -314,15 +315,15 @@ async def test_a_stop_whose_confirmation_was_cut_off_stays_applied_and_the_confi
 
 async def test_an_unexpected_failure_sending_the_confirmation_still_acknowledges_the_stop(tmp_path: Path) -> None:
     """The STOP and its opt-out are committed; the phone (or provider) that delivered it gets its 201, not a 500
-    that would have it deliver the STOP again. The confirmation stays `queued` for start-up to settle."""
+    that would have it deliver the STOP again. The confirmation, which the simulator never took, fails."""
     async with running(tmp_path, None, provider=BreaksOnNth(2)) as h:
         agent = await make_agent(h)
         await open_conversation(h, agent)
         response = await h.post("/v1/simulator/inbound", {"from": CUSTOMER, "to": OURS, "body": "STOP"})
         assert response.status_code == 201, response.text
         assert len(h.rows("SELECT * FROM opt_outs")) == 1
-        (confirmation,) = h.rows("SELECT status FROM messages WHERE author = 'system'")
-        assert confirmation["status"] == "queued"
+        (confirmation,) = h.rows("SELECT status, error_code FROM messages WHERE author = 'system'")
+        assert tuple(confirmation) == ("failed", "parley_send_failed")
 
 
 async def test_stop_all_is_recorded_with_its_spaces_collapsed(h: Harness) -> None:

@@ -23,9 +23,9 @@ from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
 from tests.assistant_support import call_tool, open_conversation, signers, webhook_tool
 from tests.conftest import start_harness
 from tests.fake_llm import FakeLLM, FakeToolServer
-from tests.provider_doubles import HangingProvider, SimulatorHolding
+from tests.provider_doubles import BreaksOnNth, HangingProvider, SimulatorHolding
 from tests.seed import SEED_CREATE
-from tests.webhook_receiver import Receiver, emit
+from tests.webhook_receiver import Receiver, emit, eventually
 
 
 def schema(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -475,7 +475,8 @@ async def test_an_unkeyed_create_cut_off_after_its_conversation_was_closed_leave
         (conversation_id,) = [row[0] for row in first.rows("SELECT id FROM conversations")]
         assert (await first.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
         async with start_harness(tmp_path) as second:  # another process on the same file
-            message = second.rows("SELECT status, error_code FROM messages WHERE conversation_id = ?", conversation_id)
+            settled = "SELECT status, error_code FROM messages WHERE conversation_id = ? AND status != 'queued'"
+            message = await eventually(lambda: second.rows(settled, conversation_id))  # settled just after start-up
             assert tuple(message[0]) == ("failed", "parley_interrupted")
             conversation = second.rows("SELECT status, end_reason FROM conversations")[0]
             assert tuple(conversation) == ("closed", "admin_closed")
@@ -508,14 +509,14 @@ async def test_a_create_cut_off_after_its_conversation_was_closed_is_settled_at_
 class FindsItSent(SimulatorProvider):
     """A provider that, asked after a crash, says it took the message."""
 
-    async def find_sent(self, message: Any) -> SendAccepted | None:
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
         return SendAccepted(provider_message_id="SM" + "f" * 32, provider_status="sent")
 
 
 class CannotSay(SimulatorProvider):
     """A provider that cannot be asked after a crash (its API is down)."""
 
-    async def find_sent(self, message: Any) -> SendAccepted | None:
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
         raise ConnectionError("provider unreachable")
 
 
@@ -541,9 +542,12 @@ async def test_a_message_cut_off_between_persist_and_send_is_settled_at_start_up
         key = first.key()
         async with start_harness(tmp_path, provider=provider()) as second:  # another process on the same file
             second.keys["acme"] = key
-            (row,) = second.rows(
-                "SELECT id, status, error_code, provider_message_id FROM messages WHERE author = 'operator'"
-            )
+            (row,) = await eventually(
+                lambda: second.rows(
+                    "SELECT id, status, error_code, provider_message_id FROM messages"
+                    " WHERE author = 'operator' AND (status != 'queued' OR provider_message_id IS NOT NULL)"
+                )
+            )  # settled in the background, just after start-up
             assert tuple(row)[1:] == settled
             payloads = [
                 json.loads(r["payload"]) for r in second.rows("SELECT payload FROM events WHERE type = ?", event)
@@ -553,6 +557,21 @@ async def test_a_message_cut_off_between_persist_and_send_is_settled_at_start_up
             assert conversation["status"] == "in_progress"  # only the message is settled
         held.release.set()
         await task
+
+
+async def test_a_send_that_fails_unexpectedly_is_settled_at_once(tmp_path: Path) -> None:
+    """Not a refusal: the provider's send raised something else (a bug, an unreadable answer). The provider is asked
+    whether it took the message, and one it did not take fails with `parley_send_failed` at once, instead of
+    staying `queued` until the next start-up (or, for a create, `pending` behind a 500)."""
+    async with start_harness(tmp_path, provider=BreaksOnNth(1)) as h:
+        created = await h.post("/v1/sms-conversations", SEED_CREATE)
+        assert created.status_code == 502, created.text
+        error = created.json()["error"]
+        assert (error["code"], error["providerCode"]) == ("provider_error", "parley_send_failed")
+        conversation = (await h.get(f"/v1/sms-conversations/{error['conversationId']}")).json()["data"]
+        assert (conversation["status"], conversation["endReason"]) == ("closed", "opening_message_failed")
+        (opening,) = h.rows("SELECT status, error_code FROM messages")
+        assert tuple(opening) == ("failed", "parley_send_failed")
 
 
 def test_unsent_messages_are_found_on_the_unfinished_index(tmp_path: Path) -> None:

@@ -18,13 +18,15 @@ from twilio.request_validator import RequestValidator
 
 from app.api.providers import EMPTY_TWIML
 from app.clock import FakeClock
-from app.domain import housekeeping
+from app.domain import housekeeping, messaging
 from app.domain.inbound import InboundResult, InboundSms
 from app.providers.twilio import TwilioProvider
+from app.store import conversations as conversation_store
 from tests.conftest import Harness, start_harness
 from tests.fake_twilio import Action, FakeTwilio, running_fake
 from tests.provider_doubles import HangingProvider
 from tests.seed import SEED_CREATE
+from tests.webhook_receiver import eventually
 
 PUBLIC = "https://parley.example.test"
 INBOUND = "/v1/providers/twilio/inbound"
@@ -296,6 +298,34 @@ async def test_a_text_without_valid_attachments_has_no_media(h: Harness, num_med
     assert row["media"] is None
     (received,) = h.rows("SELECT payload FROM events WHERE type = 'sms.message_received'")
     assert "media" not in msgspec.json.decode(received["payload"])["data"]
+
+
+async def test_an_answer_cut_off_is_not_taken_for_an_identical_one_twilio_already_has(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    """A HELP was answered (Twilio holds that SMS), a second identical answer was committed and the process died
+    before its POST: start-up's look-up must not take the first answer's SID for the second one."""
+    async with twilio_harness(tmp_path, fake_twilio) as h:
+        conversation_id, _, _ = await open_conversation(h)
+        await callback(h, INBOUND, inbound_params(body="HELP"))
+        (first,) = h.rows("SELECT provider_message_id, content FROM messages WHERE author = 'system'")
+        assert first["provider_message_id"] is not None
+
+        def queue(conn: sqlite3.Connection) -> None:
+            conversation = conversation_store.get(conn, conversation_id)
+            assert conversation is not None
+            messaging.queue_system(h.ctx, conn, conversation, first["content"])
+
+        await h.ctx.db.write(queue)  # committed with a second HELP; the process dies before the send
+    sends = len(fake_twilio.sends())
+    async with twilio_harness(tmp_path, fake_twilio) as h:
+        settled = "SELECT status, error_code, provider_message_id FROM messages WHERE author = 'system' ORDER BY seq"
+        rows = await eventually(
+            lambda: [tuple(r) for r in h.rows(settled)] if tuple(h.rows(settled)[1]) != ("queued", None, None) else None
+        )
+        assert rows[0][2] == first["provider_message_id"]
+        assert rows[1] == ("failed", "parley_interrupted", None)  # Twilio has no SMS of its own for it
+        assert len(fake_twilio.sends()) == sends  # nothing sent again
 
 
 async def test_a_keyword_twilio_recognised_is_stored_as_the_keyword_it_was_acted_on_as(h: Harness) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,6 +34,7 @@ from app.providers.base import Provider, StatusReport
 from app.providers.simulator import SimulatorProvider
 from app.providers.twilio import TwilioProvider
 from app.scheduler import Scheduler
+from app.store import conversations as conversations_store
 from app.store import jobs as jobs_store
 from app.store import webhooks as webhook_store
 from app.store.db import Database
@@ -52,6 +54,13 @@ def build_provider(settings: Settings) -> Provider:
         # Its httpx2 client is opened by `start()` and closed by `close()`, both in the lifespan.
         return TwilioProvider.from_settings(settings)
     raise RuntimeError(f"SMS provider {settings.sms_provider!r} is not available in this build")
+
+
+async def _cancel(task: asyncio.Task[object]) -> None:
+    """Stop a background task at shutdown (what it had not done is found again at the next start-up)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(
@@ -108,11 +117,14 @@ def create_app(
             stack.push_async_callback(sms.close)
             # After the provider starts: an interrupted opening is looked up at the provider.
             await conversations.recover_interrupted(ctx)
-            await messaging.recover_unsent(ctx)
+            # Read before any request is served: every one of these was cut off, none is a send of this process.
+            unsent = await db.read(conversations_store.unsent_outbound)
             await assistant.settle_interrupted_tool_calls()
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
+            recovery = asyncio.create_task(messaging.recover_unsent(ctx, unsent))
+            stack.push_async_callback(_cancel, recovery)
             stack.callback(dispatcher.stop_claiming)
             yield
 

@@ -369,7 +369,7 @@ async def create(
     message = persisted
 
     try:
-        accepted = await ctx.provider.send(messaging.send_request(ctx, message))
+        accepted = await messaging.provider_send(ctx, message)
     except ProviderRejected as exc:
         rejected = exc
         outcome = CreateOutcome(

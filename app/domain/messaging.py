@@ -31,8 +31,13 @@ from app.store import events, opt_outs
 log = logging.getLogger("parley.messaging")
 _raw = msgspec.json.Encoder()
 
+# Provider ids recorded this long before a message are passed to the look-up as not its own (a provider's list
+# may hold an identical text sent to the pair a moment before: a HELP answered twice, a confirmation).
+LOOKUP_WINDOW_MS = 10 * 60 * 1000
 # A message whose send a stop or crash cut off, which the provider says it never took.
 INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
+# A message whose send failed unexpectedly (not a refusal), which the provider says it never took.
+SEND_FAILED = ProviderRejected("parley_send_failed", "the send failed unexpectedly before the provider answered")
 
 
 def new_outbound(
@@ -175,7 +180,7 @@ async def hand_to_provider(ctx: Context, conversation: Conversation, message: Me
     """Send a persisted, queued message; record its acceptance (`sms.message_sent`, and activity when the
     conversation is in progress) or its rejection, which raises ProviderFailed."""
     try:
-        accepted = await ctx.provider.send(send_request(ctx, message))
+        accepted = await provider_send(ctx, message)
     except ProviderRejected as exc:
         rejected = exc
         await ctx.db.write(lambda c: record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
@@ -196,11 +201,30 @@ def _record_sent(
     return sent
 
 
+async def provider_send(ctx: Context, message: Message) -> SendAccepted:
+    """`provider.send` for a persisted message, raising ProviderRejected when it is refused. An unexpected failure
+    (a bug, an answer the adapter cannot read) does not leave the message `queued` for the life of the process:
+    the provider is asked whether it took it, as after a crash, and a message it did not take fails with
+    `parley_send_failed` (`provider_outcome_unknown` when it cannot say)."""
+    try:
+        return await ctx.provider.send(send_request(ctx, message))
+    except ProviderRejected:
+        raise
+    except Exception as exc:
+        log.error("the provider's send failed unexpectedly (message %s): %s", message.id, type(exc).__name__)
+        accepted, unknown = await ask_provider(ctx, message)
+        if accepted is not None:
+            return accepted
+        raise unknown or SEND_FAILED from None
+
+
 async def ask_provider(ctx: Context, message: Message) -> tuple[SendAccepted | None, ProviderRejected | None]:
     """After a stop or crash cut off the send of `message`: (the provider's acceptance, None) when it took it,
     (None, None) when it certainly did not, (None, a `provider_outcome_unknown` rejection) when it cannot say."""
+    since = message.created_at - LOOKUP_WINDOW_MS
+    taken = await ctx.db.read(lambda c: store.provider_ids_for_pair(c, message.from_number, message.to_number, since))
     try:
-        return await ctx.provider.find_sent(message), None
+        return await ctx.provider.find_sent(message, taken), None
     except Exception as exc:  # the provider could not be asked
         log.warning("could not learn whether an interrupted SMS was sent: %s", type(exc).__name__)
         unknown = SendOutcomeUnknown(
@@ -209,17 +233,21 @@ async def ask_provider(ctx: Context, message: Message) -> tuple[SendAccepted | N
         return None, unknown
 
 
-async def recover_unsent(ctx: Context) -> int:
-    """At start-up (after the interrupted creates are settled): every other outbound message a stop or crash cut
-    off between persist and the send's outcome (a reply, an operator's message, a confirmation, a reminder).
+async def recover_unsent(ctx: Context, unsent: list[Message]) -> int:
+    """After start-up: every outbound message other than an interrupted create's opening that a stop or crash cut
+    off between persist and the send's outcome (a reply, an operator's message, a confirmation, a reminder), as
+    `store.unsent_outbound` found them before the server took any request (so none is a send of this process).
 
     The provider is asked whether it took each: if so, it is recorded as sent; if not, it fails with
     `parley_interrupted`; if the provider cannot say, it fails with `provider_outcome_unknown`. Nothing is sent
-    again: the send may have reached the phone, and a duplicate SMS cannot be taken back."""
-    unsent = await ctx.db.read(store.unsent_outbound)
+    again: the send may have reached the phone, and a duplicate SMS cannot be taken back. It runs in the
+    background, one look-up after another, so a slow or unreachable provider does not hold up start-up."""
     for message in unsent:
-        accepted, unknown = await ask_provider(ctx, message)
-        await ctx.db.write(lambda c, m=message, a=accepted, u=unknown: _settle_unsent(ctx, c, m, a, u))
+        try:
+            accepted, unknown = await ask_provider(ctx, message)
+            await ctx.db.write(lambda c, m=message, a=accepted, u=unknown: _settle_unsent(ctx, c, m, a, u))
+        except Exception:  # left `queued`: the next start-up finds it again
+            log.exception("could not settle an outbound message a stop or crash cut off (message %s)", message.id)
     if unsent:
         log.warning("settled %d outbound message(s) whose send a stop or crash cut off", len(unsent))
     return len(unsent)

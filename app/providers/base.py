@@ -5,7 +5,7 @@ The domain never knows which provider it talks to; a new provider is a new modul
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -75,7 +75,8 @@ class Provider(Protocol):
         """Ask the provider for a message's current status (None when it cannot say)."""
         ...
 
-    async def find_sent(self, message: Message) -> SendAccepted | None:
+    async def find_sent(self, message: Message, taken: Collection[str] = ()) -> SendAccepted | None:
         """After a crash during a send whose answer was lost: the provider's acceptance of `message`, or None
-        when it certainly did not take it; raise when it cannot be asked."""
+        when it certainly did not take it; raise when it cannot be asked. `taken`: provider ids already recorded
+        for other messages, which cannot be this one's (an identical text sent to the pair before)."""
         ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Collection
 
 from app.domain.ids import new_provider_id
 from app.domain.models import Message
@@ -102,7 +103,7 @@ class SimulatorProvider:
             except Exception:  # the reconciler will finish these messages
                 log.exception("simulated status reports failed")
 
-    async def find_sent(self, message: Message) -> SendAccepted | None:
+    async def find_sent(self, message: Message, taken: Collection[str] = ()) -> SendAccepted | None:
         """The simulated carrier lives in this process: a send a crash cut off never reached anyone."""
         return None
 

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Container, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Container, Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -368,8 +368,9 @@ class TwilioProvider:
                 return self._accept(found)
         raise ProviderRejected(UNAVAILABLE, f"Twilio could not take the message: {failure}.")
 
-    async def _find_created(self, request: SendRequest, started: float) -> dict | None:
-        """Look on Twilio for a message an unanswered POST of ours may have created."""
+    async def _find_created(self, request: SendRequest, started: float, taken: Collection[str] = ()) -> dict | None:
+        """Look on Twilio for a message an unanswered POST of ours may have created (none of `taken`, nor one an
+        earlier send of this process claimed)."""
         # No `DateSent` filter: a message that is still queued has no date_sent and would be missed.
         params = {"To": request.to_number, "From": request.from_number, "PageSize": str(LOOKUP_PAGE_SIZE)}
         try:
@@ -384,7 +385,8 @@ class TwilioProvider:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise TwilioUnavailable("unreadable message list") from None
-        return pick_created(items, request, started - CLOCK_SKEW_SECONDS, self._claimed)
+        claimed = self._claimed.keys() | set(taken) if taken else self._claimed
+        return pick_created(items, request, started - CLOCK_SKEW_SECONDS, claimed)
 
     def _accept(self, data: dict) -> SendAccepted:
         sid = data["sid"]
@@ -409,7 +411,7 @@ class TwilioProvider:
             if users[0] == 0:
                 self._inflight.pop(key, None)
 
-    async def find_sent(self, message: Message) -> SendAccepted | None:
+    async def find_sent(self, message: Message, taken: Collection[str] = ()) -> SendAccepted | None:
         """After a crash: the message Twilio created for a send of ours whose answer was lost (the look-up a send
         makes after an unanswered POST), or None when Twilio has none; TwilioUnavailable when it cannot say."""
         request = SendRequest(
@@ -419,7 +421,7 @@ class TwilioProvider:
             body=message.content,
             status_callback_url="",
         )
-        found = await self._find_created(request, message.created_at / 1000)
+        found = await self._find_created(request, message.created_at / 1000, taken)
         return self._accept(found) if found is not None else None
 
     # -- status look-up --

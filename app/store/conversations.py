@@ -373,6 +373,17 @@ def unsent_outbound(conn: sqlite3.Connection) -> list[Message]:
     return [message_from_row(row) for row in rows]
 
 
+def provider_ids_for_pair(conn: sqlite3.Connection, from_number: str, to_number: str, since_ms: int) -> set[str]:
+    """Provider ids recorded for outbound messages of the pair's conversations created since `since_ms`."""
+    rows = conn.execute(
+        "SELECT m.provider_message_id FROM conversations c JOIN messages m ON m.conversation_pos = c.pos"
+        " WHERE c.from_number = ? AND c.to_number = ? AND m.direction = 'outbound'"
+        " AND m.provider_message_id IS NOT NULL AND m.created_at >= ?",
+        (from_number, to_number, since_ms),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
 def insert_status_reports(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     """Keep raw provider reports: (message_id, provider, provider_message_id, provider_status, error_code,
     raw, applied, received_at) each."""
