@@ -370,12 +370,18 @@ async def test_text_the_model_writes_with_tool_calls_after_its_last_round_is_sen
 # --- built-in tools -----------------------------------------------------------------------------
 
 
-async def test_end_conversation_closes_with_agent_ended_after_the_reply_is_sent(h: Harness, llm: FakeLLM) -> None:
+async def say_goodbye(h: Harness, llm: FakeLLM) -> str:
+    """An agent with `end_conversation` in a new conversation; the customer says bye, and the model ends the
+    conversation with "See you Tuesday!". Returns the conversation's id."""
     agent = await make_agent(h, tools=[{"type": "end_conversation"}])
     conversation_id = await open_conversation(h, agent)
     llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
-
     await text_in(h, "Tuesday works, bye")
+    return conversation_id
+
+
+async def test_end_conversation_closes_with_agent_ended_after_the_reply_is_sent(h: Harness, llm: FakeLLM) -> None:
+    conversation_id = await say_goodbye(h, llm)
 
     closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
     assert closed[0]["data"]["endReason"] == "agent_ended"
@@ -416,10 +422,7 @@ async def test_end_conversation_survives_its_turn_being_cut_off_while_the_reply_
 ) -> None:
     hanging = SimulatorHolding(2)  # the opening goes out; the goodbye never leaves
     async with running(tmp_path, llm, provider=hanging) as h:
-        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
-        conversation_id = await open_conversation(h, agent)
-        llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
-        await text_in(h, "Tuesday works, bye")
+        conversation_id = await say_goodbye(h, llm)
         await asyncio.wait_for(hanging.holding.wait(), 5)
         await cut_off(h)
 
@@ -448,10 +451,7 @@ async def test_a_goodbye_whose_send_fails_unexpectedly_is_failed_and_the_convers
     """The provider's send raises something no provider should (not a refusal): the goodbye is not left `queued`
     (the simulator did not take it: `parley_send_failed`), and the end the model asked for is carried out."""
     async with running(tmp_path, llm, provider=BreaksOnNth(2)) as h:
-        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
-        conversation_id = await open_conversation(h, agent)
-        llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
-        await text_in(h, "Tuesday works, bye")
+        conversation_id = await say_goodbye(h, llm)
         closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
         assert closed[0]["data"]["endReason"] == "agent_ended"
         (goodbye,) = h.rows("SELECT status, error_code FROM messages WHERE content = 'See you Tuesday!'")
@@ -468,11 +468,8 @@ async def test_an_end_asked_for_is_carried_out_when_the_turn_fails_after_recordi
         raise RuntimeError("unexpected")
 
     async with running(tmp_path, llm) as h:
-        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
-        conversation_id = await open_conversation(h, agent)
         monkeypatch.setattr(assistant_module.messaging, "send_in_conversation", broken)
-        llm.call_tools(("end_conversation", {"reason": "booked"})).reply("See you Tuesday!")
-        await text_in(h, "Tuesday works, bye")
+        conversation_id = await say_goodbye(h, llm)
         (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
         assert error["data"]["error"] == "internal_error"
         conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
