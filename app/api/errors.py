@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import msgspec
 from litestar import Request, Response
@@ -111,6 +112,9 @@ def _public_name(request: Request, key: str) -> str:
     return key
 
 
+_MISSING = re.compile(r"Missing required \w+ parameter '([^']+)'")
+
+
 def http_error_handler(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     if isinstance(exc, NotFoundException):
@@ -128,6 +132,9 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response:
             if isinstance(item, dict):
                 field = _public_name(request, str(item.get("key", "query")))
                 details.append(ErrorDetail(field=field, message=readable(str(item.get("message", "")))))
+        if not details and (missing := _MISSING.match(str(exc.detail))):
+            # Litestar names a missing parameter only in its message (by the name the client sends it under).
+            details.append(ErrorDetail(field=missing.group(1), message="is required"))
         message = "; ".join(f"{d.field}: {d.message}" for d in details) or "The request is not valid."
         return _response(400, ErrorBody(code="validation_error", message=message, details=details or None), request)
     if status == 413:
