@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -212,7 +213,7 @@ def load_settings(
     if bool(settings.twilio_api_key) != bool(settings.twilio_api_secret):
         missing = "TWILIO_API_SECRET" if settings.twilio_api_key else "TWILIO_API_KEY"
         raise ConfigError(f"{missing} must be set too when the other of TWILIO_API_KEY and TWILIO_API_SECRET is")
-    if settings.twilio_api_key and not settings.twilio_api_key.startswith("SK"):
+    if settings.twilio_api_key and not re.fullmatch(r"SK[0-9a-fA-F]{32}", settings.twilio_api_key):
         raise ConfigError("TWILIO_API_KEY must be an API key SID (SK followed by 32 hex digits)")
     if settings.sms_provider == "twilio" and get("PARLEY_PUBLIC_URL") is None:
         # Twilio calls back on this URL and signs over it; a local default would silently lose callbacks.

@@ -119,6 +119,7 @@ async def test_an_api_key_authenticates_the_sends_in_the_accounts_url(fake_twili
         ({"TWILIO_API_KEY": "SK" + "3" * 32}, "TWILIO_API_SECRET"),
         ({"TWILIO_API_SECRET": "s3cret-value"}, "TWILIO_API_KEY"),
         ({"TWILIO_API_KEY": "AC" + "3" * 32, "TWILIO_API_SECRET": "s3cret-value"}, "TWILIO_API_KEY"),
+        ({"TWILIO_API_KEY": "SKxyz", "TWILIO_API_SECRET": "s3cret-value"}, "TWILIO_API_KEY"),
     ],
 )
 def test_an_api_key_needs_its_secret_and_the_sk_form(extra: dict[str, str], named: str) -> None:
