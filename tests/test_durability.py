@@ -146,6 +146,10 @@ def test_sigterm_with_a_model_turn_and_a_model_written_opening_in_flight_exits_w
             process.wait(timeout=20)
             elapsed = time.monotonic() - started
             assert elapsed < 10, f"{elapsed:.1f} s\n" + log.read_text()[-3000:]
+            writer.join(5)
+            assert [status for status, _ in answers] == [503]  # the opening the model was still writing
+            # Answered, so not logged as a crash (uvicorn's traceback for the cancellation it made).
+            assert "Exception in ASGI application" not in log.read_text()
         finally:
             if process.poll() is None:
                 process.kill()

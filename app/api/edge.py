@@ -148,7 +148,12 @@ class Edge:
                         {"retry-after": "1"},
                         request_id,
                     )
-            raise
+            if not answered[0]:
+                raise
+            # Answered (503 just now, or before work that followed the answer, such as a Twilio keyword's reply):
+            # the cancellation has done its job, and uvicorn would log it as a crash with a traceback. What was cut
+            # off is found again at the next start-up.
+            log.warning("request cut off by shutdown after its answer", extra={"request_id": request_id})
         finally:
             duration_ms = ((answered[0] or time.perf_counter()) - started) * 1000
             status = status_holder[0] or 500
