@@ -350,3 +350,18 @@ def test_the_history_ends_with_the_customer_also_when_a_text_came_during_the_las
         {"role": "assistant", "content": "Sure, what time?\nReply STOP to unsubscribe."},
         {"role": "user", "content": "Tuesday?"},
     ]
+
+
+def test_a_help_answered_after_a_failed_tool_round_goes_before_that_round() -> None:
+    """The last turn called a tool, then the model failed; a HELP came and was answered. The history goes on from
+    the tool round (its calls and results together), not from Parley's answer."""
+    messages = [
+        message(1, "outbound", "Hi Ada."),
+        message(2, "inbound", "is my recall open?"),
+        message(3, "inbound", "HELP"),
+        message(4, "outbound", "Reply STOP to unsubscribe.", author="system"),
+    ]
+    chat = prompt.history(messages, [call(1, 2)])
+    assert [m["role"] for m in chat] == ["assistant", "user", "assistant", "assistant", "tool"]
+    assert chat[2] == {"role": "assistant", "content": "Reply STOP to unsubscribe."}
+    assert "tool_calls" in chat[3]

@@ -132,15 +132,18 @@ def _handled_by_parley(message: Message) -> bool:
 
 
 def _ending_with_the_customer(items: list[_T]) -> list[_T]:
-    """Placed items (key, item, kind), with the messages of Parley's own that follow the customer's last text moved
-    before the run of customer texts that ends with it (kinds: user, assistant, system, tools)."""
-    last = max((i for i, item in enumerate(items) if item[2] == "user"), default=None)
-    if last is None or last == len(items) - 1 or any(item[2] != "system" for item in items[last + 1 :]):
-        return items  # nothing after the customer's last text, or the history goes on past it
-    start = last
-    while start > 0 and items[start - 1][2] == "user":
+    """Placed items (key, item, kind; kinds: user, assistant, system, tools), with the messages of Parley's own that
+    end them (sent after everything else, say a HELP answer) moved before what the model is to go on from: the run
+    of customer texts they follow, or the tool round (its calls and results, kept together) they follow."""
+    first = len(items)
+    while first > 0 and items[first - 1][2] == "system":
+        first -= 1
+    if first in (0, len(items)) or items[first - 1][2] not in ("user", "tools"):
+        return items  # none at the end, or they follow an assistant reply: the history is answered
+    start = first - 1
+    while items[start][2] == "user" and start > 0 and items[start - 1][2] == "user":
         start -= 1
-    return items[:start] + items[last + 1 :] + items[start : last + 1]
+    return items[:start] + items[first:] + items[start:first]
 
 
 def clean_reply(text: str | None) -> str:
