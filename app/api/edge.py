@@ -116,9 +116,7 @@ class Edge:
         answered = [0.0]  # when its last body chunk went out (work after it, a background task, is not its duration)
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                answered[0] = time.perf_counter()
-            elif message["type"] == "http.response.start":
+            if message["type"] == "http.response.start":
                 status_holder[0] = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
@@ -126,6 +124,8 @@ class Edge:
                     headers = [(k, v) for k, v in headers if k.lower() != b"allow"] + [(b"allow", allow.encode())]
                 message = {**message, "headers": headers}  # type: ignore[misc]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered[0] = time.perf_counter()  # handed to the server: a cancellation now cannot undo it
 
         try:
             path = scope["path"]
