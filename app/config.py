@@ -210,10 +210,11 @@ def load_settings(
     if settings.sms_provider == "twilio" and not (settings.twilio_account_sid and settings.twilio_auth_token):
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"
         raise ConfigError(f"{missing} must be set when PARLEY_SMS_PROVIDER=twilio")
-    if bool(settings.twilio_api_key) != bool(settings.twilio_api_secret):
+    twilio = settings.sms_provider == "twilio"
+    if twilio and bool(settings.twilio_api_key) != bool(settings.twilio_api_secret):
         missing = "TWILIO_API_SECRET" if settings.twilio_api_key else "TWILIO_API_KEY"
         raise ConfigError(f"{missing} must be set too when the other of TWILIO_API_KEY and TWILIO_API_SECRET is")
-    if settings.twilio_api_key and not re.fullmatch(r"SK[0-9a-fA-F]{32}", settings.twilio_api_key):
+    if twilio and settings.twilio_api_key and not re.fullmatch(r"SK[0-9a-fA-F]{32}", settings.twilio_api_key):
         raise ConfigError("TWILIO_API_KEY must be an API key SID (SK followed by 32 hex digits)")
     if settings.sms_provider == "twilio" and get("PARLEY_PUBLIC_URL") is None:
         # Twilio calls back on this URL and signs over it; a local default would silently lose callbacks.

@@ -19,6 +19,7 @@ from standardwebhooks import Webhook
 
 from app.clock import FakeClock
 from app.domain import assistant as assistant_module
+from app.providers.simulator import SimulatorProvider
 from tests.assistant_support import (
     CUSTOMER,
     OURS,
@@ -432,6 +433,25 @@ async def test_end_conversation_survives_its_turn_being_cut_off_while_the_reply_
         assert len(llm.bodies) == 2  # the recorded turn is not run again: it is finished
 
 
+async def test_an_end_whose_goodbye_was_recorded_is_carried_out_though_the_customer_texted_since(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """Cut off while sending the goodbye; the customer texted again before the restart, and the model now fails:
+    the goodbye went (or was on its way), so the conversation ends as the model asked, without another turn."""
+    hanging = SimulatorHolding(2)  # the opening goes out; the goodbye never leaves
+    async with running(tmp_path, llm, provider=hanging) as h:
+        conversation_id = await say_goodbye(h, llm)
+        await asyncio.wait_for(hanging.holding.wait(), 5)
+        await text_in(h, "oh, one more thing")
+        await cut_off(h)
+
+    llm.fail(500, times=5)
+    async with running(tmp_path, llm) as h:
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
+        assert len(llm.bodies) == 2  # the recorded turn's two calls; none since
+
+
 async def test_an_end_asked_for_in_a_turn_the_model_then_fails_is_dropped(h: Harness, llm: FakeLLM) -> None:
     agent = await make_agent(h, tools=[{"type": "end_conversation"}])
     conversation_id = await open_conversation(h, agent)
@@ -493,6 +513,36 @@ async def test_an_end_asked_for_in_a_turn_that_fails_is_dropped_when_an_operator
         await settle()
         conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
         assert (conversation["status"], conversation["endReason"]) == ("in_progress", None)
+
+
+class SlowToAsk(SimulatorProvider):
+    """The simulator, with a start-up look-up that takes a while (as a real provider's HTTP call does)."""
+
+    async def find_sent(self, message: Any, taken: Any = ()) -> Any:
+        await asyncio.sleep(0.5)
+        return None
+
+
+async def test_a_turn_due_at_start_up_waits_until_its_cut_off_reply_is_settled(tmp_path: Path, llm: FakeLLM) -> None:
+    """A turn recorded its reply and was cut off sending it; a text arrived meanwhile. At restart the due turn waits
+    for the background recovery to settle that reply, so the model is not shown a reply the customer never got."""
+    hanging = SimulatorHolding(2)  # the opening goes out; the reply never leaves
+    async with running(tmp_path, llm, provider=hanging) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("Sure, what time works?")
+        await text_in(h, "can I book?")
+        await asyncio.wait_for(hanging.holding.wait(), 5)
+        await text_in(h, "Tuesday?")  # arrives during the hung send: the turn is scheduled again
+        await cut_off(h)
+
+    llm.reply("Tuesday at 9?")
+    async with running(tmp_path, llm, provider=SlowToAsk()) as h:
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Tuesday at 9?"]
+        (row,) = h.rows("SELECT status, error_code FROM messages WHERE content = 'Sure, what time works?'")
+        assert tuple(row) == ("failed", "parley_interrupted")
+        shown = [m["content"] for m in llm.bodies[-1]["messages"]]
+        assert not any("Sure, what time works?" in (c or "") for c in shown), shown
 
 
 async def test_a_tool_call_cut_off_is_completed_as_interrupted_at_start_up(

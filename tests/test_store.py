@@ -15,6 +15,7 @@ import pytest
 
 from app.clock import FakeClock
 from app.config import ConfigError, load_settings
+from app.domain import messaging
 from app.domain.ids import new_signing_secret
 from app.providers.base import SendAccepted, SendRequest, StatusReport
 from app.providers.simulator import SimulatorProvider
@@ -206,6 +207,11 @@ def test_a_managed_agents_tool_secret_changed_in_the_agents_file_keeps_the_old_o
     assert agent is not None
     assert agent.signing_secrets(3 * hour) == [s2, s1, s0]
     assert agent.signing_secrets(hour + 24 * hour + 1) == [s2, s1]  # s0 was replaced at hour 1
+    monkeypatch.setenv("TOOL_S", s1)  # switched back: s1 signs once, as the current secret
+    agent_registry.sync_managed(conn, str(path), 4 * hour)
+    agent = agents_store.by_id_any(conn, agent_id)
+    assert agent is not None
+    assert agent.signing_secrets(4 * hour) == [s1, s2, s0]
     conn.close()
 
 
@@ -572,6 +578,38 @@ async def test_a_send_that_fails_unexpectedly_is_settled_at_once(tmp_path: Path)
         assert (conversation["status"], conversation["endReason"]) == ("closed", "opening_message_failed")
         (opening,) = h.rows("SELECT status, error_code FROM messages")
         assert tuple(opening) == ("failed", "parley_send_failed")
+
+
+class CallbackOvertakes(SimulatorProvider):
+    """Takes the operator's message, whose status report (naming our message id) lands first; then `send` raises
+    something unexpected (an answer the adapter cannot read)."""
+
+    sid = "SM" + "e" * 32
+    ctx: Any = None
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        if request.body != "A person here.":
+            return await super().send(request)
+        report = StatusReport(message_id=request.message_id, provider_message_id=self.sid, provider_status="sent")
+        await messaging.record_reports(self.ctx, [report])
+        raise RuntimeError("unreadable answer")
+
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        return None if self.sid in taken else SendAccepted(provider_message_id=self.sid, provider_status="sent")
+
+
+async def test_a_send_whose_status_report_came_first_is_sent_though_its_answer_was_unreadable(tmp_path: Path) -> None:
+    """The report recorded the provider's id on the message: that is the provider saying it took it, not an id
+    taken by another message."""
+    provider = CallbackOvertakes()
+    async with start_harness(tmp_path, provider=provider) as h:
+        provider.ctx = h.ctx
+        created = await h.post("/v1/sms-conversations", SEED_CREATE)
+        conversation_id = created.json()["data"]["conversationId"]
+        answered = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        assert answered.status_code == 201, answered.text
+        (row,) = h.rows("SELECT status, error_code, provider_message_id FROM messages WHERE author = 'operator'")
+        assert tuple(row) == ("sent", None, provider.sid)
 
 
 def test_unsent_messages_are_found_on_the_unfinished_index(tmp_path: Path) -> None:

@@ -328,6 +328,33 @@ async def test_an_answer_cut_off_is_not_taken_for_an_identical_one_twilio_alread
         assert len(fake_twilio.sends()) == sends  # nothing sent again
 
 
+async def test_recovery_never_takes_the_sid_of_an_identical_send_still_in_flight(
+    h: Harness, fake_twilio: FakeTwilio
+) -> None:
+    """The background recovery looks up a cut-off text while the running process sends an identical one that Twilio
+    has created but not yet answered: the look-up waits for that send, whose SID is then claimed."""
+    conversation_id, _, _ = await open_conversation(h)
+
+    def queue(conn: sqlite3.Connection) -> messaging.Outgoing:
+        conversation = conversation_store.get(conn, conversation_id)
+        assert conversation is not None
+        return messaging.queue_system(h.ctx, conn, conversation, "Same text")
+
+    cut = await h.ctx.db.write(queue)  # as if a crash cut it off before its POST
+    live = await h.ctx.db.write(queue)  # this process's own identical text
+    fake_twilio.script("send", Action("delay", seconds=1.0))  # Twilio creates it at once, answers late
+    sending = asyncio.create_task(messaging.send_queued(h.ctx, live))
+    await asyncio.sleep(0.3)
+    await messaging.recover_unsent(h.ctx, [cut.message])  # what the start-up task does
+    await sending
+    rows = h.rows(
+        "SELECT status, error_code, provider_message_id FROM messages WHERE content = 'Same text' ORDER BY seq"
+    )
+    assert len(fake_twilio.sends()) == 2  # the opening and the live text: the cut-off one never went out
+    assert tuple(rows[0]) == ("failed", "parley_interrupted", None)
+    assert rows[1]["provider_message_id"] is not None
+
+
 async def test_a_keyword_twilio_recognised_is_stored_as_the_keyword_it_was_acted_on_as(h: Harness) -> None:
     await open_conversation(h)
     await callback(h, INBOUND, inbound_params(body="AIDE", OptOutType="HELP"))

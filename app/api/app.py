@@ -119,6 +119,7 @@ def create_app(
             await conversations.recover_interrupted(ctx)
             # Read before any request is served: every one of these was cut off, none is a send of this process.
             unsent = await db.read(conversations_store.unsent_outbound)
+            ctx.recovering.update(m.conversation_id for m in unsent if m.conversation_id is not None)
             await assistant.settle_interrupted_tool_calls()
             await db.write(lambda c: housekeeping.ensure_scheduled(c, clock.now_ms()))
             await scheduler.start()

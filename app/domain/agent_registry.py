@@ -39,7 +39,9 @@ def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
                 # agents.toml and the tool server need not change at the same moment.
                 agent = store.by_id_any(conn, agent_id)
                 kept = agent.previous_tool_secrets if agent is not None else []
-                store.set_tool_secret(conn, agent_id, secret, after_rotation(kept, current_secret, now_ms), now_ms)
+                # A secret switched back to one rotated away lately signs as the current one, not twice.
+                previous = [p for p in after_rotation(kept, current_secret, now_ms) if p.secret != secret]
+                store.set_tool_secret(conn, agent_id, secret, previous, now_ms)
         else:
             store.insert(
                 conn,

@@ -38,6 +38,8 @@ log = logging.getLogger("parley.assistant")
 TURN_JOB = lifecycle.TURN_JOB
 # The most recent messages a turn sends the model; SMS conversations rarely come close.
 HISTORY_LIMIT = 400
+# How soon a turn waiting for start-up to settle one of its conversation's SMS looks again.
+RECOVERY_WAIT_MS = 200
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Snapshot:
     reply_positions: dict[str, int]
     answered_seq: int
     end_requested: bool  # an earlier run of this turn, cut off, had the model end the conversation
+    end_recorded: bool  # ... and had recorded the reply that goes with it (the goodbye was sent, or on its way)
 
     @property
     def last_seq(self) -> int:
@@ -77,6 +80,7 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     first = max(0, conversation.message_count - HISTORY_LIMIT)
     messages = store.messages_of(conn, conversation.id, after_seq=first, limit=HISTORY_LIMIT * 2)
     first_seq = min((m.seq or 0 for m in messages), default=0)
+    end_at = store.end_requested_at(conn, conversation.id)
     return Snapshot(
         conversation=conversation,
         agent=agent,
@@ -84,7 +88,8 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
         tool_calls=tool_calls_store.since_seq(conn, conversation.id, first_seq),
         reply_positions=tool_calls_store.reply_positions(conn, conversation.id, first_seq),
         answered_seq=tool_calls_store.answered_seq(conn, conversation.id),
-        end_requested=store.end_requested(conn, conversation.id),
+        end_requested=end_at is not None,
+        end_recorded=end_at is not None and tool_calls_store.recorded_since(conn, conversation.id, end_at),
     )
 
 
@@ -127,6 +132,8 @@ class Assistant:
     async def run_job(self, job: Job) -> int | None:
         """The scheduler's handler for `assistant_turn`: one turn; failures are reported, never retried blindly
         (a retry could repeat tool calls), and the next inbound message starts a fresh turn."""
+        if job.ref in self.ctx.recovering:
+            return self.ctx.clock.now_ms() + RECOVERY_WAIT_MS  # one of its SMS is still being settled
         try:
             await self.run_turn(job.ref)
         except Exception:
@@ -139,10 +146,15 @@ class Assistant:
         snapshot = await ctx.db.read(lambda c: _load(c, conversation_id))
         if snapshot is None:
             return
+        if snapshot.end_recorded:
+            # The turn that had the model end the conversation was cut off once its reply was recorded: the goodbye
+            # went (or was on its way), so the conversation ends, also when the customer has texted since.
+            await ctx.db.write(lambda c: _end(c, conversation_id, ctx.clock.now_ms()))
+            return
         if not needs_reply(snapshot.messages, snapshot.answered_seq):
             if snapshot.end_requested:
-                # The turn that had the model end the conversation was cut off once its reply was recorded.
-                await ctx.db.write(lambda c: _end(c, conversation_id, ctx.clock.now_ms()))
+                # Asked for in a turn cut off before its reply, and a person has answered since: dropped with it.
+                await ctx.db.write(lambda c: store.set_end_requested(c, conversation_id, None))
             return
         conversation, agent = snapshot.conversation, snapshot.agent
         settings = agent.settings

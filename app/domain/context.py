@@ -37,6 +37,9 @@ class Context:
     webhooks: Dispatcher | None = None
     # The agents creates name, by ("slug", slug) or ("id", agent id, org id): every create reads one.
     agents: TtlCache[tuple[str, ...], Agent] = field(default_factory=TtlCache)
+    # Conversations with an outbound SMS a stop or crash cut off, not yet settled by `messaging.recover_unsent`:
+    # their turns wait, so the model is not shown a reply that may turn out never to have been sent.
+    recovering: set[str] = field(default_factory=set)
 
     def status_callback_url(self, message_id: str) -> str:
         return f"{self.settings.public_url}/v1/providers/{self.provider.name}/status?messageId={message_id}"

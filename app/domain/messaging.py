@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import sqlite3
@@ -222,13 +223,21 @@ async def ask_provider(ctx: Context, message: Message) -> tuple[SendAccepted | N
     """After a stop or crash cut off the send of `message`: (the provider's acceptance, None) when it took it,
     (None, None) when it certainly did not, (None, a `provider_outcome_unknown` rejection) when it cannot say."""
     since = message.created_at - LOOKUP_WINDOW_MS
-    taken = await ctx.db.read(lambda c: store.provider_ids_for_pair(c, message.from_number, message.to_number, since))
+
+    def look(conn: sqlite3.Connection) -> tuple[Message | None, set[str]]:
+        current = store.get_message(conn, message.id)
+        return current, store.provider_ids_for_pair(conn, message, since)
+
+    current, taken = await ctx.db.read(look)
+    if current is not None and current.provider_message_id is not None:
+        # A status report (it names our message id) recorded the provider's id meanwhile: it took the message.
+        return SendAccepted(provider_message_id=current.provider_message_id, provider_status=current.status), None
     try:
         return await ctx.provider.find_sent(message, taken), None
     except Exception as exc:  # the provider could not be asked
         log.warning("could not learn whether an interrupted SMS was sent: %s", type(exc).__name__)
         unknown = SendOutcomeUnknown(
-            OUTCOME_UNKNOWN, "the server stopped during the send, and the provider could not say whether it took it"
+            OUTCOME_UNKNOWN, "the send's outcome was lost, and the provider could not say whether it took the message"
         )
         return None, unknown
 
@@ -242,12 +251,17 @@ async def recover_unsent(ctx: Context, unsent: list[Message]) -> int:
     `parley_interrupted`; if the provider cannot say, it fails with `provider_outcome_unknown`. Nothing is sent
     again: the send may have reached the phone, and a duplicate SMS cannot be taken back. It runs in the
     background, one look-up after another, so a slow or unreachable provider does not hold up start-up."""
+    left = collections.Counter(m.conversation_id for m in unsent)
     for message in unsent:
         try:
             accepted, unknown = await ask_provider(ctx, message)
             await ctx.db.write(lambda c, m=message, a=accepted, u=unknown: _settle_unsent(ctx, c, m, a, u))
         except Exception:  # left `queued`: the next start-up finds it again
             log.exception("could not settle an outbound message a stop or crash cut off (message %s)", message.id)
+        finally:
+            left[message.conversation_id] -= 1
+            if not left[message.conversation_id]:
+                ctx.recovering.discard(message.conversation_id or "")
     if unsent:
         log.warning("settled %d outbound message(s) whose send a stop or crash cut off", len(unsent))
     return len(unsent)

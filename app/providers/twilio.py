@@ -421,8 +421,12 @@ class TwilioProvider:
             body=message.content,
             status_callback_url="",
         )
-        found = await self._find_created(request, message.created_at / 1000, taken)
-        return self._accept(found) if found is not None else None
+        digest = hashlib.sha256(request.body.encode()).hexdigest()
+        # Under the lock a send of the same body on the pair holds until it has claimed its SID: a send still in
+        # flight (its SID not yet recorded anywhere) cannot be taken for this message.
+        async with self._serialized((request.from_number, request.to_number, digest)):
+            found = await self._find_created(request, message.created_at / 1000, taken)
+            return self._accept(found) if found is not None else None
 
     # -- status look-up --
 

@@ -224,8 +224,12 @@ def set_end_requested(conn: sqlite3.Connection, conversation_id: str, at_ms: int
 
 
 def end_requested(conn: sqlite3.Connection, conversation_id: str) -> bool:
+    return end_requested_at(conn, conversation_id) is not None
+
+
+def end_requested_at(conn: sqlite3.Connection, conversation_id: str) -> int | None:
     row = conn.execute("SELECT end_requested_at FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-    return row is not None and row[0] is not None
+    return row[0] if row is not None else None
 
 
 def set_paused(conn: sqlite3.Connection, conversation_id: str, paused: bool) -> None:
@@ -373,13 +377,13 @@ def unsent_outbound(conn: sqlite3.Connection) -> list[Message]:
     return [message_from_row(row) for row in rows]
 
 
-def provider_ids_for_pair(conn: sqlite3.Connection, from_number: str, to_number: str, since_ms: int) -> set[str]:
-    """Provider ids recorded for outbound messages of the pair's conversations created since `since_ms`."""
+def provider_ids_for_pair(conn: sqlite3.Connection, message: Message, since_ms: int) -> set[str]:
+    """Provider ids recorded for the other outbound messages of `message`'s pair created since `since_ms`."""
     rows = conn.execute(
         "SELECT m.provider_message_id FROM conversations c JOIN messages m ON m.conversation_pos = c.pos"
         " WHERE c.from_number = ? AND c.to_number = ? AND m.direction = 'outbound'"
-        " AND m.provider_message_id IS NOT NULL AND m.created_at >= ?",
-        (from_number, to_number, since_ms),
+        " AND m.provider_message_id IS NOT NULL AND m.created_at >= ? AND m.id != ?",
+        (message.from_number, message.to_number, since_ms, message.id),
     ).fetchall()
     return {row[0] for row in rows}
 

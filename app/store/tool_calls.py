@@ -112,6 +112,15 @@ def record_turn(conn: sqlite3.Connection, turn_id: str, conversation_id: str, af
     )
 
 
+def recorded_since(conn: sqlite3.Connection, conversation_id: str, since_ms: int) -> bool:
+    """Whether a turn of the conversation reached its reply at or after `since_ms`."""
+    row = conn.execute(
+        "SELECT 1 FROM assistant_turns WHERE conversation_id = ? AND created_at >= ? LIMIT 1",
+        (conversation_id, since_ms),
+    ).fetchone()
+    return row is not None
+
+
 def set_turn_reply(conn: sqlite3.Connection, turn_id: str, message_id: str) -> None:
     conn.execute("UPDATE assistant_turns SET reply_message_id = ? WHERE id = ?", (message_id, turn_id))
 
