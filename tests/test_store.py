@@ -580,6 +580,72 @@ async def test_a_send_that_fails_unexpectedly_is_settled_at_once(tmp_path: Path)
         assert tuple(opening) == ("failed", "parley_send_failed")
 
 
+class BreaksThenFinds(BreaksOnNth):
+    """The first send fails unexpectedly; asked about it, the provider says it took it."""
+
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        return SendAccepted(provider_message_id="SM" + "b" * 32, provider_status="sent")
+
+
+class BreaksThenCannotSay(BreaksOnNth):
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        raise ConnectionError("provider unreachable")
+
+
+async def test_a_send_that_failed_unexpectedly_but_was_taken_is_a_201(tmp_path: Path) -> None:
+    async with start_harness(tmp_path, provider=BreaksThenFinds(1)) as h:
+        created = await h.post("/v1/sms-conversations", SEED_CREATE)
+        assert created.status_code == 201, created.text
+        assert created.json()["data"]["providerMessageId"] == "SM" + "b" * 32
+
+
+async def test_a_send_that_failed_unexpectedly_with_no_word_from_the_provider_is_an_unknown_outcome(
+    tmp_path: Path,
+) -> None:
+    async with start_harness(tmp_path, provider=BreaksThenCannotSay(1)) as h:
+        created = await h.post("/v1/sms-conversations", SEED_CREATE)
+        assert created.status_code == 502, created.text
+        assert created.json()["error"]["providerCode"] == "provider_outcome_unknown"
+        (opening,) = h.rows("SELECT status, error_code FROM messages")
+        assert tuple(opening) == ("failed", "provider_outcome_unknown")
+
+
+class AsksSlowly(SimulatorProvider):
+    """A start-up look-up that does not return until the test says so (an unreachable provider)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        self.asked.set()
+        await self.release.wait()
+        return None
+
+
+async def test_a_slow_start_up_look_up_does_not_hold_up_the_server(tmp_path: Path) -> None:
+    held = SimulatorHolding(2)  # the opening goes out; the operator's message is cut off
+    async with start_harness(tmp_path, provider=held) as first:
+        created = await first.post("/v1/sms-conversations", SEED_CREATE)
+        conversation_id = created.json()["data"]["conversationId"]
+        task = asyncio.create_task(first.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Hi"}))
+        await asyncio.wait_for(held.holding.wait(), 5)
+        key = first.key()
+        slow = AsksSlowly()
+        # Bounded: a start-up that waited for the look-up would never come up (a failure, not a hung run).
+        async with asyncio.timeout(15), start_harness(tmp_path, provider=slow) as second:
+            second.keys["acme"] = key
+            await asyncio.wait_for(slow.asked.wait(), 5)
+            assert (await second.get(f"/v1/sms-conversations/{conversation_id}")).status_code == 200
+            assert second.rows("SELECT status FROM messages WHERE author = 'operator'")[0][0] == "queued"
+            slow.release.set()
+            settled = "SELECT status FROM messages WHERE author = 'operator' AND status = 'failed'"
+            await eventually(lambda: second.rows(settled))
+        held.release.set()
+        await task
+
+
 class CallbackOvertakes(SimulatorProvider):
     """Takes the operator's message, whose status report (naming our message id) lands first; then `send` raises
     something unexpected (an answer the adapter cannot read)."""
