@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -526,6 +527,21 @@ class CannotSay(SimulatorProvider):
         raise ConnectionError("provider unreachable")
 
 
+@contextlib.asynccontextmanager
+async def operator_message_cut_off(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """A first process whose operator message ("Hi") is with the provider, never answered, as when the process
+    dies: yields (the conversation's id, the org's key) for a second process on the same file."""
+    held = SimulatorHolding(2)  # the opening goes out; the operator's message waits
+    async with start_harness(tmp_path, provider=held) as first:
+        created = await first.post("/v1/sms-conversations", SEED_CREATE)
+        conversation_id = created.json()["data"]["conversationId"]
+        task = asyncio.create_task(first.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Hi"}))
+        await asyncio.wait_for(held.holding.wait(), 5)
+        yield conversation_id, first.key()
+        held.release.set()
+        await task
+
+
 @pytest.mark.parametrize(
     ("provider", "settled", "event"),
     [
@@ -539,30 +555,22 @@ async def test_a_message_cut_off_between_persist_and_send_is_settled_at_start_up
 ) -> None:
     """Not only a create's opening: any outbound SMS (here an operator's) the process died sending is settled by
     asking the provider, not left `queued` for ever; nothing is sent twice."""
-    held = SimulatorHolding(2)  # the opening goes out; the operator's message waits
-    async with start_harness(tmp_path, provider=held) as first:
-        created = await first.post("/v1/sms-conversations", SEED_CREATE)
-        conversation_id = created.json()["data"]["conversationId"]
-        task = asyncio.create_task(first.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Hi"}))
-        await asyncio.wait_for(held.holding.wait(), 5)
-        key = first.key()
-        async with start_harness(tmp_path, provider=provider()) as second:  # another process on the same file
-            second.keys["acme"] = key
-            (row,) = await eventually(
-                lambda: second.rows(
-                    "SELECT id, status, error_code, provider_message_id FROM messages"
-                    " WHERE author = 'operator' AND (status != 'queued' OR provider_message_id IS NOT NULL)"
-                )
-            )  # settled in the background, just after start-up
-            assert tuple(row)[1:] == settled
-            payloads = [
-                json.loads(r["payload"]) for r in second.rows("SELECT payload FROM events WHERE type = ?", event)
-            ]
-            assert [p["data"]["messageId"] for p in payloads if p["data"]["author"] == "operator"] == [row["id"]]
-            conversation = (await second.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
-            assert conversation["status"] == "in_progress"  # only the message is settled
-        held.release.set()
-        await task
+    async with (
+        operator_message_cut_off(tmp_path) as (conversation_id, key),
+        start_harness(tmp_path, provider=provider()) as second,  # another process on the same file
+    ):
+        second.keys["acme"] = key
+        (row,) = await eventually(
+            lambda: second.rows(
+                "SELECT id, status, error_code, provider_message_id FROM messages"
+                " WHERE author = 'operator' AND (status != 'queued' OR provider_message_id IS NOT NULL)"
+            )
+        )  # settled in the background, just after start-up
+        assert tuple(row)[1:] == settled
+        payloads = [json.loads(r["payload"]) for r in second.rows("SELECT payload FROM events WHERE type = ?", event)]
+        assert [p["data"]["messageId"] for p in payloads if p["data"]["author"] == "operator"] == [row["id"]]
+        conversation = (await second.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+        assert conversation["status"] == "in_progress"  # only the message is settled
 
 
 async def test_a_send_that_fails_unexpectedly_is_settled_at_once(tmp_path: Path) -> None:
@@ -580,23 +588,19 @@ async def test_a_send_that_fails_unexpectedly_is_settled_at_once(tmp_path: Path)
         assert tuple(opening) == ("failed", "parley_send_failed")
 
 
-class BreaksThenFinds(BreaksOnNth):
+class BreaksThenFinds(BreaksOnNth, FindsItSent):
     """The first send fails unexpectedly; asked about it, the provider says it took it."""
 
-    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
-        return SendAccepted(provider_message_id="SM" + "b" * 32, provider_status="sent")
 
-
-class BreaksThenCannotSay(BreaksOnNth):
-    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
-        raise ConnectionError("provider unreachable")
+class BreaksThenCannotSay(BreaksOnNth, CannotSay):
+    """The first send fails unexpectedly, and the provider cannot be asked about it."""
 
 
 async def test_a_send_that_failed_unexpectedly_but_was_taken_is_a_201(tmp_path: Path) -> None:
     async with start_harness(tmp_path, provider=BreaksThenFinds(1)) as h:
         created = await h.post("/v1/sms-conversations", SEED_CREATE)
         assert created.status_code == 201, created.text
-        assert created.json()["data"]["providerMessageId"] == "SM" + "b" * 32
+        assert created.json()["data"]["providerMessageId"] == "SM" + "f" * 32
 
 
 async def test_a_send_that_failed_unexpectedly_with_no_word_from_the_provider_is_an_unknown_outcome(
@@ -625,13 +629,7 @@ class AsksSlowly(SimulatorProvider):
 
 
 async def test_a_slow_start_up_look_up_does_not_hold_up_the_server(tmp_path: Path) -> None:
-    held = SimulatorHolding(2)  # the opening goes out; the operator's message is cut off
-    async with start_harness(tmp_path, provider=held) as first:
-        created = await first.post("/v1/sms-conversations", SEED_CREATE)
-        conversation_id = created.json()["data"]["conversationId"]
-        task = asyncio.create_task(first.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Hi"}))
-        await asyncio.wait_for(held.holding.wait(), 5)
-        key = first.key()
+    async with operator_message_cut_off(tmp_path) as (conversation_id, key):
         slow = AsksSlowly()
         # Bounded: a start-up that waited for the look-up would never come up (a failure, not a hung run).
         async with asyncio.timeout(15), start_harness(tmp_path, provider=slow) as second:
@@ -642,8 +640,6 @@ async def test_a_slow_start_up_look_up_does_not_hold_up_the_server(tmp_path: Pat
             slow.release.set()
             settled = "SELECT status FROM messages WHERE author = 'operator' AND status = 'failed'"
             await eventually(lambda: second.rows(settled))
-        held.release.set()
-        await task
 
 
 class CallbackOvertakes(SimulatorProvider):
