@@ -452,6 +452,31 @@ async def test_an_end_whose_goodbye_was_recorded_is_carried_out_though_the_custo
         assert len(llm.bodies) == 2  # the recorded turn's two calls; none since
 
 
+async def test_an_end_from_a_turn_cut_off_before_its_goodbye_waits_for_the_goodbye_even_in_the_same_millisecond(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """An earlier turn recorded its reply; the next called end_conversation at the same instant (a frozen clock)
+    and was cut off before its goodbye. The re-run answers, then ends: the end is tied to its own turn, not to a
+    time an earlier turn's record can match."""
+    clock = FakeClock()
+    async with running(tmp_path, llm, clock=clock) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("Sure, Tuesday at 9?")
+        await text_in(h, "can I book?")
+        await eventually(lambda: replies(h, conversation_id) == ["Sure, Tuesday at 9?"])
+        llm.call_tools(("end_conversation", {"reason": "done"})).hang(2)
+        await text_in(h, "actually, never mind, bye")
+        await llm.wait_for_requests(3)  # the end is called; the model is writing the goodbye
+        await cut_off(h)
+
+    llm.reply("Alright, bye!")
+    async with running(tmp_path, llm, clock=clock) as h:
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
+        assert replies(h, conversation_id) == ["Sure, Tuesday at 9?", "Alright, bye!"]
+
+
 async def test_an_end_asked_for_in_a_turn_the_model_then_fails_is_dropped(h: Harness, llm: FakeLLM) -> None:
     agent = await make_agent(h, tools=[{"type": "end_conversation"}])
     conversation_id = await open_conversation(h, agent)

@@ -407,6 +407,33 @@ async def test_a_key_revoked_by_another_process_is_refused_after_the_cache_ttl(h
     assert_error(await harness.client.get("/v1/sms-conversations", headers=headers), 401, "unauthorized")
 
 
+async def test_a_request_cancelled_while_its_last_chunk_is_still_being_written_is_not_counted_as_answered() -> None:
+    """uvicorn waits for the transport to drain inside `send`: a cancellation there means nothing went out, so it
+    must reach uvicorn."""
+    blocked = asyncio.Event()
+
+    async def answers(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    edge = Edge(answers, rate_limit=10)  # type: ignore[arg-type]
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            blocked.set()
+            await asyncio.Event().wait()  # a paused transport: the body is never written
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [], "state": {}}
+    request = asyncio.create_task(edge(scope, receive, send))  # type: ignore[arg-type]
+    await blocked.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+
+
 async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope() -> None:
     """uvicorn cancels requests still running when its graceful shutdown times out: such a request gets a 503 in
     the envelope, and ends there."""

@@ -89,6 +89,11 @@ async def test_wrong_credentials_are_a_rejection_with_twilios_code(fake_twilio: 
     assert fake_twilio.messages == {}
 
 
+def test_twilio_api_key_settings_are_not_checked_in_simulator_mode() -> None:
+    settings = load_settings({"TWILIO_API_KEY": "not-a-key"}, env_file=None)
+    assert settings.sms_provider == "simulator"
+
+
 async def test_an_api_key_authenticates_the_sends_in_the_accounts_url(fake_twilio: FakeTwilio) -> None:
     """Twilio's recommended production credentials: an API key (SK…) and its secret as the Basic-auth pair, the
     account SID still in the URL; the auth token stays for callback signatures only."""

@@ -38,10 +38,9 @@ def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
                 # A rotation like `rotate-tool-secret`: the secret it replaces keeps signing beside it for 24 h, so
                 # agents.toml and the tool server need not change at the same moment.
                 agent = store.by_id_any(conn, agent_id)
-                kept = agent.previous_tool_secrets if agent is not None else []
                 # A secret switched back to one rotated away lately signs as the current one, not twice.
-                previous = [p for p in after_rotation(kept, current_secret, now_ms) if p.secret != secret]
-                store.set_tool_secret(conn, agent_id, secret, previous, now_ms)
+                kept = [p for p in (agent.previous_tool_secrets if agent is not None else []) if p.secret != secret]
+                store.set_tool_secret(conn, agent_id, secret, after_rotation(kept, current_secret, now_ms), now_ms)
         else:
             store.insert(
                 conn,

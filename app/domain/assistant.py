@@ -39,7 +39,7 @@ TURN_JOB = lifecycle.TURN_JOB
 # The most recent messages a turn sends the model; SMS conversations rarely come close.
 HISTORY_LIMIT = 400
 # How soon a turn waiting for start-up to settle one of its conversation's SMS looks again.
-RECOVERY_WAIT_MS = 200
+RECOVERY_WAIT_MS = 1000
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     first = max(0, conversation.message_count - HISTORY_LIMIT)
     messages = store.messages_of(conn, conversation.id, after_seq=first, limit=HISTORY_LIMIT * 2)
     first_seq = min((m.seq or 0 for m in messages), default=0)
-    end_at = store.end_requested_at(conn, conversation.id)
+    end_requested = store.end_requested(conn, conversation.id)
     return Snapshot(
         conversation=conversation,
         agent=agent,
@@ -88,8 +88,8 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
         tool_calls=tool_calls_store.since_seq(conn, conversation.id, first_seq),
         reply_positions=tool_calls_store.reply_positions(conn, conversation.id, first_seq),
         answered_seq=tool_calls_store.answered_seq(conn, conversation.id),
-        end_requested=end_at is not None,
-        end_recorded=end_at is not None and tool_calls_store.recorded_since(conn, conversation.id, end_at),
+        end_requested=end_requested,
+        end_recorded=end_requested and tool_calls_store.end_call_recorded(conn, conversation.id),
     )
 
 

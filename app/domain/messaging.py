@@ -235,7 +235,7 @@ async def ask_provider(ctx: Context, message: Message) -> tuple[SendAccepted | N
     try:
         return await ctx.provider.find_sent(message, taken), None
     except Exception as exc:  # the provider could not be asked
-        log.warning("could not learn whether an interrupted SMS was sent: %s", type(exc).__name__)
+        log.warning("could not learn whether the provider took an SMS (message %s): %s", message.id, type(exc).__name__)
         unknown = SendOutcomeUnknown(
             OUTCOME_UNKNOWN, "the send's outcome was lost, and the provider could not say whether it took the message"
         )
@@ -252,19 +252,20 @@ async def recover_unsent(ctx: Context, unsent: list[Message]) -> int:
     again: the send may have reached the phone, and a duplicate SMS cannot be taken back. It runs in the
     background, one look-up after another, so a slow or unreachable provider does not hold up start-up."""
     left = collections.Counter(m.conversation_id for m in unsent)
+    settled = 0
     for message in unsent:
         try:
             accepted, unknown = await ask_provider(ctx, message)
             await ctx.db.write(lambda c, m=message, a=accepted, u=unknown: _settle_unsent(ctx, c, m, a, u))
-        except Exception:  # left `queued`: the next start-up finds it again
+            settled += 1
+        except Exception:  # left `queued`: the next start-up finds it again (its turns go on meanwhile)
             log.exception("could not settle an outbound message a stop or crash cut off (message %s)", message.id)
-        finally:
-            left[message.conversation_id] -= 1
-            if not left[message.conversation_id]:
-                ctx.recovering.discard(message.conversation_id or "")
-    if unsent:
-        log.warning("settled %d outbound message(s) whose send a stop or crash cut off", len(unsent))
-    return len(unsent)
+        left[message.conversation_id] -= 1  # not on cancellation: the server is stopping, its turns wait
+        if not left[message.conversation_id]:
+            ctx.recovering.discard(message.conversation_id or "")
+    if settled:
+        log.warning("settled %d outbound message(s) whose send a stop or crash cut off", settled)
+    return settled
 
 
 def _settle_unsent(

@@ -224,12 +224,8 @@ def set_end_requested(conn: sqlite3.Connection, conversation_id: str, at_ms: int
 
 
 def end_requested(conn: sqlite3.Connection, conversation_id: str) -> bool:
-    return end_requested_at(conn, conversation_id) is not None
-
-
-def end_requested_at(conn: sqlite3.Connection, conversation_id: str) -> int | None:
     row = conn.execute("SELECT end_requested_at FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-    return row[0] if row is not None else None
+    return row is not None and row[0] is not None
 
 
 def set_paused(conn: sqlite3.Connection, conversation_id: str, paused: bool) -> None:

@@ -112,13 +112,14 @@ def record_turn(conn: sqlite3.Connection, turn_id: str, conversation_id: str, af
     )
 
 
-def recorded_since(conn: sqlite3.Connection, conversation_id: str, since_ms: int) -> bool:
-    """Whether a turn of the conversation reached its reply at or after `since_ms`."""
+def end_call_recorded(conn: sqlite3.Connection, conversation_id: str) -> bool:
+    """Whether the turn that made the conversation's latest `end_conversation` call reached its reply."""
     row = conn.execute(
-        "SELECT 1 FROM assistant_turns WHERE conversation_id = ? AND created_at >= ? LIMIT 1",
-        (conversation_id, since_ms),
+        "SELECT EXISTS (SELECT 1 FROM assistant_turns WHERE id = (SELECT turn_id FROM tool_calls"
+        " WHERE conversation_id = ? AND kind = 'end_conversation' ORDER BY pos DESC LIMIT 1))",
+        (conversation_id,),
     ).fetchone()
-    return row is not None
+    return bool(row[0])
 
 
 def set_turn_reply(conn: sqlite3.Connection, turn_id: str, message_id: str) -> None:
