@@ -407,6 +407,19 @@ async def test_a_key_revoked_by_another_process_is_refused_after_the_cache_ttl(h
     assert_error(await harness.client.get("/v1/sms-conversations", headers=headers), 401, "unauthorized")
 
 
+async def cancelled_once(edge: Edge, send: Any, reached: asyncio.Event) -> asyncio.Task[None]:
+    """A GET through `edge`, cancelled (as uvicorn's shutdown does) once `reached` is set; returns its task."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [], "state": {}}
+    request = asyncio.create_task(edge(scope, receive, send))  # type: ignore[arg-type]
+    await reached.wait()
+    request.cancel()
+    return request
+
+
 async def test_a_request_cancelled_while_its_last_chunk_is_still_being_written_is_not_counted_as_answered() -> None:
     """uvicorn waits for the transport to drain inside `send`: a cancellation there means nothing went out, so it
     must reach uvicorn."""
@@ -423,13 +436,7 @@ async def test_a_request_cancelled_while_its_last_chunk_is_still_being_written_i
             blocked.set()
             await asyncio.Event().wait()  # a paused transport: the body is never written
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [], "state": {}}
-    request = asyncio.create_task(edge(scope, receive, send))  # type: ignore[arg-type]
-    await blocked.wait()
-    request.cancel()
+    request = await cancelled_once(edge, send, blocked)
     with pytest.raises(asyncio.CancelledError):
         await request
 
@@ -449,13 +456,7 @@ async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope() -
     async def send(message: Any) -> None:
         sent.append(message)
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [], "state": {}}
-    request = asyncio.create_task(edge(scope, receive, send))  # type: ignore[arg-type]
-    await entered.wait()
-    request.cancel()
+    request = await cancelled_once(edge, send, entered)
     await request  # answered: the cancellation is not passed on for uvicorn to log as a crash
     assert not request.cancelled()
 
