@@ -477,6 +477,30 @@ async def test_an_end_from_a_turn_cut_off_before_its_goodbye_waits_for_the_goodb
         assert replies(h, conversation_id) == ["Sure, Tuesday at 9?", "Alright, bye!"]
 
 
+async def test_an_end_carried_by_a_re_run_that_recorded_its_goodbye_survives_a_second_cut(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """The end was called in a run cut off before its goodbye; the re-run recorded the goodbye and was cut off
+    sending it. The next start ends the conversation: it is the re-run's record that counts, not the first run's."""
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("end_conversation", {"reason": "booked"})).hang(2)
+        await text_in(h, "Tuesday works, bye")
+        await llm.wait_for_requests(2)  # the end is called; the model is writing the goodbye
+        await cut_off(h)
+
+    hanging = SimulatorHolding(1)  # this process's first send, the goodbye, never leaves
+    llm.reply("See you Tuesday!")
+    async with running(tmp_path, llm, provider=hanging) as h:
+        await asyncio.wait_for(hanging.holding.wait(), 5)
+        await cut_off(h)
+
+    async with running(tmp_path, llm) as h:
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
+
+
 async def test_an_end_asked_for_in_a_turn_the_model_then_fails_is_dropped(h: Harness, llm: FakeLLM) -> None:
     agent = await make_agent(h, tools=[{"type": "end_conversation"}])
     conversation_id = await open_conversation(h, agent)

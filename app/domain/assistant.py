@@ -238,18 +238,6 @@ class Assistant:
         if not answer_it:
             log.info("an operator answered in conversation %s during its assistant turn; no reply", conversation.id)
             return
-        try:
-            await self._deliver(conversation, turn_id, reply, ends)
-        except Exception:
-            # The turn is recorded and its reply sent or on its way: an end the model asked for is carried out.
-            log.exception("assistant turn failed in conversation %s after its reply was recorded", conversation.id)
-            await self._abandon(
-                conversation.id, "internal_error", "The assistant turn failed unexpectedly.", attempts=0, recorded=True
-            )
-
-    async def _deliver(self, conversation: Conversation, turn_id: str, reply: str, ends: bool) -> None:
-        """Send a recorded turn's reply, then end the conversation if the model asked to."""
-        ctx = self.ctx
         sent_id: str | None = None
         if reply:
             try:
@@ -392,12 +380,10 @@ class Assistant:
         )
         return True
 
-    async def _abandon(
-        self, conversation_id: str, code: str, message: str, *, attempts: int, recorded: bool = False
-    ) -> None:
+    async def _abandon(self, conversation_id: str, code: str, message: str, *, attempts: int) -> None:
         """The turn gives up: `sms.assistant_error` is emitted. An end the model asked for is dropped with the reply
-        when the turn failed before recording it (the conversation stays open); when it failed after (`recorded`:
-        the goodbye was sent, or on its way), the end is carried out."""
+        when the turn failed before recording it (the conversation stays open); when it failed after (the goodbye
+        was sent, or on its way), the end is carried out."""
 
         def report(conn: sqlite3.Connection) -> None:
             conversation = store.get(conn, conversation_id)
@@ -406,7 +392,7 @@ class Assistant:
             now_ms = self.ctx.clock.now_ms()
             data = {"error": code, "message": message, "attempts": attempts}
             events.append(conn, "sms.assistant_error", conversation.scope, data, now_ms)
-            if recorded and store.end_requested(conn, conversation_id):
+            if store.end_requested(conn, conversation_id) and tool_calls_store.end_call_recorded(conn, conversation_id):
                 _end(conn, conversation_id, now_ms)
             else:
                 store.set_end_requested(conn, conversation_id, None)

@@ -113,10 +113,12 @@ def record_turn(conn: sqlite3.Connection, turn_id: str, conversation_id: str, af
 
 
 def end_call_recorded(conn: sqlite3.Connection, conversation_id: str) -> bool:
-    """Whether the turn that made the conversation's latest `end_conversation` call reached its reply."""
+    """Whether a turn recorded its reply after the conversation's latest `end_conversation` call: the turn that made
+    it, or a re-run of it after a stop or crash (which carries the end). Told by the messages each had seen, not by
+    time: an earlier turn had seen fewer, since the call's turn ran for a text that earlier turn had not read."""
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM assistant_turns WHERE id = (SELECT turn_id FROM tool_calls"
-        " WHERE conversation_id = ? AND kind = 'end_conversation' ORDER BY pos DESC LIMIT 1))",
+        "SELECT EXISTS (SELECT 1 FROM assistant_turns WHERE conversation_id = ?1 AND after_seq >= (SELECT after_seq"
+        " FROM tool_calls WHERE conversation_id = ?1 AND kind = 'end_conversation' ORDER BY pos DESC LIMIT 1))",
         (conversation_id,),
     ).fetchone()
     return bool(row[0])
