@@ -285,10 +285,9 @@ class TwilioProvider:
 
     async def send(self, request: SendRequest) -> SendAccepted:
         """Create the message on Twilio, at most once; raise ProviderRejected when Twilio refuses."""
-        digest = hashlib.sha256(request.body.encode()).hexdigest()
         # Two sends of the same body on the same pair never overlap, so a look-up cannot mistake
         # one for the other (the claimed set tells apart the sequential ones).
-        async with self._serialized((request.from_number, request.to_number, digest)):
+        async with self._serialized(request):
             return await self._send(request)
 
     async def _send(self, request: SendRequest) -> SendAccepted:
@@ -400,7 +399,9 @@ class TwilioProvider:
         return seconds * self._rng.uniform(0.8, 1.2)
 
     @contextlib.asynccontextmanager
-    async def _serialized(self, key: tuple[str, str, str]) -> AsyncIterator[None]:
+    async def _serialized(self, request: SendRequest) -> AsyncIterator[None]:
+        """One at a time per (pair, body): the sends of one text to one number, and the look-ups for it."""
+        key = (request.from_number, request.to_number, hashlib.sha256(request.body.encode()).hexdigest())
         lock, users = self._inflight.setdefault(key, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
@@ -421,10 +422,9 @@ class TwilioProvider:
             body=message.content,
             status_callback_url="",
         )
-        digest = hashlib.sha256(request.body.encode()).hexdigest()
         # Under the lock a send of the same body on the pair holds until it has claimed its SID: a send still in
         # flight (its SID not yet recorded anywhere) cannot be taken for this message.
-        async with self._serialized((request.from_number, request.to_number, digest)):
+        async with self._serialized(request):
             found = await self._find_created(request, message.created_at / 1000, taken)
             return self._accept(found) if found is not None else None
 
