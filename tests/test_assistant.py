@@ -402,7 +402,9 @@ async def cut_off(h: Harness) -> None:
     await h.ctx.scheduler.stop(grace=0)
 
 
-async def test_end_conversation_survives_its_turn_being_cut_off_before_the_reply(tmp_path: Path, llm: FakeLLM) -> None:
+async def end_called_then_cut_off(tmp_path: Path, llm: FakeLLM) -> str:
+    """A process whose turn called end_conversation and was cut off while the model wrote the goodbye; returns
+    the conversation's id."""
     async with running(tmp_path, llm) as h:
         agent = await make_agent(h, tools=[{"type": "end_conversation"}])
         conversation_id = await open_conversation(h, agent)
@@ -410,6 +412,11 @@ async def test_end_conversation_survives_its_turn_being_cut_off_before_the_reply
         await text_in(h, "Tuesday works, bye")
         await llm.wait_for_requests(2)  # the end is called; the model is writing the goodbye
         await cut_off(h)
+    return conversation_id
+
+
+async def test_end_conversation_survives_its_turn_being_cut_off_before_the_reply(tmp_path: Path, llm: FakeLLM) -> None:
+    conversation_id = await end_called_then_cut_off(tmp_path, llm)
 
     llm.reply("See you Tuesday!")
     async with running(tmp_path, llm) as h:
@@ -482,13 +489,7 @@ async def test_an_end_carried_by_a_re_run_that_recorded_its_goodbye_survives_a_s
 ) -> None:
     """The end was called in a run cut off before its goodbye; the re-run recorded the goodbye and was cut off
     sending it. The next start ends the conversation: it is the re-run's record that counts, not the first run's."""
-    async with running(tmp_path, llm) as h:
-        agent = await make_agent(h, tools=[{"type": "end_conversation"}])
-        conversation_id = await open_conversation(h, agent)
-        llm.call_tools(("end_conversation", {"reason": "booked"})).hang(2)
-        await text_in(h, "Tuesday works, bye")
-        await llm.wait_for_requests(2)  # the end is called; the model is writing the goodbye
-        await cut_off(h)
+    conversation_id = await end_called_then_cut_off(tmp_path, llm)
 
     hanging = SimulatorHolding(1)  # this process's first send, the goodbye, never leaves
     llm.reply("See you Tuesday!")
