@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import msgspec
@@ -35,6 +36,32 @@ def request(body: str = "Hi Ada, your recall appointment is ready.", to: str = "
         body=body,
         status_callback_url="https://parley.example.test/v1/providers/twilio/status?messageId=7d9f3f2e-8c1a-4d4c-9a57-0b0f0a1c2d3e",
     )
+
+
+def outbound(**changes: object) -> Message:
+    """The stored message `request()` is the send of (queued, no SID yet), with `changes`."""
+    sent = request()
+    message = Message(
+        id=sent.message_id,
+        conversation_id=None,
+        org_id=None,
+        seq=None,
+        direction="outbound",
+        author="agent",
+        from_number=sent.from_number,
+        to_number=sent.to_number,
+        content=sent.body,
+        status="queued",
+        provider="twilio",
+        provider_message_id=None,
+        error_code=None,
+        encoding="GSM-7",
+        segments=1,
+        created_at=0,
+        sent_at=None,
+        delivered_at=None,
+    )
+    return msgspec.structs.replace(message, **changes)
 
 
 async def started(provider: TwilioProvider) -> TwilioProvider:
@@ -273,26 +300,7 @@ async def test_a_look_up_that_recovers_finds_the_message(provider: TwilioProvide
 async def test_fetch_status_reads_the_message_resource(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
     accepted = await provider.send(request())
     fake_twilio.set_status(accepted.provider_message_id, "undelivered", 30003)
-    message = Message(
-        id="7d9f3f2e-8c1a-4d4c-9a57-0b0f0a1c2d3e",
-        conversation_id=None,
-        org_id=None,
-        seq=None,
-        direction="outbound",
-        author="agent",
-        from_number="+15555550123",
-        to_number="+15555550199",
-        content="x",
-        status="queued",
-        provider="twilio",
-        provider_message_id=accepted.provider_message_id,
-        error_code=None,
-        encoding="GSM-7",
-        segments=1,
-        created_at=0,
-        sent_at=0,
-        delivered_at=None,
-    )
+    message = outbound(content="x", provider_message_id=accepted.provider_message_id, sent_at=0)
     report = await provider.fetch_status(message)
     assert report is not None
     assert (report.provider_status, report.error_code, report.message_id) == ("undelivered", "30003", message.id)
@@ -311,29 +319,8 @@ def _with_sid(message: Message, sid: str | None) -> Message:
 async def test_fetch_status_raises_when_twilio_fails(provider: TwilioProvider, fake_twilio: FakeTwilio) -> None:
     accepted = await provider.send(request())
     fake_twilio.script("fetch", Action("status", status=500))
-    message = _with_sid(
-        Message(
-            id="m",
-            conversation_id=None,
-            org_id=None,
-            seq=None,
-            direction="outbound",
-            author="agent",
-            from_number="+1",
-            to_number="+2",
-            content="x",
-            status="sent",
-            provider="twilio",
-            provider_message_id=None,
-            error_code=None,
-            encoding="GSM-7",
-            segments=1,
-            created_at=0,
-            sent_at=0,
-            delivered_at=None,
-        ),
-        accepted.provider_message_id,
-    )
+    message = outbound(id="m", from_number="+1", to_number="+2", content="x", status="sent", sent_at=0)
+    message = _with_sid(message, accepted.provider_message_id)
     with pytest.raises(twilio.TwilioUnavailable):
         await provider.fetch_status(message)
 
@@ -403,3 +390,27 @@ def test_twilio_mode_builds_the_twilio_provider() -> None:
     assert isinstance(provider, TwilioProvider)
     assert provider.name == "twilio"
     assert provider.messages_url == "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages.json"
+
+
+async def test_a_send_that_fails_unexpectedly_keeps_its_message_from_an_identical_look_up(
+    provider: TwilioProvider, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug after Twilio created the message: the send finds its own message before it lets go of the text's
+    lock, so a start-up look-up for an identical cut-off text waiting on that lock cannot take its SID."""
+    accept = provider._accept
+    failures = [RuntimeError("a bug reading the answer")]
+
+    def accept_failing_once(data: dict) -> object:
+        if failures:
+            raise failures.pop()
+        return accept(data)
+
+    monkeypatch.setattr(provider, "_accept", accept_failing_once)
+    sending = asyncio.create_task(provider.send(request()))
+    await asyncio.sleep(0)  # the send holds the text's lock
+    # An identical text an earlier process persisted a minute ago and a crash cut off.
+    cut_off = outbound(id="5b2c0f4e-1d2a-4e3f-8a9b-0c1d2e3f4a5b", created_at=int(time.time() * 1000) - 60_000)
+    looking = asyncio.create_task(provider.find_sent(cut_off))
+    accepted = await sending
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+    assert await looking is None

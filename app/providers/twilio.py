@@ -288,16 +288,31 @@ class TwilioProvider:
         # Two sends of the same body on the same pair never overlap, so a look-up cannot mistake
         # one for the other (the claimed set tells apart the sequential ones).
         async with self._serialized(request):
-            return await self._send(request)
+            started = self._wall_clock()
+            try:
+                return await self._send(request, started)
+            except ProviderRejected:
+                raise
+            except Exception as exc:
+                # Unexpected (a bug, say, after Twilio created the message). The caller will ask whether Twilio
+                # took it; look now, while the lock keeps a look-up for an identical text from taking its SID.
+                with contextlib.suppress(TwilioUnavailable):
+                    if (found := await self._find_created(request, started)) is not None:
+                        log.warning(
+                            "a send failed unexpectedly (%s) after Twilio created the message; it is kept",
+                            type(exc).__name__,
+                            extra={"message_id": request.message_id},
+                        )
+                        return self._accept(found)
+                raise
 
-    async def _send(self, request: SendRequest) -> SendAccepted:
+    async def _send(self, request: SendRequest, started: float) -> SendAccepted:
         form = {
             "To": request.to_number,
             "From": request.from_number,
             "Body": request.body,
             "StatusCallback": request.status_callback_url,
         }
-        started = self._wall_clock()
         unknown = False  # True while an earlier POST may have created the message
         failure = "no attempt made"
         wait_hint = 0.0
