@@ -12,18 +12,26 @@ import msgspec
 from app.clock import iso
 
 _json = msgspec.json.Encoder(enc_hook=str)
-# A run of 7-15 digits, with or without a `+`, standing on its own in a path (not a UUID's group): a phone number?
-_PHONE_LIKE = re.compile(r"(?<![0-9A-Za-z-])\+?\d{7,15}(?![0-9A-Za-z-])")
+# Digits, possibly written the ways people write phone numbers (+1 555 777-1234, (555) 777.1234).
+_DIGIT_RUN = re.compile(r"\+?\(?\d[\d ().-]*\d")
+_NON_DIGIT = re.compile(r"\D")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
-def _mask(match: re.Match[str]) -> str:
-    return "***" + match.group()[-4:]
+def _mask_run(match: re.Match[str]) -> str:
+    """A run with 7 digits or more may be a phone number: only its last 4 digits are kept."""
+    digits = _NON_DIGIT.sub("", match.group())
+    return "***" + digits[-4:] if len(digits) >= 7 else match.group()
+
+
+def _mask_segment(segment: str) -> str:
+    return segment if _UUID.fullmatch(segment) else _DIGIT_RUN.sub(_mask_run, segment)
 
 
 def loggable_path(path: str) -> str:
-    """A request path as logs show it: anything that may be a phone number masked to its last 4 digits, and
-    control characters (a percent-encoded newline would forge a console log line) escaped."""
-    path = _PHONE_LIKE.sub(_mask, path)
+    """A request path as logs show it: anything that may be a phone number masked to its last 4 digits (in every
+    segment but a UUID), and control characters (a percent-encoded newline would forge a log line) escaped."""
+    path = "/".join(_mask_segment(segment) for segment in path.split("/"))
     return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
 
 

@@ -131,6 +131,13 @@ def test_mask_keeps_the_last_four_digits() -> None:
             "/v1/zz\\n17:05:00 INFO parley.access: request status=200",
         ),
         ("/v1/\r+15555550177", "/v1/\\r***0177"),
+        ("/v1/sms-conversations/+15557771234abc", "/v1/sms-conversations/***1234abc"),
+        ("/v1/sms-conversations/+1 555 777 1234", "/v1/sms-conversations/***1234"),
+        ("/v1/x/(555) 777-1234/y", "/v1/x/***1234/y"),
+        ("/v1/x/555.777.1234", "/v1/x/***1234"),
+        ("/v1/x/abc5557771234", "/v1/x/abc***1234"),
+        ("/v1/x/x0195c1d2-7a3b-7c4d-8e9f-012345678901", "/v1/x/x0195c1d2-7a3b-7c4d-8e9f-***8901"),
+        ("/v1/agents/12345/rotate-tool-secret", "/v1/agents/12345/rotate-tool-secret"),
     ],
 )
 def test_a_logged_path_masks_phone_numbers_and_escapes_control_characters(path: str, logged: str) -> None:
