@@ -111,20 +111,29 @@ def _url(name: str, raw: str, *, base: bool = False) -> str:
         or not _is_host(parts.hostname)
         or (base and (parts.query or parts.fragment or value.endswith(("?", "#"))))
     ):
-        shown = repr(raw) if "@" not in raw else "a value with user:password@ in it (not shown)"
-        raise ConfigError(f"{name} must be an http(s) URL, got {shown}")
+        kind = "an http(s) URL with no query or fragment" if base else "an http(s) URL"
+        raise ConfigError(f"{name} must be {kind}, got {_shown(raw)}")
     if parts.username is not None or parts.password is not None:
         # Never echoed: the value holds a password. (Twilio signs the URL without it; keys go in their variables.)
         raise ConfigError(f"{name} must not contain credentials (user:password@)")
     return value
 
 
+def _shown(raw: str) -> str:
+    """A bad URL as an error line shows it: never its credentials, nor its query or fragment (a token may be
+    there)."""
+    if "@" in raw:
+        return "a value with user:password@ in it (not shown)"
+    head = re.split(r"[?#]", raw, maxsplit=1)[0]
+    return repr(head) + (" and a query or fragment (not shown)" if head != raw else "")
+
+
 def _schedule(name: str, raw: str) -> tuple[int, ...]:
     try:
-        steps = tuple(int(part) for part in raw.split(",") if part.strip())
+        steps = tuple(int(part) for part in raw.split(","))  # int() allows the spaces around each
     except ValueError:
         raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}") from None
-    if not steps or any(step < 0 for step in steps):
+    if any(step < 0 for step in steps):
         raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}")
     return steps
 

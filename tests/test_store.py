@@ -709,8 +709,11 @@ def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> Non
         load_settings({"PARLEY_PORT": "eighty"}, env_file=None)
     with pytest.raises(ConfigError, match="PARLEY_SMS_PROVIDER"):
         load_settings({"PARLEY_SMS_PROVIDER": "carrier-pigeon"}, env_file=None)
-    with pytest.raises(ConfigError, match="PARLEY_WEBHOOK_RETRY_SCHEDULE"):
-        load_settings({"PARLEY_WEBHOOK_RETRY_SCHEDULE": "5,soon"}, env_file=None)
+    for schedule in ("5,soon", "5,,6", "5,6,", "5,-1"):
+        with pytest.raises(ConfigError, match="PARLEY_WEBHOOK_RETRY_SCHEDULE"):
+            load_settings({"PARLEY_WEBHOOK_RETRY_SCHEDULE": schedule}, env_file=None)
+    spaced = load_settings({"PARLEY_WEBHOOK_RETRY_SCHEDULE": "5, 60 ,600"}, env_file=None)
+    assert spaced.webhook_retry_schedule == (5, 60, 600)
     with pytest.raises(ConfigError, match="TWILIO_ACCOUNT_SID"):
         load_settings({"PARLEY_SMS_PROVIDER": "twilio"}, env_file=None)
     with pytest.raises(ConfigError, match="PARLEY_RATE_LIMIT"):
@@ -788,6 +791,13 @@ def test_a_url_with_credentials_stops_start_up_without_echoing_them(name: str) -
     with pytest.raises(ConfigError, match=name) as malformed:
         load_settings({name: "https://user:hunter2@sms example.com"}, env_file=None)
     assert "hunter2" not in str(malformed.value)
+
+
+@pytest.mark.parametrize("raw", ["https://sms.example.com/cb?token=SECRETQ", "https://sms example.com/#SECRETQ"])
+def test_a_refused_url_is_shown_without_its_query_or_fragment(raw: str) -> None:
+    with pytest.raises(ConfigError, match="PARLEY_PUBLIC_URL") as refused:
+        load_settings({"PARLEY_PUBLIC_URL": raw}, env_file=None)
+    assert "SECRETQ" not in str(refused.value) and "not shown" in str(refused.value)
 
 
 def test_a_malformed_base_url_stops_start_up_naming_the_variable() -> None:
