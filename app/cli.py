@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import re
 import socket
 import sqlite3
 import sys
@@ -16,6 +17,7 @@ from app.config import ConfigError, Settings, listen_address, load_settings
 from app.domain import agent_registry, keys
 from app.domain.agents import load_agents_file, resolve_secret
 from app.domain.errors import NotFound, Unauthorized
+from app.domain.types import NAME_PATTERN
 from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
 from app.store import orgs
@@ -26,6 +28,18 @@ STARTUP_FAILURE = 3  # the exit status uvicorn gives a server whose start-up fai
 BACKLOG = 2048  # uvicorn's default
 
 DEV_ORG = "dev"
+
+
+def _name(text: str) -> str:
+    """An org or key name given on the command line: what the API accepts for a key's name."""
+    if not 1 <= len(text) <= 255 or not re.search(NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError("must be 1 to 255 characters, without control characters (such as a newline)")
+    return text
+
+
+def _one_line(text: str) -> str:
+    """A stored name as one line of `keys list` output (names stored before control characters were refused)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _now() -> int:
@@ -222,7 +236,7 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
                 fields = [
                     row["id"],
                     row["key_prefix"],
-                    row["name"],
+                    _one_line(row["name"]),
                     iso(row["created_at"]),
                     iso(row["expires_at"]) or "-",
                     iso(row["revoked_at"]) or "-",
@@ -264,6 +278,10 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     if target.exists():
         print(f"refusing to overwrite {target}", file=sys.stderr)
         return 1
+    if not Path(settings.database).is_file():
+        # Opening it would create an empty database, and its "backup" would hide a mistyped path.
+        print(f"no database to back up at PARLEY_DATABASE={settings.database}", file=sys.stderr)
+        return 1
     source = _connect(settings)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -299,8 +317,8 @@ def parser() -> argparse.ArgumentParser:
     keys_parser = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys_parser.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key (and the org if needed); prints only the key")
-    create.add_argument("--org", required=True)
-    create.add_argument("--name", default="default")
+    create.add_argument("--org", required=True, type=_name)
+    create.add_argument("--name", default="default", type=_name)
     listing = keys_sub.add_parser("list", help="list an org's keys")
     listing.add_argument("--org", required=True)
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")

@@ -120,6 +120,26 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert cli(tmp_path, "keys", "list", "--org", "nobody").returncode == 1
 
 
+@pytest.mark.parametrize("flags", [("--org", ""), ("--org", "a\nb"), ("--name", ""), ("--name", "ops\nforged line")])
+def test_keys_create_refuses_an_empty_name_or_one_with_a_control_character(
+    tmp_path: Path, flags: tuple[str, str]
+) -> None:
+    args = {"--org": "acme", "--name": "ops", flags[0]: flags[1]}
+    refused = cli(tmp_path, "keys", "create", *[part for pair in args.items() for part in pair])
+    assert refused.returncode == 2 and "control characters" in refused.stderr
+    assert "pk_" not in refused.stdout
+
+
+def test_keys_list_prints_a_stored_name_with_a_newline_on_its_one_line(tmp_path: Path) -> None:
+    assert cli(tmp_path, "keys", "create", "--org", "acme", "--name", "ops").returncode == 0
+    conn = sqlite3.connect(tmp_path / "data" / "parley.db")
+    with conn:  # a name stored before control characters were refused
+        conn.execute("UPDATE api_keys SET name = 'ops\nfake-id pk_live_XXXX forged'")
+    conn.close()
+    listed = cli(tmp_path, "keys", "list", "--org", "acme").stdout
+    assert listed.count("\n") == 1 and "ops\\x0afake-id" in listed
+
+
 def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:
     migrated = cli(tmp_path, "migrate")
     assert migrated.returncode == 0 and "applied" in migrated.stdout
@@ -136,6 +156,10 @@ def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM agents").fetchone()[0] >= 1
     conn.close()
     assert cli(tmp_path, "backup", str(target)).returncode == 1  # never overwrites
+    mistyped = tmp_path / "data" / "parley-typo.db"
+    missing = cli(tmp_path, "backup", str(tmp_path / "other.db"), PARLEY_DATABASE=str(mistyped))
+    assert missing.returncode == 1 and "no database to back up" in missing.stderr
+    assert not mistyped.exists() and not (tmp_path / "other.db").exists()
     for nowhere in ("/proc/nope/backup.db", str(tmp_path / "backup.db" / "inside.db")):
         refused = cli(tmp_path, "backup", nowhere)
         assert refused.returncode == 1

@@ -32,6 +32,11 @@ def without(key: str) -> dict[str, Any]:
     return {k: v for k, v in SEED_CREATE.items() if k != key}
 
 
+def with_raw(key: str, raw_json: str) -> bytes:
+    """The seed's create body with `key` set to `raw_json`, written as is (JSON Python cannot produce)."""
+    return json.dumps(without(key))[:-1].encode() + f', "{key}": {raw_json}}}'.encode()
+
+
 BAD_BODIES: list[tuple[str, Any, str]] = [
     ("malformed JSON", b'{"agentSlug": ', "body"),
     ("not an object", b"[1, 2]", "body"),
@@ -71,6 +76,10 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("metadata too many", {**SEED_CREATE, "metadata": {f"k{i}": i for i in range(21)}}, "metadata"),
     ("metadata integer beyond int64", {**SEED_CREATE, "metadata": {"big": 2**63}}, "metadata.big"),
     ("nested too deeply", b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
+    # JSON numbers no float holds: msgspec fails them even without a type (they were a 500).
+    ("number beyond a float", with_raw("inactivityTimeoutSeconds", "1e999"), "inactivityTimeoutSeconds"),
+    ("number beyond a float in metadata", with_raw("metadata", '{"big": -1e400}'), "metadata"),
+    ("number beyond a float in an unknown field", with_raw("colour", "1e999"), "colour"),
 ]
 
 
@@ -203,6 +212,9 @@ async def test_unknown_route_is_401_without_a_key_and_404_with_one(harness: Harn
     assert_error(await harness.client.get("/v1/nothing-here"), 401, "unauthorized")
     assert_error(await harness.get("/v1/nothing-here"), 404, "not_found")
     assert_error(await harness.client.get("/not-v1"), 404, "not_found")
+    for path in ("/schema/nosuch", "/schema/swagger", "/schema/openapi.yaml", "/schema/a/b"):
+        assert_error(await harness.client.get(path), 404, "not_found")  # Litestar's own answer is an HTML page
+    assert (await harness.client.get("/schema")).status_code == 200
 
 
 async def test_wrong_method_is_405(harness: Harness) -> None:
@@ -245,6 +257,9 @@ async def test_an_expired_key_is_401(harness: Harness) -> None:
 
 async def test_key_creation_rejects_bad_expiry(harness: Harness) -> None:
     assert_error(await harness.post("/v1/api-keys", {"name": "x", "expires_at": "tomorrow"}), 400, "validation_error")
+    for name in ("evil\nfake-id pk_live_XXXX forged", "a\tb", "ends in a newline\n"):
+        refused = assert_error(await harness.post("/v1/api-keys", {"name": name}), 400, "validation_error")
+        assert [d["field"] for d in refused["error"]["details"]] == ["name"]
     assert_error(
         await harness.post("/v1/api-keys", {"name": "x", "expires_at": "2001-01-01T00:00:00Z"}), 400, "validation_error"
     )
@@ -467,3 +482,48 @@ async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope() -
     envelope = json.loads(body["body"])
     assert envelope["error"]["code"] == "service_unavailable"
     assert envelope["meta"]["request_id"] == headers[b"x-request-id"].decode()
+
+
+BODIES_AN_ACTION_REFUSES: list[tuple[dict[str, str], bytes, int, str]] = [
+    ({"Content-Type": "text/plain"}, b"hello", 415, "unsupported_media_type"),
+    ({"Content-Type": "application/json"}, b"{bad", 400, "validation_error"),
+    ({"Content-Type": "application/json"}, b'{"bogus": 1}', 400, "validation_error"),
+    ({"Content-Type": "application/json"}, b'{"clientOrgId": "other"}', 400, "validation_error"),
+]
+
+
+async def test_routes_without_a_body_refuse_one_and_change_nothing(harness: Harness) -> None:
+    """Revoke, resume, rotations, deletes and a delivery's retry take no body: one that is not JSON is a 415, and
+    malformed JSON or any field (`clientOrgId` among them) a 400, before anything is done."""
+    key = (await harness.post("/v1/api-keys", {"name": "kept", "expires_at": None})).json()["data"]
+    hook = (await harness.post("/v1/webhooks", {"url": "https://hooks.example.test/x", "events": ["*"]})).json()
+    agent = (await harness.post("/v1/agents", {"name": "kept", "openingMessage": "Hi"})).json()["data"]
+    secret = harness.rows("SELECT tool_secret FROM agents WHERE id = ?", agent["agentId"])[0][0]
+    conversation = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    hook_id, agent_id = hook["data"]["id"], agent["agentId"]
+    actions = [
+        ("POST", f"/v1/api-keys/{key['id']}/revoke"),
+        ("POST", f"/v1/sms-conversations/{conversation}/resume"),
+        ("POST", f"/v1/webhooks/{hook_id}/rotate-secret"),
+        ("POST", f"/v1/webhooks/{hook_id}/deliveries/{uuid.uuid4()}/retry"),
+        ("DELETE", f"/v1/webhooks/{hook_id}"),
+        ("POST", f"/v1/agents/{agent_id}/rotate-tool-secret"),
+        ("DELETE", f"/v1/agents/{agent_id}"),
+    ]
+    for method, path in actions:
+        for headers, body, status, code in BODIES_AN_ACTION_REFUSES:
+            response = await harness.client.request(method, path, content=body, headers=harness.auth(**headers))
+            assert_error(response, status, code)
+    assert harness.rows("SELECT revoked_at FROM api_keys WHERE id = ?", key["id"])[0][0] is None
+    assert (await harness.get(f"/v1/webhooks/{hook_id}")).status_code == 200
+    assert harness.rows("SELECT secret, previous_secrets FROM webhooks WHERE id = ?", hook_id)[0][:] == (
+        hook["data"]["secret"],
+        "[]",
+    )
+    assert harness.rows("SELECT tool_secret FROM agents WHERE id = ?", agent_id)[0][0] == secret
+    # None at all, or an empty object, is the action.
+    revoked = await harness.client.post(
+        f"/v1/api-keys/{key['id']}/revoke", content=b"{}", headers=harness.auth(**{"Content-Type": "application/json"})
+    )
+    assert revoked.status_code == 200 and revoked.json()["data"]["revoked_at"] is not None
+    assert (await harness.client.delete(f"/v1/agents/{agent_id}", headers=harness.auth())).status_code == 204

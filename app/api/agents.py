@@ -106,15 +106,17 @@ class AgentController(Controller):
         _forget(ctx, agent.id)
         return AgentEnvelope(data=agent_out(agent), meta=Meta(request_id=rq.request_id(request)))
 
-    @delete("/{agent_id:str}", status_code=204, responses=errors(404))
+    @delete("/{agent_id:str}", status_code=204, responses=errors(404, 415))
     async def delete_agent(self, request: Request, agent_id: str) -> None:
+        await rq.no_body(request)
         ctx = rq.context(request)
         org_id = rq.org_of(request)
         await ctx.db.write(lambda c: agent_registry.delete_custom(c, org_id, agent_id, ctx.clock.now_ms()))
         _forget(ctx, parse_uuid(agent_id))
 
-    @post("/{agent_id:str}/rotate-tool-secret", status_code=200, responses=errors(404))
+    @post("/{agent_id:str}/rotate-tool-secret", status_code=200, responses=errors(404, 415))
     async def rotate_tool_secret(self, request: Request, agent_id: str) -> AgentEnvelope:
+        await rq.no_body(request)
         ctx = rq.context(request)
         org_id = rq.org_of(request)
         agent, secret = await ctx.db.write(

@@ -8,10 +8,12 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from litestar import Litestar, Router
+from litestar import Litestar, Response, Router
+from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.status_codes import HTTP_404_NOT_FOUND
 
 from app.api.agents import AgentController
 from app.api.assistant import AssistantController
@@ -54,6 +56,12 @@ def build_provider(settings: Settings) -> Provider:
         # Its httpx2 client is opened by `start()` and closed by `close()`, both in the lifespan.
         return TwilioProvider.from_settings(settings)
     raise RuntimeError(f"SMS provider {settings.sms_provider!r} is not available in this build")
+
+
+async def _no_html_404(response: Response) -> Response:
+    if response.status_code == HTTP_404_NOT_FOUND:
+        raise NotFoundException()
+    return response
 
 
 async def _cancel(task: asyncio.Task[object]) -> None:
@@ -130,6 +138,8 @@ def create_app(
             yield
 
     openapi = OpenAPIConfig(
+        # Litestar answers an unknown /schema/… path with an HTML page of its own: ours is the envelope.
+        openapi_router=Router("/schema", route_handlers=[], include_in_schema=False, after_request=_no_html_404),
         title="Parley",
         version="0.1.0",
         description="Self-hosted AI SMS conversations, wire-compatible with the PAM SMS Conversations API.",

@@ -78,10 +78,11 @@ class AssistantController(Controller):
     @post(
         "/{conversation_id:str}/resume",
         status_code=200,
-        responses=errors(404, 409),
+        responses=errors(404, 409, 415),
         summary="Give a handed-off conversation back to the assistant",
     )
     async def resume(self, request: Request, conversation_id: str) -> ResumedEnvelope:
+        await rq.no_body(request)
         ctx = rq.context(request)
         conversation = await assistant_of(request).resume(rq.org_of(request), conversation_id)
         agent = await ctx.db.read(lambda c: agents_store.by_id_any(c, conversation.agent_id))

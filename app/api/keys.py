@@ -125,8 +125,9 @@ class ApiKeyController(Controller):
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),
         )
 
-    @post("/{key_id:str}/revoke", status_code=200, responses=errors(404))
+    @post("/{key_id:str}/revoke", status_code=200, responses=errors(404, 415))
     async def revoke(self, request: Request, key_id: str) -> KeyEnvelope:
+        await rq.no_body(request)
         ctx = rq.context(request)
         org_id = rq.org_of(request)
         row = await ctx.db.write(lambda c: keys.revoke(c, key_id, ctx.clock.now_ms(), org_id))

@@ -6,6 +6,7 @@ import base64
 import binascii
 from typing import Any
 
+import msgspec
 from litestar import Request
 
 from app.api.errors import request_id_of
@@ -49,6 +50,19 @@ async def read_json(request: Request, decoder: StrictDecoder, *, optional: bool 
     if optional and not raw.strip():
         return decoder.decode(b"{}")
     return decoder.decode(raw)
+
+
+class _NoBody(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+_no_body = StrictDecoder(_NoBody)
+
+
+async def no_body(request: Request) -> None:
+    """A route that takes no body: none, or an empty JSON object; anything else is refused as on a JSON route
+    (415 for another content type; 400 for malformed JSON, any field, `clientOrgId` among them)."""
+    await read_json(request, _no_body, optional=True)
 
 
 def encode_cursor(*parts: object) -> str:

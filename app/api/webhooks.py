@@ -182,17 +182,19 @@ class WebhookController(Controller):
         webhook = await service.update(rq.context(request), rq.org_of(request), webhook_id, body)
         return WebhookEnvelope(data=webhook_out(webhook), meta=Meta(request_id=rq.request_id(request)))
 
-    @delete("/{webhook_id:str}", status_code=204, responses=errors(404), summary="Delete a webhook endpoint")
+    @delete("/{webhook_id:str}", status_code=204, responses=errors(404, 415), summary="Delete a webhook endpoint")
     async def delete_webhook(self, request: Request, webhook_id: str) -> None:
+        await rq.no_body(request)
         await service.delete(rq.context(request), rq.org_of(request), webhook_id)
 
     @post(
         "/{webhook_id:str}/rotate-secret",
         status_code=200,
-        responses=errors(404),
+        responses=errors(404, 415),
         summary="Rotate the signing secret (the old one keeps signing, in addition, for 24 h)",
     )
     async def rotate_secret(self, request: Request, webhook_id: str) -> SecretEnvelope:
+        await rq.no_body(request)
         webhook = await service.rotate_secret(rq.context(request), rq.org_of(request), webhook_id)
         return SecretEnvelope(data=with_secret(webhook), meta=Meta(request_id=rq.request_id(request)))
 
@@ -226,10 +228,11 @@ class WebhookController(Controller):
     @post(
         "/{webhook_id:str}/deliveries/{delivery_id:str}/retry",
         status_code=200,
-        responses=errors(404, 409),
+        responses=errors(404, 409, 415),
         summary="Attempt one delivery once, now (a failure does not re-enter the retry schedule)",
     )
     async def retry_delivery(self, request: Request, webhook_id: str, delivery_id: str) -> DeliveryEnvelope:
+        await rq.no_body(request)
         webhook = await service.get(rq.context(request), rq.org_of(request), webhook_id)
         if parse_uuid(delivery_id) is None:
             raise NotFound("Delivery not found.")

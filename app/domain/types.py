@@ -16,7 +16,8 @@ from app.domain.errors import FieldProblem, ValidationFailed
 T = TypeVar("T")
 
 
-_MEANINGS: dict[str, str] = {}  # msgspec's "matching regex" message -> what a client is told instead
+# msgspec's messages -> what a client is told instead ("matching regex" ones are added by `whole`).
+_MEANINGS: dict[str, str] = {"Number out of range": "is a number out of range"}
 
 
 def whole(pattern: str, meaning: str) -> str:
@@ -50,7 +51,9 @@ DynamicVariables = Annotated[dict[VariableName, VariableValue], msgspec.Meta(max
 # Integers as JSON parsers commonly read them (int64): a webhook receiver must be able to take the payload.
 MetadataValue = str | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | float | bool
 Metadata = Annotated[dict[Annotated[str, msgspec.Meta(max_length=255)], MetadataValue], msgspec.Meta(max_length=20)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+# A name is printed on one line (`parley keys list`, logs): no control characters.
+NAME_PATTERN = whole(r"[^\x00-\x1f\x7f]*", "text without control characters (such as a newline or a tab)")
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NAME_PATTERN)]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 _PATH = re.compile(r" - at (?:`key` in )?`\$(.*)`$")
@@ -59,8 +62,10 @@ _MISSING = re.compile(r"Object missing required field `([^`]+)`")
 
 
 def _dotted(path: str) -> str:
-    # msgspec paths look like `.dynamicVariables[...]` or `.tools[0].url`
-    return re.sub(r"\[(\d+|\.\.\.)\]", lambda m: "." + m.group(1), path).lstrip(".")
+    # msgspec paths look like `.dynamicVariables[...]` or `.tools[0].url`; `[...]` is a map's value whose key it
+    # does not name, so the path ends at the map.
+    path = path.split("[...]", 1)[0]
+    return re.sub(r"\[(\d+)\]", lambda m: "." + m.group(1), path).lstrip(".")
 
 
 def _join(base: str, name: object) -> str:
@@ -190,5 +195,10 @@ class StrictDecoder:
             first = exc
         # The failure path only: parse without the type, then look for every problem, not just the first.
         with _parsing_body():
-            problems = every_problem(msgspec.json.decode(raw), self.type, first, self.rules)
+            try:
+                value = msgspec.json.decode(raw)
+            except msgspec.ValidationError:
+                # Only a number no float holds (1e999) fails here: report what the typed decode stopped at.
+                raise ValidationFailed.of([_problem(first)]) from None
+            problems = every_problem(value, self.type, first, self.rules)
         raise problems
