@@ -16,8 +16,9 @@ from app.clock import SystemClock, iso
 from app.config import ConfigError, Settings, listen_address, load_settings
 from app.domain import agent_registry, keys
 from app.domain.agents import load_agents_file, resolve_secret
-from app.domain.errors import NotFound, Unauthorized
+from app.domain.errors import NotFound, Unauthorized, ValidationFailed
 from app.domain.types import NAME_PATTERN
+from app.llm.tools import check_tools
 from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
 from app.store import orgs
@@ -163,10 +164,25 @@ def _check_agents_file(settings: Settings) -> None:
     is one line naming PARLEY_AGENTS_FILE. A missing file is a mistake too, the default one included: syncing
     no agents would retire every managed agent."""
     try:
-        for entry in load_agents_file(settings.agents_file):
-            resolve_secret(entry.tool_secret, slug=entry.slug)
+        entries = load_agents_file(settings.agents_file)
     except ValueError as exc:
         raise ConfigError(f"PARLEY_AGENTS_FILE: {exc}") from None
+    for entry in entries:
+        try:
+            resolve_secret(entry.tool_secret, slug=entry.slug)
+            # The outbound-URL guard's registration rules, as for a custom agent's tools, but without DNS: a slow
+            # resolver must not hold up start-up (a name is checked by the guard when each call connects).
+            check_tools(entry.tools, settings, resolve=_unresolved)
+        except ValidationFailed as exc:
+            raise ConfigError(
+                f"PARLEY_AGENTS_FILE: {settings.agents_file}: agent {entry.slug}: {exc.message}"
+            ) from None
+        except ValueError as exc:
+            raise ConfigError(f"PARLEY_AGENTS_FILE: {settings.agents_file}: {exc}") from None
+
+
+def _unresolved(host: str, port: int) -> list[str]:
+    raise OSError("not looked up")
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

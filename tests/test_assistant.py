@@ -1044,6 +1044,55 @@ async def test_tool_urls_are_checked_by_the_outbound_url_guard_at_registration(t
         assert patched.json()["error"]["details"][0]["field"] == "tools.0.url"
 
 
+@pytest.mark.parametrize(
+    ("parameters", "field"),
+    [
+        ({"type": "object", "properties": [1]}, "tools.0.parameters.properties"),
+        ({"type": "object", "required": "recallId"}, "tools.0.parameters.required"),
+        ({"type": "object", "properties": {"a": {"type": "wat"}}}, "tools.0.parameters.properties.a.type"),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "minLength": -1}}},
+            "tools.0.parameters.properties.a.minLength",
+        ),
+        ({"type": "array"}, "tools.0.parameters"),
+    ],
+)
+async def test_a_webhook_tools_parameters_must_be_a_valid_json_schema(
+    h: Harness, parameters: dict[str, Any], field: str
+) -> None:
+    """The model's server gets them as they are: one that validates tool schemas would refuse every turn."""
+    response = await h.post(
+        "/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/", parameters=parameters)]}
+    )
+    assert response.status_code == 400
+    assert [d["field"] for d in response.json()["error"]["details"]] == [field]
+    agent = (await h.post("/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/")]})).json()["data"]
+    patched = await h.client.patch(
+        f"/v1/agents/{agent['agentId']}",
+        headers=h.auth(),
+        json={"tools": [webhook_tool("http://127.0.0.1:9/", parameters=parameters)]},
+    )
+    assert patched.status_code == 400
+    assert [d["field"] for d in patched.json()["error"]["details"]] == [field]
+
+
+async def test_a_tool_schemas_unknown_dollar_schema_is_refused_and_never_fetched(h: Harness) -> None:
+    """Fetching it would be an outbound request no URL guard saw."""
+    with FakeToolServer() as meta_server:
+        parameters = {"$schema": meta_server.url + "/meta", "type": "object"}
+        response = await h.post(
+            "/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/", parameters=parameters)]}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["details"][0]["field"] == "tools.0.parameters.$schema"
+        assert meta_server.requests == []
+    draft7 = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"}
+    accepted = await h.post(
+        "/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/", parameters=draft7)]}
+    )
+    assert accepted.status_code == 201
+
+
 async def test_a_webhook_tool_may_not_take_a_built_in_name(h: Harness) -> None:
     response = await h.post(
         "/v1/agents", {"name": "a", "tools": [{**webhook_tool("http://127.0.0.1:9/"), "name": "end_conversation"}]}

@@ -267,7 +267,19 @@ def test_serve_holds_its_port_from_the_check_until_it_serves_on_it(tmp_path: Pat
 @pytest.mark.parametrize("command", [("serve",), ("agents", "sync")])
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(None, "not found"), ("this is not toml\n", "Expected '='"), (b"\xff\xfe agents", "utf-8")],
+    [
+        (None, "not found"),
+        ("this is not toml\n", "Expected '='"),
+        (b"\xff\xfe agents", "utf-8"),
+        ("", "no [[agents]] entries"),  # empty or cut off: it would retire every managed agent
+        ('[[agents]]\nslug = "a"\nname = "A"\ntoolSecret = "notawhsec"\n', "toolSecret must be whsec_"),
+        ('[[agents]]\nslug = "a"\nname = "A"\nopeningMessage = "Hi"\n', "openingMessage: managed agents have"),
+        (
+            '[[agents]]\nslug = "a"\nname = "A"\n[[agents.tools]]\ntype = "webhook"\nname = "t"\ndescription = "d"\n'
+            'parameters = {type = "object"}\nurl = "https://10.0.0.1/t"\n',
+            "tools.0.url: must not point to a private",
+        ),
+    ],
 )
 def test_an_agents_file_that_is_missing_or_malformed_stops_the_command_with_one_line_naming_the_variable(
     tmp_path: Path, command: tuple[str, ...], content: str | bytes | None, reason: str
@@ -282,7 +294,17 @@ def test_an_agents_file_that_is_missing_or_malformed_stops_the_command_with_one_
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip()
     assert line.count("\n") == 0 and "PARLEY_AGENTS_FILE" in line and str(path) in line and reason in line
+    assert "notawhsec" not in line  # a secret, even a malformed one, is never shown
     assert not (tmp_path / "data").exists()  # checked before the database is touched
+
+
+def test_an_agents_file_that_says_agents_is_empty_retires_every_managed_agent(tmp_path: Path) -> None:
+    assert cli(tmp_path, "agents", "sync").returncode == 0
+    path = tmp_path / "agents.toml"
+    path.write_text("agents = []\n")
+    synced = cli(tmp_path, "agents", "sync", PARLEY_AGENTS_FILE=str(path))
+    assert synced.returncode == 0 and "synced 0 managed agent(s)" in synced.stdout, synced.stderr
+    assert cli(tmp_path, "agents", "list", PARLEY_AGENTS_FILE=str(path)).stdout == ""
 
 
 def test_the_default_agents_file_is_found_where_make_run_starts(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
+import jsonschema_rs
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
@@ -14,6 +15,7 @@ from app.domain.errors import FieldProblem, ValidationFailed
 from app.domain.phone import e164_problem
 from app.domain.rotation import PreviousSecret, active_secrets
 from app.domain.types import E164Number, Name, VariableName, every_problem, whole
+from app.webhooks.signing import SECRET_PREFIX, secret_key
 
 ToolName = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9_-]{1,64}", "1 to 64 letters, digits, _ or -"))]
 Prompt = Annotated[str, Meta(max_length=20000)]
@@ -125,7 +127,8 @@ def check_settings(settings: AgentSettings, *, kind: str) -> None:
     if settings.phone_number is not None and (problem := e164_problem(settings.phone_number)):
         problems.append(FieldProblem("phoneNumber", problem))
     if kind == "managed" and (settings.phone_number or settings.opening_message):
-        problems.append(FieldProblem("phoneNumber", "managed agents have no number or opening template"))
+        named = "phoneNumber" if settings.phone_number else "openingMessage"
+        problems.append(FieldProblem(named, "managed agents have no number or opening template"))
     if (settings.inactivity_warning_seconds is None) != (settings.inactivity_warning_message is None):
         problems.append(
             FieldProblem("inactivityWarningSeconds", "set together with inactivityWarningMessage, or neither")
@@ -142,10 +145,32 @@ def check_settings(settings: AgentSettings, *, kind: str) -> None:
     if len(kinds) != len(set(kinds)):
         problems.append(FieldProblem("tools", "a built-in tool is listed twice"))
     for index, tool in enumerate(settings.tools):
-        if isinstance(tool, WebhookTool) and tool.parameters.get("type", "object") != "object":
-            problems.append(FieldProblem(f"tools.{index}.parameters", "must be a JSON Schema of type object"))
+        if isinstance(tool, WebhookTool):
+            problems += _schema_problems(tool.parameters, f"tools.{index}.parameters")
     if problems:
         raise ValidationFailed.of(problems)
+
+
+# Meta-schemas are built in; an empty registry refuses to fetch any other (`$schema` naming a URL is refused,
+# never retrieved: a fetch would be an outbound request the URL guard never saw).
+_NO_RETRIEVAL = jsonschema_rs.Registry([])
+
+
+def _schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem]:
+    """A webhook tool's `parameters`: a valid JSON Schema (checked against its meta-schema) of type object. The
+    model's server gets it as is, and one that refuses it would fail every turn of the agent."""
+    if parameters.get("type", "object") != "object":
+        return [FieldProblem(field, "must be a JSON Schema of type object")]
+    try:
+        jsonschema_rs.meta.validate(parameters, registry=_NO_RETRIEVAL)
+    except jsonschema_rs.ReferencingError:
+        return [FieldProblem(f"{field}.$schema", "must name a JSON Schema draft (4, 6, 7, 2019-09 or 2020-12)")]
+    except jsonschema_rs.ValidationError as exc:
+        where = ".".join(str(part) for part in exc.instance_path)
+        return [FieldProblem(f"{field}.{where}" if where else field, f"is not valid JSON Schema: {exc.message}")]
+    except ValueError:  # "Recursion limit reached"
+        return [FieldProblem(field, "is nested too deeply")]
+    return []
 
 
 def apply_patch(settings: AgentSettings, patch: AgentPatch) -> AgentSettings:
@@ -163,16 +188,25 @@ def apply_patch(settings: AgentSettings, patch: AgentPatch) -> AgentSettings:
 
 
 def resolve_secret(value: str | None, *, slug: str) -> str | None:
-    """A managed agent's toolSecret: literal, or `env:VARIABLE` read from the environment."""
+    """A managed agent's toolSecret: literal, or `env:VARIABLE` read from the environment; a `whsec_` secret
+    (ValueError, never showing it, otherwise: every tool call of the agent would fail to sign)."""
     if value is None:
         return None
+    secret, where = value, "toolSecret"
     if value.startswith("env:"):
         name = value[4:]
-        secret = os.environ.get(name)
+        secret, where = os.environ.get(name, ""), f"toolSecret (from {name})"
         if not secret:
             raise ValueError(f"agent {slug}: toolSecret names {name}, which is not set")
-        return secret
-    return value
+    try:
+        if not secret.startswith(SECRET_PREFIX):
+            raise ValueError
+        secret_key(secret)
+    except ValueError:
+        raise ValueError(
+            f"agent {slug}: {where} must be whsec_ followed by base64 (such as `parley agents list --secrets` shows)"
+        ) from None
+    return secret
 
 
 def load_agents_file(path: str | Path) -> list[ManagedAgentEntry]:
@@ -185,6 +219,9 @@ def load_agents_file(path: str | Path) -> list[ManagedAgentEntry]:
         parsed = msgspec.convert(data, AgentsFile, strict=True)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
         raise ValueError(f"{file}: {exc}") from None
+    if "agents" not in data:
+        # An empty or cut-off file would retire every managed agent: that takes saying so (`agents = []`).
+        raise ValueError(f"{file}: no [[agents]] entries (to retire every managed agent, write `agents = []`)")
     slugs = [entry.slug for entry in parsed.agents]
     if len(slugs) != len(set(slugs)):
         raise ValueError(f"{file}: two agents share a slug")
