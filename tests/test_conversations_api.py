@@ -428,3 +428,30 @@ async def test_a_custom_agent_cannot_take_another_organizations_number(harness: 
     assert taken.status_code == 400, taken.text
     mine = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": "+15555550125"})
     assert mine.status_code == 400  # acme cannot send from globex's agent's number either
+
+
+async def test_a_full_last_page_says_there_is_no_next_page(harness: Harness) -> None:
+    """`next_cursor` is null on the last page even when it is full (SPEC §1: null at the end), on every list."""
+    hook = (await harness.post("/v1/webhooks", {"url": "https://hooks.example.test/x", "events": ["*"]})).json()
+    ids = [
+        (await harness.post("/v1/sms-conversations", seed(toNumber=f"+1555555021{i}"))).json()["data"]["conversationId"]
+        for i in range(2)
+    ]
+    agents = (await harness.get("/v1/agents")).json()["data"]
+    events = (await harness.get("/v1/events", limit=100)).json()["data"]
+    deliveries = (await harness.get(f"/v1/webhooks/{hook['data']['id']}/deliveries", limit=100)).json()["data"]
+    assert len(events) >= 2 and len(deliveries) >= 2
+    for path, count in [
+        ("/v1/sms-conversations", 2),
+        (f"/v1/sms-conversations/{ids[0]}/messages", 1),
+        ("/v1/agents", len(agents)),
+        ("/v1/webhooks", 1),
+        ("/v1/events", len(events)),
+        (f"/v1/webhooks/{hook['data']['id']}/deliveries", len(deliveries)),
+        ("/v1/api-keys", 1),
+    ]:
+        full = (await harness.get(path, limit=count)).json()
+        assert len(full["data"]) == count and full["meta"]["next_cursor"] is None, path
+        if count > 1:  # one fewer than there are: a next page, holding the rest
+            first = (await harness.get(path, limit=count - 1)).json()
+            assert first["meta"]["next_cursor"] is not None, path

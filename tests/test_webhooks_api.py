@@ -53,12 +53,34 @@ async def test_every_catalogue_event_and_the_wildcard_are_accepted(harness: Harn
 
 
 async def test_unknown_event_names_are_400(harness: Harness) -> None:
-    for events in (["sms.message_snet"], ["sms.message_sent", "conversation.created"], [], ["SMS.MESSAGE_SENT"]):
+    for events, fields in (
+        (["sms.message_snet"], ["events.0"]),
+        (["sms.message_sent", "conversation.created"], ["events.1"]),
+        ([], ["events"]),
+        (["SMS.MESSAGE_SENT"], ["events.0"]),
+    ):
         response = await harness.post("/v1/webhooks", {"url": HOOK, "events": events})
         assert response.status_code == 400, events
         error = response.json()["error"]
         assert error["code"] == "validation_error"
-        assert error["details"][0]["field"] == "events"
+        assert [d["field"] for d in error["details"]] == fields
+
+
+async def test_every_problem_of_a_webhook_body_is_named(harness: Harness) -> None:
+    """SPEC §1: one entry per problem. The URL's and the events' rules are reported with the type errors."""
+    cases = [
+        ({"url": "ftp://x", "events": ["sms.nope", "x.y"], "foo": 1}, ["foo", "events.0", "events.1", "url"]),
+        ({"url": "ftp://x", "events": ["sms.nope"]}, ["events.0", "url"]),
+        ({"url": HOOK, "events": ["sms.nope", "x.y"]}, ["events.0", "events.1"]),
+    ]
+    for body, fields in cases:
+        response = await harness.post("/v1/webhooks", body)
+        assert response.status_code == 400, body
+        assert sorted(d["field"] for d in response.json()["error"]["details"]) == sorted(fields), body
+    hook_id = (await harness.post("/v1/webhooks", {"url": HOOK, "events": ["*"]})).json()["data"]["id"]
+    patched = await patch(harness, f"/v1/webhooks/{hook_id}", {"url": "ftp://x", "events": ["bad"], "is_active": "x"})
+    assert patched.status_code == 400
+    assert sorted(d["field"] for d in patched.json()["error"]["details"]) == ["events.0", "is_active", "url"]
 
 
 async def test_bodies_are_decoded_strictly(harness: Harness) -> None:

@@ -463,6 +463,24 @@ async def test_manual_retry_succeeds_a_failed_delivery(tmp_path: Path, clock: Fa
             assert {r.webhook_id for r in receiver.snapshot()} == {event_id}
 
 
+async def test_a_manual_retry_sends_nothing_to_a_disabled_endpoint(tmp_path: Path, clock: FakeClock) -> None:
+    """Disabled by a PATCH (or a 410): no request goes to it, a manual one neither (409, as `recover` answers)."""
+    with Receiver(scripted(500)) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=()) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            delivery = delivery_of(h, event_id)
+            disabled = await h.client.patch(
+                f"/v1/webhooks/{webhook['id']}", json={"is_active": False}, headers=h.auth()
+            )
+            assert disabled.status_code == 200
+            response = await h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery['id']}/retry")
+            assert response.status_code == 409 and response.json()["error"]["code"] == "webhook_inactive"
+            assert len(receiver.snapshot()) == 1
+            assert len(attempts_of(h, event_id)) == 1
+
+
 async def test_a_failed_manual_retry_does_not_re_enter_the_schedule(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(lambda _: Reply(status=500)) as receiver:
         async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(5,)) as h:

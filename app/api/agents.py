@@ -78,8 +78,9 @@ class AgentController(Controller):
         ctx = rq.context(request)
         org_id = rq.org_of(request)
         after = rq.decode_cursor(cursor, (int, str))
-        agents = await ctx.db.read(lambda c: store.list_visible(c, org_id, after=after, limit=limit))  # type: ignore[arg-type]
-        next_cursor = rq.encode_cursor(agents[-1].created_at, agents[-1].id) if len(agents) == limit else None
+        rows = await ctx.db.read(lambda c: store.list_visible(c, org_id, after=after, limit=limit + 1))  # type: ignore[arg-type]
+        agents, more = rq.page(rows, limit)
+        next_cursor = rq.encode_cursor(agents[-1].created_at, agents[-1].id) if more else None
         return AgentList(
             data=[agent_out(a) for a in agents],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),

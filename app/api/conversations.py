@@ -168,11 +168,11 @@ class ConversationController(Controller):
                 to_number=to_number,
                 from_number=from_number,
                 before=before,  # type: ignore[arg-type]
-                limit=limit,
+                limit=limit + 1,
             )
 
-        items = await ctx.db.read(run)
-        next_cursor = rq.encode_cursor(items[-1].created_at, items[-1].id) if len(items) == limit else None
+        items, more = rq.page(await ctx.db.read(run), limit)
+        next_cursor = rq.encode_cursor(items[-1].created_at, items[-1].id) if more else None
         return ConversationList(
             data=_with_slugs(request, items),
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),
@@ -225,8 +225,9 @@ class ConversationController(Controller):
         after = rq.decode_cursor(cursor, (int,))
         after_seq = after[0] if after else 0
         # One page (at most 100 rows) walked on the (conversation_id, seq) index: a point read, done inline.
-        items = ctx.db.read_now(lambda c: store.messages_of(c, conversation.id, after_seq=after_seq, limit=limit))
-        next_cursor = rq.encode_cursor(items[-1].seq) if len(items) == limit else None
+        rows = ctx.db.read_now(lambda c: store.messages_of(c, conversation.id, after_seq=after_seq, limit=limit + 1))
+        items, more = rq.page(rows, limit)
+        next_cursor = rq.encode_cursor(items[-1].seq) if more else None
         return MessageList(
             data=[message_out(m) for m in items],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),

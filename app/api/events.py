@@ -55,11 +55,11 @@ class EventController(Controller):
                 after_pos=after_pos,
                 event_type=event_type,
                 conversation_id=conversation_id,
-                limit=limit,
+                limit=limit + 1,
             )
 
-        rows = await ctx.db.read(run)
-        next_cursor = rows[-1]["id"] if len(rows) == limit else None
+        rows, more = rq.page(await ctx.db.read(run), limit)
+        next_cursor = rows[-1]["id"] if more else None
         meta = _encoder.encode(ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor))
         # The stored payload bytes are spliced in unchanged, so a reconciler sees what receivers saw.
         body = b'{"data":[' + b",".join(row["payload"].encode() for row in rows) + b'],"meta":' + meta + b"}"

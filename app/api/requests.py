@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
@@ -63,6 +63,15 @@ async def no_body(request: Request) -> None:
     """A route that takes no body: none, or an empty JSON object; anything else is refused as on a JSON route
     (415 for another content type; 400 for malformed JSON, any field, `clientOrgId` among them)."""
     await read_json(request, _no_body, optional=True)
+
+
+T = TypeVar("T")
+
+
+def page(rows: list[T], limit: int) -> tuple[list[T], bool]:
+    """Rows read with `limit + 1`: the page, and whether another follows (so that the last page, even a full
+    one, says `next_cursor: null`)."""
+    return rows[:limit], len(rows) > limit
 
 
 def encode_cursor(*parts: object) -> str:

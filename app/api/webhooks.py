@@ -85,8 +85,8 @@ class RequeuedEnvelope(msgspec.Struct):
     meta: Meta
 
 
-create_decoder = StrictDecoder(CreateWebhook)
-update_decoder = StrictDecoder(UpdateWebhook)
+create_decoder = StrictDecoder(CreateWebhook, service.raw_problems)
+update_decoder = StrictDecoder(UpdateWebhook, service.raw_problems)
 recover_decoder = StrictDecoder(RecoverWebhook)
 
 
@@ -158,9 +158,10 @@ class WebhookController(Controller):
         org_id = rq.org_of(request)
         after = rq.decode_cursor(cursor, (int, str))
         items = await ctx.db.read(
-            lambda c: store.list_for_org(c, org_id, after=after, limit=limit)  # type: ignore[arg-type]
+            lambda c: store.list_for_org(c, org_id, after=after, limit=limit + 1)  # type: ignore[arg-type]
         )
-        next_cursor = rq.encode_cursor(items[-1].created_at, items[-1].id) if len(items) == limit else None
+        items, more = rq.page(items, limit)
+        next_cursor = rq.encode_cursor(items[-1].created_at, items[-1].id) if more else None
         return WebhookList(
             data=[webhook_out(w) for w in items],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),
@@ -216,10 +217,11 @@ class WebhookController(Controller):
         before = rq.decode_cursor(cursor, (int,))
         items = await ctx.db.read(
             lambda c: store.list_deliveries(
-                c, webhook.id, before_rowid=before[0] if before else None, status=status, limit=limit
+                c, webhook.id, before_rowid=before[0] if before else None, status=status, limit=limit + 1
             )
         )
-        next_cursor = rq.encode_cursor(items[-1].rowid) if len(items) == limit else None
+        items, more = rq.page(items, limit)
+        next_cursor = rq.encode_cursor(items[-1].rowid) if more else None
         return DeliveryList(
             data=[delivery_out(d) for d in items],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),

@@ -354,8 +354,11 @@ class Dispatcher:
         """One immediate attempt of a delivery, outside its schedule; returns the delivery afterwards."""
 
         def claim(conn: sqlite3.Connection) -> store.Claimed:
-            if store.get(conn, webhook_id, org_id) is None or store.get_delivery(conn, webhook_id, delivery_id) is None:
+            webhook = store.get(conn, webhook_id, org_id)
+            if webhook is None or store.get_delivery(conn, webhook_id, delivery_id) is None:
                 raise NotFound("Delivery not found.")
+            if not webhook.is_active:  # disabled by a PATCH or a 410: no request goes there, a manual one neither
+                raise Conflict("webhook_inactive", "The webhook is disabled; enable it before retrying a delivery.")
             claimed = store.claim_one(conn, webhook_id, delivery_id, self.clock.now_ms(), self.lease_ms)
             if claimed is None:
                 raise Conflict("delivery_in_progress", "An attempt of this delivery is in progress; try again shortly.")

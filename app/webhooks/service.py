@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from app.clock import epoch_ms
 from app.domain.context import Context
-from app.domain.errors import Conflict, NotFound, ValidationFailed
+from app.domain.errors import Conflict, FieldProblem, NotFound, ValidationFailed
 from app.domain.events import EVENT_TYPES
 from app.domain.ids import new_id, new_signing_secret, parse_uuid
 from app.domain.rotation import after_rotation
 from app.store import webhooks as store
 from app.store.webhooks import ALL_EVENTS, Webhook
-from app.webhooks.guard import MAX_URL_LENGTH, check_url_async
+from app.webhooks.guard import MAX_URL_LENGTH, check_url, check_url_async
 
 RECOVER_WINDOW_MS = 14 * 86_400_000
 
@@ -39,16 +39,57 @@ class RecoverWebhook(Struct, forbid_unknown_fields=True, kw_only=True):
     since: datetime
 
 
-def normalize_events(events: list[str]) -> list[str]:
-    """Check names against the catalogue; `*` subscribes to everything. Order kept, duplicates dropped."""
+def event_problems(events: list[str]) -> list[FieldProblem]:
+    """Names checked against the catalogue, each unknown one at its own index."""
     if not events:
-        raise ValidationFailed.field("events", 'must list at least one event type, or "*"')
-    unknown = [name for name in events if name != ALL_EVENTS and name not in EVENT_TYPES]
-    if unknown:
-        raise ValidationFailed.field("events", f"unknown event type {unknown[0]!r}")
+        return [FieldProblem("events", 'must list at least one event type, or "*"')]
+    return [
+        FieldProblem(f"events.{index}", f"unknown event type {name!r}")
+        for index, name in enumerate(events)
+        if name != ALL_EVENTS and name not in EVENT_TYPES
+    ]
+
+
+def normalize_events(events: list[str]) -> list[str]:
+    """`*` subscribes to everything. Order kept, duplicates dropped."""
     if ALL_EVENTS in events:
         return [ALL_EVENTS]
     return list(dict.fromkeys(events))
+
+
+class _AnySettings:
+    """The URL rules that hold whatever the allow flags say, and need no DNS."""
+
+    allow_http_urls = True
+    allow_private_urls = True
+
+
+def raw_problems(raw: dict[str, Any]) -> list[FieldProblem]:
+    """The events' and the URL's rules on a body that failed to decode, so that its 400 names these too."""
+    problems: list[FieldProblem] = []
+    events = raw.get("events")
+    if isinstance(events, list) and all(isinstance(name, str) for name in events):
+        problems += event_problems(events)
+    if isinstance(url := raw.get("url"), str):
+        try:
+            check_url(url, _AnySettings())
+        except ValidationFailed as exc:
+            problems += exc.details or []
+    return problems
+
+
+async def _checked(events: list[str] | UnsetType, url: str | UnsetType, ctx: Context) -> tuple[list[str], str]:
+    """Every problem of the events and the URL at once; their normalized forms (unchanged when UNSET)."""
+    problems = event_problems(events) if events is not UNSET else []
+    checked_url = ""
+    if url is not UNSET:
+        try:
+            checked_url = await check_url_async(url, ctx.settings)
+        except ValidationFailed as exc:
+            problems += exc.details or []
+    if problems:
+        raise ValidationFailed.of(problems)
+    return (normalize_events(events) if events is not UNSET else []), checked_url
 
 
 def _load(conn: sqlite3.Connection, org_id: str, webhook_id: str) -> Webhook:
@@ -64,8 +105,7 @@ async def get(ctx: Context, org_id: str, webhook_id: str) -> Webhook:
 
 
 async def create(ctx: Context, org_id: str, body: CreateWebhook) -> Webhook:
-    events = normalize_events(body.events)
-    url = await check_url_async(body.url, ctx.settings)
+    events, url = await _checked(body.events, body.url, ctx)
     now = ctx.clock.now_ms()
     webhook = Webhook(
         id=new_id(),
@@ -87,10 +127,11 @@ async def create(ctx: Context, org_id: str, body: CreateWebhook) -> Webhook:
 
 async def update(ctx: Context, org_id: str, webhook_id: str, patch: UpdateWebhook) -> Webhook:
     changes: dict[str, object] = {}
+    events, url = await _checked(patch.events, patch.url, ctx)
     if patch.events is not UNSET:
-        changes["events"] = normalize_events(patch.events)
+        changes["events"] = events
     if patch.url is not UNSET:
-        changes["url"] = await check_url_async(patch.url, ctx.settings)
+        changes["url"] = url
 
     def apply(conn: sqlite3.Connection) -> Webhook:
         webhook = _load(conn, org_id, webhook_id)
