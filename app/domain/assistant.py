@@ -320,7 +320,11 @@ class Assistant:
             summary = arguments.get("summary")
             handoff_summary = summary if isinstance(summary, str) else ""
             outcome = tools.ToolOutcome(
-                result={"ok": True, "note": "A person will take over; you will not answer further messages."}
+                # Stays in the history after a resume: it must not read as "never answer again".
+                result={
+                    "ok": True,
+                    "note": "A person takes over; until they hand the conversation back, you are not asked to answer.",
+                }
             )
         else:
             assert webhook is not None and arguments is not None
