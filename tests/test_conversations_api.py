@@ -201,6 +201,10 @@ async def test_list_is_newest_first_filtered_and_paginated(harness: Harness) -> 
     page3 = (await harness.get("/v1/sms-conversations", limit=2, cursor=page2["meta"]["next_cursor"])).json()
     assert [c["conversationId"] for c in page3["data"]] == [ids[0]]
     assert page3["meta"]["next_cursor"] is None
+    for name, malformed in (("toNumber", "abc"), ("fromNumber", "+1"), ("toNumber", "15555550200")):
+        refused = await harness.get("/v1/sms-conversations", **{name: malformed})  # was an empty page
+        assert refused.status_code == 400
+        assert [d["field"] for d in refused.json()["error"]["details"]] == [name]
     closed = (await harness.get("/v1/sms-conversations", status="closed")).json()["data"]
     assert [c["conversationId"] for c in closed] == [ids[0]]
     open_ = (await harness.get("/v1/sms-conversations", status="in_progress")).json()["data"]

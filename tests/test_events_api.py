@@ -75,7 +75,11 @@ async def test_filters_by_type_and_conversation(harness: Harness) -> None:
     mine = (await harness.get("/v1/events", conversationId=conversation_id)).json()["data"]
     assert mine and all(e["conversationId"] == conversation_id for e in mine)
     assert [e["sequence"] for e in mine] == list(range(1, len(mine) + 1))
-    assert (await harness.get("/v1/events", conversationId="nope")).json()["data"] == []
+    same = (await harness.get("/v1/events", conversationId=conversation_id.upper().replace("-", ""))).json()["data"]
+    assert same == mine  # any spelling of the UUID
+    refused = await harness.get("/v1/events", conversationId="nope")  # was an empty page, like a real id's
+    assert refused.status_code == 400
+    assert [d["field"] for d in refused.json()["error"]["details"]] == ["conversationId"]
 
 
 async def test_bad_parameters_are_400(harness: Harness) -> None:

@@ -30,7 +30,7 @@ from app.domain.conversations import UUID_PATTERN, CloseConversation, CreateConv
 from app.domain.errors import NotFound, ValidationFailed
 from app.domain.ids import parse_uuid
 from app.domain.models import Conversation
-from app.domain.types import SmsBody, StrictDecoder, whole
+from app.domain.types import E164_PATTERN, SmsBody, StrictDecoder, whole
 from app.store import agents as agents_store
 from app.store import conversations as store
 
@@ -145,8 +145,8 @@ class ConversationController(Controller):
         request: Request,
         status: Literal["in_progress", "closed"] | None = None,
         agent_id: Annotated[str | None, Parameter(query="agentId", pattern=UUID_PATTERN)] = None,
-        to_number: Annotated[str | None, Parameter(query="toNumber")] = None,
-        from_number: Annotated[str | None, Parameter(query="fromNumber")] = None,
+        to_number: Annotated[str | None, Parameter(query="toNumber", pattern=E164_PATTERN)] = None,
+        from_number: Annotated[str | None, Parameter(query="fromNumber", pattern=E164_PATTERN)] = None,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
         cursor: str | None = None,
     ) -> ConversationList:

@@ -10,8 +10,10 @@ from litestar.params import Parameter
 
 from app.api import requests as rq
 from app.api.schemas import ListMeta, errors
+from app.domain.conversations import UUID_PATTERN
 from app.domain.errors import ValidationFailed
 from app.domain.events import EVENT_TYPES
+from app.domain.ids import parse_uuid
 from app.store import events as store
 
 _encoder = msgspec.json.Encoder()
@@ -34,13 +36,15 @@ class EventController(Controller):
         request: Request,
         after: Annotated[str | None, Parameter(description="an event id: list the events after it")] = None,
         event_type: Annotated[str | None, Parameter(query="type", description="only this event type")] = None,
-        conversation_id: Annotated[str | None, Parameter(query="conversationId")] = None,
+        conversation_id: Annotated[str | None, Parameter(query="conversationId", pattern=UUID_PATTERN)] = None,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     ) -> EventList:
         ctx = rq.context(request)
         org_id = rq.org_of(request)
         if event_type is not None and event_type not in EVENT_TYPES:
             raise ValidationFailed.field("type", f"unknown event type {event_type!r}")
+        if conversation_id is not None:  # the pattern let it through: any spelling of a UUID, stored lowercase
+            conversation_id = parse_uuid(conversation_id)
 
         def run(conn: Any) -> list[Any]:
             after_pos = 0
