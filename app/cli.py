@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import re
 import socket
 import sqlite3
@@ -299,27 +300,48 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         print(f"no database to back up at PARLEY_DATABASE={settings.database}", file=sys.stderr)
         return 1
     source = _connect(settings)
+    # Written beside the target and put in its place only once whole and checked: an interrupted or failed
+    # backup leaves no file at PATH (which would refuse the retry) and nothing half-written anywhere.
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        dest = sqlite3.connect(str(target))
+        dest = sqlite3.connect(str(partial))
         dest.execute("PRAGMA user_version")  # opens the file: a path that cannot hold a database fails here
     except (OSError, sqlite3.Error) as exc:
         source.close()
+        _remove_partial(partial)
         print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
         return 1
     started = time.monotonic()
     try:
-        # The online backup API copies a consistent snapshot while writers carry on.
-        source.backup(dest, pages=1024)
+        # One step, in one read transaction: a consistent snapshot, and in WAL mode the server's writes carry
+        # on meanwhile. A backup in several steps starts over whenever the server writes between two of them,
+        # so under steady writes it never finished.
+        source.backup(dest, pages=-1)
         ok = dest.execute("PRAGMA integrity_check").fetchone()[0]
+        dest.close()
+        if ok != "ok":
+            print(f"backup failed its integrity check: {ok}", file=sys.stderr)
+            return 1
+        os.link(partial, target)  # never overwrites: a file that appeared at PATH meanwhile is kept
+    except FileExistsError:
+        print(f"refusing to overwrite {target}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as exc:
+        print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
+        return 1
     finally:
         dest.close()
         source.close()
-    if ok != "ok":
-        print(f"backup failed its integrity check: {ok}", file=sys.stderr)
-        return 1
+        _remove_partial(partial)
     print(f"backed up to {target} in {time.monotonic() - started:.2f}s")
     return 0
+
+
+def _remove_partial(partial: Path) -> None:
+    for leftover in (partial, partial.with_name(partial.name + "-journal")):
+        with contextlib.suppress(OSError):  # never made (its directory could not be), or already gone
+            leftover.unlink()
 
 
 def parser() -> argparse.ArgumentParser:

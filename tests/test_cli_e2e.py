@@ -7,6 +7,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -164,6 +165,44 @@ def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:
         refused = cli(tmp_path, "backup", nowhere)
         assert refused.returncode == 1
         assert refused.stderr.strip().count("\n") == 0 and "cannot write a backup" in refused.stderr, refused.stderr
+
+
+def test_backup_finishes_while_the_database_is_written_all_the_time(tmp_path: Path) -> None:
+    """In one step, one snapshot: a backup in steps started over at every write between two of them, and under
+    steady writes (a busy server) it never finished."""
+    database = tmp_path / "data" / "parley.db"
+    database.parent.mkdir()
+    conn = sqlite3.connect(database, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE filler (x BLOB)")
+    conn.execute(  # ~12 MB: a backup in steps of 1024 pages took three
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)"
+        " INSERT INTO filler SELECT randomblob(4000) FROM n"
+    )
+    conn.close()
+    stop, written = threading.Event(), [0]
+
+    def write_all_the_time() -> None:
+        writer = sqlite3.connect(database, isolation_level=None)
+        while not stop.is_set():
+            writer.execute("INSERT INTO filler VALUES (randomblob(100))")
+            written[0] += 1
+        writer.close()
+
+    thread = threading.Thread(target=write_all_the_time)
+    thread.start()
+    try:
+        backup = cli(tmp_path, "backup", str(tmp_path / "copy.db"))
+    finally:
+        stop.set()
+        thread.join()
+    assert written[0] > 100  # it was written all the time
+    assert backup.returncode == 0, backup.stderr
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert 3000 <= copy.execute("SELECT COUNT(*) FROM filler").fetchone()[0] <= 3000 + written[0]
+    copy.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db")) == []  # no partial file
 
 
 def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:

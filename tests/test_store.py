@@ -879,3 +879,20 @@ async def test_the_simulator_reports_every_send_in_order_in_bounded_batches() ->
         assert len(handovers) < sends  # due reports travel together, not one handover per message
     finally:
         await sim.close()
+
+
+async def test_reports_still_on_their_way_when_the_server_stops_are_applied(tmp_path: Path) -> None:
+    """The simulated carrier reports them at shutdown, early, instead of leaving their messages `queued` until the
+    status check after the next start."""
+    from tests.seed import SEED_CREATE
+
+    async with start_harness(tmp_path, provider=SimulatorProvider(report_delay=60)) as h:
+        created = await h.post("/v1/sms-conversations", SEED_CREATE)
+        conversation_id = created.json()["data"]["conversationId"]
+        assert h.rows("SELECT status FROM messages WHERE conversation_id = ?", conversation_id)[0][0] == "queued"
+        database = h.settings.database
+    conn = sqlite3.connect(database)
+    status = conn.execute("SELECT status FROM messages WHERE conversation_id = ?", (conversation_id,)).fetchone()[0]
+    kinds = [r[0] for r in conn.execute("SELECT provider_status FROM status_reports ORDER BY rowid")]
+    conn.close()
+    assert status == "delivered" and kinds == ["sent", "delivered"]

@@ -49,6 +49,7 @@ class SimulatorProvider:
         self._due: collections.deque[tuple[float, list[StatusReport]]] = collections.deque()
         self._arrived = asyncio.Event()
         self._carrier: asyncio.Task[None] | None = None
+        self._handing: list[StatusReport] = []  # a batch being handed over (lost with the carrier if cut off)
 
     async def start(self, on_status: StatusSink) -> None:
         self._on_status = on_status
@@ -58,6 +59,18 @@ class SimulatorProvider:
             self._carrier.cancel()
             await asyncio.gather(self._carrier, return_exceptions=True)
             self._carrier = None
+        # Reports still on their way would go with the process, and their messages stay `queued` until the status
+        # check: like a carrier, report them, early (a batch the stop cut off may be applied twice: harmless).
+        left = self._handing + [report for _, reports in self._due for report in reports]
+        self._handing, self._due = [], collections.deque()
+        for start in range(0, len(left), MAX_REPORTS_PER_HANDOVER):
+            if self._on_status is None:
+                break
+            try:
+                await self._on_status(left[start : start + MAX_REPORTS_PER_HANDOVER])
+            except Exception:  # the status check finishes these messages after the next start
+                log.exception("simulated status reports failed at shutdown")
+                break
 
     async def send(self, request: SendRequest) -> SendAccepted:
         if rejected := REJECTED_FROM.get(request.from_number) or REJECTED_TO.get(request.to_number):
@@ -98,10 +111,12 @@ class SimulatorProvider:
                 batch.extend(self._due.popleft()[1])
             if self._on_status is None:
                 continue
+            self._handing = batch
             try:
                 await self._on_status(batch)
             except Exception:  # the reconciler will finish these messages
                 log.exception("simulated status reports failed")
+            self._handing = []
 
     async def find_sent(self, message: Message, taken: Collection[str] = ()) -> SendAccepted | None:
         """The simulated carrier lives in this process: a send a crash cut off never reached anyone."""
