@@ -2,7 +2,8 @@
 
 It sleeps until the next deadline or a wake-up, so an idle server costs nothing; a restart resumes
 whatever was due or claimed (start-up frees the leases). Shutdown is two-phase: stop claiming, let
-running work finish within a grace period, then cancel what is left (it runs again after a restart).
+running work finish within a grace period, then cancel what is left, giving its lease back (it runs again
+after a restart).
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class Scheduler:
             try:
                 again = await handler(job)
             except asyncio.CancelledError:
+                # Cut off by the stop: its lease is given back now (the job runs again after the next start;
+                # another process on the file, `parley migrate` say, must not see it held meanwhile).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.db.write(lambda c: jobs_store.release(c, job)))
                 raise
             except Exception:
                 backoff = min(2 ** min(job.attempts, 12), 3600) * 1000

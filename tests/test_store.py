@@ -896,3 +896,23 @@ async def test_reports_still_on_their_way_when_the_server_stops_are_applied(tmp_
     kinds = [r[0] for r in conn.execute("SELECT provider_status FROM status_reports ORDER BY rowid")]
     conn.close()
     assert status == "delivered" and kinds == ["sent", "delivered"]
+
+
+async def test_a_job_cut_off_by_the_stop_gives_its_lease_back(tmp_path: Path) -> None:
+    """SPEC §7: in-flight work finishes or is released at shutdown (not only at the next start)."""
+    from app.store import jobs as jobs_store
+
+    started = asyncio.Event()
+
+    async def hangs(job: Any) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async with start_harness(tmp_path) as h:
+        h.ctx.scheduler.register("test_hangs", hangs)
+        await h.ctx.db.write(lambda c: jobs_store.schedule(c, "test_hangs", "ref-1", 0))
+        h.ctx.scheduler.wake()
+        await asyncio.wait_for(started.wait(), 5)
+        assert h.rows("SELECT lease_until FROM jobs WHERE kind = 'test_hangs'")[0][0] is not None
+        await h.ctx.scheduler.stop(grace=0.05)
+        assert h.rows("SELECT lease_until FROM jobs WHERE kind = 'test_hangs'")[0][0] is None
