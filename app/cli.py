@@ -18,7 +18,7 @@ from app.config import ConfigError, Settings, listen_address, load_settings
 from app.domain import agent_registry, keys
 from app.domain.agents import load_agents_file, resolve_secret
 from app.domain.errors import NotFound, Unauthorized, ValidationFailed
-from app.domain.types import NAME_PATTERN
+from app.domain.types import ONE_LINE_PATTERN
 from app.llm.tools import check_tools
 from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
@@ -34,14 +34,14 @@ DEV_ORG = "dev"
 
 def _name(text: str) -> str:
     """An org or key name given on the command line: what the API accepts for a key's name."""
-    if not 1 <= len(text) <= 255 or not re.search(NAME_PATTERN, text):
+    if not 1 <= len(text) <= 255 or not re.search(ONE_LINE_PATTERN, text):
         raise argparse.ArgumentTypeError("must be 1 to 255 characters, without control characters (such as a newline)")
     return text
 
 
 def _one_line(text: str) -> str:
     """A stored name as one line of `keys list` output (names stored before control characters were refused)."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _now() -> int:

@@ -121,7 +121,9 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert cli(tmp_path, "keys", "list", "--org", "nobody").returncode == 1
 
 
-@pytest.mark.parametrize("flags", [("--org", ""), ("--org", "a\nb"), ("--name", ""), ("--name", "ops\nforged line")])
+@pytest.mark.parametrize(
+    "flags", [("--org", ""), ("--org", "a\nb"), ("--name", ""), ("--name", "ops\nforged line"), ("--name", "a\u2028b")]
+)
 def test_keys_create_refuses_an_empty_name_or_one_with_a_control_character(
     tmp_path: Path, flags: tuple[str, str]
 ) -> None:
@@ -138,7 +140,7 @@ def test_keys_list_prints_a_stored_name_with_a_newline_on_its_one_line(tmp_path:
         conn.execute("UPDATE api_keys SET name = 'ops\nfake-id pk_live_XXXX forged'")
     conn.close()
     listed = cli(tmp_path, "keys", "list", "--org", "acme").stdout
-    assert listed.count("\n") == 1 and "ops\\x0afake-id" in listed
+    assert listed.count("\n") == 1 and "ops\\u000afake-id" in listed
 
 
 def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:

@@ -98,6 +98,21 @@ async def test_bad_create_bodies_are_400_with_the_field_named(
     assert any(d["field"] == field or d["field"].startswith(field + ".") for d in error["details"]), error
 
 
+async def test_numbers_out_of_range_are_named_with_every_other_problem(harness: Harness) -> None:
+    body = (
+        b'{"agentSlug": "recall-sms", "toNumber": "x", "inactivityTimeoutSeconds": 1e999,'
+        b' "metadata": {"big": -1e400}, "colour": 1e999}'
+    )
+    response = await harness.client.post(
+        "/v1/sms-conversations", content=body, headers=harness.auth(**{"Content-Type": "application/json"})
+    )
+    details = {d["field"]: d["message"] for d in assert_error(response, 400, "validation_error")["error"]["details"]}
+    assert details["inactivityTimeoutSeconds"] == "is a number out of range"
+    assert details["metadata.big"] == "is a number out of range"
+    assert details["colour"] == "unknown field"  # what is wrong with a field that does not exist
+    assert details["toNumber"].startswith("must be an E.164 number")
+
+
 async def test_every_problem_of_a_body_is_reported_each_at_its_dotted_path(harness: Harness) -> None:
     body = {
         "agentSlug": "recall-sms",
@@ -257,7 +272,7 @@ async def test_an_expired_key_is_401(harness: Harness) -> None:
 
 async def test_key_creation_rejects_bad_expiry(harness: Harness) -> None:
     assert_error(await harness.post("/v1/api-keys", {"name": "x", "expires_at": "tomorrow"}), 400, "validation_error")
-    for name in ("evil\nfake-id pk_live_XXXX forged", "a\tb", "ends in a newline\n"):
+    for name in ("evil\nfake-id pk_live_XXXX forged", "a\tb", "ends in a newline\n", "nel\x85", "ls\u2028x"):
         refused = assert_error(await harness.post("/v1/api-keys", {"name": name}), 400, "validation_error")
         assert [d["field"] for d in refused["error"]["details"]] == ["name"]
     assert_error(

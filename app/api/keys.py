@@ -15,12 +15,12 @@ from app.api.schemas import ListMeta, Meta, errors, json_body
 from app.clock import epoch_ms, iso
 from app.domain import keys
 from app.domain.errors import ValidationFailed
-from app.domain.types import Name, StrictDecoder
+from app.domain.types import KeyName, StrictDecoder
 from app.store import orgs
 
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: Name
+    name: KeyName
     expires_at: datetime | None = None
 
 

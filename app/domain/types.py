@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import re
 import types
 import typing
@@ -51,9 +53,13 @@ DynamicVariables = Annotated[dict[VariableName, VariableValue], msgspec.Meta(max
 # Integers as JSON parsers commonly read them (int64): a webhook receiver must be able to take the payload.
 MetadataValue = str | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | float | bool
 Metadata = Annotated[dict[Annotated[str, msgspec.Meta(max_length=255)], MetadataValue], msgspec.Meta(max_length=20)]
-# A name is printed on one line (`parley keys list`, logs): no control characters.
-NAME_PATTERN = whole(r"[^\x00-\x1f\x7f]*", "text without control characters (such as a newline or a tab)")
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NAME_PATTERN)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+# An API key's name is printed on one line of `parley keys list`: no control character (C0, DEL, C1) and no line or
+# paragraph separator. Only request bodies carry it (stored rows are read without it, so nothing stored breaks).
+ONE_LINE_PATTERN = whole(
+    r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]*", "text without control characters (such as a newline or a tab)"
+)
+KeyName = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=ONE_LINE_PATTERN)]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 _PATH = re.compile(r" - at (?:`key` in )?`\$(.*)`$")
@@ -72,9 +78,13 @@ def _join(base: str, name: object) -> str:
     return f"{base}.{name}" if base else str(name)
 
 
+_NOT_CLIENT_ORG_ID = "clientOrgId is not accepted: the API key decides the organization"
+_UNKNOWN_FIELD = ("unknown field", _NOT_CLIENT_ORG_ID)  # what `_unknown` says
+
+
 def _unknown(where: str, name: str) -> FieldProblem:
     if name == "clientOrgId" and not where:
-        return FieldProblem(name, "clientOrgId is not accepted: the API key decides the organization")
+        return FieldProblem(name, _NOT_CLIENT_ORG_ID)
     return FieldProblem(_join(where, name), "unknown field")
 
 
@@ -197,8 +207,52 @@ class StrictDecoder:
         with _parsing_body():
             try:
                 value = msgspec.json.decode(raw)
-            except msgspec.ValidationError:
-                # Only a number no float holds (1e999) fails here: report what the typed decode stopped at.
-                raise ValidationFailed.of([_problem(first)]) from None
+            except msgspec.ValidationError:  # only a number no double holds (1e999) fails here
+                raise _with_numbers_out_of_range(raw, self.type, first, self.rules) from None
             problems = every_problem(value, self.type, first, self.rules)
         raise problems
+
+
+class _OutOfRange:
+    """Where the body had a number no double holds."""
+
+
+_OUT_OF_RANGE = _OutOfRange()
+
+
+def _with_numbers_out_of_range(
+    raw: bytes, type_: Any, first: msgspec.ValidationError, rules: Rules | None
+) -> ValidationFailed:
+    """Every problem of a body with numbers no double holds: each such number at its own path, and the body's other
+    problems (the standard library's parser reads such a number, as infinity: marked, then set aside)."""
+    marked = json.loads(raw, parse_float=lambda text: _OUT_OF_RANGE if math.isinf(float(text)) else float(text))
+    where: list[str] = []
+
+    def set_aside(node: Any, path: str) -> Any:
+        if node is _OUT_OF_RANGE:
+            where.append(path)
+            return None
+        if isinstance(node, dict):
+            return {key: set_aside(item, _join(path, key)) for key, item in node.items()}
+        if isinstance(node, list):
+            return [set_aside(item, _join(path, index)) for index, item in enumerate(node)]
+        return node
+
+    value = set_aside(marked, "")
+    places = {path or "body" for path in where}
+    found: list[FieldProblem] = []
+    unknown: set[str] = set()
+    for problem in every_problem(value, type_, first, rules).details or []:
+        if problem.message == readable("Number out of range"):
+            continue  # `first`, where msgspec stopped: named below, at its own path
+        if problem.field in places:
+            if problem.message in _UNKNOWN_FIELD:
+                unknown.add(problem.field)  # a field that does not exist: that is what is wrong with it
+                found.append(problem)
+            continue  # anything else its place reports is about the null put there, not the client's
+        if any(problem.field.startswith(place + ".") for place in places):
+            continue
+        found.append(problem)
+    return ValidationFailed.of(
+        [FieldProblem(place, "is a number out of range") for place in sorted(places - unknown)] + found
+    )
