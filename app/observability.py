@@ -12,26 +12,30 @@ import msgspec
 from app.clock import iso
 
 _json = msgspec.json.Encoder(enc_hook=str)
-# Digits, possibly written the ways people write phone numbers (+1 555 777-1234, (555) 777.1234).
-_DIGIT_RUN = re.compile(r"\+?\(?\d[\d ().-]*\d")
-_NON_DIGIT = re.compile(r"\D")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-
-
-def _mask_run(match: re.Match[str]) -> str:
-    """A run with 7 digits or more may be a phone number: only its last 4 digits are kept."""
-    digits = _NON_DIGIT.sub("", match.group())
-    return "***" + digits[-4:] if len(digits) >= 7 else match.group()
-
-
-def _mask_segment(segment: str) -> str:
-    return segment if _UUID.fullmatch(segment) else _DIGIT_RUN.sub(_mask_run, segment)
+_PHONE_DIGITS = 7  # a path holding this many digits outside its UUIDs may hold a phone number
 
 
 def loggable_path(path: str) -> str:
-    """A request path as logs show it: anything that may be a phone number masked to its last 4 digits (in every
-    segment but a UUID), and control characters (a percent-encoded newline would forge a log line) escaped."""
-    path = "/".join(_mask_segment(segment) for segment in path.split("/"))
+    """A request path as logs show it. If its segments other than UUIDs (and `v1`) hold 7 digits or more, however
+    they are written or split (`+1 555 777-1234`, `/+1/555/777/1234`, other scripts' digits), every one of those
+    digits but the last 4 is masked with `*`; control characters (a percent-encoded newline would forge a log
+    line) are escaped."""
+    segments = path.split("/")
+    open_ = [i for i, segment in enumerate(segments) if segment != "v1" and not _UUID.fullmatch(segment)]
+    digits = sum(ch.isdigit() for i in open_ for ch in segments[i])
+    if digits >= _PHONE_DIGITS:
+        hidden = digits - 4
+        for i in open_:
+            masked = []
+            for ch in segments[i]:
+                if ch.isdigit() and hidden:
+                    masked.append("*")
+                    hidden -= 1
+                else:
+                    masked.append(ch)
+            segments[i] = "".join(masked)
+        path = "/".join(segments)
     return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
 
 

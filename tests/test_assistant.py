@@ -167,6 +167,8 @@ async def test_a_tool_call_reaches_the_tool_signed_and_its_result_reaches_the_mo
     assert item["isError"] is False
     assert item["status"] == "completed"
     assert listed["meta"]["next_cursor"] is None
+    one = (await h.get(f"/v1/sms-conversations/{conversation_id}/tool-calls", limit=1)).json()
+    assert one["data"] == listed["data"] and one["meta"]["next_cursor"] is None  # a full last page
 
 
 async def test_during_a_rotation_both_tool_secrets_sign(h: Harness, llm: FakeLLM, tool_server: FakeToolServer) -> None:

@@ -120,24 +120,29 @@ def test_mask_keeps_the_last_four_digits() -> None:
 @pytest.mark.parametrize(
     ("path", "logged"),
     [
-        ("/v1/sms-conversations/+15555550199", "/v1/sms-conversations/***0199"),
-        ("/v1/x/15555550188/messages", "/v1/x/***0188/messages"),
+        ("/v1/sms-conversations/+15555550199", "/v1/sms-conversations/+*******0199"),
+        ("/v1/x/15555550188/messages", "/v1/x/*******0188/messages"),
         (
             "/v1/sms-conversations/0195c1d2-7a3b-7c4d-8e9f-012345678901",
             "/v1/sms-conversations/0195c1d2-7a3b-7c4d-8e9f-012345678901",
         ),
         (
             "/v1/zz\n17:05:00 INFO parley.access: request status=200",
-            "/v1/zz\\n17:05:00 INFO parley.access: request status=200",
+            "/v1/zz\\n**:**:*0 INFO parley.access: request status=200",  # 9 digits: all but the last 4 hidden
         ),
-        ("/v1/\r+15555550177", "/v1/\\r***0177"),
-        ("/v1/sms-conversations/+15557771234abc", "/v1/sms-conversations/***1234abc"),
-        ("/v1/sms-conversations/+1 555 777 1234", "/v1/sms-conversations/***1234"),
-        ("/v1/x/(555) 777-1234/y", "/v1/x/***1234/y"),
-        ("/v1/x/555.777.1234", "/v1/x/***1234"),
-        ("/v1/x/abc5557771234", "/v1/x/abc***1234"),
-        ("/v1/x/x0195c1d2-7a3b-7c4d-8e9f-012345678901", "/v1/x/x0195c1d2-7a3b-7c4d-8e9f-***8901"),
-        ("/v1/agents/12345/rotate-tool-secret", "/v1/agents/12345/rotate-tool-secret"),
+        ("/v1/\r+15555550177", "/v1/\\r+*******0177"),
+        ("/v1/sms-conversations/+15557771234abc", "/v1/sms-conversations/+*******1234abc"),
+        ("/v1/sms-conversations/+1 555 777 1234", "/v1/sms-conversations/+* *** *** 1234"),
+        ("/v1/sms-conversations/+1+555+777+1234", "/v1/sms-conversations/+*+***+***+1234"),
+        ("/v1/x/(555)_777-1234/y", "/v1/x/(***)_***-1234/y"),
+        ("/v1/x/+1/555/777/1234", "/v1/x/+*/***/***/1234"),  # split over segments
+        ("/v1/x/%2B1%20555%20777%201234", "/v1/x/%*B*%*****%*****%**1234"),  # encoded twice
+        ("/v1/x/\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668", "/v1/x/****\u0665\u0666\u0667\u0668"),
+        ("/v1/agents/12345/rotate-tool-secret", "/v1/agents/12345/rotate-tool-secret"),  # too few digits
+        (
+            "/v1/webhooks/0195c1d2-7a3b-7c4d-8e9f-012345678901/deliveries",
+            "/v1/webhooks/0195c1d2-7a3b-7c4d-8e9f-012345678901/deliveries",
+        ),
     ],
 )
 def test_a_logged_path_masks_phone_numbers_and_escapes_control_characters(path: str, logged: str) -> None:
