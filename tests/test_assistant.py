@@ -1057,6 +1057,11 @@ async def test_tool_urls_are_checked_by_the_outbound_url_guard_at_registration(t
             "tools.0.parameters.properties.a.minLength",
         ),
         ({"type": "array"}, "tools.0.parameters"),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}},
+            "tools.0.parameters.properties.a.pattern",
+        ),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "tools.0.parameters"),
     ],
 )
 async def test_a_webhook_tools_parameters_must_be_a_valid_json_schema(
@@ -1078,8 +1083,8 @@ async def test_a_webhook_tools_parameters_must_be_a_valid_json_schema(
     assert [d["field"] for d in patched.json()["error"]["details"]] == [field]
 
 
-async def test_a_tool_schemas_unknown_dollar_schema_is_refused_and_never_fetched(h: Harness) -> None:
-    """Fetching it would be an outbound request no URL guard saw."""
+async def test_a_tool_schemas_unknown_dollar_schema_or_remote_ref_is_refused_and_never_fetched(h: Harness) -> None:
+    """Fetching either would be an outbound request no URL guard saw."""
     with FakeToolServer() as meta_server:
         parameters = {"$schema": meta_server.url + "/meta", "type": "object"}
         response = await h.post(
@@ -1087,6 +1092,11 @@ async def test_a_tool_schemas_unknown_dollar_schema_is_refused_and_never_fetched
         )
         assert response.status_code == 400
         assert response.json()["error"]["details"][0]["field"] == "tools.0.parameters.$schema"
+        elsewhere = {"type": "object", "properties": {"a": {"$ref": meta_server.url + "/a"}}}
+        response = await h.post(
+            "/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/", parameters=elsewhere)]}
+        )
+        assert response.status_code == 400
         assert meta_server.requests == []
     draft7 = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"}
     accepted = await h.post(

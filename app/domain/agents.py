@@ -163,6 +163,9 @@ def _schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProble
         return [FieldProblem(field, "must be a JSON Schema of type object")]
     try:
         jsonschema_rs.meta.validate(parameters, registry=_NO_RETRIEVAL)
+        # Built as a validator too: that checks what the meta-schema leaves to formats (a `pattern` must be a
+        # regex) and that every `$ref` resolves, within the schema (anything else is refused, never fetched).
+        jsonschema_rs.validator_for(parameters, registry=_NO_RETRIEVAL, offline=True)
     except jsonschema_rs.ReferencingError:
         return [FieldProblem(f"{field}.$schema", "must name a JSON Schema draft (4, 6, 7, 2019-09 or 2020-12)")]
     except jsonschema_rs.ValidationError as exc:
