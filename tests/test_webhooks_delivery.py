@@ -463,6 +463,21 @@ async def test_manual_retry_succeeds_a_failed_delivery(tmp_path: Path, clock: Fa
             assert {r.webhook_id for r in receiver.snapshot()} == {event_id}
 
 
+async def test_an_attempt_cut_off_by_a_stop_is_in_the_delivery_log(tmp_path: Path) -> None:
+    """The endpoint may have received it: the log says so (status 0), and the delivery stays pending, its lease
+    given back, for the next start (its schedule does not count the cut-off attempt)."""
+    with Receiver(lambda _: Reply(status=200, delay=2.0)) as receiver:
+        async with start_harness(tmp_path) as h:
+            await register(h, receiver)
+            event_id = await emit(h)
+            await eventually(lambda: receiver.snapshot())  # on the wire: the receiver has it, no answer yet
+            await h.ctx.scheduler.stop(grace=0)
+            (attempt,) = attempts_of(h, event_id)
+            assert attempt["status_code"] == 0 and attempt["error"].startswith("cut off by a stop")
+            delivery = delivery_of(h, event_id)
+            assert (delivery["status"], delivery["attempt_count"], delivery["lease_until"]) == ("pending", 0, None)
+
+
 async def test_a_manual_retry_sends_nothing_to_a_disabled_endpoint(tmp_path: Path, clock: FakeClock) -> None:
     """Disabled by a PATCH (or a 410): no request goes to it, a manual one neither (409, as `recover` answers)."""
     with Receiver(scripted(500)) as receiver:

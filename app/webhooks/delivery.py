@@ -212,22 +212,39 @@ class Dispatcher:
             rng=self.rng,
         )
 
-    async def _send_leased(self, claimed: store.Claimed) -> Outcome:
-        """`send`, giving the lease back if the attempt is cancelled (shutdown) before it is recorded."""
+    async def _send_leased(self, claimed: store.Claimed, *, manual: bool = False) -> Outcome:
+        """`send`, giving the lease back if the attempt is cancelled (shutdown) before it is recorded. The cut-off
+        attempt is logged: the endpoint may have received it, and the delivery log says what it saw."""
+        at, started = self.clock.now_ms(), time.perf_counter()
         try:
             return await self.send(claimed)
         except BaseException:
-            await self._release([claimed])
+            cut_off = store.Attempt(
+                at=at,
+                status_code=0,
+                duration_ms=round((time.perf_counter() - started) * 1000),
+                error="cut off by a stop before any answer (it may have arrived); tried again after the restart",
+                response_body=None,
+            )
+            await self._release([claimed], cut_off=(cut_off, manual))
             raise
 
-    async def _release(self, claimed: list[store.Claimed]) -> None:
+    async def _release(
+        self, claimed: list[store.Claimed], *, cut_off: tuple[store.Attempt, bool] | None = None
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            for delivery in claimed:
+                store.release(conn, delivery)
+                if cut_off is not None:
+                    store.insert_attempt(conn, delivery.id, cut_off[0], manual=cut_off[1])
+
         if claimed:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.db.write(lambda c: [store.release(c, d) for d in claimed]))
+                await asyncio.shield(self.db.write(run))
 
     async def attempt(self, claimed: store.Claimed, *, manual: bool = False) -> Outcome:
         """Send one leased delivery now and record the outcome (the lease is always given back)."""
-        outcome = await self._send_leased(claimed)
+        outcome = await self._send_leased(claimed, manual=manual)
         delay_ms = self._delay(claimed, outcome, manual)
         if await self.db.write(lambda c: self._record(c, claimed, outcome, delay_ms, manual)):
             await self._fail_pending(claimed.webhook_id)
