@@ -14,6 +14,7 @@ from app.clock import iso
 _json = msgspec.json.Encoder(enc_hook=str)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _PHONE_DIGITS = 7  # a path holding this many digits outside its UUIDs may hold a phone number
+_DIGIT = re.compile(r"\d")
 
 
 def loggable_path(path: str) -> str:
@@ -21,22 +22,27 @@ def loggable_path(path: str) -> str:
     they are written or split (`+1 555 777-1234`, `/+1/555/777/1234`, other scripts' digits), every one of those
     digits but the last 4 is masked with `*`; control characters (a percent-encoded newline would forge a log
     line) are escaped."""
+    if len(_DIGIT.findall(path)) >= _PHONE_DIGITS:  # most paths have fewer digits in all
+        path = _masked(path)
+    return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
+
+
+def _masked(path: str) -> str:
     segments = path.split("/")
     open_ = [i for i, segment in enumerate(segments) if segment != "v1" and not _UUID.fullmatch(segment)]
-    digits = sum(ch.isdigit() for i in open_ for ch in segments[i])
+    digits = sum(ch.isdecimal() for i in open_ for ch in segments[i])
     if digits >= _PHONE_DIGITS:
         hidden = digits - 4
         for i in open_:
             masked = []
             for ch in segments[i]:
-                if ch.isdigit() and hidden:
+                if ch.isdecimal() and hidden:
                     masked.append("*")
                     hidden -= 1
                 else:
                     masked.append(ch)
             segments[i] = "".join(masked)
-        path = "/".join(segments)
-    return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
+    return "/".join(segments)
 
 
 STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
