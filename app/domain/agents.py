@@ -7,7 +7,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-import jsonschema_rs
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
@@ -144,36 +143,8 @@ def check_settings(settings: AgentSettings, *, kind: str) -> None:
     kinds = [type(tool) for tool in settings.tools if not isinstance(tool, WebhookTool)]
     if len(kinds) != len(set(kinds)):
         problems.append(FieldProblem("tools", "a built-in tool is listed twice"))
-    for index, tool in enumerate(settings.tools):
-        if isinstance(tool, WebhookTool):
-            problems += _schema_problems(tool.parameters, f"tools.{index}.parameters")
     if problems:
         raise ValidationFailed.of(problems)
-
-
-# Meta-schemas are built in; an empty registry refuses to fetch any other (`$schema` naming a URL is refused,
-# never retrieved: a fetch would be an outbound request the URL guard never saw).
-_NO_RETRIEVAL = jsonschema_rs.Registry([])
-
-
-def _schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem]:
-    """A webhook tool's `parameters`: a valid JSON Schema (checked against its meta-schema) of type object. The
-    model's server gets it as is, and one that refuses it would fail every turn of the agent."""
-    if parameters.get("type", "object") != "object":
-        return [FieldProblem(field, "must be a JSON Schema of type object")]
-    try:
-        jsonschema_rs.meta.validate(parameters, registry=_NO_RETRIEVAL)
-        # Built as a validator too: that checks what the meta-schema leaves to formats (a `pattern` must be a
-        # regex) and that every `$ref` resolves, within the schema (anything else is refused, never fetched).
-        jsonschema_rs.validator_for(parameters, registry=_NO_RETRIEVAL, offline=True)
-    except jsonschema_rs.ReferencingError:
-        return [FieldProblem(f"{field}.$schema", "must name a JSON Schema draft (4, 6, 7, 2019-09 or 2020-12)")]
-    except jsonschema_rs.ValidationError as exc:
-        where = ".".join(str(part) for part in exc.instance_path)
-        return [FieldProblem(f"{field}.{where}" if where else field, f"is not valid JSON Schema: {exc.message}")]
-    except ValueError:  # "Recursion limit reached"
-        return [FieldProblem(field, "is nested too deeply")]
-    return []
 
 
 def apply_patch(settings: AgentSettings, patch: AgentPatch) -> AgentSettings:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx2
+import jsonschema_rs
 import msgspec
 
 from app.domain.agents import (
@@ -136,15 +137,61 @@ def parse_arguments(text: str) -> tuple[dict[str, Any] | None, str | None]:
     return value, None
 
 
+# Meta-schemas are built in; an empty registry refuses to fetch any other (a `$schema` or `$ref` naming a URL is
+# refused, never retrieved: a fetch would be an outbound request the URL guard never saw).
+_NO_RETRIEVAL = jsonschema_rs.Registry([])
+MAX_PARAMETERS_BYTES = 16 * 1024  # a tool's JSON Schema, as JSON
+MAX_PATTERNS = 64  # regexes in one tool's schema: each is compiled to check it
+# Compiling a regex is bounded too (`\w{50000}` alone took 7 MiB): a longer one is refused as too large.
+_PATTERN_LIMITS = jsonschema_rs.FancyRegexOptions(size_limit=64 * 1024, dfa_size_limit=64 * 1024)
+
+
+def _patterns(node: Any) -> int:
+    """How many regexes a schema holds (`pattern` values, `patternProperties` keys), looked for everywhere."""
+    if isinstance(node, list):
+        return sum(_patterns(item) for item in node)
+    if not isinstance(node, dict):
+        return 0
+    count = int(isinstance(node.get("pattern"), str))
+    if isinstance(node.get("patternProperties"), dict):
+        count += len(node["patternProperties"])
+    return count + sum(_patterns(item) for item in node.values())
+
+
+def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem]:
+    """A webhook tool's `parameters`: a valid JSON Schema of type object (its meta-schema, every `pattern` a
+    regex, every `$ref` resolving within it). The model's server gets it as is, and one that refuses it would fail
+    every turn of the agent."""
+    if parameters.get("type", "object") != "object":
+        return [FieldProblem(field, "must be a JSON Schema of type object")]
+    if len(msgspec.json.encode(parameters)) > MAX_PARAMETERS_BYTES:
+        return [FieldProblem(field, f"must be at most {MAX_PARAMETERS_BYTES} bytes as JSON")]
+    try:
+        if _patterns(parameters) > MAX_PATTERNS:
+            return [FieldProblem(field, f"must hold at most {MAX_PATTERNS} regular expressions")]
+        jsonschema_rs.meta.validate(parameters, registry=_NO_RETRIEVAL)
+        jsonschema_rs.validator_for(parameters, registry=_NO_RETRIEVAL, offline=True, pattern_options=_PATTERN_LIMITS)
+    except jsonschema_rs.ReferencingError:
+        return [FieldProblem(f"{field}.$schema", "must name a JSON Schema draft (4, 6, 7, 2019-09 or 2020-12)")]
+    except jsonschema_rs.ValidationError as exc:
+        where = ".".join(str(part) for part in exc.instance_path)
+        return [FieldProblem(f"{field}.{where}" if where else field, f"is not valid JSON Schema: {exc.message}")]
+    except (ValueError, RecursionError):  # "Recursion limit reached"
+        return [FieldProblem(field, "is nested too deeply")]
+    return []
+
+
 def check_tools(tools: list[Tool], policy: UrlPolicy, *, resolve: guard.Resolver | None = None) -> None:
-    """Registration-time rules for an agent's tools: no webhook tool may take a built-in's name, and every
-    webhook URL must pass the outbound-URL guard. Raises ValidationFailed naming `tools.N.…`."""
+    """Registration-time rules for an agent's tools, checked before anything is written (off the event loop by
+    the API): no webhook tool may take a built-in's name, its `parameters` must be a valid JSON Schema, and its
+    URL must pass the outbound-URL guard. Raises ValidationFailed naming `tools.N.…`."""
     problems: list[FieldProblem] = []
     for index, tool in enumerate(tools):
         if not isinstance(tool, WebhookTool):
             continue
         if tool.name in BUILTIN_NAMES:
             problems.append(FieldProblem(f"tools.{index}.name", f"{tool.name} is the name of a built-in tool"))
+        problems += schema_problems(tool.parameters, f"tools.{index}.parameters")
         try:
             guard.check_url(tool.url, policy, resolve=resolve)
         except ValidationFailed as exc:
