@@ -80,6 +80,9 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("number beyond a float", with_raw("inactivityTimeoutSeconds", "1e999"), "inactivityTimeoutSeconds"),
     ("number beyond a float in metadata", with_raw("metadata", '{"big": -1e400}'), "metadata"),
     ("number beyond a float in an unknown field", with_raw("colour", "1e999"), "colour"),
+    ("cut off after a number beyond a float", b'{"agentSlug": 1e999, ', "body"),
+    ("trailing data after a number beyond a float", b'{"agentSlug": 1e999} x', "body"),
+    ("integer of 5000 digits", with_raw("inactivityTimeoutSeconds", "9" * 5000), "inactivityTimeoutSeconds"),
 ]
 
 

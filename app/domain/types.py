@@ -54,11 +54,11 @@ DynamicVariables = Annotated[dict[VariableName, VariableValue], msgspec.Meta(max
 MetadataValue = str | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | float | bool
 Metadata = Annotated[dict[Annotated[str, msgspec.Meta(max_length=255)], MetadataValue], msgspec.Meta(max_length=20)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-# An API key's name is printed on one line of `parley keys list`: no control character (C0, DEL, C1) and no line or
-# paragraph separator. Only request bodies carry it (stored rows are read without it, so nothing stored breaks).
-ONE_LINE_PATTERN = whole(
-    r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]*", "text without control characters (such as a newline or a tab)"
-)
+# An API key's name is printed on one line of `parley keys list`: no control character (C0, DEL, C1), no line or
+# paragraph separator, no bidirectional control (it would reorder the line as shown). Only request bodies carry it
+# (stored rows are read without it, so nothing stored breaks).
+NOT_ONE_LINE = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+ONE_LINE_PATTERN = whole(f"[^{NOT_ONE_LINE}]*", "text without control characters (such as a newline or a tab)")
 KeyName = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=ONE_LINE_PATTERN)]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
@@ -220,12 +220,27 @@ class _OutOfRange:
 _OUT_OF_RANGE = _OutOfRange()
 
 
+def _float_or_marked(text: str) -> Any:
+    value = float(text)
+    return _OUT_OF_RANGE if math.isinf(value) else value
+
+
+def _int_or_marked(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (4300): msgspec read it as a float out of range
+        return _OUT_OF_RANGE
+
+
 def _with_numbers_out_of_range(
     raw: bytes, type_: Any, first: msgspec.ValidationError, rules: Rules | None
 ) -> ValidationFailed:
     """Every problem of a body with numbers no double holds: each such number at its own path, and the body's other
     problems (the standard library's parser reads such a number, as infinity: marked, then set aside)."""
-    marked = json.loads(raw, parse_float=lambda text: _OUT_OF_RANGE if math.isinf(float(text)) else float(text))
+    try:
+        marked = json.loads(raw, parse_float=_float_or_marked, parse_int=_int_or_marked)
+    except ValueError:  # msgspec stopped at the number: what follows it was never read (cut off, trailing data)
+        raise _unparsable("The request body is not valid JSON.", "malformed JSON") from None
     where: list[str] = []
 
     def set_aside(node: Any, path: str) -> Any:
@@ -250,8 +265,9 @@ def _with_numbers_out_of_range(
                 unknown.add(problem.field)  # a field that does not exist: that is what is wrong with it
                 found.append(problem)
             continue  # anything else its place reports is about the null put there, not the client's
-        if any(problem.field.startswith(place + ".") for place in places):
-            continue
+        parts = problem.field.split(".")
+        if any(".".join(parts[:n]) in places for n in range(1, len(parts))):
+            continue  # inside a set-aside number's place
         found.append(problem)
     return ValidationFailed.of(
         [FieldProblem(place, "is a number out of range") for place in sorted(places - unknown)] + found
