@@ -7,9 +7,11 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from app.config import ConfigError, Settings, listen_address, load_settings
 from app.domain import agent_registry, keys
 from app.domain.agents import load_agents_file, resolve_secret
 from app.domain.errors import NotFound, Unauthorized, ValidationFailed
-from app.domain.types import ONE_LINE_PATTERN
+from app.domain.types import NOT_ONE_LINE, ONE_LINE_PATTERN
 from app.llm.tools import check_tools
 from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
@@ -41,7 +43,7 @@ def _name(text: str) -> str:
 
 def _one_line(text: str) -> str:
     """A stored name as one line of `keys list` output (names stored before control characters were refused)."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: f"\\u{ord(m.group()):04x}", text)
+    return re.sub(f"[\\\\{NOT_ONE_LINE}]", lambda m: "\\\\" if m.group() == "\\" else f"\\u{ord(m.group()):04x}", text)
 
 
 def _now() -> int:
@@ -300,20 +302,19 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         print(f"no database to back up at PARLEY_DATABASE={settings.database}", file=sys.stderr)
         return 1
     source = _connect(settings)
-    # Written beside the target and put in its place only once whole and checked: an interrupted or failed
-    # backup leaves no file at PATH (which would refuse the retry) and nothing half-written anywhere.
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    # Written beside the target and put in its place only once whole and checked: a failed or interrupted backup
+    # leaves no file at PATH (which would refuse the retry). Only SIGKILL (or a power cut) can leave the hidden
+    # partial file behind; SIGTERM and SIGHUP clean up as Ctrl-C does.
+    partial: Path | None = None
+    dest: sqlite3.Connection | None = None
+    started = time.monotonic()
+    previous = {sig: signal.signal(sig, _stop_backup) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        os.close(handle)
+        partial = Path(name)
         dest = sqlite3.connect(str(partial))
-        dest.execute("PRAGMA user_version")  # opens the file: a path that cannot hold a database fails here
-    except (OSError, sqlite3.Error) as exc:
-        source.close()
-        _remove_partial(partial)
-        print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
-        return 1
-    started = time.monotonic()
-    try:
         # One step, in one read transaction: a consistent snapshot, and in WAL mode the server's writes carry
         # on meanwhile. A backup in several steps starts over whenever the server writes between two of them,
         # so under steady writes it never finished.
@@ -323,25 +324,51 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         if ok != "ok":
             print(f"backup failed its integrity check: {ok}", file=sys.stderr)
             return 1
-        os.link(partial, target)  # never overwrites: a file that appeared at PATH meanwhile is kept
-    except FileExistsError:
-        print(f"refusing to overwrite {target}", file=sys.stderr)
-        return 1
-    except (OSError, sqlite3.Error) as exc:
+        try:
+            _put_in_place(partial, target)
+        except FileExistsError:
+            print(f"refusing to overwrite {target}", file=sys.stderr)
+            return 1
+    except (OSError, sqlite3.Error) as exc:  # a PATH that cannot hold a database fails at the copy
         print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("backup interrupted; nothing was written at PATH", file=sys.stderr)
+        return 130
     finally:
-        dest.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if dest is not None:
+            dest.close()
         source.close()
         _remove_partial(partial)
     print(f"backed up to {target} in {time.monotonic() - started:.2f}s")
     return 0
 
 
-def _remove_partial(partial: Path) -> None:
-    for leftover in (partial, partial.with_name(partial.name + "-journal")):
+def _stop_backup(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # runs once the copy's one step returns: the partial file is then removed
+
+
+def _put_in_place(partial: Path, target: Path) -> None:
+    """Give the finished copy its name, never over a file that appeared there meanwhile (FileExistsError)."""
+    try:
+        os.link(partial, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        # No hard links here (FAT, exFAT, many SMB and FUSE mounts): a rename, after one more look at PATH.
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.rename(partial, target)
+
+
+def _remove_partial(partial: Path | None) -> None:
+    if partial is None:
+        return
+    for suffix in ("", "-journal", "-wal", "-shm"):
         with contextlib.suppress(OSError):  # never made (its directory could not be), or already gone
-            leftover.unlink()
+            partial.with_name(partial.name + suffix).unlink()
 
 
 def parser() -> argparse.ArgumentParser:

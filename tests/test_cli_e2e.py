@@ -7,7 +7,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import threading
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -169,42 +169,95 @@ def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:
         assert refused.stderr.strip().count("\n") == 0 and "cannot write a backup" in refused.stderr, refused.stderr
 
 
-def test_backup_finishes_while_the_database_is_written_all_the_time(tmp_path: Path) -> None:
-    """In one step, one snapshot: a backup in steps started over at every write between two of them, and under
-    steady writes (a busy server) it never finished."""
+WRITER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA synchronous=OFF")  # a commit every few microseconds
+while True:  # until killed: a busy server's steady commits
+    conn.execute("INSERT INTO filler VALUES (randomblob(100))")
+"""
+
+
+def filled_database(tmp_path: Path, megabytes: int) -> Path:
     database = tmp_path / "data" / "parley.db"
     database.parent.mkdir()
     conn = sqlite3.connect(database, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE filler (x BLOB)")
-    conn.execute(  # ~12 MB: a backup in steps of 1024 pages took three
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)"
-        " INSERT INTO filler SELECT randomblob(4000) FROM n"
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+        " INSERT INTO filler SELECT randomblob(4000) FROM n",
+        (megabytes * 250,),
     )
     conn.close()
-    stop, written = threading.Event(), [0]
+    return database
 
-    def write_all_the_time() -> None:
-        writer = sqlite3.connect(database, isolation_level=None)
-        while not stop.is_set():
-            writer.execute("INSERT INTO filler VALUES (randomblob(100))")
-            written[0] += 1
-        writer.close()
 
-    thread = threading.Thread(target=write_all_the_time)
-    thread.start()
+def rows(database: Path) -> int:
+    conn = sqlite3.connect(database)
     try:
-        backup = cli(tmp_path, "backup", str(tmp_path / "copy.db"))
+        return int(conn.execute("SELECT COUNT(*) FROM filler").fetchone()[0])
     finally:
-        stop.set()
-        thread.join()
-    assert written[0] > 100  # it was written all the time
+        conn.close()
+
+
+def test_backup_finishes_while_the_database_is_written_all_the_time(tmp_path: Path) -> None:
+    """In one step, one snapshot: a backup in steps started over at every write between two of them, and under
+    steady writes (a busy server, here another process) it never finished."""
+    database = filled_database(tmp_path, 40)  # a backup in steps of 1024 pages took ten
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(database)])
+    try:
+        deadline = time.monotonic() + 10
+        while rows(database) < 10_000 + 100 and time.monotonic() < deadline:  # writing all the time by now
+            time.sleep(0.01)
+        backup = cli(tmp_path, "backup", str(tmp_path / "copy.db"))
+        before_the_end = rows(database)
+    finally:
+        writer.kill()
+        writer.wait()
     assert backup.returncode == 0, backup.stderr
     copy = sqlite3.connect(tmp_path / "copy.db")
     assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert 3000 <= copy.execute("SELECT COUNT(*) FROM filler").fetchone()[0] <= 3000 + written[0]
+    assert 10_000 < copy.execute("SELECT COUNT(*) FROM filler").fetchone()[0] < before_the_end
     copy.close()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db")) == []  # no partial file
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db")] == []  # no partial file
+
+
+def test_a_backup_stopped_by_sigterm_leaves_nothing_behind(tmp_path: Path) -> None:
+    filled_database(tmp_path, 100)
+    backup = subprocess.Popen(
+        [PARLEY, "backup", str(tmp_path / "copy.db")], cwd=tmp_path, env=env_for(tmp_path), stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 20
+    while not any(p.name.startswith(".copy.db.partial-") for p in tmp_path.iterdir()):
+        assert backup.poll() is None and time.monotonic() < deadline, "the backup never started its copy"
+        time.sleep(0.002)
+    backup.send_signal(signal.SIGTERM)
+    _, stderr = backup.communicate(timeout=60)
+    assert backup.returncode == 130, stderr
+    assert b"interrupted" in stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db") or p.name == "copy.db"] == []
+
+
+def test_a_backup_is_renamed_into_place_where_hard_links_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAT, exFAT and many SMB or FUSE mounts refuse link(2): the finished copy is renamed instead, never over a
+    file that appeared at PATH meanwhile."""
+    from app import cli as parley_cli
+
+    def no_links(source: object, target: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(parley_cli.os, "link", no_links)
+    partial, target = tmp_path / ".b.db.partial-x", tmp_path / "b.db"
+    partial.write_bytes(b"copy")
+    parley_cli._put_in_place(partial, target)
+    assert target.read_bytes() == b"copy" and not partial.exists()
+    partial.write_bytes(b"second")
+    with pytest.raises(FileExistsError):
+        parley_cli._put_in_place(partial, target)
+    assert target.read_bytes() == b"copy"
 
 
 def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:
