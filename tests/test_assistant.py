@@ -1062,6 +1062,16 @@ async def test_tool_urls_are_checked_by_the_outbound_url_guard_at_registration(t
             "tools.0.parameters.properties.a.pattern",
         ),
         ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "tools.0.parameters"),
+        # Bounded: each regex is compiled to check it (many large ones took gigabytes).
+        (
+            {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": f"a{i}"} for i in range(65)}},
+            "tools.0.parameters",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "\\w{50000}"}}},
+            "tools.0.parameters.properties.a.pattern",
+        ),
+        ({"type": "object", "description": "x" * 16 * 1024}, "tools.0.parameters"),
     ],
 )
 async def test_a_webhook_tools_parameters_must_be_a_valid_json_schema(
