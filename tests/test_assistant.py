@@ -1062,15 +1062,7 @@ async def test_tool_urls_are_checked_by_the_outbound_url_guard_at_registration(t
             "tools.0.parameters.properties.a.pattern",
         ),
         ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "tools.0.parameters"),
-        # Bounded: each regex is compiled to check it (many large ones took gigabytes).
-        (
-            {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": f"a{i}"} for i in range(65)}},
-            "tools.0.parameters",
-        ),
-        (
-            {"type": "object", "properties": {"a": {"type": "string", "pattern": "\\w{50000}"}}},
-            "tools.0.parameters.properties.a.pattern",
-        ),
+        ({"type": "object", "patternProperties": {"(": {}}}, "tools.0.parameters.patternProperties.("),
         ({"type": "object", "description": "x" * 16 * 1024}, "tools.0.parameters"),
     ],
 )
@@ -1091,6 +1083,21 @@ async def test_a_webhook_tools_parameters_must_be_a_valid_json_schema(
     )
     assert patched.status_code == 400
     assert [d["field"] for d in patched.json()["error"]["details"]] == [field]
+
+
+async def test_a_tool_schemas_regexes_are_checked_without_compiling_them(h: Harness) -> None:
+    """Unicode classes repeated many times are valid (and common: `^.{1,100}$`), but compiling them takes megabytes
+    each; checking their syntax takes nothing, so many of them in one schema are fine."""
+    many = {
+        "type": "object",
+        "properties": {
+            f"p{i}": {"type": "string", "pattern": f"^\\p{{L}}{{2,50}}\\w{{50000}}{i}$"} for i in range(200)
+        },
+    }
+    response = await h.post(
+        "/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/", parameters=many)]}
+    )
+    assert response.status_code == 201
 
 
 async def test_a_tool_schemas_unknown_dollar_schema_or_remote_ref_is_refused_and_never_fetched(h: Harness) -> None:

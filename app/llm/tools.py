@@ -141,36 +141,56 @@ def parse_arguments(text: str) -> tuple[dict[str, Any] | None, str | None]:
 # refused, never retrieved: a fetch would be an outbound request the URL guard never saw).
 _NO_RETRIEVAL = jsonschema_rs.Registry([])
 MAX_PARAMETERS_BYTES = 16 * 1024  # a tool's JSON Schema, as JSON
-MAX_PATTERNS = 64  # regexes in one tool's schema: each is compiled to check it
-# Compiling a regex is bounded too (`\w{50000}` alone took 7 MiB): a longer one is refused as too large.
-_PATTERN_LIMITS = jsonschema_rs.FancyRegexOptions(size_limit=64 * 1024, dfa_size_limit=64 * 1024)
+# ECMA-262 syntax, checked without compiling (compiling `\w{50000}` took 7 MiB; many such took gigabytes).
+_REGEX = jsonschema_rs.validator_for({"type": "string", "format": "regex"}, validate_formats=True)
 
 
-def _patterns(node: Any) -> int:
-    """How many regexes a schema holds (`pattern` values, `patternProperties` keys), looked for everywhere."""
+def _regexes(node: Any, path: str) -> tuple[list[tuple[str, str]], Any]:
+    """The schema's regexes (`pattern` values, `patternProperties` keys) with their paths, and a copy of the schema
+    in which each is replaced by one that matches anything (so that building a validator compiles none)."""
     if isinstance(node, list):
-        return sum(_patterns(item) for item in node)
+        found, items = [], []
+        for index, item in enumerate(node):
+            inner, copied = _regexes(item, f"{path}.{index}")
+            found += inner
+            items.append(copied)
+        return found, items
     if not isinstance(node, dict):
-        return 0
-    count = int(isinstance(node.get("pattern"), str))
-    if isinstance(node.get("patternProperties"), dict):
-        count += len(node["patternProperties"])
-    return count + sum(_patterns(item) for item in node.values())
+        return [], node
+    found, copy = [], {}
+    for key, value in node.items():
+        at = f"{path}.{key}"
+        if key == "pattern" and isinstance(value, str):
+            found.append((at, value))
+            copy[key] = ""
+        elif key == "patternProperties" and isinstance(value, dict):
+            copy[key] = {}
+            for index, (name, item) in enumerate(value.items()):
+                found.append((f"{at}.{name}", name))
+                inner, copy[key][f"^{index}$"] = _regexes(item, f"{at}.{name}")
+                found += inner
+        else:
+            inner, copy[key] = _regexes(value, at)
+            found += inner
+    return found, copy
 
 
 def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem]:
-    """A webhook tool's `parameters`: a valid JSON Schema of type object (its meta-schema, every `pattern` a
-    regex, every `$ref` resolving within it). The model's server gets it as is, and one that refuses it would fail
-    every turn of the agent."""
+    """A webhook tool's `parameters`: a valid JSON Schema of type object (its meta-schema, every regex valid
+    ECMA-262 syntax, every `$ref` resolving within it). The model's server gets it as is, and one that refuses it
+    would fail every turn of the agent."""
     if parameters.get("type", "object") != "object":
         return [FieldProblem(field, "must be a JSON Schema of type object")]
     if len(msgspec.json.encode(parameters)) > MAX_PARAMETERS_BYTES:
         return [FieldProblem(field, f"must be at most {MAX_PARAMETERS_BYTES} bytes as JSON")]
     try:
-        if _patterns(parameters) > MAX_PATTERNS:
-            return [FieldProblem(field, f"must hold at most {MAX_PATTERNS} regular expressions")]
         jsonschema_rs.meta.validate(parameters, registry=_NO_RETRIEVAL)
-        jsonschema_rs.validator_for(parameters, registry=_NO_RETRIEVAL, offline=True, pattern_options=_PATTERN_LIMITS)
+        regexes, without = _regexes(parameters, field)
+        if bad := [
+            FieldProblem(at, "is not a valid regular expression") for at, text in regexes if not _REGEX.is_valid(text)
+        ]:
+            return bad
+        jsonschema_rs.validator_for(without, registry=_NO_RETRIEVAL, offline=True)  # every `$ref` resolves
     except jsonschema_rs.ReferencingError:
         return [FieldProblem(f"{field}.$schema", "must name a JSON Schema draft (4, 6, 7, 2019-09 or 2020-12)")]
     except jsonschema_rs.ValidationError as exc:
