@@ -83,6 +83,8 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("cut off after a number beyond a float", b'{"agentSlug": 1e999, ', "body"),
     ("trailing data after a number beyond a float", b'{"agentSlug": 1e999} x', "body"),
     ("integer of 5000 digits", with_raw("inactivityTimeoutSeconds", "9" * 5000), "inactivityTimeoutSeconds"),
+    ("lone surrogate after a number beyond a float", b'{"agentSlug": 1e999, "\\ud800": 1}', "body"),
+    ("dotted key holding a number beyond a float", with_raw("a.b", "1e999"), "a.b"),
 ]
 
 

@@ -232,6 +232,16 @@ def _int_or_marked(text: str) -> Any:
         return _OUT_OF_RANGE
 
 
+def _utf8(text: str) -> str:
+    """A string as msgspec would have read it: the standard library's parser lets a lone surrogate (`\\ud800`)
+    through, which no UTF-8 answer can then carry."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise _unparsable("The request body is not valid UTF-8.", "not valid UTF-8") from None
+    return text
+
+
 def _with_numbers_out_of_range(
     raw: bytes, type_: Any, first: msgspec.ValidationError, rules: Rules | None
 ) -> ValidationFailed:
@@ -246,9 +256,11 @@ def _with_numbers_out_of_range(
     def set_aside(node: Any, path: str) -> Any:
         if node is _OUT_OF_RANGE:
             where.append(path)
-            return None
+            return None  # nothing is below it: only its own place can report a problem about it
+        if isinstance(node, str):
+            return _utf8(node)
         if isinstance(node, dict):
-            return {key: set_aside(item, _join(path, key)) for key, item in node.items()}
+            return {_utf8(key): set_aside(item, _join(path, key)) for key, item in node.items()}
         if isinstance(node, list):
             return [set_aside(item, _join(path, index)) for index, item in enumerate(node)]
         return node
@@ -265,9 +277,6 @@ def _with_numbers_out_of_range(
                 unknown.add(problem.field)  # a field that does not exist: that is what is wrong with it
                 found.append(problem)
             continue  # anything else its place reports is about the null put there, not the client's
-        parts = problem.field.split(".")
-        if any(".".join(parts[:n]) in places for n in range(1, len(parts))):
-            continue  # inside a set-aside number's place
         found.append(problem)
     return ValidationFailed.of(
         [FieldProblem(place, "is a number out of range") for place in sorted(places - unknown)] + found
