@@ -308,7 +308,13 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     partial: Path | None = None
     dest: sqlite3.Connection | None = None
     started = time.monotonic()
-    previous = {sig: signal.signal(sig, _stop_backup) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGTERM and SIGHUP stop it as Ctrl-C does, unless ignored (under `nohup` a hang-up stays ignored).
+    previous = {
+        sig: signal.signal(sig, _stop_backup)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
+    held = {*previous, signal.SIGINT}  # from the copy's naming on, a stop waits until it is in place and tidied
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
@@ -324,6 +330,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         if ok != "ok":
             print(f"backup failed its integrity check: {ok}", file=sys.stderr)
             return 1
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:
             _put_in_place(partial, target)
         except FileExistsError:
@@ -332,22 +339,30 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     except (OSError, sqlite3.Error) as exc:  # a PATH that cannot hold a database fails at the copy
         print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped) as stop:
         print("backup interrupted; nothing was written at PATH", file=sys.stderr)
-        return 130
+        return 128 + (stop.signum if isinstance(stop, _Stopped) else signal.SIGINT)
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if dest is not None:
             dest.close()
         source.close()
         _remove_partial(partial)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a stop held meanwhile now takes effect, as it would have
     print(f"backed up to {target} in {time.monotonic() - started:.2f}s")
     return 0
 
 
+class _Stopped(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _stop_backup(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # runs once the copy's one step returns: the partial file is then removed
+    raise _Stopped(signum)  # runs once the copy's one step returns: the partial file is then removed
 
 
 def _put_in_place(partial: Path, target: Path) -> None:

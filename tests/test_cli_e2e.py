@@ -204,11 +204,11 @@ def rows(database: Path) -> int:
 def test_backup_finishes_while_the_database_is_written_all_the_time(tmp_path: Path) -> None:
     """In one step, one snapshot: a backup in steps started over at every write between two of them, and under
     steady writes (a busy server, here another process) it never finished."""
-    database = filled_database(tmp_path, 40)  # a backup in steps of 1024 pages took ten
+    database = filled_database(tmp_path, 100)  # a backup in steps of 1024 pages took twenty-five
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(database)])
     try:
         deadline = time.monotonic() + 10
-        while rows(database) < 10_000 + 100 and time.monotonic() < deadline:  # writing all the time by now
+        while rows(database) < 25_000 + 100 and time.monotonic() < deadline:  # writing all the time by now
             time.sleep(0.01)
         backup = cli(tmp_path, "backup", str(tmp_path / "copy.db"))
         before_the_end = rows(database)
@@ -218,25 +218,46 @@ def test_backup_finishes_while_the_database_is_written_all_the_time(tmp_path: Pa
     assert backup.returncode == 0, backup.stderr
     copy = sqlite3.connect(tmp_path / "copy.db")
     assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert 10_000 < copy.execute("SELECT COUNT(*) FROM filler").fetchone()[0] < before_the_end
+    assert 25_000 < copy.execute("SELECT COUNT(*) FROM filler").fetchone()[0] < before_the_end
     copy.close()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db")] == []  # no partial file
 
 
-def test_a_backup_stopped_by_sigterm_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_backup_stopped_by_a_signal_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals) -> None:
     filled_database(tmp_path, 100)
     backup = subprocess.Popen(
         [PARLEY, "backup", str(tmp_path / "copy.db")], cwd=tmp_path, env=env_for(tmp_path), stderr=subprocess.PIPE
     )
+    wait_for_its_partial_file(tmp_path, backup)
+    backup.send_signal(sig)
+    _, stderr = backup.communicate(timeout=60)
+    assert backup.returncode == 128 + sig, stderr
+    assert b"interrupted" in stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db") or p.name == "copy.db"] == []
+
+
+def test_a_backup_under_nohup_ignores_a_hang_up(tmp_path: Path) -> None:
+    filled_database(tmp_path, 100)
+    backup = subprocess.Popen(
+        [PARLEY, "backup", str(tmp_path / "copy.db")],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    wait_for_its_partial_file(tmp_path, backup)
+    backup.send_signal(signal.SIGHUP)
+    _, stderr = backup.communicate(timeout=60)
+    assert backup.returncode == 0, stderr
+    assert (tmp_path / "copy.db").is_file()
+
+
+def wait_for_its_partial_file(tmp_path: Path, backup: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 20
     while not any(p.name.startswith(".copy.db.partial-") for p in tmp_path.iterdir()):
         assert backup.poll() is None and time.monotonic() < deadline, "the backup never started its copy"
         time.sleep(0.002)
-    backup.send_signal(signal.SIGTERM)
-    _, stderr = backup.communicate(timeout=60)
-    assert backup.returncode == 130, stderr
-    assert b"interrupted" in stderr
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.db") or p.name == "copy.db"] == []
 
 
 def test_a_backup_is_renamed_into_place_where_hard_links_are_refused(
