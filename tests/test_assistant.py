@@ -1061,7 +1061,12 @@ async def test_tool_urls_are_checked_by_the_outbound_url_guard_at_registration(t
             {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}},
             "tools.0.parameters.properties.a.pattern",
         ),
-        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "tools.0.parameters"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "tools.0.parameters.properties.a.$ref"),
+        # A property that happens to be called patternProperties is a schema like any other.
+        (
+            {"type": "object", "properties": {"patternProperties": {"type": "string", "pattern": "("}}},
+            "tools.0.parameters.properties.patternProperties.pattern",
+        ),
         ({"type": "object", "patternProperties": {"(": {}}}, "tools.0.parameters.patternProperties.("),
         ({"type": "object", "description": "x" * 16 * 1024}, "tools.0.parameters"),
     ],
@@ -1083,6 +1088,22 @@ async def test_a_webhook_tools_parameters_must_be_a_valid_json_schema(
     )
     assert patched.status_code == 400
     assert [d["field"] for d in patched.json()["error"]["details"]] == [field]
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"type": "object", "patternProperties": {"^a": {}}, "properties": {"b": {"$ref": "#/patternProperties/%5Ea"}}},
+        {"type": "object", "properties": {"f": {"type": "string", "default": {"pattern": "*.txt"}}}},  # data
+        {"type": "object", "$defs": {"x": {"$anchor": "x", "type": "string"}}, "properties": {"a": {"$ref": "#x"}}},
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?<year>\\d{4})-\\d{2}$"}}},
+    ],
+)
+async def test_a_valid_tool_schema_is_accepted(h: Harness, parameters: dict[str, Any]) -> None:
+    response = await h.post(
+        "/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/", parameters=parameters)]}
+    )
+    assert response.status_code == 201, response.json()
 
 
 async def test_a_tool_schemas_regexes_are_checked_without_compiling_them(h: Harness) -> None:

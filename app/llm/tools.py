@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -145,52 +146,89 @@ MAX_PARAMETERS_BYTES = 16 * 1024  # a tool's JSON Schema, as JSON
 _REGEX = jsonschema_rs.validator_for({"type": "string", "format": "regex"}, validate_formats=True)
 
 
-def _regexes(node: Any, path: str) -> tuple[list[tuple[str, str]], Any]:
-    """The schema's regexes (`pattern` values, `patternProperties` keys) with their paths, and a copy of the schema
-    in which each is replaced by one that matches anything (so that building a validator compiles none)."""
-    if isinstance(node, list):
-        found, items = [], []
-        for index, item in enumerate(node):
-            inner, copied = _regexes(item, f"{path}.{index}")
-            found += inner
-            items.append(copied)
-        return found, items
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas (2020-12 and earlier drafts);
+# anything else (`default`, `enum`, `const`, `examples`, unknown keywords) is data, never looked into.
+_SCHEMA = {
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "additionalProperties",
+    "additionalItems",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "items",
+}
+_SCHEMAS = {"allOf", "anyOf", "oneOf", "prefixItems", "items"}
+_NAMED_SCHEMAS = {"properties", "$defs", "definitions", "dependentSchemas", "dependencies", "patternProperties"}
+
+
+def _walk(node: Any, path: str, found: list[tuple[str, str, str]]) -> None:
+    """Collect a schema's regexes and `$ref`s as (kind, path, text), by keyword, not by key name."""
     if not isinstance(node, dict):
-        return [], node
-    found, copy = [], {}
+        return
     for key, value in node.items():
         at = f"{path}.{key}"
         if key == "pattern" and isinstance(value, str):
-            found.append((at, value))
-            copy[key] = ""
-        elif key == "patternProperties" and isinstance(value, dict):
-            copy[key] = {}
-            for index, (name, item) in enumerate(value.items()):
-                found.append((f"{at}.{name}", name))
-                inner, copy[key][f"^{index}$"] = _regexes(item, f"{at}.{name}")
-                found += inner
-        else:
-            inner, copy[key] = _regexes(value, at)
-            found += inner
-    return found, copy
+            found.append(("regex", at, value))
+        elif key == "$ref" and isinstance(value, str):
+            found.append(("ref", at, value))
+        elif key in _NAMED_SCHEMAS and isinstance(value, dict):
+            for name, item in value.items():
+                if key == "patternProperties":
+                    found.append(("regex", f"{at}.{name}", name))
+                _walk(item, f"{at}.{name}", found)
+        elif key in _SCHEMAS and isinstance(value, list):
+            for index, item in enumerate(value):
+                _walk(item, f"{at}.{index}", found)
+        elif key in _SCHEMA:
+            _walk(value, at, found)
+
+
+def _resolves(root: dict[str, Any], ref: str) -> bool:
+    """A `$ref` within the schema: `#`, a JSON pointer `#/…`, or an anchor `#name` an `$anchor` (or draft-7 `$id`)
+    declares. Anything else would be fetched from elsewhere, which a tool schema has no business doing."""
+    if not ref.startswith("#"):
+        return False
+    if ref == "#" or ref.startswith("#/"):
+        node: Any = root
+        for token in ref[2:].split("/") if ref != "#" else []:
+            token = urllib.parse.unquote(token).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and token in node:
+                node = node[token]
+            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+                node = node[int(token)]
+            else:
+                return False
+        return True
+    return ref[1:] in _anchors(root)
+
+
+def _anchors(node: Any) -> set[str]:
+    if isinstance(node, list):
+        return set().union(*(_anchors(item) for item in node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    names = {node["$anchor"]} if isinstance(node.get("$anchor"), str) else set()
+    if isinstance(node.get("$id"), str) and node["$id"].startswith("#"):
+        names.add(node["$id"][1:])
+    return names.union(*(_anchors(item) for item in node.values()))
 
 
 def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem]:
     """A webhook tool's `parameters`: a valid JSON Schema of type object (its meta-schema, every regex valid
-    ECMA-262 syntax, every `$ref` resolving within it). The model's server gets it as is, and one that refuses it
-    would fail every turn of the agent."""
+    ECMA-262 syntax, checked without compiling it, every `$ref` within the schema). The model's server gets it as
+    is, and one that refuses it would fail every turn of the agent. Nothing is compiled or fetched."""
     if parameters.get("type", "object") != "object":
         return [FieldProblem(field, "must be a JSON Schema of type object")]
     if len(msgspec.json.encode(parameters)) > MAX_PARAMETERS_BYTES:
         return [FieldProblem(field, f"must be at most {MAX_PARAMETERS_BYTES} bytes as JSON")]
     try:
         jsonschema_rs.meta.validate(parameters, registry=_NO_RETRIEVAL)
-        regexes, without = _regexes(parameters, field)
-        if bad := [
-            FieldProblem(at, "is not a valid regular expression") for at, text in regexes if not _REGEX.is_valid(text)
-        ]:
-            return bad
-        jsonschema_rs.validator_for(without, registry=_NO_RETRIEVAL, offline=True)  # every `$ref` resolves
+        found: list[tuple[str, str, str]] = []
+        _walk(parameters, field, found)
     except jsonschema_rs.ReferencingError:
         return [FieldProblem(f"{field}.$schema", "must name a JSON Schema draft (4, 6, 7, 2019-09 or 2020-12)")]
     except jsonschema_rs.ValidationError as exc:
@@ -198,7 +236,13 @@ def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem
         return [FieldProblem(f"{field}.{where}" if where else field, f"is not valid JSON Schema: {exc.message}")]
     except (ValueError, RecursionError):  # "Recursion limit reached"
         return [FieldProblem(field, "is nested too deeply")]
-    return []
+    return [
+        FieldProblem(at, "is not a valid regular expression")
+        if kind == "regex"
+        else FieldProblem(at, "must point inside the schema (#, #/a/json/pointer or #anchor) to something there")
+        for kind, at, text in found
+        if (kind == "regex" and not _REGEX.is_valid(text)) or (kind == "ref" and not _resolves(parameters, text))
+    ]
 
 
 def check_tools(tools: list[Tool], policy: UrlPolicy, *, resolve: guard.Resolver | None = None) -> None:
