@@ -278,6 +278,9 @@ def _with_numbers_out_of_range(
                 found.append(problem)
             continue  # anything else its place reports is about the null put there, not the client's
         found.append(problem)
+    # Empty when a later duplicate key replaced the number (the standard parser keeps the last, as msgspec does):
+    # the number msgspec stopped at is then the problem.
     return ValidationFailed.of(
         [FieldProblem(place, "is a number out of range") for place in sorted(places - unknown)] + found
+        or [_problem(first)]
     )
