@@ -13,6 +13,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from app.clock import SystemClock, iso
@@ -304,22 +305,20 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     source = _connect(settings)
     # Written beside the target and put in its place only once whole and checked: a failed or interrupted backup
     # leaves no file at PATH (which would refuse the retry). Only SIGKILL (or a power cut) can leave the hidden
-    # partial file behind; SIGTERM and SIGHUP clean up as Ctrl-C does.
+    # partial file behind. Ctrl-C, SIGTERM and SIGHUP stop it (unless ignored: under `nohup` a hang-up stays
+    # ignored) once the copy's one step returns; a stop that arrives while the file is named, put in place or
+    # tidied away waits, and one that arrives once the copy is in place is too late and dropped.
     partial: Path | None = None
     dest: sqlite3.Connection | None = None
     started = time.monotonic()
-    # SIGTERM and SIGHUP stop it as Ctrl-C does, unless ignored (under `nohup` a hang-up stays ignored).
-    previous = {
-        sig: signal.signal(sig, _stop_backup)
-        for sig in (signal.SIGTERM, signal.SIGHUP)
-        if signal.getsignal(sig) is not signal.SIG_IGN
-    }
-    held = {*previous, signal.SIGINT}  # from the copy's naming on, a stop waits until it is in place and tidied
+    stops = [sig for sig in _STOPS if signal.getsignal(sig) is not signal.SIG_IGN]
+    original = {sig: signal.signal(sig, _stop_backup) for sig in stops}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        with _held(stops):
+            handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+            partial = Path(name)
         os.close(handle)
-        partial = Path(name)
         dest = sqlite3.connect(str(partial))
         # One step, in one read transaction: a consistent snapshot, and in WAL mode the server's writes carry
         # on meanwhile. A backup in several steps starts over whenever the server writes between two of them,
@@ -330,7 +329,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         if ok != "ok":
             print(f"backup failed its integrity check: {ok}", file=sys.stderr)
             return 1
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # unblocked in `finally`, once a late stop is ignored
         try:
             _put_in_place(partial, target)
         except FileExistsError:
@@ -339,20 +338,25 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     except (OSError, sqlite3.Error) as exc:  # a PATH that cannot hold a database fails at the copy
         print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, _Stopped) as stop:
+    except _Stopped as stop:
         print("backup interrupted; nothing was written at PATH", file=sys.stderr)
-        return 128 + (stop.signum if isinstance(stop, _Stopped) else signal.SIGINT)
+        return 128 + stop.signum
     finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         if dest is not None:
             dest.close()
         source.close()
         _remove_partial(partial)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a stop held meanwhile now takes effect, as it would have
+        for sig in stops:  # a stop held meanwhile found nothing left to stop: dropped
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
     print(f"backed up to {target} in {time.monotonic() - started:.2f}s")
     return 0
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class _Stopped(Exception):
@@ -362,7 +366,21 @@ class _Stopped(Exception):
 
 
 def _stop_backup(signum: int, frame: object) -> None:
-    raise _Stopped(signum)  # runs once the copy's one step returns: the partial file is then removed
+    """Runs once the copy's one step returns; the partial file is then removed. Further stops are ignored meanwhile
+    (a second Ctrl-C must not interrupt the tidying)."""
+    for sig in _STOPS:
+        if signal.getsignal(sig) is _stop_backup:
+            signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _held(stops: list[signal.Signals]) -> Iterator[None]:
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
 
 
 def _put_in_place(partial: Path, target: Path) -> None:
