@@ -1067,6 +1067,14 @@ async def test_tool_urls_are_checked_by_the_outbound_url_guard_at_registration(t
             {"type": "object", "properties": {"patternProperties": {"type": "string", "pattern": "("}}},
             "tools.0.parameters.properties.patternProperties.pattern",
         ),
+        (
+            {"type": "object", "allOf": [{}], "properties": {"a": {"$ref": "#/allOf/%C2%B2"}}},
+            "tools.0.parameters.properties.a.$ref",
+        ),
+        (
+            {"type": "object", "allOf": [{}], "properties": {"a": {"$ref": "#/allOf/" + "9" * 5000}}},
+            "tools.0.parameters.properties.a.$ref",
+        ),
         ({"type": "object", "patternProperties": {"(": {}}}, "tools.0.parameters.patternProperties.("),
         ({"type": "object", "description": "x" * 16 * 1024}, "tools.0.parameters"),
     ],

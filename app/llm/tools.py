@@ -8,8 +8,11 @@ body over 16 KiB or not JSON) becomes an error result the model sees, never an e
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -187,7 +190,10 @@ def _walk(node: Any, path: str, found: list[tuple[str, str, str]]) -> None:
             _walk(value, at, found)
 
 
-def _resolves(root: dict[str, Any], ref: str) -> bool:
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+def _resolves(root: dict[str, Any], ref: str, anchors: Callable[[], set[str]]) -> bool:
     """A `$ref` within the schema: `#`, a JSON pointer `#/…`, or an anchor `#name` an `$anchor` (or draft-7 `$id`)
     declares. Anything else would be fetched from elsewhere, which a tool schema has no business doing."""
     if not ref.startswith("#"):
@@ -198,12 +204,12 @@ def _resolves(root: dict[str, Any], ref: str) -> bool:
             token = urllib.parse.unquote(token).replace("~1", "/").replace("~0", "~")
             if isinstance(node, dict) and token in node:
                 node = node[token]
-            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            elif isinstance(node, list) and _INDEX.fullmatch(token) and int(token) < len(node):
                 node = node[int(token)]
             else:
                 return False
         return True
-    return ref[1:] in _anchors(root)
+    return ref[1:] in anchors()
 
 
 def _anchors(node: Any) -> set[str]:
@@ -236,12 +242,14 @@ def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem
         return [FieldProblem(f"{field}.{where}" if where else field, f"is not valid JSON Schema: {exc.message}")]
     except (ValueError, RecursionError):  # "Recursion limit reached"
         return [FieldProblem(field, "is nested too deeply")]
+    anchors = functools.cache(lambda: _anchors(parameters))  # walked once, and only if an `#anchor` is used
     return [
         FieldProblem(at, "is not a valid regular expression")
         if kind == "regex"
         else FieldProblem(at, "must point inside the schema (#, #/a/json/pointer or #anchor) to something there")
         for kind, at, text in found
-        if (kind == "regex" and not _REGEX.is_valid(text)) or (kind == "ref" and not _resolves(parameters, text))
+        if (kind == "regex" and not _REGEX.is_valid(text))
+        or (kind == "ref" and not _resolves(parameters, text, anchors))
     ]
 
 
