@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from app.clock import SystemClock, iso
 from app.config import ConfigError, Settings, listen_address, load_settings
@@ -312,13 +313,17 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     dest: sqlite3.Connection | None = None
     started = time.monotonic()
     stops = [sig for sig in _STOPS if signal.getsignal(sig) is not signal.SIG_IGN]
+    _stop.update(copying=False, signum=None)
     original = {sig: signal.signal(sig, _stop_backup) for sig in stops}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with _held(stops):
             handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
             partial = Path(name)
+            _stop["copying"] = True  # a stop from now on interrupts the copy (once its one step returns)
         os.close(handle)
+        if _stop["signum"] is not None:  # one came before there was anything to interrupt
+            raise _Stopped(_stop["signum"])
         dest = sqlite3.connect(str(partial))
         # One step, in one read transaction: a consistent snapshot, and in WAL mode the server's writes carry
         # on meanwhile. A backup in several steps starts over whenever the server writes between two of them,
@@ -326,30 +331,28 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         source.backup(dest, pages=-1)
         ok = dest.execute("PRAGMA integrity_check").fetchone()[0]
         dest.close()
+        with _held(stops):
+            _stop["copying"] = False  # from here on a stop is too late: only noted, and dropped
         if ok != "ok":
             print(f"backup failed its integrity check: {ok}", file=sys.stderr)
             return 1
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # unblocked in `finally`, once a late stop is ignored
         try:
             _put_in_place(partial, target)
         except FileExistsError:
             print(f"refusing to overwrite {target}", file=sys.stderr)
             return 1
-    except (OSError, sqlite3.Error) as exc:  # a PATH that cannot hold a database fails at the copy
-        print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
-        return 1
     except _Stopped as stop:
         print("backup interrupted; nothing was written at PATH", file=sys.stderr)
         return 128 + stop.signum
+    except (OSError, sqlite3.Error) as exc:  # a PATH that cannot hold a database fails at the copy
+        print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
+        return 1
     finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        _stop["copying"] = False
         if dest is not None:
             dest.close()
         source.close()
         _remove_partial(partial)
-        for sig in stops:  # a stop held meanwhile found nothing left to stop: dropped
-            signal.signal(sig, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         for sig, handler in original.items():
             signal.signal(sig, handler)
     print(f"backed up to {target} in {time.monotonic() - started:.2f}s")
@@ -357,6 +360,9 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A stop interrupts only the copy; before it, and once the copy is whole, it is only noted (a failure message, the
+# tidying and the final line are never cut short by a traceback).
+_stop: dict[str, Any] = {"copying": False, "signum": None}
 
 
 class _Stopped(Exception):
@@ -366,12 +372,12 @@ class _Stopped(Exception):
 
 
 def _stop_backup(signum: int, frame: object) -> None:
-    """Runs once the copy's one step returns; the partial file is then removed. Further stops are ignored meanwhile
-    (a second Ctrl-C must not interrupt the tidying)."""
-    for sig in _STOPS:
-        if signal.getsignal(sig) is _stop_backup:
-            signal.signal(sig, signal.SIG_IGN)
-    raise _Stopped(signum)
+    """Runs once the copy's one step returns; the partial file is then removed."""
+    if _stop["signum"] is None:
+        _stop["signum"] = signum
+    if _stop["copying"]:
+        _stop["copying"] = False
+        raise _Stopped(signum)
 
 
 @contextlib.contextmanager
