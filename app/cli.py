@@ -13,9 +13,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from app.clock import SystemClock, iso
 from app.config import ConfigError, Settings, listen_address, load_settings
@@ -306,24 +304,21 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     source = _connect(settings)
     # Written beside the target and put in its place only once whole and checked: a failed or interrupted backup
     # leaves no file at PATH (which would refuse the retry). Only SIGKILL (or a power cut) can leave the hidden
-    # partial file behind. Ctrl-C, SIGTERM and SIGHUP stop it (unless ignored: under `nohup` a hang-up stays
-    # ignored) once the copy's one step returns; a stop that arrives while the file is named, put in place or
-    # tidied away waits, and one that arrives once the copy is in place is too late and dropped.
+    # partial file behind. Ctrl-C, SIGTERM and SIGHUP (unless ignored: under `nohup` a hang-up stays ignored) are
+    # handled by `_Stop`.
     partial: Path | None = None
     dest: sqlite3.Connection | None = None
     started = time.monotonic()
-    stops = [sig for sig in _STOPS if signal.getsignal(sig) is not signal.SIG_IGN]
-    _stop.update(copying=False, signum=None)
-    original = {sig: signal.signal(sig, _stop_backup) for sig in stops}
+    stop = _Stop()
+    original = {sig: signal.signal(sig, stop) for sig in _STOPS if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _held(stops):
-            handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
-            partial = Path(name)
-            _stop["copying"] = True  # a stop from now on interrupts the copy (once its one step returns)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        partial = Path(name)
         os.close(handle)
-        if _stop["signum"] is not None:  # one came before there was anything to interrupt
-            raise _Stopped(_stop["signum"])
+        stop.copying = True  # a stop from now on interrupts the copy (once its one step returns)
+        if stop.signum is not None:  # one came before there was anything to interrupt
+            raise _Stopped(stop.signum)
         dest = sqlite3.connect(str(partial))
         # One step, in one read transaction: a consistent snapshot, and in WAL mode the server's writes carry
         # on meanwhile. A backup in several steps starts over whenever the server writes between two of them,
@@ -331,8 +326,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         source.backup(dest, pages=-1)
         ok = dest.execute("PRAGMA integrity_check").fetchone()[0]
         dest.close()
-        with _held(stops):
-            _stop["copying"] = False  # from here on a stop is too late: only noted, and dropped
+        stop.copying = False  # from here on a stop is too late: only noted, and dropped
         if ok != "ok":
             print(f"backup failed its integrity check: {ok}", file=sys.stderr)
             return 1
@@ -341,14 +335,14 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         except FileExistsError:
             print(f"refusing to overwrite {target}", file=sys.stderr)
             return 1
-    except _Stopped as stop:
+    except _Stopped as stopped:
         print("backup interrupted; nothing was written at PATH", file=sys.stderr)
-        return 128 + stop.signum
+        return 128 + stopped.signum
     except (OSError, sqlite3.Error) as exc:  # a PATH that cannot hold a database fails at the copy
         print(f"cannot write a backup to {target}: {exc}", file=sys.stderr)
         return 1
     finally:
-        _stop["copying"] = False
+        stop.copying = False
         if dest is not None:
             dest.close()
         source.close()
@@ -360,9 +354,6 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# A stop interrupts only the copy; before it, and once the copy is whole, it is only noted (a failure message, the
-# tidying and the final line are never cut short by a traceback).
-_stop: dict[str, Any] = {"copying": False, "signum": None}
 
 
 class _Stopped(Exception):
@@ -371,22 +362,20 @@ class _Stopped(Exception):
         self.signum = signum
 
 
-def _stop_backup(signum: int, frame: object) -> None:
-    """Runs once the copy's one step returns; the partial file is then removed."""
-    if _stop["signum"] is None:
-        _stop["signum"] = signum
-    if _stop["copying"]:
-        _stop["copying"] = False
-        raise _Stopped(signum)
+class _Stop:
+    """The handler of Ctrl-C, SIGTERM and SIGHUP during a backup. A stop interrupts only the copy (once its one
+    step returns; the partial file is then removed); before it, it is noted and stops the backup before it
+    starts; after it (a failure being reported, the tidying, the final line) it is dropped: no traceback."""
 
+    def __init__(self) -> None:
+        self.copying = False
+        self.signum: int | None = None
 
-@contextlib.contextmanager
-def _held(stops: list[signal.Signals]) -> Iterator[None]:
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+        if self.copying:
+            self.copying = False
+            raise _Stopped(signum)
 
 
 def _put_in_place(partial: Path, target: Path) -> None:
