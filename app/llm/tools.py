@@ -8,11 +8,9 @@ body over 16 KiB or not JSON) becomes an error result the model sees, never an e
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -169,7 +167,7 @@ _NAMED_SCHEMAS = {"properties", "$defs", "definitions", "dependentSchemas", "dep
 
 
 def _walk(node: Any, path: str, found: list[tuple[str, str, str]]) -> None:
-    """Collect a schema's regexes and `$ref`s as (kind, path, text), by keyword, not by key name."""
+    """Collect a schema's regexes, `$ref`s and anchors as (kind, path, text), by keyword, not by key name."""
     if not isinstance(node, dict):
         return
     for key, value in node.items():
@@ -178,6 +176,10 @@ def _walk(node: Any, path: str, found: list[tuple[str, str, str]]) -> None:
             found.append(("regex", at, value))
         elif key == "$ref" and isinstance(value, str):
             found.append(("ref", at, value))
+        elif key == "$anchor" and isinstance(value, str):
+            found.append(("anchor", at, value))
+        elif key == "$id" and isinstance(value, str) and value.startswith("#"):  # a draft-7 anchor
+            found.append(("anchor", at, value[1:]))
         elif key in _NAMED_SCHEMAS and isinstance(value, dict):
             for name, item in value.items():
                 if key == "patternProperties":
@@ -193,7 +195,7 @@ def _walk(node: Any, path: str, found: list[tuple[str, str, str]]) -> None:
 _INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
-def _resolves(root: dict[str, Any], ref: str, anchors: Callable[[], set[str]]) -> bool:
+def _resolves(root: dict[str, Any], ref: str, anchors: set[str]) -> bool:
     """A `$ref` within the schema: `#`, a JSON pointer `#/…`, or an anchor `#name` an `$anchor` (or draft-7 `$id`)
     declares. Anything else would be fetched from elsewhere, which a tool schema has no business doing."""
     if not ref.startswith("#"):
@@ -209,18 +211,7 @@ def _resolves(root: dict[str, Any], ref: str, anchors: Callable[[], set[str]]) -
             else:
                 return False
         return True
-    return ref[1:] in anchors()
-
-
-def _anchors(node: Any) -> set[str]:
-    if isinstance(node, list):
-        return set().union(*(_anchors(item) for item in node)) if node else set()
-    if not isinstance(node, dict):
-        return set()
-    names = {node["$anchor"]} if isinstance(node.get("$anchor"), str) else set()
-    if isinstance(node.get("$id"), str) and node["$id"].startswith("#"):
-        names.add(node["$id"][1:])
-    return names.union(*(_anchors(item) for item in node.values()))
+    return ref[1:] in anchors
 
 
 def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem]:
@@ -242,7 +233,7 @@ def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem
         return [FieldProblem(f"{field}.{where}" if where else field, f"is not valid JSON Schema: {exc.message}")]
     except (ValueError, RecursionError):  # "Recursion limit reached"
         return [FieldProblem(field, "is nested too deeply")]
-    anchors = functools.cache(lambda: _anchors(parameters))  # walked once, and only if an `#anchor` is used
+    anchors = {text for kind, _, text in found if kind == "anchor"}
     return [
         FieldProblem(at, "is not a valid regular expression")
         if kind == "regex"
