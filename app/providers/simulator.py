@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 from collections.abc import Collection
 
 from app.domain.ids import new_provider_id
@@ -61,16 +62,10 @@ class SimulatorProvider:
             self._carrier = None
         # Reports still on their way would go with the process, and their messages stay `queued` until the status
         # check: like a carrier, report them, early (a batch the stop cut off may be applied twice: harmless).
-        left = self._handing + [report for _, reports in self._due for report in reports]
-        self._handing, self._due = [], collections.deque()
-        for start in range(0, len(left), MAX_REPORTS_PER_HANDOVER):
-            if self._on_status is None:
-                break
-            try:
-                await self._on_status(left[start : start + MAX_REPORTS_PER_HANDOVER])
-            except Exception:  # the status check finishes these messages after the next start
-                log.exception("simulated status reports failed at shutdown")
-                break
+        if self._handing:
+            self._due.appendleft((0.0, self._handing))
+        while (batch := self._take(math.inf)) and await self._hand_over(batch):
+            pass
 
     async def send(self, request: SendRequest) -> SendAccepted:
         if rejected := REJECTED_FROM.get(request.from_number) or REJECTED_TO.get(request.to_number):
@@ -105,18 +100,28 @@ class SimulatorProvider:
             wait = self._due[0][0] - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            batch: list[StatusReport] = []
-            now = loop.time()
-            while self._due and self._due[0][0] <= now and len(batch) < MAX_REPORTS_PER_HANDOVER:
-                batch.extend(self._due.popleft()[1])
-            if self._on_status is None:
-                continue
-            self._handing = batch
-            try:
-                await self._on_status(batch)
-            except Exception:  # the reconciler will finish these messages
-                log.exception("simulated status reports failed")
-            self._handing = []
+            await self._hand_over(self._take(loop.time()))
+
+    def _take(self, now: float) -> list[StatusReport]:
+        """The reports due by `now`, oldest first, a transaction's worth at most."""
+        batch: list[StatusReport] = []
+        while self._due and self._due[0][0] <= now and len(batch) < MAX_REPORTS_PER_HANDOVER:
+            batch.extend(self._due.popleft()[1])
+        return batch
+
+    async def _hand_over(self, batch: list[StatusReport]) -> bool:
+        """Report a batch through the status path; False when that failed (the status check finishes them)."""
+        if self._on_status is None:
+            return False
+        self._handing = batch  # still set for `close` if the stop cancels the carrier meanwhile
+        try:
+            await self._on_status(batch)
+            handed = True
+        except Exception:
+            log.exception("simulated status reports failed")
+            handed = False
+        self._handing = []
+        return handed
 
     async def find_sent(self, message: Message, taken: Collection[str] = ()) -> SendAccepted | None:
         """The simulated carrier lives in this process: a send a crash cut off never reached anyone."""
