@@ -130,7 +130,7 @@ class Scheduler:
                 # Cut off by the stop: its lease is given back now (the job runs again after the next start;
                 # another process on the file, `parley migrate` say, must not see it held meanwhile).
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.db.write(lambda c: jobs_store.release(c, job)))
+                    await asyncio.shield(self.db.write(lambda c: jobs_store.retry_at(c, job, job.due_at)))
                 raise
             except Exception:
                 backoff = min(2 ** min(job.attempts, 12), 3600) * 1000

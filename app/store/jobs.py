@@ -72,11 +72,6 @@ def is_current(conn: sqlite3.Connection, job: Job) -> bool:
     return row is not None
 
 
-def release(conn: sqlite3.Connection, job: Job) -> None:
-    """Give back the lease of a job cut off by a stop (unless it was re-scheduled while it ran)."""
-    conn.execute("UPDATE jobs SET lease_until = NULL WHERE id = ? AND lease_until = ?", (job.id, job.lease_until))
-
-
 def finish(conn: sqlite3.Connection, job: Job) -> None:
     """Delete a job that ran, unless it was re-scheduled while it ran."""
     conn.execute("DELETE FROM jobs WHERE id = ? AND lease_until = ?", (job.id, job.lease_until))
