@@ -414,3 +414,18 @@ async def test_a_send_that_fails_unexpectedly_keeps_its_message_from_an_identica
     accepted = await sending
     assert list(fake_twilio.messages) == [accepted.provider_message_id]
     assert await looking is None
+
+
+async def test_a_send_that_fails_unexpectedly_before_twilio_took_it_is_a_send_failure_after_one_look_up(
+    provider: TwilioProvider, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter's own look-up answers the outcome, so the caller does not look a second time."""
+
+    async def post_fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug before the request left")
+
+    monkeypatch.setattr(provider._http, "post", post_fails)
+    with pytest.raises(ProviderRejected) as caught:
+        await provider.send(request())
+    assert caught.value.code == "parley_send_failed" and not isinstance(caught.value, SendOutcomeUnknown)
+    assert fake_twilio.routes() == ["list"] and not fake_twilio.messages

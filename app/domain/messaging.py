@@ -20,6 +20,7 @@ from app.domain.models import Conversation, Message
 from app.domain.segments import count_segments
 from app.providers.base import (
     OUTCOME_UNKNOWN,
+    SEND_FAILED,
     ProviderRejected,
     SendAccepted,
     SendOutcomeUnknown,
@@ -37,8 +38,6 @@ _raw = msgspec.json.Encoder()
 LOOKUP_WINDOW_MS = 10 * 60 * 1000
 # A message whose send a stop or crash cut off, which the provider says it never took.
 INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
-# A message whose send failed unexpectedly (not a refusal), which the provider says it never took.
-SEND_FAILED = ProviderRejected("parley_send_failed", "the send failed unexpectedly before the provider answered")
 
 
 def new_outbound(

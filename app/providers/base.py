@@ -46,6 +46,8 @@ class ProviderRejected(Exception):
 
 
 OUTCOME_UNKNOWN = "provider_outcome_unknown"  # the code of a send whose outcome the provider could not confirm
+# A message whose send failed unexpectedly (not a refusal), which the provider says it never took.
+SEND_FAILED = ProviderRejected("parley_send_failed", "the send failed unexpectedly before the provider answered")
 
 
 class SendOutcomeUnknown(ProviderRejected):

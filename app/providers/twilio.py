@@ -31,6 +31,7 @@ from app.config import Settings
 from app.domain.models import Message
 from app.providers.base import (
     OUTCOME_UNKNOWN,
+    SEND_FAILED,
     ProviderRejected,
     SendAccepted,
     SendOutcomeUnknown,
@@ -294,17 +295,22 @@ class TwilioProvider:
             except ProviderRejected:
                 raise
             except Exception as exc:
-                # Unexpected (a bug, say, after Twilio created the message). The caller will ask whether Twilio
-                # took it; look now, while the lock keeps a look-up for an identical text from taking its SID.
-                with contextlib.suppress(TwilioUnavailable):
-                    if (found := await self._find_created(request, started)) is not None:
-                        log.warning(
-                            "a send failed unexpectedly (%s) after Twilio created the message; it is kept",
-                            type(exc).__name__,
-                            extra={"message_id": request.message_id},
-                        )
-                        return self._accept(found)
-                raise
+                # Unexpected (a bug, say, after Twilio created the message). Whether Twilio took it is looked up
+                # here, while the lock keeps a look-up for an identical text from taking its SID, and answered as a
+                # send's outcome (the caller's generic look-up after an unexpected failure is not needed again).
+                log.error(
+                    "a send failed unexpectedly (%s)", type(exc).__name__, extra={"message_id": request.message_id}
+                )
+                try:
+                    found = await self._find_created(request, started)
+                except TwilioUnavailable as unavailable:
+                    raise SendOutcomeUnknown(
+                        OUTCOME_UNKNOWN,
+                        f"the send failed unexpectedly and Twilio could not say whether it took it ({unavailable})",
+                    ) from None
+                if found is None:
+                    raise SEND_FAILED from None
+                return self._accept(found)
 
     async def _send(self, request: SendRequest, started: float) -> SendAccepted:
         form = {
