@@ -950,6 +950,37 @@ async def test_an_opening_answer_that_is_not_json_is_a_502_not_a_500(h: Harness,
     assert (error["code"], error["providerCode"]) == ("provider_error", "model_bad_response")
 
 
+@pytest.mark.parametrize("model_answers", [True, False])
+async def test_a_conversation_whose_opening_the_model_wrote_is_dated_when_it_is_written(
+    tmp_path: Path, llm: FakeLLM, model_answers: bool
+) -> None:
+    """The model may take seconds: a conversation dated when the create began would be listed (newest first) behind
+    conversations made meanwhile that a client has already seen, so it is dated when it is written."""
+    clock = FakeClock()
+    async with running(tmp_path, llm, clock=clock) as h:
+        agent = await make_agent(h)
+        if model_answers:
+            llm.reply("Hi Ada, PAM Motors here.", delay=0.3)
+        else:
+            llm.fail(500, delay=0.3)
+        body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS, "dynamicVariables": VARIABLES}
+        slow = asyncio.create_task(h.post("/v1/sms-conversations", body))
+        await llm.wait_for_requests(1)
+        await clock.advance(20)
+        quick_id = await open_conversation(h, agent, toNumber="+15555550177")
+        await clock.advance(5)
+
+        answer = await slow
+
+        assert answer.status_code == (201 if model_answers else 502), answer.text
+        slow_id = (answer.json().get("data") or answer.json()["error"])["conversationId"]
+        listed = [c["conversationId"] for c in (await h.get("/v1/sms-conversations")).json()["data"]]
+        assert listed[0] == slow_id  # newest: written after the quick one
+        quick_at = (await h.get(f"/v1/sms-conversations/{quick_id}")).json()["data"]
+        slow_at = (await h.get(f"/v1/sms-conversations/{slow_id}")).json()["data"]
+        assert slow_at["createdAt"] > quick_at["createdAt"]
+
+
 async def test_a_keyed_create_repeated_while_the_model_writes_its_opening_is_409_in_progress(
     h: Harness, llm: FakeLLM
 ) -> None:

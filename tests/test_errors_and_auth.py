@@ -274,6 +274,27 @@ async def test_a_revoked_key_fails_on_its_very_next_request(harness: Harness) ->
     assert created["key"] not in stored and len(stored) == 64
 
 
+async def test_the_key_list_pages_by_position_and_refuses_a_forged_cursor(harness: Harness) -> None:
+    """Keys page on (created_at, id) like the other lists: a walk sees each key once, keys made during the walk
+    come at its end, and a cursor that is not one the list gave (an old offset, a negative one) is a 400."""
+    for name in ("one", "two", "three"):
+        assert (await harness.post("/v1/api-keys", {"name": name, "expires_at": None})).status_code == 201
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = (await harness.get("/v1/api-keys", limit=1, **({"cursor": cursor} if cursor else {}))).json()
+        seen += [item["id"] for item in page["data"]]
+        if len(seen) == 2:
+            assert (await harness.post("/v1/api-keys", {"name": "late", "expires_at": None})).status_code == 201
+        if (cursor := page["meta"]["next_cursor"]) is None:
+            break
+    everything = [item["id"] for item in (await harness.get("/v1/api-keys", limit=100)).json()["data"]]
+    assert seen == everything and len(everything) == 5  # the harness's own key, three, and the late one
+    for forged in ("-1", "2", "-100"):
+        cursor = base64.urlsafe_b64encode(forged.encode()).decode().rstrip("=")
+        assert_error(await harness.get("/v1/api-keys", cursor=cursor), 400, "validation_error")
+
+
 async def test_an_expired_key_is_401(harness: Harness) -> None:
     raw = create_key(harness.settings.database, "acme", expires_at=SystemClock().now_ms() - 1000)
     response = await harness.client.get("/v1/sms-conversations", headers={"Authorization": f"Bearer {raw}"})

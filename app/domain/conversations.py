@@ -236,7 +236,9 @@ def _record_unwritten(
     """The model could not write the opening: the conversation is kept, closed, with no message."""
     now_ms = ctx.clock.now_ms()
     senders.ensure_own(conn, conversation.org_id, conversation.from_number, now_ms, field=sender_field)
-    store.insert(conn, msgspec.structs.replace(conversation, message_count=0))
+    store.insert(
+        conn, msgspec.structs.replace(conversation, message_count=0, created_at=now_ms, last_activity_at=now_ms)
+    )
     lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
     _finish_idempotency(conn, conversation.org_id, idempotency_key, outcome)
 
@@ -358,6 +360,10 @@ async def create(
                     functools.partial(_record_unwritten, ctx, conversation, sender_field, idempotency_key, unwritten)
                 )
                 return unwritten, False
+            # The model took seconds: stamp the conversation now, as it is written, so that it does not appear in
+            # the newest-first list behind conversations a client has already seen (persist reads both names).
+            now = ctx.clock.now_ms()
+            conversation = msgspec.structs.replace(conversation, created_at=now, last_activity_at=now)
         message = messaging.new_outbound(conversation, opening, "agent", now, ctx.provider.name, seq=1)
         persisted = await ctx.db.write(functools.partial(persist, message=message))
     except BaseException:

@@ -45,12 +45,16 @@ def key_by_hash(conn: sqlite3.Connection, key_hash: str) -> sqlite3.Row | None:
     ).fetchone()
 
 
-def list_keys(conn: sqlite3.Connection, org_id: str) -> list[sqlite3.Row]:
-    return conn.execute(
-        "SELECT id, name, key_prefix, expires_at, created_at, revoked_at FROM api_keys"
-        " WHERE org_id = ? ORDER BY created_at, id",
-        (org_id,),
-    ).fetchall()
+def list_keys(
+    conn: sqlite3.Connection, org_id: str, *, after: tuple[int, str] | None = None, limit: int = -1
+) -> list[sqlite3.Row]:
+    """The org's keys, oldest first: all of them, or `limit` after the (created_at, id) `after`."""
+    sql = "SELECT id, name, key_prefix, expires_at, created_at, revoked_at FROM api_keys WHERE org_id = ?"
+    args: list[object] = [org_id]
+    if after is not None:
+        sql += " AND (created_at, id) > (?, ?)"
+        args.extend(after)
+    return conn.execute(sql + " ORDER BY created_at, id LIMIT ?", (*args, limit)).fetchall()
 
 
 def get_key(conn: sqlite3.Connection, key_id: str, org_id: str | None = None) -> sqlite3.Row | None:
