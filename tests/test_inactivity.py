@@ -12,6 +12,7 @@ from app.clock import FakeClock, SystemClock
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest
 from app.providers.simulator import SimulatorProvider
 from tests.conftest import Harness, start_harness
+from tests.provider_doubles import SimulatorHolding
 from tests.seed import SEED_CREATE
 from tests.webhook_receiver import eventually
 
@@ -239,3 +240,26 @@ async def test_a_timer_cut_off_by_a_stop_runs_as_soon_as_the_server_is_back(tmp_
         h.keys["acme"] = key
         await eventually(lambda: conversation(h, conversation_id)["status"] == "closed", timeout=3.0)
         assert conversation(h, conversation_id)["end_reason"] == "inactivity_timeout"
+
+
+async def test_a_customer_who_writes_while_the_closing_message_is_on_its_way_keeps_the_conversation_open(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The provider takes its time with the closing message, and the customer writes meanwhile: that text starts
+    a new quiet period (SPEC §3.4), so the conversation is not closed under them."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    holding = SimulatorHolding(2)  # the opening goes out; the closing message waits at the provider
+    async with start_harness(tmp_path, clock=clock, provider=holding) as h:
+        conversation_id = await open_conversation(h, agent)
+        await clock.advance(3600)
+        await eventually(holding.holding.is_set)
+        await inbound(h, "Wait, one more question")
+        holding.release.set()
+        # Delivered (the simulator reports after it took the text): the timer's run has finished with it.
+        await eventually(lambda: messages(h, conversation_id)[-2] == ("system", CLOSING, "delivered") or None)
+        await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE lease_until IS NOT NULL AND kind = 'inactivity'"))
+
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        await advance(h, clock, 3600)  # quiet for a whole timeout after the customer's text: now it closes
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"

@@ -48,6 +48,13 @@ def _nothing_since(conn: sqlite3.Connection, conversation_id: str, message: Mess
     return not store.messages_of(conn, conversation_id, after_seq=message.seq, limit=1)
 
 
+def _others_since(conn: sqlite3.Connection, conversation: Conversation, own: Message) -> bool:
+    """True when a message other than `own` was stored after the last one `conversation` (as read when the timer
+    ran) had. Sending `own` re-armed the timer itself, so the timer cannot tell."""
+    later = store.messages_of(conn, conversation.id, after_seq=conversation.message_count, limit=2)
+    return any(message.id != own.id for message in later)
+
+
 async def _send_system(ctx: Context, conversation: Conversation, content: str, what: str) -> Message | None:
     """Send a message of Parley's own; a refusal (opt-out, provider rejection, closed) is logged, not raised."""
     try:
@@ -111,6 +118,8 @@ async def _close(ctx: Context, job: Job, conversation: Conversation) -> None:
             return False
         if sent is None and not jobs.is_current(conn, job):
             return False  # a message arrived while we looked: not quiet after all
+        if sent is not None and _others_since(conn, conversation, sent):
+            return False  # the customer (or someone) wrote while the closing message was on its way: a new quiet period
         return lifecycle.close(conn, current, reason=REASON, now_ms=ctx.clock.now_ms())
 
     if await ctx.db.write(close):
