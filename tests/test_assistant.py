@@ -37,6 +37,7 @@ from tests.assistant_support import (
 from tests.conftest import Harness
 from tests.fake_llm import FakeLLM, FakeToolServer, Step
 from tests.provider_doubles import BreaksOnNth, SimulatorHolding
+from tests.seed import SEED_CREATE
 from tests.webhook_receiver import eventually
 
 
@@ -936,6 +937,21 @@ async def test_a_model_failure_while_writing_an_opening_is_a_502_naming_a_closed
     assert (await h.get(f"/v1/sms-conversations/{error['conversationId']}/messages")).json()["data"] == []
     assert events(h, error["conversationId"], "sms.conversation_closed")
     assert (await h.get("/v1/simulator/messages", number=CUSTOMER)).json()["data"] == []
+
+
+async def test_a_number_claimed_only_by_a_create_whose_opening_the_model_could_not_write_is_given_back(
+    h: Harness, llm: FakeLLM
+) -> None:
+    agent = await make_agent(h)
+    llm.fail(500)
+    failed = await h.post(
+        "/v1/sms-conversations", {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS}
+    )
+    assert failed.status_code == 502, failed.text
+
+    other = await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": OURS}, org="globex")
+
+    assert other.status_code == 201, other.text
 
 
 async def test_an_opening_answer_that_is_not_json_is_a_502_not_a_500(h: Harness, llm: FakeLLM) -> None:

@@ -27,6 +27,8 @@ def test_make_run_serves_and_the_readme_curl_example_answers_201(server: Any) ->
     base, process, tmp_path = server
     key = (tmp_path / "data" / "dev-api-key").read_text().strip()
     assert key.startswith("pk_test_")
+    for secret in ("dev-api-key", "parley.db"):  # a key, and signing secrets and phone numbers: the owner's only
+        assert (tmp_path / "data" / secret).stat().st_mode & 0o777 == 0o600, secret
     status, body = call("POST", base + "/v1/sms-conversations", key, SEED_CREATE)
     assert status == 201, body
     assert body["data"]["status"] == "in_progress"

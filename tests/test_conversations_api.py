@@ -414,6 +414,51 @@ async def test_a_number_another_organization_sends_from_is_refused_and_its_conve
     assert own.status_code == 201, own.text
 
 
+async def test_a_number_claimed_only_by_a_refused_create_is_given_back(harness: Harness) -> None:
+    """The provider refused globex's only send from the number: globex never sent from it, so it does not keep it."""
+    number = "+15555550141"
+    refused = await harness.post(
+        "/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number, "toNumber": "+15005550001"}, org="globex"
+    )
+    assert refused.status_code == 502, refused.text
+    assert harness.rows("SELECT COUNT(*) FROM sender_numbers WHERE number = ?", number)[0][0] == 0
+
+    taken = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number})
+    assert taken.status_code == 201, taken.text
+    assert (
+        await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number}, org="globex")
+    ).status_code == 400
+
+
+async def test_a_deleted_or_renumbered_agents_number_is_given_back_unless_it_was_sent_from(harness: Harness) -> None:
+    agent = {"name": "Globex line", "systemPrompt": "Hi.", "openingMessage": "Hi there."}
+    unused, renumbered, used = "+15555550142", "+15555550143", "+15555550144"
+    first = (await harness.post("/v1/agents", {**agent, "phoneNumber": unused}, org="globex")).json()["data"]
+    second = (await harness.post("/v1/agents", {**agent, "phoneNumber": renumbered}, org="globex")).json()["data"]
+    third = (await harness.post("/v1/agents", {**agent, "phoneNumber": used}, org="globex")).json()["data"]
+    sent = await harness.post(
+        "/v1/sms-conversations", {"agentId": third["agentId"], "toNumber": "+15555550199"}, org="globex"
+    )
+    assert sent.status_code == 201, sent.text
+    for number in (unused, renumbered, used):  # held by globex's agents: refused to acme
+        refused = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number})
+        assert refused.status_code == 400, refused.text
+
+    for agent_id in (first["agentId"], third["agentId"]):
+        gone = await harness.client.delete(f"/v1/agents/{agent_id}", headers=harness.auth("globex"))
+        assert gone.status_code == 204
+    moved = await harness.client.patch(
+        f"/v1/agents/{second['agentId']}", json={"phoneNumber": "+15555550145"}, headers=harness.auth("globex")
+    )
+    assert moved.status_code == 200, moved.text
+
+    for number in (unused, renumbered):
+        taken = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number})
+        assert taken.status_code == 201, taken.text
+    kept = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": used})
+    assert kept.status_code == 400, kept.text  # globex sent from it: its own for good
+
+
 async def test_a_custom_agent_cannot_take_another_organizations_number(harness: Harness) -> None:
     assert (await harness.post("/v1/sms-conversations", SEED_CREATE)).status_code == 201
     agent = {"name": "Globex line", "systemPrompt": "Hi.", "phoneNumber": SEED_CREATE["fromNumber"]}

@@ -311,6 +311,43 @@ async def test_migration_0010_gives_each_number_to_the_one_organization_that_use
         assert (await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared})).status_code == 400
 
 
+async def test_migration_0017_keeps_numbers_sent_from_or_held_by_an_agent_and_gives_back_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Before 0017 a refused create, or an agent deleted since, kept its number for good: such claims are given
+    back; a number its owner sent from, or a live custom agent of its owner holds, stays the owner's."""
+    sent, refused_only, agent_held, deleted_agent = "+15555550150", "+15555550151", "+15555550152", "+15555550153"
+    conn = database_at(tmp_path, 16)
+    conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0), ('org-2', 'globex', 0)")
+    conn.execute(
+        "INSERT INTO agents (id, kind, slug, org_id, config, tool_secret, created_at, updated_at, deleted_at) VALUES"
+        " ('00000000-0000-4000-8000-00000000000a', 'custom', NULL, 'org-2', ?, 's', 0, 0, NULL),"
+        " ('00000000-0000-4000-8000-00000000000b', 'custom', NULL, 'org-2', ?, 's', 0, 0, 5)",
+        (json.dumps({"name": "A", "phoneNumber": agent_held}), json.dumps({"name": "B", "phoneNumber": deleted_agent})),
+    )
+    for n, (number, reason) in enumerate([(sent, "admin_closed"), (refused_only, "opening_message_failed")], 1):
+        conn.execute(
+            "INSERT INTO conversations (id, org_id, agent_id, status, from_number, to_number, dynamic_variables,"
+            " metadata, inactivity_timeout_seconds, created_at, last_activity_at, ended_at, end_reason,"
+            " message_count, last_message_seq, last_event_seq)"
+            " VALUES (?, 'org-2', '00000000-0000-4000-8000-00000000000a', 'closed', ?, '+15555550199', '{}', '{}',"
+            " 3600, ?, ?, ?, ?, 0, 0, 0)",
+            (f"11111111-1111-4111-8111-11111111111{n}", number, n, n, n, reason),
+        )
+    conn.executemany(
+        "INSERT INTO sender_numbers (number, org_id, created_at) VALUES (?, 'org-2', 1)",
+        [(sent,), (refused_only,), (agent_held,), (deleted_agent,)],
+    )
+    conn.close()
+
+    async with start_harness(tmp_path) as h:
+        rows = {row["number"]: row["sent_at"] for row in h.rows("SELECT number, sent_at FROM sender_numbers")}
+        assert rows == {sent: 1, agent_held: None}
+        for number, status in [(sent, 400), (agent_held, 400), (refused_only, 201), (deleted_agent, 201)]:
+            answer = await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number})
+            assert answer.status_code == status, (number, answer.text)
+
+
 def plan_of(conn: sqlite3.Connection, run: Callable[[], object]) -> str:
     """SQLite's query plan for the first statement `run` executes on `conn`, with its values bound."""
     statements: list[str] = []
@@ -916,3 +953,23 @@ async def test_a_job_cut_off_by_the_stop_gives_its_lease_back(tmp_path: Path) ->
         assert h.rows("SELECT lease_until FROM jobs WHERE kind = 'test_hangs'")[0][0] is not None
         await h.ctx.scheduler.stop(grace=0.05)
         assert h.rows("SELECT lease_until FROM jobs WHERE kind = 'test_hangs'")[0][0] is None
+
+
+async def test_a_new_database_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """The file holds webhook and tool signing secrets, phone numbers and message bodies: whatever the umask, a
+    database Parley creates is 0600, and SQLite gives its WAL the same mode. An existing file keeps its mode."""
+    made = tmp_path / "data" / "parley.db"
+    database = Database(str(made))
+    await database.open()
+    try:
+        await database.write(lambda c: c.execute("INSERT INTO orgs (id, name, created_at) VALUES ('o', 'o', 0)"))
+        for path in (made, Path(f"{made}-wal")):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    finally:
+        await database.close()
+
+    kept = tmp_path / "kept.db"
+    kept.touch(mode=0o640)
+    kept.chmod(0o640)
+    connect_sync(str(kept)).close()
+    assert kept.stat().st_mode & 0o777 == 0o640

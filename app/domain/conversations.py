@@ -29,7 +29,7 @@ from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
 from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody, whole
-from app.providers.base import ProviderRejected, SendAccepted
+from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
@@ -193,10 +193,15 @@ def _opening_sent(
     accepted: SendAccepted,
     agent: Agent | None,
     now_ms: int,
+    *,
+    first_from_sender: bool = True,
 ) -> int | None:
     """The provider took the opening SMS: supersede the pair's other open conversation, start this one, record
-    the send and arm the inactivity timer; return the timer's due time (None: it was closed while pending, or
-    the customer opted out while the opening was on its way)."""
+    the send (and, when the organization may not have sent from this number before, that it now has) and arm
+    the inactivity timer; return the timer's due time (None: it was closed while pending, or the customer opted
+    out while the opening was on its way)."""
+    if first_from_sender:
+        senders.mark_sent(conn, conversation.org_id, conversation.from_number, now_ms)
     for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
         if other.id != conversation.id:
             lifecycle.close(
@@ -223,6 +228,8 @@ def _opening_failed(
     if message is not None:
         messaging.record_rejected(conn, conversation, message, why, now_ms)
     lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+    if why.code != OUTCOME_UNKNOWN:  # certainly not sent: a number claimed only by this create is given back
+        senders.release_unused(conn, conversation.org_id, conversation.from_number)
 
 
 def _record_unwritten(
@@ -240,6 +247,7 @@ def _record_unwritten(
         conn, msgspec.structs.replace(conversation, message_count=0, created_at=now_ms, last_activity_at=now_ms)
     )
     lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
+    senders.release_unused(conn, conversation.org_id, conversation.from_number)
     _finish_idempotency(conn, conversation.org_id, idempotency_key, outcome)
 
 
@@ -309,13 +317,15 @@ async def create(
     )
     sender_field = "fromNumber" if sender == body.from_number else "agentId"
     claimed_early = False
+    first_from_sender = True
 
     def persist(conn: sqlite3.Connection, message: Message) -> Replay | Message:
+        nonlocal first_from_sender
         if idempotency_key and not claimed_early:
             replay = _claim(conn, org_id, idempotency_key, digest, conversation.id, ctx.clock.now_ms())
             if replay is not None:
                 return replay
-        senders.ensure_own(conn, org_id, sender, now, field=sender_field)
+        first_from_sender = not senders.ensure_own(conn, org_id, sender, now, field=sender_field)
         # The opt-out list is checked (409) here, in the transaction that would create the conversation.
         if opt_outs.contains(conn, org_id, sender, body.to_number):
             raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
@@ -401,7 +411,9 @@ async def create(
     )
 
     def record_success(conn: sqlite3.Connection) -> int | None:
-        due = _opening_sent(conn, conversation, message, accepted, agent, ctx.clock.now_ms())
+        due = _opening_sent(
+            conn, conversation, message, accepted, agent, ctx.clock.now_ms(), first_from_sender=first_from_sender
+        )
         _finish_idempotency(conn, org_id, idempotency_key, outcome)
         return due
 

@@ -25,9 +25,11 @@ background checkpoints fall behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -65,9 +67,18 @@ def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
         conn.execute("PRAGMA query_only = ON")
 
 
+def create_private(path: str) -> None:
+    """Create the database file, readable by its owner only, unless it exists: it holds signing secrets, phone
+    numbers and message bodies. SQLite gives its WAL and shared-memory files the database file's mode. An
+    existing file keeps the mode its operator gave it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def connect_sync(path: str) -> sqlite3.Connection:
     """A plain connection for commands and start-up work (autocommit; transactions are explicit)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    create_private(path)
     conn = sqlite3.connect(path, **CONNECT)
     configure(conn, writer=True)
     return conn
@@ -171,7 +182,7 @@ class Database:
         self.stats = WriteStats()
 
     async def open(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        create_private(self.path)
         self._writer = await aiosqlite.connect(self.path, **CONNECT)
         await self._call(self._writer, lambda c: configure(c, writer=True))
         await self._call(self._writer, migrate)
