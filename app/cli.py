@@ -115,9 +115,9 @@ def ensure_dev_key(settings: Settings) -> str:
     finally:
         conn.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "w") as out:  # never readable by all
+    with os.fdopen(os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT: narrowed before the write
         out.write(raw + "\n")
-    path.chmod(0o600)  # an older file made before this kept its mode through O_CREAT
     return raw
 
 

@@ -3,12 +3,19 @@
 -- good, even after the agent was deleted: another organization could hold a number it never sent from.
 ALTER TABLE sender_numbers ADD COLUMN sent_at INTEGER;
 
--- Every owner that has a conversation from the number other than a refused opening has sent from it (an
--- interrupted create still `pending` may have: kept). One pass over conversations.
+-- Every owner that has a conversation from the number whose opening may have gone out has sent from it: any
+-- but a failed opening, and a failed opening too when the provider took it (it has the provider's id) or could
+-- not say (`provider_outcome_unknown`). An interrupted create still `pending` may have: kept. One pass over
+-- conversations.
 UPDATE sender_numbers SET sent_at = created_at
 WHERE (number, org_id) IN (
-    SELECT from_number, org_id FROM conversations
-    WHERE NOT (status = 'closed' AND end_reason = 'opening_message_failed')
+    SELECT c.from_number, c.org_id FROM conversations c
+    WHERE NOT (c.status = 'closed' AND c.end_reason = 'opening_message_failed')
+       OR EXISTS (
+           SELECT 1 FROM messages m
+           WHERE m.conversation_pos = c.pos AND m.seq = 1
+             AND (m.provider_message_id IS NOT NULL OR m.error_code = 'provider_outcome_unknown')
+       )
 );
 
 -- The rest is given back unless a live custom agent of the owner has the number.

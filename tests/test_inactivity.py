@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -261,5 +262,43 @@ async def test_a_customer_who_writes_while_the_closing_message_is_on_its_way_kee
 
         assert conversation(h, conversation_id)["status"] == "in_progress"
         await advance(h, clock, 3600)  # quiet for a whole timeout after the customer's text: now it closes
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+
+
+class HoldingClosingRefusing(SimulatorProvider):
+    """The simulator, except that the closing message waits for `release` and one other text is refused."""
+
+    def __init__(self, refuse: str) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        if request.body == CLOSING:
+            self.holding.set()
+            await self.release.wait()
+        if request.body == self.refuse:
+            raise ProviderRejected("30007", "Message filtered by the carrier")
+        return await super().send(request)
+
+
+async def test_a_message_the_provider_refused_while_the_closing_message_was_on_its_way_does_not_keep_it_open(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A refused message was neither sent nor received (SPEC §3.4): the close goes ahead, as it would outside that
+    window."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    provider = HoldingClosingRefusing("Operator here")
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id = await open_conversation(h, agent)
+        await clock.advance(3600)
+        await eventually(provider.holding.is_set)
+        refused = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
+        assert refused.status_code == 502, refused.text
+
+        provider.release.set()
+
         closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
         assert closed["end_reason"] == "inactivity_timeout"

@@ -315,8 +315,10 @@ async def test_migration_0017_keeps_numbers_sent_from_or_held_by_an_agent_and_gi
     tmp_path: Path,
 ) -> None:
     """Before 0017 a refused create, or an agent deleted since, kept its number for good: such claims are given
-    back; a number its owner sent from, or a live custom agent of its owner holds, stays the owner's."""
+    back; a number its owner sent from (or may have: a failed opening the provider took, or whose outcome it could
+    not say), or a live custom agent of its owner holds, stays the owner's."""
     sent, refused_only, agent_held, deleted_agent = "+15555550150", "+15555550151", "+15555550152", "+15555550153"
+    unknown_outcome, taken_then_failed = "+15555550154", "+15555550155"
     conn = database_at(tmp_path, 16)
     conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0), ('org-2', 'globex', 0)")
     conn.execute(
@@ -325,25 +327,57 @@ async def test_migration_0017_keeps_numbers_sent_from_or_held_by_an_agent_and_gi
         " ('00000000-0000-4000-8000-00000000000b', 'custom', NULL, 'org-2', ?, 's', 0, 0, 5)",
         (json.dumps({"name": "A", "phoneNumber": agent_held}), json.dumps({"name": "B", "phoneNumber": deleted_agent})),
     )
-    for n, (number, reason) in enumerate([(sent, "admin_closed"), (refused_only, "opening_message_failed")], 1):
+    openings = [
+        (sent, "admin_closed", "delivered", None, "SMa"),
+        (refused_only, "opening_message_failed", "failed", "21211", None),
+        (unknown_outcome, "opening_message_failed", "failed", "provider_outcome_unknown", None),
+        (taken_then_failed, "opening_message_failed", "failed", "parley_interrupted", "SMb"),
+    ]
+    for n, (number, reason, status, error_code, provider_id) in enumerate(openings, 1):
+        conversation_id = f"11111111-1111-4111-8111-11111111111{n}"
         conn.execute(
             "INSERT INTO conversations (id, org_id, agent_id, status, from_number, to_number, dynamic_variables,"
             " metadata, inactivity_timeout_seconds, created_at, last_activity_at, ended_at, end_reason,"
-            " message_count, last_message_seq, last_event_seq)"
+            " message_count, last_message_seq, last_event_seq, pos)"
             " VALUES (?, 'org-2', '00000000-0000-4000-8000-00000000000a', 'closed', ?, '+15555550199', '{}', '{}',"
-            " 3600, ?, ?, ?, ?, 0, 0, 0)",
-            (f"11111111-1111-4111-8111-11111111111{n}", number, n, n, n, reason),
+            " 3600, ?, ?, ?, ?, 1, 1, 0, ?)",
+            (conversation_id, number, n, n, n, reason, n),
+        )
+        conn.execute(
+            "INSERT INTO messages (id, conversation_id, org_id, seq, direction, author, from_number, to_number,"
+            " content, status, provider, provider_message_id, error_code, encoding, segments, created_at,"
+            " updated_at, conversation_pos)"
+            " VALUES (?, ?, 'org-2', 1, 'outbound', 'agent', ?, '+15555550199', 'Hi', ?, 'simulator', ?, ?,"
+            " 'GSM-7', 1, ?, ?, ?)",
+            (
+                f"22222222-2222-4222-8222-22222222222{n}",
+                conversation_id,
+                number,
+                status,
+                provider_id,
+                error_code,
+                n,
+                n,
+                n,
+            ),
         )
     conn.executemany(
         "INSERT INTO sender_numbers (number, org_id, created_at) VALUES (?, 'org-2', 1)",
-        [(sent,), (refused_only,), (agent_held,), (deleted_agent,)],
+        [(number,) for number in (sent, refused_only, agent_held, deleted_agent, unknown_outcome, taken_then_failed)],
     )
     conn.close()
 
     async with start_harness(tmp_path) as h:
         rows = {row["number"]: row["sent_at"] for row in h.rows("SELECT number, sent_at FROM sender_numbers")}
-        assert rows == {sent: 1, agent_held: None}
-        for number, status in [(sent, 400), (agent_held, 400), (refused_only, 201), (deleted_agent, 201)]:
+        assert rows == {sent: 1, unknown_outcome: 1, taken_then_failed: 1, agent_held: None}
+        for number, status in [
+            (sent, 400),
+            (unknown_outcome, 400),
+            (taken_then_failed, 400),
+            (agent_held, 400),
+            (refused_only, 201),
+            (deleted_agent, 201),
+        ]:
             answer = await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number})
             assert answer.status_code == status, (number, answer.text)
 
@@ -506,6 +540,93 @@ async def test_a_crash_between_persist_and_send_is_resolved_at_start_up(tmp_path
         hanging.release.set()
         await task
         assert first.rows("SELECT COUNT(*) FROM conversations WHERE status = 'pending'")[0][0] == 0
+
+
+def sender_claims(h: Any) -> list[tuple[str, str, bool]]:
+    return [
+        (row[0], row[1], bool(row[2]))
+        for row in h.rows(
+            "SELECT s.number, o.name, s.sent_at IS NOT NULL FROM sender_numbers s JOIN orgs o ON o.id = s.org_id"
+        )
+    ]
+
+
+async def test_an_opening_a_status_report_shows_taken_goes_on_after_a_crash_and_keeps_its_number(
+    tmp_path: Path,
+) -> None:
+    """The provider's status callback recorded its id before the create recorded the acceptance, then the process
+    died: the provider took the opening, so the conversation goes on as the create would have left it."""
+    hanging = HangingProvider()
+    async with start_harness(tmp_path, provider=hanging) as first:
+        task = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE))
+        await asyncio.wait_for(hanging.called.wait(), 5)
+        (message_id,) = [row[0] for row in first.rows("SELECT id FROM messages")]
+        report = StatusReport(
+            provider_message_id="SMtaken1", provider_status="sent", message_id=message_id, error_code=None, raw={}
+        )
+        await first.ctx.db.write(lambda c: messaging.apply_reports(c, [report], "simulator", first.clock.now_ms()))
+        key = first.key()
+        async with start_harness(tmp_path) as second:
+            second.keys["acme"] = key
+            assert tuple(second.rows("SELECT status, end_reason FROM conversations")[0]) == ("in_progress", None)
+            assert tuple(second.rows("SELECT provider_message_id FROM messages")[0]) == ("SMtaken1",)
+            assert sender_claims(second) == [(SEED_CREATE["fromNumber"], "acme", True)]
+            taken = await second.post(
+                "/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15555550777"}, org="globex"
+            )
+            assert taken.status_code == 400, taken.text
+        hanging.release.set()
+        await task
+
+
+class ProviderThatCannotSay(SimulatorProvider):
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        raise RuntimeError("provider unreachable")
+
+
+async def test_a_number_whose_opening_may_have_gone_out_stays_its_organizations(tmp_path: Path) -> None:
+    """A crash cut off the send and the provider cannot say whether it took it: the opening may have gone out from
+    the number, so later refused creates do not give it back."""
+    hanging = HangingProvider()
+    async with start_harness(tmp_path, provider=hanging) as first:
+        task = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE))
+        await asyncio.wait_for(hanging.called.wait(), 5)
+        key = first.key()
+        async with start_harness(tmp_path, provider=ProviderThatCannotSay()) as second:
+            second.keys["acme"] = key
+            unknown = "SELECT error_code FROM messages WHERE error_code = 'provider_outcome_unknown'"
+            await eventually(lambda: second.rows(unknown))
+            refused = await second.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15005550001"})
+            assert refused.status_code == 502, refused.text
+            assert sender_claims(second) == [(SEED_CREATE["fromNumber"], "acme", True)]
+            taken = await second.post(
+                "/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15555550777"}, org="globex"
+            )
+            assert taken.status_code == 400, taken.text
+        hanging.release.set()
+        await task
+
+
+async def test_a_refused_create_does_not_give_back_a_number_another_create_is_still_sending_from(
+    tmp_path: Path,
+) -> None:
+    """An operator closed the first create's conversation while its opening was at the provider; a refused create
+    from the same number must not free it meanwhile, or another organization could take the number it goes out from."""
+    holding = SimulatorHolding(1)
+    async with start_harness(tmp_path, provider=holding) as h:
+        first = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
+        await eventually(holding.holding.is_set)
+        (conversation_id,) = [row[0] for row in h.rows("SELECT id FROM conversations")]
+        assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+        refused = await h.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15005550001"})
+        assert refused.status_code == 502, refused.text
+
+        taken = await h.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15555550777"}, org="globex")
+
+        assert taken.status_code == 400, taken.text
+        holding.release.set()
+        assert (await first).status_code == 201
+        assert sender_claims(h) == [(SEED_CREATE["fromNumber"], "acme", True)]
 
 
 async def test_an_unkeyed_create_cut_off_after_its_conversation_was_closed_leaves_no_message_queued(

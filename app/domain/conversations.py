@@ -228,7 +228,9 @@ def _opening_failed(
     if message is not None:
         messaging.record_rejected(conn, conversation, message, why, now_ms)
     lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
-    if why.code != OUTCOME_UNKNOWN:  # certainly not sent: a number claimed only by this create is given back
+    if why.code == OUTCOME_UNKNOWN:  # it may have gone out from the number: the organization keeps it
+        senders.mark_sent(conn, conversation.org_id, conversation.from_number, now_ms)
+    else:  # certainly not sent: a number claimed only by this create is given back
         senders.release_unused(conn, conversation.org_id, conversation.from_number)
 
 
@@ -455,9 +457,10 @@ async def get(ctx: Context, org_id: str, conversation_id: str) -> Conversation:
 
 
 def _unsent_opening(conn: sqlite3.Connection, conversation: Conversation) -> Message | None:
-    """An interrupted create's opening SMS, if no provider has been recorded as taking it."""
+    """An interrupted create's opening SMS, whose outcome its create never recorded. A status report may have
+    recorded the provider's id meanwhile (the provider took it: `messaging.ask_provider` answers so)."""
     for message in store.messages_of(conn, conversation.id, after_seq=0, limit=1):
-        if message.direction == "outbound" and message.status == "queued" and not message.provider_message_id:
+        if message.direction == "outbound" and (message.status == "queued" or message.provider_message_id):
             return message
     return None
 

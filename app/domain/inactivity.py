@@ -49,10 +49,11 @@ def _nothing_since(conn: sqlite3.Connection, conversation_id: str, message: Mess
 
 
 def _others_since(conn: sqlite3.Connection, conversation: Conversation, own: Message) -> bool:
-    """True when a message other than `own` was stored after the last one `conversation` (as read when the timer
-    ran) had. Sending `own` re-armed the timer itself, so the timer cannot tell."""
-    later = store.messages_of(conn, conversation.id, after_seq=conversation.message_count, limit=2)
-    return any(message.id != own.id for message in later)
+    """True when a message other than `own` was sent or received after the last one `conversation` (as read when
+    the timer ran) had; one the provider refused was neither. Sending `own` re-armed the timer itself, so the
+    timer cannot tell."""
+    later = store.messages_of(conn, conversation.id, after_seq=conversation.message_count, limit=100)
+    return any(message.id != own.id and message.status != "failed" for message in later)
 
 
 async def _send_system(ctx: Context, conversation: Conversation, content: str, what: str) -> Message | None:

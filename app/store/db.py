@@ -70,10 +70,15 @@ def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
 def create_private(path: str) -> None:
     """Create the database file, readable by its owner only, unless it exists: it holds signing secrets, phone
     numbers and message bodies. SQLite gives its WAL and shared-memory files the database file's mode. An
-    existing file keeps the mode its operator gave it."""
+    existing file keeps the mode its operator gave it. SQLite's own names (`:memory:`, `file:` URIs) are left to
+    SQLite."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        made = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.fchmod(made, 0o600)  # exactly: a umask such as 0277 would have narrowed it further
+        os.close(made)
 
 
 def connect_sync(path: str) -> sqlite3.Connection:

@@ -16,21 +16,28 @@ def claim(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> tu
 
 
 def mark_sent(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> None:
-    """The owner sent from `number` (the provider took a message): its claim is for good."""
+    """The owner sent from `number` (or may have: the provider could not say): its claim is for good. Taken
+    again if it was given back meanwhile, unless another organization has it since."""
     conn.execute(
-        "UPDATE sender_numbers SET sent_at = ? WHERE number = ? AND org_id = ? AND sent_at IS NULL",
-        (now_ms, number, org_id),
+        "INSERT INTO sender_numbers (number, org_id, created_at, sent_at) VALUES (?1, ?2, ?3, ?3)"
+        " ON CONFLICT (number) DO UPDATE SET sent_at = excluded.sent_at"
+        " WHERE sender_numbers.org_id = excluded.org_id AND sender_numbers.sent_at IS NULL",
+        (number, org_id, now_ms),
     )
 
 
 def release_unused(conn: sqlite3.Connection, number: str, org_id: str) -> bool:
     """Give back `org_id`'s claim on `number` when it never sent from it and nothing of its own holds it: no live
-    custom agent has it as its number, and no create from it is still in flight (`pending`). True if released."""
+    custom agent has it as its number, and no message of its own from it is on its way to the provider (queued,
+    not yet taken: a create in flight, even one whose conversation an operator closed meanwhile). True if
+    released."""
     released = conn.execute(
         "DELETE FROM sender_numbers WHERE number = ?1 AND org_id = ?2 AND sent_at IS NULL"
         " AND NOT EXISTS (SELECT 1 FROM agents WHERE org_id = ?2 AND kind = 'custom' AND deleted_at IS NULL"
         " AND json_extract(config, '$.phoneNumber') = ?1)"
-        " AND NOT EXISTS (SELECT 1 FROM conversations WHERE status = 'pending' AND org_id = ?2 AND from_number = ?1)",
+        # On the unfinished-messages index (its condition spelled out so that SQLite uses it).
+        " AND NOT EXISTS (SELECT 1 FROM messages WHERE status IN ('queued', 'sent') AND status = 'queued'"
+        " AND provider_message_id IS NULL AND direction = 'outbound' AND org_id = ?2 AND from_number = ?1)",
         (number, org_id),
     )
     return released.rowcount > 0
