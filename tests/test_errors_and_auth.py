@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import sqlite3
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -455,6 +456,36 @@ def test_key_cache_expires_entries_and_forgets_revoked_keys() -> None:
     cache.put("h1", record, now_ms=2000)
     cache.forget("k1")
     assert cache.get("h1", now_ms=2001) is None
+
+
+async def test_a_key_revoked_while_its_first_look_up_was_in_flight_is_not_cached_as_valid(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request read the key before the revocation committed and would cache it after the revocation dropped it:
+    that request may pass (it started first), but the very next one must not."""
+    from app.domain import keys
+
+    created = (await harness.post("/v1/api-keys", {"name": "racing", "expires_at": None})).json()["data"]
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    assert (await harness.get("/v1/api-keys")).status_code == 200  # the harness's own key is cached
+    real_lookup = keys.lookup
+    reached, release = threading.Event(), threading.Event()
+
+    def lookup_paused_after_reading(conn: sqlite3.Connection, key_hash: str) -> Any:
+        principal = real_lookup(conn, key_hash)
+        reached.set()
+        release.wait(5)
+        return principal
+
+    monkeypatch.setattr(keys, "lookup", lookup_paused_after_reading)
+    first = asyncio.create_task(harness.client.get("/v1/sms-conversations", headers=headers))
+    await asyncio.to_thread(reached.wait, 5)
+    monkeypatch.setattr(keys, "lookup", real_lookup)
+    assert (await harness.post(f"/v1/api-keys/{created['id']}/revoke")).status_code == 200
+    release.set()
+
+    assert (await first).status_code == 200
+    assert_error(await harness.client.get("/v1/sms-conversations", headers=headers), 401, "unauthorized")
 
 
 async def test_a_key_revoked_by_another_process_is_refused_after_the_cache_ttl(harness: Harness) -> None:

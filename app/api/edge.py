@@ -184,10 +184,13 @@ class Edge:
         key_hash = keys.hash_key(raw)
         principal = self.key_cache.get(key_hash, now_ms)
         if principal is None:
+            read_at = self.key_cache.generation
             principal = await ctx.db.read(lambda c: keys.lookup(c, key_hash))
             if principal is None:
                 return 401, "unauthorized", Unauthorized().message, {}
-            self.key_cache.put(key_hash, principal, now_ms)
+            # Not cached if a key was revoked meanwhile: this read may predate it (this request still passes, as
+            # one that started before the revocation).
+            self.key_cache.put(key_hash, principal, now_ms, read_at=read_at)
         if keys.expired(principal, now_ms):
             return 401, "unauthorized", Unauthorized().message, {}
         state["principal"] = principal

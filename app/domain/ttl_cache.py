@@ -18,6 +18,7 @@ class TtlCache(Generic[K, V]):
         self.ttl_ms = ttl_ms
         self.max_entries = max_entries
         self._entries: dict[K, tuple[V, int]] = {}
+        self.generation = 0  # moves on every `discard`: see `put`
 
     def get(self, key: K, now_ms: int) -> V | None:
         entry = self._entries.get(key)
@@ -25,13 +26,18 @@ class TtlCache(Generic[K, V]):
             return None
         return entry[0]
 
-    def put(self, key: K, value: V, now_ms: int) -> None:
+    def put(self, key: K, value: V, now_ms: int, *, read_at: int | None = None) -> None:
+        """Keep `value`; with `read_at` (the `generation` when it was read), only if nothing was discarded since:
+        a value read before a change, and put after the change dropped it, would bring it back."""
+        if read_at is not None and read_at != self.generation:
+            return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
         self._entries[key] = (value, now_ms + self.ttl_ms)
 
     def discard(self, matches: Callable[[V], bool]) -> None:
         """Drop every entry whose value `matches`."""
+        self.generation += 1
         for key, (value, _) in list(self._entries.items()):
             if matches(value):
                 del self._entries[key]
