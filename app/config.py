@@ -15,6 +15,7 @@ from dotenv import dotenv_values
 from app.hostnames import is_host_name
 
 DEFAULT_RETRY_SCHEDULE = (5, 300, 1800, 7200, 18000, 36000, 36000)
+MAX_RETRY_STEP_SECONDS = 30 * 86_400
 
 
 class ConfigError(Exception):
@@ -135,6 +136,8 @@ def _schedule(name: str, raw: str) -> tuple[int, ...]:
         raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}") from None
     if any(step < 0 for step in steps):
         raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}")
+    if any(step > MAX_RETRY_STEP_SECONDS for step in steps):
+        raise ConfigError(f"{name} steps must be at most {MAX_RETRY_STEP_SECONDS} seconds (30 days), got {raw!r}")
     return steps
 
 

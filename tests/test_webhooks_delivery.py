@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from app.clock import FakeClock, iso
 from app.config import DEFAULT_RETRY_SCHEDULE
 from app.domain.events import EVENT_TYPES
+from app.webhooks import retry
 from app.webhooks.delivery import MAX_RESPONSE_BODY, PER_ENDPOINT_CONCURRENCY
 from tests.conftest import Harness, query, start_harness
 from tests.seed import SEED_CREATE
@@ -222,6 +223,56 @@ async def test_a_timeout_or_429_waits_at_least_a_minute(tmp_path: Path, clock: F
             assert second["status_code"] == 429
             assert delivery_of(h, event_id)["next_attempt_at"] - second["at"] >= 60_000
             assert receiver.snapshot()[0].webhook_id == receiver.snapshot()[1].webhook_id == event_id
+
+
+async def test_a_response_body_that_times_out_also_waits_at_least_a_minute(tmp_path: Path, clock: FakeClock) -> None:
+    with Receiver(lambda record: Reply(status=500, body=b"slow", body_delay=0.6)) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(5, 5, 5)) as h:
+            h.ctx.webhooks.timeout = 0.2  # the production 15 s, shrunk for the test
+            await register(h, receiver)
+            event_id = await emit(h)
+            first = (await settled_attempts(h, event_id, 1))[0]
+            assert first["status_code"] == 500 and "timed out" in first["error"]
+            assert delivery_of(h, event_id)["next_attempt_at"] - first["at"] >= 60_000
+
+
+@pytest.mark.parametrize("retry_after", ["9" * 5000, "9" * 400, "\u00b2"])
+async def test_any_retry_after_an_endpoint_sends_gets_the_schedule_not_an_instant_loop(
+    tmp_path: Path, clock: FakeClock, retry_after: str
+) -> None:
+    """Whatever the endpoint puts in `Retry-After` (digits no float holds, a digit int() refuses), the attempt is
+    recorded and the next one waits its turn: it is not handed back due at once and sent again and again."""
+    with Receiver(scripted(503, headers={0: {"Retry-After": retry_after}})) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(10, 100)) as h:
+            await register(h, receiver)
+            event_id = await emit(h)
+            first = (await settled_attempts(h, event_id, 1))[0]
+            await asyncio.sleep(0.3)
+            assert len(receiver.snapshot()) == 1
+            assert first["status_code"] == 503
+            wait = delivery_of(h, event_id)["next_attempt_at"] - first["at"]
+            assert 8_000 <= wait <= 20_000  # the 10 s step, at most twice it on the header's account
+
+
+async def test_a_failure_of_ours_while_sending_is_a_failed_attempt_on_the_schedule(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a stop: the delivery is not given back due at once (which sent it again at once, for ever)."""
+
+    def broken(value: str | None, now_ms: int) -> float | None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(retry, "parse_retry_after", broken)
+    with Receiver(scripted(503)) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(10, 100)) as h:
+            await register(h, receiver)
+            event_id = await emit(h)
+            (first,) = await settled_attempts(h, event_id, 1)
+            await asyncio.sleep(0.3)
+            assert len(receiver.snapshot()) == 1
+            assert first["status_code"] == 0 and "internal error" in first["error"]
+            assert delivery_of(h, event_id)["status"] == "pending"
+            assert delivery_of(h, event_id)["next_attempt_at"] - first["at"] >= 8_000
 
 
 def assert_each_signature_is_by(secrets: list[str], record: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import random
 import time
 from datetime import UTC, datetime
@@ -171,6 +172,10 @@ def test_jitter_stays_within_twenty_percent() -> None:
         (None, None),
         ("soon", None),
         ("-5", None),
+        ("²", None),  # a digit to str.isdigit, not to int()
+        ("9" * 400, math.inf),  # past what a float holds: longer than any cap
+        ("9" * 5000, math.inf),  # past what int() reads by default
+        ("Fri, 31 Dec 99999 23:59:59 GMT", None),
         (format_datetime(datetime.fromtimestamp(1_000_090, tz=UTC), usegmt=True), 90.0),
         (format_datetime(datetime.fromtimestamp(999_000, tz=UTC), usegmt=True), 0.0),
     ],

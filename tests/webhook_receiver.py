@@ -25,6 +25,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     delay: float = 0.0
+    body_delay: float = 0.0  # after the status line and headers, before the body
 
 
 @dataclass
@@ -104,6 +105,9 @@ class Receiver:
                 handler.send_header(name, value)
             handler.send_header("Content-Length", str(len(reply.body)))
             handler.end_headers()
+            if reply.body_delay:
+                handler.wfile.flush()
+                time.sleep(reply.body_delay)
             handler.wfile.write(reply.body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout test)

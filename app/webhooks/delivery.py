@@ -132,8 +132,8 @@ class Dispatcher:
                         if len(body) >= MAX_RESPONSE_BODY:
                             break
         except (TimeoutError, httpx2.TimeoutException):
-            timed_out = status_code == 0
-            error = f"timed out after {self.timeout:g} s" if timed_out else "timed out reading the response body"
+            timed_out = True  # before an answer or while its body trickled in: either way the endpoint struggles
+            error = f"timed out after {self.timeout:g} s" if not status_code else "timed out reading the response body"
         except httpx2.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except (httpx2.InvalidURL, httpx2.StreamError, OSError, ValueError) as exc:
@@ -218,6 +218,17 @@ class Dispatcher:
         at, started = self.clock.now_ms(), time.perf_counter()
         try:
             return await self.send(claimed)
+        except Exception as exc:
+            # A failure of ours, not the endpoint's (`send` handles every HTTP and network one): record it as a
+            # failed attempt, so the retry schedule applies; given back due at once, it was tried again at once.
+            log.error("webhook attempt failed unexpectedly (delivery %s): %s", claimed.id, type(exc).__name__)
+            return Outcome(
+                at=at,
+                status_code=0,
+                duration_ms=round((time.perf_counter() - started) * 1000),
+                error=f"internal error in Parley while sending ({type(exc).__name__}); tried again on the schedule",
+                response_body=None,
+            )
         except BaseException:
             cut_off = store.Attempt(
                 at=at,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from email.utils import parsedate_to_datetime
 
@@ -16,17 +17,19 @@ def is_success(status_code: int) -> bool:
 
 
 def parse_retry_after(value: str | None, now_ms: int) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date); None if absent or bad."""
+    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date); None if absent or bad. Never
+    raises: the value is the endpoint's to choose."""
     if value is None:
         return None
     text = value.strip()
     if not text:
         return None
-    if text.isdigit():
-        return float(int(text))
+    if text.isascii() and text.isdigit():  # str.isdigit alone admits digits int() refuses, such as "²"
+        # More digits than any wait in seconds needs (a float overflows past ~309): longer than any cap anyway.
+        return float(int(text)) if len(text) <= 15 else math.inf
     try:
         moment = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if moment is None or moment.tzinfo is None:
         return None
