@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import re
 import signal
@@ -26,12 +27,14 @@ from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
 from app.store import orgs
 from app.store.db import connect_sync, write_sync
-from app.store.migrate import migrate
+from app.store.migrate import MigrationError, migrate
 
 STARTUP_FAILURE = 3  # the exit status uvicorn gives a server whose start-up failed
 BACKLOG = 2048  # uvicorn's default
 
 DEV_ORG = "dev"
+
+log = logging.getLogger("parley.db")
 
 
 def _name(text: str) -> str:
@@ -65,10 +68,16 @@ def _connect(settings: Settings) -> sqlite3.Connection:
 
 def _migrate(settings: Settings, conn: sqlite3.Connection) -> list[int]:
     try:
-        return migrate(conn)
+        applied = migrate(conn)
+    except MigrationError as exc:
+        conn.close()
+        raise ConfigError(f"PARLEY_DATABASE={settings.database!r}: {exc}") from None
     except sqlite3.Error as exc:  # a read-only file or directory
         conn.close()
         raise _bad_database(settings, exc) from None
+    if applied:
+        log.info("database migrated: %s", ", ".join(f"{number:04d}" for number in applied))
+    return applied
 
 
 def _open(settings: Settings) -> sqlite3.Connection:

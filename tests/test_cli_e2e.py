@@ -322,6 +322,21 @@ def test_a_database_that_cannot_be_opened_stops_the_command_with_one_line(
     assert not (tmp_path / "b.db").exists()
 
 
+@pytest.mark.parametrize("command", [("migrate",), ("serve",)])
+def test_a_database_a_newer_version_migrated_stops_the_command_with_one_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    assert cli(tmp_path, "migrate").returncode == 0
+    database = tmp_path / "data" / "parley.db"
+    with sqlite3.connect(database) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (9999, '9999_from_the_future')")
+    args = [*command, "--port", str(free_port())] if command == ("serve",) else command
+    result = cli(tmp_path, *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "PARLEY_DATABASE" in result.stderr and "newer version of Parley" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("flags", "env", "named"),
     [

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from app.domain.ids import new_signing_secret
 from app.providers.base import SendAccepted, SendRequest, StatusReport
 from app.providers.simulator import SimulatorProvider
 from app.store.db import Database, connect_sync
-from app.store.migrate import MIGRATIONS_DIR, migrate, migration_files
+from app.store.migrate import MIGRATIONS_DIR, MigrationError, migrate, migration_files
 from tests.assistant_support import call_tool, open_conversation, signers, webhook_tool
 from tests.conftest import start_harness
 from tests.fake_llm import FakeLLM, FakeToolServer
@@ -216,6 +217,35 @@ def test_a_managed_agents_tool_secret_changed_in_the_agents_file_keeps_the_old_o
     conn.close()
 
 
+def test_syncing_an_unchanged_agents_file_leaves_updated_at_alone_and_a_change_or_relisting_moves_it(
+    tmp_path: Path,
+) -> None:
+    """Every start syncs agents.toml: an agent it does not change keeps its `updatedAt`."""
+    from app.domain import agent_registry
+
+    path = tmp_path / "agents.toml"
+    listed = '[[agents]]\nslug = "steady"\nname = "Steady"\nsystemPrompt = "Hi."\n'
+    path.write_text(listed)
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+
+    def updated_at() -> tuple[int, int | None]:
+        return tuple(conn.execute("SELECT updated_at, deleted_at FROM agents WHERE slug = 'steady'").fetchone())
+
+    agent_registry.sync_managed(conn, str(path), 1)
+    agent_registry.sync_managed(conn, str(path), 2)
+    assert updated_at() == (1, None)
+    path.write_text(listed.replace("Hi.", "Hello."))
+    agent_registry.sync_managed(conn, str(path), 3)
+    assert updated_at() == (3, None)
+    path.write_text("agents = []\n")
+    agent_registry.sync_managed(conn, str(path), 4)
+    path.write_text(listed.replace("Hi.", "Hello."))  # listed again, unchanged: back, as of now
+    agent_registry.sync_managed(conn, str(path), 5)
+    assert updated_at() == (5, None)
+    conn.close()
+
+
 async def test_migration_0009_carries_an_agents_previous_tool_secret_into_the_list_and_it_keeps_signing(
     tmp_path: Path,
 ) -> None:
@@ -380,6 +410,66 @@ async def test_migration_0017_keeps_numbers_sent_from_or_held_by_an_agent_and_gi
         ]:
             answer = await h.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": number})
             assert answer.status_code == status, (number, answer.text)
+
+
+def test_a_database_a_newer_version_migrated_is_refused_not_misread(tmp_path: Path) -> None:
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    conn.execute("INSERT INTO schema_migrations (version, name) VALUES (9999, '9999_from_the_future')")
+    with pytest.raises(MigrationError, match="newer version of Parley"):
+        migrate(conn)
+    conn.close()
+
+
+def test_a_migration_another_process_applied_meanwhile_is_skipped(tmp_path: Path) -> None:
+    """Two processes start on an old database at once: the second, which read the list of applied migrations
+    before the first applied 0017, waits for the write lock and then finds 0017 recorded instead of failing."""
+    database_at(tmp_path, 16).close()
+    first = connect_sync(str(tmp_path / "parley.db"))
+    first.execute("BEGIN IMMEDIATE")
+    outcome: list[object] = []
+    second = threading.Thread(target=lambda: outcome.append(_migrate_or_error(str(tmp_path / "parley.db"))))
+    second.start()
+    time.sleep(0.3)  # the second has read the applied list and waits for the lock
+    first.execute("ALTER TABLE sender_numbers ADD COLUMN sent_at INTEGER")
+    first.execute("INSERT INTO schema_migrations (version, name) VALUES (17, '0017_sender_numbers_sent')")
+    first.execute("COMMIT")
+    second.join(15)
+    assert outcome == [[n for n, _ in migration_files() if n > 17]]
+    first.close()
+
+
+def _migrate_or_error(path: str) -> object:
+    conn = connect_sync(path)
+    try:
+        return migrate(conn)
+    except Exception as exc:
+        return exc
+    finally:
+        conn.close()
+
+
+async def test_an_unowned_number_another_organization_has_open_conversations_from_is_not_taken(
+    harness: Any,
+) -> None:
+    """A number two organizations shared before migration 0010 has no owner; while one of them still has a
+    conversation open from it, the other's create would supersede it: refused until that one closes."""
+    shared = "+15555550160"
+    opened = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared}, org="globex")
+    assert opened.status_code == 201, opened.text
+    await harness.ctx.db.write(lambda c: c.execute("DELETE FROM sender_numbers WHERE number = ?", (shared,)))
+
+    refused = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared})
+    assert refused.status_code == 400, refused.text
+    globex_conversation = opened.json()["data"]["conversationId"]
+    assert (await harness.get(f"/v1/sms-conversations/{globex_conversation}", org="globex")).json()["data"][
+        "status"
+    ] == "in_progress"
+
+    closed = await harness.post(f"/v1/sms-conversations/{globex_conversation}/close", org="globex")
+    assert closed.status_code == 200
+    taken = await harness.post("/v1/sms-conversations", {**SEED_CREATE, "fromNumber": shared})
+    assert taken.status_code == 201, taken.text
 
 
 def plan_of(conn: sqlite3.Connection, run: Callable[[], object]) -> str:
@@ -867,7 +957,7 @@ def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> Non
         load_settings({"PARLEY_PORT": "eighty"}, env_file=None)
     with pytest.raises(ConfigError, match="PARLEY_SMS_PROVIDER"):
         load_settings({"PARLEY_SMS_PROVIDER": "carrier-pigeon"}, env_file=None)
-    for schedule in ("5,soon", "5,,6", "5,6,", "5,-1"):
+    for schedule in ("5,soon", "5,,6", "5,6,", "5,-1", "5,99999999999999999", f"5,{30 * 86_400 + 1}"):
         with pytest.raises(ConfigError, match="PARLEY_WEBHOOK_RETRY_SCHEDULE"):
             load_settings({"PARLEY_WEBHOOK_RETRY_SCHEDULE": schedule}, env_file=None)
     spaced = load_settings({"PARLEY_WEBHOOK_RETRY_SCHEDULE": "5, 60 ,600"}, env_file=None)

@@ -33,7 +33,8 @@ def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
         secret = resolve_secret(entry.tool_secret, slug=entry.slug)
         if entry.slug in known:
             agent_id, current_secret = known[entry.slug]
-            store.update_settings(conn, agent_id, settings, now_ms)
+            # Unchanged (every start syncs): its updatedAt stays what it was.
+            store.update_settings(conn, agent_id, settings, now_ms, only_if_changed=True)
             if secret is not None and secret != current_secret:
                 # A rotation like `rotate-tool-secret`: the secret it replaces keeps signing beside it for 24 h, so
                 # agents.toml and the tool server need not change at the same moment.

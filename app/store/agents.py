@@ -104,11 +104,14 @@ def insert(
     )
 
 
-def update_settings(conn: sqlite3.Connection, agent_id: str, settings: AgentSettings, now_ms: int) -> None:
-    conn.execute(
-        "UPDATE agents SET config = ?, updated_at = ?, deleted_at = NULL WHERE id = ?",
-        (settings_encoder.encode(settings).decode(), now_ms, agent_id),
-    )
+def update_settings(
+    conn: sqlite3.Connection, agent_id: str, settings: AgentSettings, now_ms: int, *, only_if_changed: bool = False
+) -> None:
+    """Store `settings` (and undelete); with `only_if_changed`, leave an agent already so untouched."""
+    sql = "UPDATE agents SET config = ?1, updated_at = ?2, deleted_at = NULL WHERE id = ?3"
+    if only_if_changed:
+        sql += " AND (config IS NOT ?1 OR deleted_at IS NOT NULL)"
+    conn.execute(sql, (settings_encoder.encode(settings).decode(), now_ms, agent_id))
 
 
 def set_tool_secret(

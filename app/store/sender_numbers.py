@@ -11,6 +11,15 @@ def claim(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> tu
     row = conn.execute("SELECT org_id, sent_at FROM sender_numbers WHERE number = ?", (number,)).fetchone()
     if row is not None:
         return row[0], row[1] is not None
+    # An unowned number another organization still has a conversation open from (one several organizations
+    # shared before migration 0010): not taken while it does, or this one's creates would supersede that one's
+    # conversations and receive its customers' replies. (On the partial index of open conversations.)
+    other = conn.execute(
+        "SELECT org_id FROM conversations WHERE from_number = ? AND status = 'in_progress' AND org_id != ? LIMIT 1",
+        (number, org_id),
+    ).fetchone()
+    if other is not None:
+        return other[0], False
     conn.execute("INSERT INTO sender_numbers (number, org_id, created_at) VALUES (?, ?, ?)", (number, org_id, now_ms))
     return org_id, False
 
