@@ -26,7 +26,7 @@ from app.llm.tools import check_tools
 from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
 from app.store import orgs
-from app.store.db import connect_sync, write_sync
+from app.store.db import BUSY_TIMEOUT_MS, connect_sync, write_sync
 from app.store.migrate import MigrationError, migrate
 
 STARTUP_FAILURE = 3  # the exit status uvicorn gives a server whose start-up failed
@@ -54,6 +54,11 @@ def _now() -> int:
 
 
 def _bad_database(settings: Settings, exc: Exception) -> ConfigError:
+    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+        return ConfigError(
+            f"PARLEY_DATABASE={settings.database!r} stayed locked by another process for"
+            f" {BUSY_TIMEOUT_MS // 1000} s (a migration, or a backup, still running?): try again"
+        )
     return ConfigError(f"PARLEY_DATABASE must be a writable SQLite file, got {settings.database!r} ({exc})")
 
 

@@ -21,7 +21,7 @@ from app.domain import messaging
 from app.domain.ids import new_signing_secret
 from app.providers.base import SendAccepted, SendRequest, StatusReport
 from app.providers.simulator import SimulatorProvider
-from app.store.db import Database, connect_sync
+from app.store.db import Database, connect_sync, write_sync
 from app.store.migrate import MIGRATIONS_DIR, MigrationError, migrate, migration_files
 from tests.assistant_support import call_tool, open_conversation, signers, webhook_tool
 from tests.conftest import start_harness
@@ -240,9 +240,11 @@ def test_syncing_an_unchanged_agents_file_leaves_updated_at_alone_and_a_change_o
     assert updated_at() == (3, None)
     path.write_text("agents = []\n")
     agent_registry.sync_managed(conn, str(path), 4)
+    agent_registry.sync_managed(conn, str(path), 5)  # still retired: it keeps its retirement time
+    assert updated_at() == (4, 4)
     path.write_text(listed.replace("Hi.", "Hello."))  # listed again, unchanged: back, as of now
-    agent_registry.sync_managed(conn, str(path), 5)
-    assert updated_at() == (5, None)
+    agent_registry.sync_managed(conn, str(path), 6)
+    assert updated_at() == (6, None)
     conn.close()
 
 
@@ -439,6 +441,26 @@ def test_a_migration_another_process_applied_meanwhile_is_skipped(tmp_path: Path
     first.close()
 
 
+def test_a_new_database_switched_to_wal_while_another_process_writes_it_waits_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """Switching a file to WAL does not wait for a lock as other statements do: two processes starting on a brand-new
+    database at once refused the second ("database is locked"), in about one start in five."""
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x INTEGER)")
+    other.execute("BEGIN IMMEDIATE")  # another process, in the middle of its own first write
+    later = threading.Timer(0.3, lambda: other.execute("ROLLBACK"))
+    later.start()
+
+    conn = connect_sync(str(path))
+
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    later.join()
+    other.close()
+
+
 def _migrate_or_error(path: str) -> object:
     conn = connect_sync(path)
     try:
@@ -517,6 +539,64 @@ def test_the_delivery_log_pages_on_an_index_and_pending_look_ups_keep_the_pendin
         plan = plan_of(conn, run)
         assert "INDEX webhook_deliveries_due" in plan, plan
     conn.close()
+
+
+def test_giving_a_number_back_reads_only_recent_unfinished_messages_and_a_new_number_only_open_conversations(
+    tmp_path: Path,
+) -> None:
+    """Messages a carrier never reported on stay `sent` for good: the look-up for a send in flight reads the recent
+    ones only, on the unfinished-messages index by its key; a fresh claim's look-up for another organization's open
+    conversations is on the open-pair index."""
+    from app.store import sender_numbers
+
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    plan = plan_of(conn, lambda: sender_numbers.release_unused(conn, "+15555550123", "org-1", 10**12))
+    assert "INDEX messages_unfinished (updated_at>?)" in plan, plan
+    conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    sender_numbers.claim(conn, "+15555550124", "org-1", 0)
+    conn.set_trace_callback(None)
+    (looking,) = [sql for sql in statements if "FROM conversations" in sql]
+    others = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + looking))
+    assert "conversations_one_open_per_pair" in others, others
+    conn.close()
+
+
+def test_an_early_status_report_marks_its_number_sent_from(tmp_path: Path) -> None:
+    """The provider's status callback overtook the send's own answer: the provider took a message from the
+    number, so its organization's claim is for good even before the create records the send."""
+    conn = connect_sync(str(tmp_path / "parley.db"))
+    migrate(conn)
+    conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('org-1', 'acme', 0)")
+    conn.execute("INSERT INTO sender_numbers (number, org_id, created_at) VALUES ('+15555550123', 'org-1', 0)")
+    conn.execute(
+        "INSERT INTO messages (id, conversation_id, org_id, seq, direction, author, from_number, to_number, content,"
+        " status, provider, encoding, segments, created_at, updated_at)"
+        " VALUES ('m-1', NULL, 'org-1', NULL, 'outbound', 'operator', '+15555550123', '+15555550199', 'Hi',"
+        " 'queued', 'simulator', 'GSM-7', 1, 0, 0)"
+    )
+    report = StatusReport(provider_message_id="SMx", provider_status="sent", message_id="m-1", error_code=None, raw={})
+    write_sync(conn, lambda c: messaging.apply_reports(c, [report], "simulator", 5))
+    assert conn.execute("SELECT sent_at FROM sender_numbers").fetchone()[0] == 5
+    conn.close()
+
+
+def test_a_database_locked_past_the_busy_timeout_is_named_as_locked_not_as_unwritable(tmp_path: Path) -> None:
+    from app.cli import _bad_database
+
+    path = tmp_path / "parley.db"
+    holder = connect_sync(str(path))
+    holder.execute("BEGIN IMMEDIATE")
+    impatient = sqlite3.connect(path, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        impatient.execute("BEGIN IMMEDIATE")
+    message = str(_bad_database(load_settings({"PARLEY_DATABASE": str(path)}, env_file=None), busy.value))
+    assert "locked by another process" in message and "writable" not in message
+    holder.execute("ROLLBACK")
+    holder.close()
+    impatient.close()
 
 
 async def test_group_commit_isolates_a_failing_write_from_its_batch(db: Database) -> None:

@@ -104,7 +104,7 @@ def update_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, patch: A
         senders.ensure_own(conn, org_id, settings.phone_number, now_ms, field="phoneNumber")
     store.update_settings(conn, agent.id, settings, now_ms)
     if agent.settings.phone_number is not None and settings.phone_number != agent.settings.phone_number:
-        senders.release_unused(conn, org_id, agent.settings.phone_number)
+        senders.release_unused(conn, org_id, agent.settings.phone_number, now_ms)
     updated = store.by_id(conn, agent.id, org_id)
     assert updated is not None
     return updated
@@ -114,7 +114,7 @@ def delete_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: 
     agent = get_own(conn, org_id, agent_id)
     store.soft_delete(conn, agent.id, now_ms)
     if agent.settings.phone_number is not None:
-        senders.release_unused(conn, org_id, agent.settings.phone_number)
+        senders.release_unused(conn, org_id, agent.settings.phone_number, now_ms)
 
 
 def rotate_tool_secret(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: int) -> tuple[Agent, str]:

@@ -231,7 +231,7 @@ def _opening_failed(
     if why.code == OUTCOME_UNKNOWN:  # it may have gone out from the number: the organization keeps it
         senders.mark_sent(conn, conversation.org_id, conversation.from_number, now_ms)
     else:  # certainly not sent: a number claimed only by this create is given back
-        senders.release_unused(conn, conversation.org_id, conversation.from_number)
+        senders.release_unused(conn, conversation.org_id, conversation.from_number, now_ms)
 
 
 def _record_unwritten(
@@ -249,7 +249,7 @@ def _record_unwritten(
         conn, msgspec.structs.replace(conversation, message_count=0, created_at=now_ms, last_activity_at=now_ms)
     )
     lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
-    senders.release_unused(conn, conversation.org_id, conversation.from_number)
+    senders.release_unused(conn, conversation.org_id, conversation.from_number, now_ms)
     _finish_idempotency(conn, conversation.org_id, idempotency_key, outcome)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from app.clock import iso
-from app.domain import lifecycle, status
+from app.domain import lifecycle, senders, status
 from app.domain.context import Context
 from app.domain.errors import Conflict, NotFound, ProviderFailed
 from app.domain.ids import new_id
@@ -387,6 +387,10 @@ def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str,
     if original is None or not updates:
         return 0
     store.update_message(conn, original.id, now_ms, **changes)
+    if "provider_message_id" in changes and original.org_id is not None:
+        # The report overtook the send's own answer: the provider took a message from this number, so its
+        # organization's claim on it is for good (as recording the send would make it).
+        senders.mark_sent(conn, original.org_id, original.from_number, now_ms)
     if original.conversation_id is not None:
         events.append_to_conversation(conn, "sms.message_delivery_updated", original.conversation_id, updates, now_ms)
     return len(updates)

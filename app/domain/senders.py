@@ -30,5 +30,5 @@ def mark_sent(conn: sqlite3.Connection, org_id: str, number: str, now_ms: int) -
     sender_numbers.mark_sent(conn, number, org_id, now_ms)
 
 
-def release_unused(conn: sqlite3.Connection, org_id: str, number: str) -> None:
-    sender_numbers.release_unused(conn, number, org_id)
+def release_unused(conn: sqlite3.Connection, org_id: str, number: str, now_ms: int) -> None:
+    sender_numbers.release_unused(conn, number, org_id, now_ms)

@@ -128,7 +128,10 @@ def set_tool_secret(
 
 
 def soft_delete(conn: sqlite3.Connection, agent_id: str, now_ms: int) -> None:
-    conn.execute("UPDATE agents SET deleted_at = ?, updated_at = ? WHERE id = ?", (now_ms, now_ms, agent_id))
+    conn.execute(  # once: a retired agent keeps its retirement time through later syncs
+        "UPDATE agents SET deleted_at = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL",
+        (now_ms, now_ms, agent_id),
+    )
 
 
 def managed_slugs(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:

@@ -62,7 +62,7 @@ def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
     # is durable through the WAL), and on disk they cost the writer a temp-file write per batch (~15 %).
     conn.execute("PRAGMA temp_store = MEMORY")
     if writer:
-        conn.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(conn)
     else:
         conn.execute("PRAGMA query_only = ON")
 
@@ -79,6 +79,21 @@ def create_private(path: str) -> None:
         made = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.fchmod(made, 0o600)  # exactly: a umask such as 0277 would have narrowed it further
         os.close(made)
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """WAL mode, set once per file. A brand-new file's switch needs it to itself for a moment, and SQLite does not
+    wait for that (no busy handler): another process opening the same new file at that instant gets SQLITE_BUSY.
+    Tried again for up to BUSY_TIMEOUT_MS, as a lock would be waited for."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def connect_sync(path: str) -> sqlite3.Connection:
