@@ -721,6 +721,11 @@ def sender_claims(h: Any) -> list[tuple[str, str, bool]]:
     ]
 
 
+async def assert_another_org_cannot_take_the_number(h: Any) -> None:
+    taken = await h.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15555550777"}, org="globex")
+    assert taken.status_code == 400, taken.text
+
+
 async def test_an_opening_a_status_report_shows_taken_goes_on_after_a_crash_and_keeps_its_number(
     tmp_path: Path,
 ) -> None:
@@ -741,10 +746,7 @@ async def test_an_opening_a_status_report_shows_taken_goes_on_after_a_crash_and_
             assert tuple(second.rows("SELECT status, end_reason FROM conversations")[0]) == ("in_progress", None)
             assert tuple(second.rows("SELECT provider_message_id FROM messages")[0]) == ("SMtaken1",)
             assert sender_claims(second) == [(SEED_CREATE["fromNumber"], "acme", True)]
-            taken = await second.post(
-                "/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15555550777"}, org="globex"
-            )
-            assert taken.status_code == 400, taken.text
+            await assert_another_org_cannot_take_the_number(second)
         hanging.release.set()
         await task
 
@@ -769,10 +771,7 @@ async def test_a_number_whose_opening_may_have_gone_out_stays_its_organizations(
             refused = await second.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15005550001"})
             assert refused.status_code == 502, refused.text
             assert sender_claims(second) == [(SEED_CREATE["fromNumber"], "acme", True)]
-            taken = await second.post(
-                "/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15555550777"}, org="globex"
-            )
-            assert taken.status_code == 400, taken.text
+            await assert_another_org_cannot_take_the_number(second)
         hanging.release.set()
         await task
 
@@ -791,9 +790,7 @@ async def test_a_refused_create_does_not_give_back_a_number_another_create_is_st
         refused = await h.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15005550001"})
         assert refused.status_code == 502, refused.text
 
-        taken = await h.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15555550777"}, org="globex")
-
-        assert taken.status_code == 400, taken.text
+        await assert_another_org_cannot_take_the_number(h)
         holding.release.set()
         assert (await first).status_code == 201
         assert sender_claims(h) == [(SEED_CREATE["fromNumber"], "acme", True)]
