@@ -57,7 +57,7 @@ def _bad_database(settings: Settings, exc: Exception) -> ConfigError:
     if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
         return ConfigError(
             f"PARLEY_DATABASE={settings.database!r} stayed locked by another process for"
-            f" {BUSY_TIMEOUT_MS // 1000} s (a migration, or a backup, still running?): try again"
+            f" {BUSY_TIMEOUT_MS // 1000} s (a migration still running, or a process stuck in a write?): try again"
         )
     return ConfigError(f"PARLEY_DATABASE must be a writable SQLite file, got {settings.database!r} ({exc})")
 
@@ -466,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as exc:  # agents.toml problems and the like: one readable line
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as exc:  # a command's own write found the database locked too long
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+            raise
+        print(f"configuration error: {_bad_database(settings, exc)}", file=sys.stderr)
         return 2
 
 

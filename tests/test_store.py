@@ -580,7 +580,34 @@ def test_an_early_status_report_marks_its_number_sent_from(tmp_path: Path) -> No
     report = StatusReport(provider_message_id="SMx", provider_status="sent", message_id="m-1", error_code=None, raw={})
     write_sync(conn, lambda c: messaging.apply_reports(c, [report], "simulator", 5))
     assert conn.execute("SELECT sent_at FROM sender_numbers").fetchone()[0] == 5
+    # Only a claim the organization holds is marked: a report never makes one (that skips `claim`'s checks).
+    conn.execute("DELETE FROM sender_numbers")
+    conn.execute("UPDATE messages SET provider_message_id = NULL, status = 'queued'")
+    write_sync(conn, lambda c: messaging.apply_reports(c, [report], "simulator", 6))
+    assert conn.execute("SELECT COUNT(*) FROM sender_numbers").fetchone()[0] == 0
     conn.close()
+
+
+def test_a_command_whose_write_finds_the_database_locked_too_long_stops_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app import cli
+    from app.store import db as db_module
+
+    path = tmp_path / "parley.db"
+    migrate(connect_sync(str(path)))
+    holder = connect_sync(str(path))
+    holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PARLEY_DATABASE", str(path))
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 200)  # the production 10 s, shrunk for the test
+
+    assert cli.main(["keys", "create", "--org", "acme"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "locked by another process" in err, err
+    holder.execute("ROLLBACK")
+    holder.close()
 
 
 def test_a_database_locked_past_the_busy_timeout_is_named_as_locked_not_as_unwritable(tmp_path: Path) -> None:

@@ -25,17 +25,17 @@ def claim(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> tu
 
 
 def mark_sent(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> None:
-    """The owner sent from `number` (or may have: the provider could not say): its claim is for good. Taken
-    again if it was given back meanwhile, unless another organization has it since."""
+    """The owner sent from `number` (or may have: the provider could not say): its claim is for good. Only a claim
+    the organization holds is marked; none is made here (a claim is made, with its checks, by `claim`)."""
     conn.execute(
-        "INSERT INTO sender_numbers (number, org_id, created_at, sent_at) VALUES (?1, ?2, ?3, ?3)"
-        " ON CONFLICT (number) DO UPDATE SET sent_at = excluded.sent_at"
-        " WHERE sender_numbers.org_id = excluded.org_id AND sender_numbers.sent_at IS NULL",
-        (number, org_id, now_ms),
+        "UPDATE sender_numbers SET sent_at = ? WHERE number = ? AND org_id = ? AND sent_at IS NULL",
+        (now_ms, number, org_id),
     )
 
 
-IN_FLIGHT_WINDOW_MS = 10 * 60_000  # far longer than any send can take (Twilio's timeouts add up to ~40 s)
+# Far longer than a send takes: one Twilio send ~90 s at worst (its timeouts and a look-up after a lost answer), and
+# identical texts to one customer queue behind each other's lock.
+IN_FLIGHT_WINDOW_MS = 30 * 60_000
 
 
 def release_unused(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> bool:
