@@ -803,6 +803,26 @@ async def test_a_number_whose_opening_may_have_gone_out_stays_its_organizations(
         await task
 
 
+async def test_an_opening_that_completes_after_its_conversation_was_closed_supersedes_nothing(tmp_path: Path) -> None:
+    """An operator closed the first create's conversation while its opening was at the provider, and a second
+    create for the same pair went through meanwhile: the first's late acceptance must not close the second."""
+    holding = SimulatorHolding(1)
+    async with start_harness(tmp_path, provider=holding) as h:
+        first = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
+        await eventually(holding.holding.is_set)
+        (first_id,) = [row[0] for row in h.rows("SELECT id FROM conversations")]
+        assert (await h.post(f"/v1/sms-conversations/{first_id}/close")).status_code == 200
+        second = await h.post("/v1/sms-conversations", SEED_CREATE)
+        assert second.status_code == 201, second.text
+
+        holding.release.set()
+        assert (await first).status_code == 201
+
+        second_id = second.json()["data"]["conversationId"]
+        kept = (await h.get(f"/v1/sms-conversations/{second_id}")).json()["data"]
+        assert (kept["status"], kept["supersededBy"]) == ("in_progress", None)
+
+
 async def test_a_refused_create_does_not_give_back_a_number_another_create_is_still_sending_from(
     tmp_path: Path,
 ) -> None:

@@ -202,13 +202,17 @@ def _opening_sent(
     out while the opening was on its way)."""
     if first_from_sender:
         senders.mark_sent(conn, conversation.org_id, conversation.from_number, now_ms)
-    for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
-        if other.id != conversation.id:
+    # In progress and active now; `sequence` is its `sms.message_sent`'s (None: closed while pending, and then it
+    # supersedes nothing). Started first: the pair's one-open-conversation index refuses it only when another is
+    # open, and only then are those looked up and superseded (a refused statement leaves the transaction as it was).
+    try:
+        sequence = store.start(conn, conversation.id, now_ms)
+    except sqlite3.IntegrityError:
+        for other in store.open_for_pair(conn, conversation.from_number, conversation.to_number):
             lifecycle.close(
                 conn, other, reason="superseded_by_new_conversation", now_ms=now_ms, superseded_by=conversation.id
             )
-    # In progress and active now; `sequence` is its `sms.message_sent`'s (None: closed while pending).
-    sequence = store.start(conn, conversation.id, now_ms)
+        sequence = store.start(conn, conversation.id, now_ms)
     messaging.record_accepted(conn, conversation, message, accepted, now_ms, sequence=sequence)
     if sequence is None:
         return None
