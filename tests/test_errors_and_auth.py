@@ -499,13 +499,13 @@ async def test_a_key_revoked_by_another_process_is_refused_after_the_cache_ttl(h
     assert_error(await harness.client.get("/v1/sms-conversations", headers=headers), 401, "unauthorized")
 
 
-async def cancelled_once(edge: Edge, send: Any, reached: asyncio.Event) -> asyncio.Task[None]:
-    """A GET through `edge`, cancelled (as uvicorn's shutdown does) once `reached` is set; returns its task."""
+async def cancelled_once(edge: Edge, send: Any, reached: asyncio.Event, method: str = "GET") -> asyncio.Task[None]:
+    """A request through `edge`, cancelled (as uvicorn's shutdown does) once `reached` is set; returns its task."""
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": [], "state": {}}
+    scope = {"type": "http", "method": method, "path": "/healthz", "headers": [], "state": {}}
     request = asyncio.create_task(edge(scope, receive, send))  # type: ignore[arg-type]
     await reached.wait()
     request.cancel()
@@ -533,9 +533,11 @@ async def test_a_request_cancelled_while_its_last_chunk_is_still_being_written_i
         await request
 
 
-async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope() -> None:
+@pytest.mark.parametrize(("method", "says"), [("GET", "retry the request"), ("POST", "may have taken effect")])
+async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope(method: str, says: str) -> None:
     """uvicorn cancels requests still running when its graceful shutdown times out: such a request gets a 503 in
-    the envelope, and ends there."""
+    the envelope, and ends there. A write cut off may have taken effect (an SMS may have gone out), so its answer
+    does not invite a blind retry."""
     entered = asyncio.Event()
 
     async def never_answers(scope: Any, receive: Any, send: Any) -> None:
@@ -548,7 +550,7 @@ async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope() -
     async def send(message: Any) -> None:
         sent.append(message)
 
-    request = await cancelled_once(edge, send, entered)
+    request = await cancelled_once(edge, send, entered, method)
     await request  # answered: the cancellation is not passed on for uvicorn to log as a crash
     assert not request.cancelled()
 
@@ -558,6 +560,7 @@ async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope() -
     assert headers[b"retry-after"] == b"1"
     envelope = json.loads(body["body"])
     assert envelope["error"]["code"] == "service_unavailable"
+    assert says in envelope["error"]["message"]
     assert envelope["meta"]["request_id"] == headers[b"x-request-id"].decode()
 
 

@@ -823,6 +823,22 @@ async def test_an_opening_that_completes_after_its_conversation_was_closed_super
         assert (kept["status"], kept["supersededBy"]) == ("in_progress", None)
 
 
+async def test_a_send_request_hands_the_provider_the_ids_already_recorded_for_its_pair(harness: Any) -> None:
+    """What a provider needs to tell an earlier identical text from this one's after a restart (Twilio's look-up
+    after a lost answer): read only when asked."""
+    from app.store import conversations as conversation_store
+
+    created = await harness.post("/v1/sms-conversations", SEED_CREATE)
+    conversation_id = created.json()["data"]["conversationId"]
+    earlier = created.json()["data"]["providerMessageId"]
+    conversation = await harness.ctx.db.read(lambda c: conversation_store.get(c, conversation_id))
+    message = messaging.new_outbound(conversation, "Hi again", "operator", harness.ctx.clock.now_ms(), "simulator")
+
+    request = messaging.send_request(harness.ctx, message)
+
+    assert request.recorded is not None and earlier in await request.recorded()
+
+
 async def test_a_refused_create_does_not_give_back_a_number_another_create_is_still_sending_from(
     tmp_path: Path,
 ) -> None:

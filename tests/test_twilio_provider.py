@@ -16,7 +16,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.domain.models import Message
 from app.providers import twilio
 from app.providers.base import ProviderRejected, SendOutcomeUnknown, SendRequest
-from app.providers.twilio import TwilioProvider
+from app.providers.twilio import TwilioProvider, body_matches
 from tests.fake_twilio import Action, FakeTwilio, error_body, running_fake
 
 FAST = (0.01, 0.02, 0.03)
@@ -246,6 +246,51 @@ async def test_the_look_up_never_claims_an_earlier_identical_message(
     assert second.provider_message_id != first.provider_message_id
     assert set(fake_twilio.messages) == {first.provider_message_id, second.provider_message_id}
     assert len(fake_twilio.sends()) == 2
+
+
+async def test_after_a_restart_the_look_up_never_claims_an_identical_message_recorded_before_it(
+    fake_twilio: FakeTwilio,
+) -> None:
+    """A new process has no memory of the SIDs the previous one took: the ids recorded in the database for the pair
+    (handed over with the request) keep an identical text sent just before the restart from being taken for this
+    one's, which would leave this one never sent."""
+    before = await started(TwilioProvider(fake_twilio.account_sid, fake_twilio.auth_token, fake_twilio.base_url))
+    first = await before.send(request())
+    await before.close()
+    after = await started(
+        TwilioProvider(
+            fake_twilio.account_sid, fake_twilio.auth_token, fake_twilio.base_url, backoff=FAST, rng=random.Random(7)
+        )
+    )
+    try:
+        recorded = {first.provider_message_id}
+
+        async def recorded_ids() -> set[str]:
+            return recorded
+
+        fake_twilio.script("send", Action("status", status=503))  # nothing created: the look-up must find nothing
+
+        second = await after.send(msgspec.structs.replace(request(), recorded=recorded_ids))
+
+        assert second.provider_message_id != first.provider_message_id
+        assert fake_twilio.routes()[-3:] == ["send", "list", "send"]
+        assert set(fake_twilio.messages) == {first.provider_message_id, second.provider_message_id}
+    finally:
+        await after.close()
+
+
+@pytest.mark.parametrize(
+    ("stored", "matches"),
+    [
+        ("see you then.", True),
+        ("Sent from your Twilio trial account - see you then.", True),
+        ("Great, see you then.", False),  # an earlier, different text that merely ends the same way
+        ("sent from your twilio trial account: see you then.", True),
+        (None, False),
+    ],
+)
+def test_a_listed_body_matches_the_text_sent_or_the_trial_notice_before_it(stored: object, matches: bool) -> None:
+    assert body_matches(stored, "see you then.") is matches
 
 
 async def test_concurrent_identical_sends_each_get_their_own_message(

@@ -167,12 +167,18 @@ async def send_in_conversation(ctx: Context, conversation_id: str, org_id: str, 
 
 def send_request(ctx: Context, message: Message) -> SendRequest:
     """What the provider is handed for a persisted message; its status callback names our message id."""
+
+    async def recorded() -> set[str]:
+        since = message.created_at - LOOKUP_WINDOW_MS
+        return await ctx.db.read(lambda c: store.provider_ids_for_pair(c, message, since))
+
     return SendRequest(
         message_id=message.id,
         from_number=message.from_number,
         to_number=message.to_number,
         body=message.content,
         status_callback_url=ctx.status_callback_url(message.id),
+        recorded=recorded,
     )
 
 

@@ -19,6 +19,9 @@ class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
     to_number: str
     body: str
     status_callback_url: str
+    # The provider ids already recorded for other messages of the pair: an identical text sent before (by this
+    # process or one before a restart) cannot be this one's. Read only when a lost answer must be looked up.
+    recorded: Callable[[], Awaitable[Collection[str]]] | None = None
 
 
 class SendAccepted(msgspec.Struct, frozen=True, kw_only=True):

@@ -167,9 +167,17 @@ def parse_twilio_date(value: Any) -> float | None:
         return None
 
 
+TRIAL_PREFIX = "sent from your twilio trial account"
+
+
 def body_matches(stored: Any, sent: str) -> bool:
-    # Trial accounts prefix every body ("Sent from your Twilio trial account - …").
-    return isinstance(stored, str) and (stored == sent or stored.endswith(sent))
+    """Twilio's stored body is the text sent, or, on a trial account, that text after Twilio's trial notice ("Sent
+    from your Twilio trial account - …"): not any text that merely ends the same way."""
+    if not isinstance(stored, str):
+        return False
+    if stored == sent:
+        return True
+    return stored.endswith(sent) and stored[: len(stored) - len(sent)].lower().startswith(TRIAL_PREFIX)
 
 
 def pick_created(items: Iterable[Any], request: SendRequest, since: float, claimed: Container[str]) -> dict | None:
@@ -405,6 +413,11 @@ class TwilioProvider:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise TwilioUnavailable("unreadable message list") from None
+        if not taken and request.recorded is not None:
+            try:
+                taken = await request.recorded()
+            except Exception as exc:  # cannot tell an earlier identical text from this one's: unsure
+                raise TwilioUnavailable(f"the recorded messages could not be read ({type(exc).__name__})") from exc
         claimed = self._claimed.keys() | set(taken) if taken else self._claimed
         return pick_created(items, request, started - CLOCK_SKEW_SECONDS, claimed)
 
