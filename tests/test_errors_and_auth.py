@@ -557,7 +557,7 @@ async def test_a_request_cut_off_by_shutdown_is_answered_503_in_the_envelope(met
     start, body = sent
     headers = dict(start["headers"])
     assert start["status"] == 503
-    assert headers[b"retry-after"] == b"1"
+    assert headers.get(b"retry-after") == (b"1" if method == "GET" else None)  # a write is not simply retried
     envelope = json.loads(body["body"])
     assert envelope["error"]["code"] == "service_unavailable"
     assert says in envelope["error"]["message"]

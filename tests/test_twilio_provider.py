@@ -285,6 +285,7 @@ async def test_after_a_restart_the_look_up_never_claims_an_identical_message_rec
         ("see you then.", True),
         ("Sent from your Twilio trial account - see you then.", True),
         ("Great, see you then.", False),  # an earlier, different text that merely ends the same way
+        ("Sent from your Twilio trial account - Great, see you then.", False),  # the same, on a trial account
         ("sent from your twilio trial account: see you then.", True),
         (None, False),
     ],

@@ -137,21 +137,20 @@ class Edge:
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # The server is stopping and gave up on this request: answer in the envelope (uvicorn's own answer is
-            # a plain-text 500 without X-Request-Id), and say it is worth retrying.
+            # a plain-text 500 without X-Request-Id). A read is worth retrying (in a second); a write cut off
+            # mid-way may have taken effect (an SMS may have gone out), so its answer invites no blind retry.
             if not status_holder[0]:
-                reads = scope.get("method") in ("GET", "HEAD", "OPTIONS")
+                read = scope.get("method") in ("GET", "HEAD", "OPTIONS")
                 with contextlib.suppress(Exception):
                     await self._reject(
                         send_with_id,
                         503,
                         "service_unavailable",
                         "The server is shutting down; retry the request."
-                        if reads
-                        # A write cut off mid-way may have taken effect (an SMS may have gone out): a blind retry
-                        # could repeat it. A create retried with its Idempotency-Key is safe.
+                        if read
                         else "The server is shutting down; the request may have taken effect: check before retrying"
                         " (a create retried with the same Idempotency-Key is safe).",
-                        {"retry-after": "1"},
+                        {"retry-after": "1"} if read else {},
                         request_id,
                     )
             if not answered[0]:

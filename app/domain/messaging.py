@@ -36,6 +36,7 @@ _raw = msgspec.json.Encoder()
 # Provider ids recorded this long before a message are passed to the look-up as not its own (a provider's list
 # may hold an identical text sent to the pair a moment before: a HELP answered twice, a confirmation).
 LOOKUP_WINDOW_MS = 10 * 60 * 1000
+RECORDED_WINDOW_MS = 2 * 60 * 60 * 1000
 # A message whose send a stop or crash cut off, which the provider says it never took.
 INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
 
@@ -169,7 +170,9 @@ def send_request(ctx: Context, message: Message) -> SendRequest:
     """What the provider is handed for a persisted message; its status callback names our message id."""
 
     async def recorded() -> set[str]:
-        since = message.created_at - LOOKUP_WINDOW_MS
+        # Wider than the provider's own window: an identical text may have waited at the provider's door (a lock, a
+        # retry) well after its row was written, so its row can be older than the message the provider lists.
+        since = message.created_at - RECORDED_WINDOW_MS
         return await ctx.db.read(lambda c: store.provider_ids_for_pair(c, message, since))
 
     return SendRequest(

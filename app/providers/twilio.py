@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Container, Iterable
@@ -167,17 +168,18 @@ def parse_twilio_date(value: Any) -> float | None:
         return None
 
 
-TRIAL_PREFIX = "sent from your twilio trial account"
+# Twilio's notice before every body a trial account sends ("Sent from your Twilio trial account - …"), and nothing else.
+TRIAL_NOTICE = re.compile(r"sent from your twilio trial account\s*[-–—:]?\s*", re.IGNORECASE)
 
 
 def body_matches(stored: Any, sent: str) -> bool:
-    """Twilio's stored body is the text sent, or, on a trial account, that text after Twilio's trial notice ("Sent
-    from your Twilio trial account - …"): not any text that merely ends the same way."""
+    """Twilio's stored body is the text sent, or, on a trial account, that text right after Twilio's trial notice:
+    not any text that merely ends the same way, on a trial account or not."""
     if not isinstance(stored, str):
         return False
     if stored == sent:
         return True
-    return stored.endswith(sent) and stored[: len(stored) - len(sent)].lower().startswith(TRIAL_PREFIX)
+    return stored.endswith(sent) and TRIAL_NOTICE.fullmatch(stored[: len(stored) - len(sent)]) is not None
 
 
 def pick_created(items: Iterable[Any], request: SendRequest, since: float, claimed: Container[str]) -> dict | None:
