@@ -803,15 +803,21 @@ async def test_a_number_whose_opening_may_have_gone_out_stays_its_organizations(
         await task
 
 
+async def create_closed_while_at_the_provider(h: Any, holding: SimulatorHolding) -> asyncio.Task[Any]:
+    """A create whose opening the provider holds, and whose conversation an operator closes meanwhile: its task."""
+    create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
+    await eventually(holding.holding.is_set)
+    (conversation_id,) = [row[0] for row in h.rows("SELECT id FROM conversations")]
+    assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+    return create
+
+
 async def test_an_opening_that_completes_after_its_conversation_was_closed_supersedes_nothing(tmp_path: Path) -> None:
     """An operator closed the first create's conversation while its opening was at the provider, and a second
     create for the same pair went through meanwhile: the first's late acceptance must not close the second."""
     holding = SimulatorHolding(1)
     async with start_harness(tmp_path, provider=holding) as h:
-        first = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
-        await eventually(holding.holding.is_set)
-        (first_id,) = [row[0] for row in h.rows("SELECT id FROM conversations")]
-        assert (await h.post(f"/v1/sms-conversations/{first_id}/close")).status_code == 200
+        first = await create_closed_while_at_the_provider(h, holding)
         second = await h.post("/v1/sms-conversations", SEED_CREATE)
         assert second.status_code == 201, second.text
 
@@ -848,10 +854,7 @@ async def test_a_refused_create_does_not_give_back_a_number_another_create_is_st
     from the same number must not free it meanwhile, or another organization could take the number it goes out from."""
     holding = SimulatorHolding(1)
     async with start_harness(tmp_path, provider=holding) as h:
-        first = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
-        await eventually(holding.holding.is_set)
-        (conversation_id,) = [row[0] for row in h.rows("SELECT id FROM conversations")]
-        assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+        first = await create_closed_while_at_the_provider(h, holding)
         refused = await h.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": "+15005550001"})
         assert refused.status_code == 502, refused.text
 
