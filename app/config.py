@@ -141,6 +141,23 @@ def _schedule(name: str, raw: str) -> tuple[int, ...]:
     return steps
 
 
+def _twilio_credentials(settings: Settings) -> None:
+    """Credentials as an env file mangles them (a trailing space or newline, a quote, a pasted URL) fail every send
+    and every callback signature: refused at start-up. Only the shape is checked (Twilio-compatible services use
+    other id formats): one token of visible characters, and an account id that fits in a URL path segment."""
+    for name, value in (
+        ("TWILIO_ACCOUNT_SID", settings.twilio_account_sid),
+        ("TWILIO_AUTH_TOKEN", settings.twilio_auth_token),
+        ("TWILIO_API_SECRET", settings.twilio_api_secret),
+    ):
+        if value and not re.fullmatch(r"[!-~]+", value):
+            raise ConfigError(f"{name} must be one word of visible ASCII characters (no spaces, quotes or line breaks)")
+    if settings.twilio_account_sid and not re.fullmatch(r"[A-Za-z0-9_-]+", settings.twilio_account_sid):
+        raise ConfigError(
+            "TWILIO_ACCOUNT_SID must be an account id (letters, digits, - and _), such as AC followed by 32 hex digits"
+        )
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     env_file: str | None = ".env",
@@ -223,6 +240,8 @@ def load_settings(
         missing = "TWILIO_ACCOUNT_SID" if not settings.twilio_account_sid else "TWILIO_AUTH_TOKEN"
         raise ConfigError(f"{missing} must be set when PARLEY_SMS_PROVIDER=twilio")
     twilio = settings.sms_provider == "twilio"
+    if twilio:
+        _twilio_credentials(settings)
     if twilio and bool(settings.twilio_api_key) != bool(settings.twilio_api_secret):
         missing = "TWILIO_API_SECRET" if settings.twilio_api_key else "TWILIO_API_KEY"
         raise ConfigError(f"{missing} must be set too when the other of TWILIO_API_KEY and TWILIO_API_SECRET is")

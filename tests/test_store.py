@@ -1109,6 +1109,18 @@ def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> Non
     assert spaced.webhook_retry_schedule == (5, 60, 600)
     with pytest.raises(ConfigError, match="TWILIO_ACCOUNT_SID"):
         load_settings({"PARLEY_SMS_PROVIDER": "twilio"}, env_file=None)
+    twilio = {"PARLEY_SMS_PROVIDER": "twilio", "PARLEY_PUBLIC_URL": "https://parley.example.test"}
+    good = {"TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": "0123abcd" * 4}
+    assert load_settings({**twilio, **good}, env_file=None).twilio_account_sid == good["TWILIO_ACCOUNT_SID"]
+    for name, bad in [
+        ("TWILIO_ACCOUNT_SID", good["TWILIO_ACCOUNT_SID"] + " "),
+        ("TWILIO_ACCOUNT_SID", "https://api.twilio.com/AC1"),
+        ("TWILIO_AUTH_TOKEN", '"' + good["TWILIO_AUTH_TOKEN"] + '" x'),
+        ("TWILIO_AUTH_TOKEN", "   "),
+        ("TWILIO_AUTH_TOKEN", good["TWILIO_AUTH_TOKEN"] + "\n"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            load_settings({**twilio, **good, name: bad}, env_file=None)
     with pytest.raises(ConfigError, match="PARLEY_RATE_LIMIT"):
         load_settings({"PARLEY_RATE_LIMIT": "-1"}, env_file=None)
 
