@@ -20,6 +20,7 @@ from app.domain.errors import NotFound
 from app.domain.ids import new_id, new_signing_secret, parse_uuid
 from app.domain.rotation import after_rotation
 from app.store import agents as store
+from app.store import sender_numbers
 
 log = logging.getLogger("parley.agents")
 
@@ -100,11 +101,12 @@ def update_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, patch: A
     agent = get_own(conn, org_id, agent_id)
     settings = apply_patch(agent.settings, patch)
     check_settings(settings, kind="custom")
-    if settings.phone_number is not None and settings.phone_number != agent.settings.phone_number:
+    renumbered = settings.phone_number != agent.settings.phone_number
+    if renumbered and settings.phone_number is not None:
         senders.ensure_own(conn, org_id, settings.phone_number, now_ms, field="phoneNumber")
     store.update_settings(conn, agent.id, settings, now_ms)
-    if agent.settings.phone_number is not None and settings.phone_number != agent.settings.phone_number:
-        senders.release_unused(conn, org_id, agent.settings.phone_number, now_ms)
+    if renumbered and agent.settings.phone_number is not None:
+        sender_numbers.release_unused(conn, agent.settings.phone_number, org_id, now_ms)
     updated = store.by_id(conn, agent.id, org_id)
     assert updated is not None
     return updated
@@ -114,7 +116,7 @@ def delete_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: 
     agent = get_own(conn, org_id, agent_id)
     store.soft_delete(conn, agent.id, now_ms)
     if agent.settings.phone_number is not None:
-        senders.release_unused(conn, org_id, agent.settings.phone_number, now_ms)
+        sender_numbers.release_unused(conn, agent.settings.phone_number, org_id, now_ms)
 
 
 def rotate_tool_secret(conn: sqlite3.Connection, org_id: str, agent_id: str, now_ms: int) -> tuple[Agent, str]:

@@ -33,7 +33,7 @@ from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
-from app.store import idempotency, opt_outs
+from app.store import idempotency, opt_outs, sender_numbers
 
 log = logging.getLogger("parley.conversations")
 
@@ -201,7 +201,7 @@ def _opening_sent(
     the inactivity timer; return the timer's due time (None: it was closed while pending, or the customer opted
     out while the opening was on its way)."""
     if first_from_sender:
-        senders.mark_sent(conn, conversation.org_id, conversation.from_number, now_ms)
+        sender_numbers.mark_sent(conn, conversation.from_number, conversation.org_id, now_ms)
     # In progress and active now; `sequence` is its `sms.message_sent`'s (None: closed while pending, and then it
     # supersedes nothing). Started first: the pair's one-open-conversation index refuses it only when another is
     # open, and only then are those looked up and superseded (a refused statement leaves the transaction as it was).
@@ -233,9 +233,9 @@ def _opening_failed(
         messaging.record_rejected(conn, conversation, message, why, now_ms)
     lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
     if why.code == OUTCOME_UNKNOWN:  # it may have gone out from the number: the organization keeps it
-        senders.mark_sent(conn, conversation.org_id, conversation.from_number, now_ms)
+        sender_numbers.mark_sent(conn, conversation.from_number, conversation.org_id, now_ms)
     else:  # certainly not sent: a number claimed only by this create is given back
-        senders.release_unused(conn, conversation.org_id, conversation.from_number, now_ms)
+        sender_numbers.release_unused(conn, conversation.from_number, conversation.org_id, now_ms)
 
 
 def _record_unwritten(
@@ -253,7 +253,7 @@ def _record_unwritten(
         conn, msgspec.structs.replace(conversation, message_count=0, created_at=now_ms, last_activity_at=now_ms)
     )
     lifecycle.close(conn, conversation, reason="opening_message_failed", now_ms=now_ms)
-    senders.release_unused(conn, conversation.org_id, conversation.from_number, now_ms)
+    sender_numbers.release_unused(conn, conversation.from_number, conversation.org_id, now_ms)
     _finish_idempotency(conn, conversation.org_id, idempotency_key, outcome)
 
 
@@ -460,7 +460,7 @@ async def get(ctx: Context, org_id: str, conversation_id: str) -> Conversation:
     return conversation
 
 
-def _unsent_opening(conn: sqlite3.Connection, conversation: Conversation) -> Message | None:
+def _unsettled_opening(conn: sqlite3.Connection, conversation: Conversation) -> Message | None:
     """An interrupted create's opening SMS, whose outcome its create never recorded. A status report may have
     recorded the provider's id meanwhile (the provider took it: `messaging.ask_provider` answers so)."""
     for message in store.messages_of(conn, conversation.id, after_seq=0, limit=1):
@@ -481,7 +481,7 @@ async def recover_interrupted(ctx: Context) -> int:
     a duplicate cannot be taken back.
     """
     stuck = await ctx.db.read(
-        lambda c: [(conversation, _unsent_opening(c, conversation)) for conversation in store.interrupted_creates(c)]
+        lambda c: [(conversation, _unsettled_opening(c, conversation)) for conversation in store.interrupted_creates(c)]
     )
     for conversation, message in stuck:
         accepted, unknown = await messaging.ask_provider(ctx, message) if message is not None else (None, None)

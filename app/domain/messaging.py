@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from app.clock import iso
-from app.domain import lifecycle, senders, status
+from app.domain import lifecycle, status
 from app.domain.context import Context
 from app.domain.errors import Conflict, NotFound, ProviderFailed
 from app.domain.ids import new_id
@@ -28,15 +28,15 @@ from app.providers.base import (
     StatusReport,
 )
 from app.store import conversations as store
-from app.store import events, opt_outs
+from app.store import events, opt_outs, sender_numbers
 
 log = logging.getLogger("parley.messaging")
 _raw = msgspec.json.Encoder()
 
-# Provider ids recorded this long before a message are passed to the look-up as not its own (a provider's list
-# may hold an identical text sent to the pair a moment before: a HELP answered twice, a confirmation).
-LOOKUP_WINDOW_MS = 10 * 60 * 1000
-RECORDED_WINDOW_MS = 2 * 60 * 60 * 1000
+# Provider ids recorded this long before a message are not its own, for a look-up after its send's answer was lost
+# (a provider's list may hold an identical text sent to the pair before: a HELP answered twice, a confirmation). Wide:
+# an identical text may have waited at the provider's door (a lock, retries) well after its row was written.
+LOOKUP_WINDOW_MS = 2 * 60 * 60 * 1000
 # A message whose send a stop or crash cut off, which the provider says it never took.
 INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
 
@@ -166,14 +166,16 @@ async def send_in_conversation(ctx: Context, conversation_id: str, org_id: str, 
     return await hand_to_provider(ctx, conversation, message)
 
 
+def recorded_for_pair(conn: sqlite3.Connection, message: Message) -> set[str]:
+    """The provider ids recorded for the other outbound messages of `message`'s pair: none of them is its own."""
+    return store.provider_ids_for_pair(conn, message, message.created_at - LOOKUP_WINDOW_MS)
+
+
 def send_request(ctx: Context, message: Message) -> SendRequest:
     """What the provider is handed for a persisted message; its status callback names our message id."""
 
     async def recorded() -> set[str]:
-        # Wider than the provider's own window: an identical text may have waited at the provider's door (a lock, a
-        # retry) well after its row was written, so its row can be older than the message the provider lists.
-        since = message.created_at - RECORDED_WINDOW_MS
-        return await ctx.db.read(lambda c: store.provider_ids_for_pair(c, message, since))
+        return await ctx.db.read(lambda c: recorded_for_pair(c, message))
 
     return SendRequest(
         message_id=message.id,
@@ -230,11 +232,9 @@ async def provider_send(ctx: Context, message: Message) -> SendAccepted:
 async def ask_provider(ctx: Context, message: Message) -> tuple[SendAccepted | None, ProviderRejected | None]:
     """After a stop or crash cut off the send of `message`: (the provider's acceptance, None) when it took it,
     (None, None) when it certainly did not, (None, a `provider_outcome_unknown` rejection) when it cannot say."""
-    since = message.created_at - LOOKUP_WINDOW_MS
 
     def look(conn: sqlite3.Connection) -> tuple[Message | None, set[str]]:
-        current = store.get_message(conn, message.id)
-        return current, store.provider_ids_for_pair(conn, message, since)
+        return store.get_message(conn, message.id), recorded_for_pair(conn, message)
 
     current, taken = await ctx.db.read(look)
     if current is not None and current.provider_message_id is not None:
@@ -399,7 +399,7 @@ def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str,
     if "provider_message_id" in changes and original.org_id is not None:
         # The report overtook the send's own answer: the provider took a message from this number, so its
         # organization's claim on it is for good (as recording the send would make it).
-        senders.mark_sent(conn, original.org_id, original.from_number, now_ms)
+        sender_numbers.mark_sent(conn, original.from_number, original.org_id, now_ms)
     if original.conversation_id is not None:
         events.append_to_conversation(conn, "sms.message_delivery_updated", original.conversation_id, updates, now_ms)
     return len(updates)

@@ -5,7 +5,8 @@ within the organization that owns the number.
 A claim becomes permanent with the owner's first send the provider takes. Until then it lasts only while
 something holds it: a claim made by a create the provider refused (or whose opening the model could not
 write), or by a custom agent deleted or renumbered before any send from the number, is given back, so one
-organization cannot keep another's number by naming it without ever sending from it."""
+organization cannot keep another's number by naming it without ever sending from it (`sender_numbers.mark_sent`
+and `sender_numbers.release_unused`)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,3 @@ def ensure_own(conn: sqlite3.Connection, org_id: str, number: str, now_ms: int, 
             field, "is another organization's number (a number belongs to the first organization to send from it)"
         )
     return sent
-
-
-def mark_sent(conn: sqlite3.Connection, org_id: str, number: str, now_ms: int) -> None:
-    sender_numbers.mark_sent(conn, number, org_id, now_ms)
-
-
-def release_unused(conn: sqlite3.Connection, org_id: str, number: str, now_ms: int) -> None:
-    sender_numbers.release_unused(conn, number, org_id, now_ms)

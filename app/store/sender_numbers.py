@@ -38,14 +38,14 @@ def mark_sent(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -
 IN_FLIGHT_WINDOW_MS = 30 * 60_000
 
 
-def release_unused(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> bool:
+def release_unused(conn: sqlite3.Connection, number: str, org_id: str, now_ms: int) -> None:
     """Give back `org_id`'s claim on `number` when it never sent from it and nothing of its own holds it: no live
     custom agent has it as its number, and no message of its own from it is on its way to the provider (queued,
-    not yet taken: a create in flight, even one whose conversation an operator closed meanwhile). True if
-    released. A send in flight is recent: only the last IN_FLIGHT_WINDOW_MS of unfinished messages are read (a
-    message still `queued` from before then was cut off by a stop, and start-up settles it), so the look-up does
-    not grow with messages a carrier never reported on."""
-    released = conn.execute(
+    not yet taken: a create in flight, even one whose conversation an operator closed meanwhile). A send in
+    flight is recent: only the last IN_FLIGHT_WINDOW_MS of unfinished messages are read (a message still `queued`
+    from before then was cut off by a stop, and start-up settles it), so the look-up does not grow with messages
+    a carrier never reported on."""
+    conn.execute(
         "DELETE FROM sender_numbers WHERE number = ?1 AND org_id = ?2 AND sent_at IS NULL"
         " AND NOT EXISTS (SELECT 1 FROM agents WHERE org_id = ?2 AND kind = 'custom' AND deleted_at IS NULL"
         " AND json_extract(config, '$.phoneNumber') = ?1)"
@@ -55,4 +55,3 @@ def release_unused(conn: sqlite3.Connection, number: str, org_id: str, now_ms: i
         " AND from_number = ?1)",
         (number, org_id, now_ms - IN_FLIGHT_WINDOW_MS),
     )
-    return released.rowcount > 0
