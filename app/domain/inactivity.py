@@ -42,17 +42,10 @@ def _arm_close(conn: sqlite3.Connection, conversation_id: str, deadline: int) ->
     lifecycle.schedule_inactivity(conn, conversation_id, InactivityTimer(deadline=deadline), deadline)
 
 
-def _nothing_since(conn: sqlite3.Connection, conversation_id: str, message: Message) -> bool:
-    """True when no message has been stored in the conversation after `message`."""
-    assert message.seq is not None
-    return not store.messages_of(conn, conversation_id, after_seq=message.seq, limit=1)
-
-
-def _others_since(conn: sqlite3.Connection, conversation: Conversation, own: Message) -> bool:
-    """True when a message other than `own` was sent or received after the last one `conversation` (as read when
-    the timer ran) had; one the provider refused was neither. Sending `own` re-armed the timer itself, so the
-    timer cannot tell."""
-    later = store.messages_of(conn, conversation.id, after_seq=conversation.message_count, limit=100)
+def _written_since(conn: sqlite3.Connection, conversation_id: str, after_seq: int, own: Message) -> bool:
+    """True when a message other than `own` was sent or received after message `after_seq` (one the provider
+    refused was neither). Sending `own` re-armed the timer itself, so the timer cannot tell."""
+    later = store.messages_of(conn, conversation_id, after_seq=after_seq, limit=100)
     return any(message.id != own.id and message.status != "failed" for message in later)
 
 
@@ -97,7 +90,8 @@ async def _warn(ctx: Context, job: Job, conversation: Conversation, deadline: in
 
             def restore(conn: sqlite3.Connection) -> None:
                 current = store.get_open(conn, conversation.id)
-                if current is not None and _nothing_since(conn, current.id, sent):
+                assert sent.seq is not None
+                if current is not None and not _written_since(conn, current.id, sent.seq, sent):
                     _arm_close(conn, current.id, deadline)
 
             await ctx.db.write(restore)
@@ -119,7 +113,7 @@ async def _close(ctx: Context, job: Job, conversation: Conversation) -> None:
             return False
         if sent is None and not jobs.is_current(conn, job):
             return False  # a message arrived while we looked: not quiet after all
-        if sent is not None and _others_since(conn, conversation, sent):
+        if sent is not None and _written_since(conn, conversation.id, conversation.message_count, sent):
             return False  # the customer (or someone) wrote while the closing message was on its way: a new quiet period
         return lifecycle.close(conn, current, reason=REASON, now_ms=ctx.clock.now_ms())
 
