@@ -26,7 +26,7 @@ from app.llm.tools import check_tools
 from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
 from app.store import orgs
-from app.store.db import BUSY_TIMEOUT_MS, connect_sync, write_sync
+from app.store.db import BUSY_TIMEOUT_MS, connect_sync, is_busy, write_sync
 from app.store.migrate import MigrationError, migrate
 
 STARTUP_FAILURE = 3  # the exit status uvicorn gives a server whose start-up failed
@@ -54,7 +54,7 @@ def _now() -> int:
 
 
 def _bad_database(settings: Settings, exc: Exception) -> ConfigError:
-    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+    if is_busy(exc):
         return ConfigError(
             f"PARLEY_DATABASE={settings.database!r} stayed locked by another process for"
             f" {BUSY_TIMEOUT_MS // 1000} s (a migration still running, or a process stuck in a write?): try again"
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except sqlite3.OperationalError as exc:  # a command's own write found the database locked too long
-        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+        if not is_busy(exc):
             raise
         print(f"configuration error: {_bad_database(settings, exc)}", file=sys.stderr)
         return 2

@@ -81,6 +81,12 @@ def create_private(path: str) -> None:
         os.close(made)
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite saying the database is locked by another connection (any kind of busy: a lock, a
+    recovery, a snapshot)."""
+    return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
 def _switch_to_wal(conn: sqlite3.Connection) -> None:
     """WAL mode, set once per file. A brand-new file's switch needs it to itself for a moment, and SQLite does not
     wait for that (no busy handler): another process opening the same new file at that instant gets SQLITE_BUSY.
@@ -91,7 +97,7 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+            if not is_busy(exc) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.01)
 
@@ -321,7 +327,7 @@ class Database:
         try:
             begin(conn)  # the lock is free unless another process holds it: then wait for it off the loop
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # any busy (recovery, snapshot...) waits
+            if not is_busy(exc):  # any busy (recovery, snapshot...) waits
                 raise
             await self._call(writer, begin_waiting)
             started = time.perf_counter()
