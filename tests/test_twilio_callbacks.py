@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -541,6 +542,20 @@ async def test_a_status_callback_without_message_id_is_matched_by_sid(h: Harness
     assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "sent"
 
 
+async def test_a_status_callback_about_another_sid_does_not_move_the_named_message(h: Harness) -> None:
+    """A report whose URL names our message but whose MessageSid is another provider message (a send the provider
+    took twice) is kept unrouted; the named message keeps its own status."""
+    _, message_id, sid = await open_conversation(h)
+    stray = "SM" + "f" * 32
+    response = await callback(h, f"{STATUS}?messageId={message_id}", status_params(stray, "undelivered"))
+    assert response.status_code == 204
+    assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "queued"
+    (report,) = h.rows("SELECT message_id, applied FROM status_reports WHERE provider_message_id = ?", stray)
+    assert (report["message_id"], report["applied"]) == (None, 0)
+    await callback(h, f"{STATUS}?messageId={message_id}", status_params(sid, "sent"))
+    assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "sent"
+
+
 async def test_a_status_callback_that_overtakes_the_send_answer_is_not_undone(
     tmp_path: Path, fake_twilio: FakeTwilio
 ) -> None:
@@ -582,6 +597,25 @@ async def test_stale_messages_are_reconciled_by_polling_twilio(tmp_path: Path, f
         ).status_code == 204
         assert event_types(h, conversation_id).count("sms.message_delivery_updated") == 1
         assert count(h, "status_reports WHERE message_id = ?", message_id) == 2
+
+
+async def test_a_failed_status_look_up_is_one_log_line_and_is_asked_again_later(
+    tmp_path: Path, fake_twilio: FakeTwilio, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    async with twilio_harness(tmp_path, fake_twilio, clock=clock, status_reconcile_after_seconds=5) as h:
+        _, message_id, sid = await open_conversation(h)
+        await h.ctx.scheduler.stop()
+        fake_twilio.script("fetch", Action("status", status=503))
+        await clock.advance(6)
+        with caplog.at_level(logging.WARNING, logger="parley.housekeeping"):
+            assert await housekeeping.reconcile_stale_statuses(h.ctx) == 0
+        (record,) = [r for r in caplog.records if "status look-up failed" in r.getMessage()]
+        assert record.exc_info is None and "HTTP 503" in record.getMessage()
+        fake_twilio.set_status(sid, "delivered")
+        await clock.advance(3600)
+        assert await housekeeping.reconcile_stale_statuses(h.ctx) == 1
+        assert h.rows("SELECT status FROM messages WHERE id = ?", message_id)[0]["status"] == "delivered"
 
 
 async def test_a_message_twilio_leaves_at_sent_is_looked_up_less_often_then_not_at_all(

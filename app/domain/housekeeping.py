@@ -8,6 +8,7 @@ import sqlite3
 from app.domain import messaging
 from app.domain.context import Context
 from app.domain.models import Message
+from app.providers.base import ProviderUnavailable
 from app.store import conversations as store
 from app.store import idempotency, jobs
 from app.store.jobs import Job
@@ -49,6 +50,9 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
     for message in stale:
         try:
             report = await ctx.provider.fetch_status(message)
+        except ProviderUnavailable as exc:
+            log.warning("status look-up failed for a message; will retry: %s", exc)
+            report = None
         except Exception:
             log.warning("status look-up failed for a message; will retry", exc_info=True)
             report = None

@@ -344,10 +344,18 @@ def apply_reports(conn: sqlite3.Connection, reports: Sequence[StatusReport], pro
 
 
 def _reported_message(conn: sqlite3.Connection, report: StatusReport) -> Message | None:
-    """The outbound message a report is about: by our id when the callback carries it, else the provider's."""
+    """The outbound message a report is about: by our id when the callback carries it, else the provider's.
+
+    Our id is taken only while the message has no provider id yet or has the report's: a report about
+    another provider message that carries our id (a send the provider took twice, or a report replayed
+    against another message's callback URL) must not move this message's status."""
     if report.message_id is not None:
         message = store.get_message(conn, report.message_id)
-        if message is not None and message.direction == "outbound":
+        if (
+            message is not None
+            and message.direction == "outbound"
+            and message.provider_message_id in {None, report.provider_message_id}
+        ):
             return message
     return store.message_by_provider_id(conn, report.provider_message_id)
 

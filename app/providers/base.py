@@ -59,6 +59,11 @@ class SendOutcomeUnknown(ProviderRejected):
     a duplicate SMS cannot be taken back. A late status callback for it is still kept for audit."""
 
 
+class ProviderUnavailable(Exception):
+    """The provider could not be asked (network failure, 5xx, unreadable answer): an expected, passing
+    failure, logged as one line by whoever retries."""
+
+
 # Reports handed over together are applied in one transaction, in order.
 StatusSink = Callable[[Sequence[StatusReport]], Awaitable[None]]
 

@@ -34,6 +34,7 @@ from app.providers.base import (
     OUTCOME_UNKNOWN,
     SEND_FAILED,
     ProviderRejected,
+    ProviderUnavailable,
     SendAccepted,
     SendOutcomeUnknown,
     SendRequest,
@@ -85,7 +86,7 @@ POLL_FIELDS = (
 )
 
 
-class TwilioUnavailable(Exception):
+class TwilioUnavailable(ProviderUnavailable):
     """Twilio could not be asked (network failure, 5xx, unreadable answer)."""
 
 
