@@ -920,6 +920,20 @@ class CannotSay(SimulatorProvider):
         raise ConnectionError("provider unreachable")
 
 
+class CannotSayAtFirst(FindsItSent):
+    """A provider whose API is down for the first two look-ups after a crash, and then says it took the message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        self.asked += 1
+        if self.asked <= 2:
+            raise ConnectionError("provider unreachable")
+        return await super().find_sent(message, taken)
+
+
 @contextlib.asynccontextmanager
 async def operator_message_cut_off(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
     """A first process whose operator message ("Hi") is with the provider, never answered, as when the process
@@ -941,25 +955,35 @@ async def operator_message_cut_off(tmp_path: Path) -> AsyncIterator[tuple[str, s
         (SimulatorProvider, ("failed", "parley_interrupted", None), "sms.message_delivery_updated"),
         (FindsItSent, ("sent", None, "SM" + "f" * 32), "sms.message_sent"),
         (CannotSay, ("failed", "provider_outcome_unknown", None), "sms.message_delivery_updated"),
+        (CannotSayAtFirst, ("sent", None, "SM" + "f" * 32), "sms.message_sent"),
     ],
 )
 async def test_a_message_cut_off_between_persist_and_send_is_settled_at_start_up(
     tmp_path: Path, provider: type[SimulatorProvider], settled: tuple[Any, ...], event: str
 ) -> None:
     """Not only a create's opening: any outbound SMS (here an operator's) the process died sending is settled by
-    asking the provider, not left `queued` for ever; nothing is sent twice."""
+    asking the provider, not left `queued` for ever; nothing is sent twice. A provider that cannot say is asked
+    again after each of `messaging.RECOVERY_WAITS` before the outcome is unknown."""
+    clock = FakeClock()
     async with (
         operator_message_cut_off(tmp_path) as (conversation_id, key),
-        start_harness(tmp_path, provider=provider()) as second,  # another process on the same file
+        start_harness(tmp_path, provider=provider(), clock=clock) as second,  # another process on the same file
     ):
         second.keys["acme"] = key
-        (row,) = await eventually(
-            lambda: second.rows(
-                "SELECT id, status, error_code, provider_message_id FROM messages"
-                " WHERE author = 'operator' AND (status != 'queued' OR provider_message_id IS NOT NULL)"
-            )
-        )  # settled in the background, just after start-up
+        settled_rows = (
+            "SELECT id, status, error_code, provider_message_id FROM messages"
+            " WHERE author = 'operator' AND (status != 'queued' OR provider_message_id IS NOT NULL)"
+        )
+        waited = 0.0
+        while not (rows := second.rows(settled_rows)) and waited < sum(messaging.RECOVERY_WAITS) + 60:
+            await asyncio.sleep(0.01)  # settled in the background, just after start-up
+            if not second.rows(settled_rows):
+                await clock.advance(1)
+                waited += 1
+        (row,) = rows
         assert tuple(row)[1:] == settled
+        if provider is not SimulatorProvider and provider is not FindsItSent:
+            assert waited >= messaging.RECOVERY_WAITS[0]  # not settled before the provider was asked again
         payloads = [json.loads(r["payload"]) for r in second.rows("SELECT payload FROM events WHERE type = ?", event)]
         assert [p["data"]["messageId"] for p in payloads if p["data"]["author"] == "operator"] == [row["id"]]
         conversation = (await second.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]

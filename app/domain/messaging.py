@@ -39,6 +39,9 @@ _raw = msgspec.json.Encoder()
 LOOKUP_WINDOW_MS = 2 * 60 * 60 * 1000
 # A message whose send a stop or crash cut off, which the provider says it never took.
 INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before the send completed")
+# Start-up recovery asks a provider that could not say whether it took a message again after these waits
+# (seconds), so a passing outage does not settle the message as `provider_outcome_unknown`.
+RECOVERY_WAITS = (5.0, 30.0, 120.0)
 
 
 def new_outbound(
@@ -256,21 +259,35 @@ async def recover_unsent(ctx: Context, unsent: list[Message]) -> int:
     `store.unsent_outbound` found them before the server took any request (so none is a send of this process).
 
     The provider is asked whether it took each: if so, it is recorded as sent; if not, it fails with
-    `parley_interrupted`; if the provider cannot say, it fails with `provider_outcome_unknown`. Nothing is sent
-    again: the send may have reached the phone, and a duplicate SMS cannot be taken back. It runs in the
-    background, one look-up after another, so a slow or unreachable provider does not hold up start-up."""
+    `parley_interrupted`; if the provider cannot say, it is asked again after each of `RECOVERY_WAITS`, and then
+    fails with `provider_outcome_unknown`. Nothing is sent again: the send may have reached the phone, and a
+    duplicate SMS cannot be taken back. It runs in the background, one look-up after another, so a slow or
+    unreachable provider does not hold up start-up; a conversation's turns wait until its messages are settled."""
     left = collections.Counter(m.conversation_id for m in unsent)
     settled = 0
-    for message in unsent:
-        try:
-            accepted, unknown = await ask_provider(ctx, message)
-            await ctx.db.write(lambda c, m=message, a=accepted, u=unknown: _settle_unsent(ctx, c, m, a, u))
-            settled += 1
-        except Exception:  # left `queued`: the next start-up finds it again (its turns go on meanwhile)
-            log.exception("could not settle an outbound message a stop or crash cut off (message %s)", message.id)
-        left[message.conversation_id] -= 1  # not on cancellation: the server is stopping, its turns wait
+
+    def done(message: Message) -> None:  # not on cancellation: the server is stopping, its turns wait
+        left[message.conversation_id] -= 1
         if not left[message.conversation_id]:
             ctx.recovering.discard(message.conversation_id or "")
+
+    for wait in (*RECOVERY_WAITS, None):
+        unsure: list[Message] = []
+        for message in unsent:
+            try:
+                accepted, unknown = await ask_provider(ctx, message)
+                if unknown is not None and wait is not None:
+                    unsure.append(message)  # asked again after the wait
+                    continue
+                await ctx.db.write(lambda c, m=message, a=accepted, u=unknown: _settle_unsent(ctx, c, m, a, u))
+                settled += 1
+            except Exception:  # left `queued`: the next start-up finds it again (its turns go on meanwhile)
+                log.exception("could not settle an outbound message a stop or crash cut off (message %s)", message.id)
+            done(message)
+        if not unsure:
+            break
+        await ctx.clock.sleep(wait or 0)
+        unsent = unsure
     if settled:
         log.warning("settled %d outbound message(s) whose send a stop or crash cut off", settled)
     return settled
