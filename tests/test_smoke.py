@@ -11,3 +11,20 @@ async def test_seed_create_request_answers_201_with_the_exact_envelope(harness: 
     assert body["data"]["status"] == "in_progress"
     assert body["data"]["providerMessageId"].startswith("SM")
     assert body["meta"] == {"request_id": response.headers["x-request-id"]}
+
+
+async def test_health_and_readiness_answer_get_and_head(harness: Harness) -> None:
+    """Load balancers and uptime probes often send HEAD: it answers the GET's status with no body."""
+    assert (await harness.client.get("/healthz")).json() == {"status": "ok"}
+    alive = await harness.client.head("/healthz")
+    assert (alive.status_code, alive.content) == (200, b"")
+    ready = await harness.client.get("/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready", "database": "ok", "scheduler": "ok"})
+    assert (await harness.client.head("/readyz")).status_code == 200
+
+    await harness.ctx.scheduler.stop()
+    stopped = await harness.client.get("/readyz")
+    assert (stopped.status_code, stopped.json()["scheduler"]) == (503, "stopped")
+    assert stopped.json()["status"] == "not_ready"
+    not_ready = await harness.client.head("/readyz")
+    assert (not_ready.status_code, not_ready.content) == (503, b"")

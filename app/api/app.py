@@ -21,7 +21,7 @@ from app.api.conversations import ConversationController
 from app.api.edge import Edge
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.events import EventController
-from app.api.health import healthz, metrics, readyz
+from app.api.health import healthz, healthz_head, metrics, readyz, readyz_head
 from app.api.keys import ApiKeyController
 from app.api.providers import TwilioCallbackController
 from app.api.simulator import SimulatorController
@@ -168,7 +168,9 @@ def create_app(
             # Twilio's callbacks exist only in twilio mode (they need its auth token to verify).
             *([TwilioCallbackController] if settings.sms_provider == "twilio" else []),
             healthz,
+            healthz_head,
             readyz,
+            readyz_head,
             metrics,
         ],
         lifespan=[lifespan],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from litestar import Request, Response, get
+from litestar import Request, Response, get, head
 
 from app.api import requests as rq
 
@@ -14,8 +14,24 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@head("/healthz", tags=["Operations"], summary="Alive (headers only, for probes that send HEAD)")
+async def healthz_head() -> None:
+    return None
+
+
 @get("/readyz", tags=["Operations"], summary="Database writable and scheduler running")
 async def readyz(request: Request) -> Response[dict[str, str]]:
+    readiness = await _readiness(request)
+    return Response(readiness, status_code=200 if readiness["status"] == "ready" else 503)
+
+
+@head("/readyz", tags=["Operations"], summary="Readiness as a status code only (200 or 503), for probes that send HEAD")
+async def readyz_head(request: Request) -> Response[None]:
+    readiness = await _readiness(request)
+    return Response(None, status_code=200 if readiness["status"] == "ready" else 503)
+
+
+async def _readiness(request: Request) -> dict[str, str]:
     ctx = rq.context(request)
 
     def probe(conn: sqlite3.Connection) -> None:
@@ -29,10 +45,7 @@ async def readyz(request: Request) -> Response[dict[str, str]]:
         database = "failing"
     scheduler = "ok" if ctx.scheduler.running else "stopped"
     ready = database == "ok" and scheduler == "ok"
-    return Response(
-        {"status": "ready" if ready else "not_ready", "database": database, "scheduler": scheduler},
-        status_code=200 if ready else 503,
-    )
+    return {"status": "ready" if ready else "not_ready", "database": database, "scheduler": scheduler}
 
 
 @get("/metrics", tags=["Operations"], summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
