@@ -9,6 +9,7 @@ after a restart).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -44,16 +45,26 @@ class Scheduler:
         self.clock = clock
         self.lease_ms = lease_ms
         self.batch = batch
+        self.concurrency = concurrency
         self._handlers: dict[str, Handler] = {}
-        self._slots = asyncio.Semaphore(concurrency)
+        # Each kind has its own slots: slow work of one kind (model calls in a model outage, a slow webhook
+        # endpoint) never holds up another's (webhook deliveries, inactivity timers, other turns' kinds).
+        self._limits: dict[str, int] = {}
+        self._busy: collections.Counter[str] = collections.Counter()
         self._wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.ticks = 0
 
-    def register(self, kind: str, handler: Handler) -> None:
+    def register(self, kind: str, handler: Handler, *, concurrency: int | None = None) -> None:
+        """Run `kind`'s due jobs with `handler`, at most `concurrency` (default: the scheduler's) at a time."""
         self._handlers[kind] = handler
+        self._limits[kind] = concurrency or self.concurrency
+
+    def _room(self) -> dict[str, int]:
+        """Free slots per kind (a kind without a handler is claimed to be dropped, unbounded)."""
+        return {kind: limit - self._busy[kind] for kind, limit in self._limits.items()}
 
     @property
     def running(self) -> bool:
@@ -87,7 +98,10 @@ class Scheduler:
                 now = self.clock.now_ms()
                 # A running job re-scheduled while it runs is not claimable until it ends (which wakes us).
                 running = set(self._running)
-                next_at = await self.db.read(lambda c, now=now, running=running: jobs_store.next_wake(c, now, running))
+                full = [kind for kind, free in self._room().items() if free <= 0]
+                next_at = await self.db.read(
+                    lambda c, now=now, running=running, full=full: jobs_store.next_wake(c, now, running, full)
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -105,11 +119,12 @@ class Scheduler:
         while not self._stopping:
             now = self.clock.now_ms()
             skip = set(self._running)
+            room = self._room()
             claimed = await self.db.write(
-                lambda c, now=now, skip=skip: jobs_store.claim(c, now, self.lease_ms, self.batch, skip)
+                lambda c, now=now, skip=skip, room=room: jobs_store.claim(c, now, self.lease_ms, self.batch, skip, room)
             )
             for job in claimed:
-                await self._slots.acquire()
+                self._busy[job.kind] += 1
                 task = asyncio.create_task(self._run(job), name=f"job-{job.kind}")
                 self._running[job.id] = task
                 started += 1
@@ -144,5 +159,5 @@ class Scheduler:
                 self.wake()
         finally:
             self._running.pop(job.id, None)
+            self._busy[job.kind] -= 1
             self.wake()
-            self._slots.release()

@@ -1347,6 +1347,44 @@ async def test_a_job_cut_off_by_the_stop_gives_its_lease_back(tmp_path: Path) ->
         assert h.rows("SELECT lease_until FROM jobs WHERE kind = 'test_hangs'")[0][0] is None
 
 
+async def test_a_kind_whose_slots_are_all_busy_does_not_hold_up_other_kinds(tmp_path: Path) -> None:
+    """Model calls hanging in an outage fill the assistant's slots; webhook deliveries, timers and other work must
+    still run: each kind has its own slots. A full kind's due jobs wait, without the scheduler spinning on them."""
+    from app.store import jobs as jobs_store
+
+    release = asyncio.Event()
+    ran = asyncio.Event()
+    running: list[str] = []
+    peak = 0
+
+    async def slow(job: Any) -> None:
+        nonlocal peak
+        running.append(job.ref)
+        peak = max(peak, len(running))
+        await release.wait()
+        running.remove(job.ref)
+
+    async def fast(job: Any) -> None:
+        ran.set()
+
+    async with start_harness(tmp_path) as h:
+        h.ctx.scheduler.register("test_slow", slow)  # the default: 32 at a time, as assistant turns
+        h.ctx.scheduler.register("test_fast", fast)
+        await h.ctx.db.write(lambda c: [jobs_store.schedule(c, "test_slow", f"s{i}", 0) for i in range(35)])
+        h.ctx.scheduler.wake()
+        await eventually(lambda: len(running) == 32)
+        ticks = h.ctx.scheduler.ticks
+        await h.ctx.db.write(lambda c: jobs_store.schedule(c, "test_fast", "f", 0))
+        h.ctx.scheduler.wake()
+        await asyncio.wait_for(ran.wait(), 5)  # not behind the 32 hanging jobs
+        await asyncio.sleep(0.3)
+        assert h.ctx.scheduler.ticks - ticks < 10  # three due jobs of a full kind: no busy loop
+        assert len(h.rows("SELECT 1 FROM jobs WHERE kind = 'test_slow' AND lease_until IS NULL")) == 3
+        release.set()
+        await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE kind = 'test_slow'"))
+        assert peak == 32
+
+
 async def test_a_new_database_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
     """The file holds webhook and tool signing secrets, phone numbers and message bodies: whatever the umask, a
     database Parley creates is 0600, and SQLite gives its WAL the same mode. An existing file keeps its mode."""

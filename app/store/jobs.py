@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import msgspec
 
@@ -49,12 +51,32 @@ def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...]) -> None:
     conn.execute(f"DELETE FROM jobs WHERE kind IN ({marks}) AND ref = ?", (*kinds, ref))
 
 
-def claim(conn: sqlite3.Connection, now_ms: int, lease_ms: int, limit: int, skip: set[int]) -> list[Job]:
+def claim(
+    conn: sqlite3.Connection,
+    now_ms: int,
+    lease_ms: int,
+    limit: int,
+    skip: set[int],
+    room: Mapping[str, int] | None = None,
+) -> list[Job]:
+    """Lease up to `limit` due jobs, oldest first, none of `skip` (running here), and of a kind listed in `room`
+    no more than its free slots: a kind with none left is not even read, so it cannot crowd out the others."""
+    full = sorted(kind for kind, free in (room or {}).items() if free <= 0)
     rows = conn.execute(
-        "SELECT id FROM jobs WHERE due_at <= ? AND (lease_until IS NULL OR lease_until <= ?) ORDER BY due_at LIMIT ?",
-        (now_ms, now_ms, limit + len(skip)),
+        "SELECT id, kind FROM jobs WHERE due_at <= ? AND (lease_until IS NULL OR lease_until <= ?)"
+        f"{_not_kinds(full)} ORDER BY due_at LIMIT ?",
+        (now_ms, now_ms, *full, limit + len(skip)),
     ).fetchall()
-    ids = [row[0] for row in rows if row[0] not in skip][:limit]
+    free = dict(room or {})
+    ids = []
+    for job_id, kind in rows:
+        if job_id in skip or free.get(kind, 1) <= 0:
+            continue
+        if kind in free:
+            free[kind] -= 1
+        ids.append(job_id)
+        if len(ids) == limit:
+            break
     jobs = []
     for job_id in ids:
         row = conn.execute(
@@ -64,6 +86,10 @@ def claim(conn: sqlite3.Connection, now_ms: int, lease_ms: int, limit: int, skip
         ).fetchone()
         jobs.append(Job(**{key: row[key] for key in row.keys()}))  # noqa: SIM118
     return jobs
+
+
+def _not_kinds(kinds: Collection[str]) -> str:
+    return f" AND kind NOT IN ({','.join('?' * len(kinds))})" if kinds else ""
 
 
 def is_current(conn: sqlite3.Connection, job: Job) -> bool:
@@ -85,16 +111,19 @@ def retry_at(conn: sqlite3.Connection, job: Job, due_at: int, *, reset_attempts:
     )
 
 
-def next_wake(conn: sqlite3.Connection, now_ms: int, running: set[int] | None = None) -> int | None:
-    """When the earliest job not running here becomes claimable (its due time, or its lease's end).
+def next_wake(
+    conn: sqlite3.Connection, now_ms: int, running: set[int] | None = None, full: Collection[str] = ()
+) -> int | None:
+    """When the earliest job not running here, and not of a kind in `full` (no free slot: a job ending wakes
+    the scheduler), becomes claimable (its due time, or its lease's end).
 
     Two index walks (`jobs_due`, `jobs_leased`) that stop at their first row, not a scan of every job.
     """
-    skip = ""
-    args: list[int] = []
+    skip = _not_kinds(sorted(full))
+    args: list[Any] = sorted(full)
     if running:
-        skip = f" AND id NOT IN ({','.join('?' * len(running))})"
-        args = list(running)
+        skip += f" AND id NOT IN ({','.join('?' * len(running))})"
+        args += list(running)
     due = conn.execute(
         f"SELECT due_at FROM jobs WHERE (lease_until IS NULL OR lease_until <= ?){skip} ORDER BY due_at LIMIT 1",
         [now_ms, *args],
