@@ -266,6 +266,30 @@ def test_model_answers_of_odd_shapes_are_read_or_refused() -> None:
         parse_answer({"choices": []})
     with pytest.raises(ModelError):
         parse_answer({"choices": [{"finish_reason": "stop"}]})
+    # Content as a list of parts (some OpenAI-compatible servers): the text parts, joined.
+    parts = [{"type": "text", "text": "Hello "}, {"type": "image_url", "image_url": {}}, {"type": "text", "text": "!"}]
+    assert parse_answer({"choices": [{"message": {"content": parts}}]}).content == "Hello !"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"choices": {"0": {"message": {"content": "hi"}}}},
+        {"choices": 5},
+        {"choices": ["hi"]},
+        {"choices": [{"message": "hello there"}]},
+        {"choices": [{"message": ["hello"]}]},
+        {"choices": [{"message": {"content": 5}}]},
+        {"choices": [{"message": {"content": {"text": "hi"}}}]},
+        {"choices": [{"message": {"content": [5]}}]},
+        {"choices": [{"message": {"content": "hi", "tool_calls": {"id": "c1"}}}]},
+    ],
+)
+def test_an_answer_not_shaped_like_a_chat_completion_is_a_bad_response_to_retry(answer: Any) -> None:
+    """Not a crash of the turn (`internal_error` after one try), nor an empty reply that marks the text answered."""
+    with pytest.raises(ModelError) as raised:
+        parse_answer(answer)
+    assert raised.value.code == "model_bad_response"
 
 
 def test_a_help_answered_during_the_debounce_goes_before_the_text_the_model_answers() -> None:

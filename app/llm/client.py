@@ -62,20 +62,54 @@ def _attr(value: Any, name: str) -> Any:
     return getattr(value, name, None)
 
 
+def _bad(what: str) -> ModelError:
+    return ModelError("model_bad_response", f"the model's answer {what}", attempts=1)
+
+
+_SCALARS = (str, bytes, int, float, bool, list, tuple)
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's text: a string, or (as some OpenAI-compatible servers send it) a list of content parts, whose
+    text parts are joined; None when there is none."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list | tuple):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, _SCALARS):
+                raise _bad("has a content part that is neither text nor an object")
+            elif isinstance(text := _attr(part, "text"), str):
+                texts.append(text)  # parts of other types (an image, a refusal) are not texted
+        return "".join(texts) if texts else None
+    raise _bad("has a message content that is neither text nor a list of parts")
+
+
 def parse_answer(response: Any) -> ModelAnswer:
-    """The first choice of a chat completion; ModelError("model_bad_response") when it has none."""
+    """The first choice of a chat completion; ModelError("model_bad_response") when it has none, or when its shape
+    is not a chat completion's (choices not a list, a message that is not an object)."""
     choices = _attr(response, "choices")
     if not choices:
-        raise ModelError("model_bad_response", "the model's answer has no choices", attempts=1)
-    message = _attr(choices[0], "message")
+        raise _bad("has no choices")
+    if not isinstance(choices, list | tuple):
+        raise _bad("has choices that are not a list")
+    choice = choices[0]
+    message = None if isinstance(choice, _SCALARS) else _attr(choice, "message")
     if message is None:
-        raise ModelError("model_bad_response", "the model's answer has no message", attempts=1)
-    content = _attr(message, "content")
+        raise _bad("has no message")
+    if isinstance(message, _SCALARS):
+        raise _bad("has a message that is not an object")
+    content = _content_text(_attr(message, "content"))
+    tool_calls = _attr(message, "tool_calls") or []
+    if not isinstance(tool_calls, list | tuple):
+        raise _bad("has tool calls that are not a list")
     calls = []
-    for index, call in enumerate(_attr(message, "tool_calls") or []):
-        function = _attr(call, "function")
-        name = _attr(function, "name") if function is not None else None
-        if not name:
+    for index, call in enumerate(tool_calls):
+        function = None if isinstance(call, _SCALARS) else _attr(call, "function")
+        name = _attr(function, "name") if function is not None and not isinstance(function, _SCALARS) else None
+        if not isinstance(name, str) or not name:
             continue  # not a function call (e.g. a custom tool type this server never offers)
         arguments = _attr(function, "arguments")
         if arguments is None:
@@ -83,7 +117,7 @@ def parse_answer(response: Any) -> ModelAnswer:
         elif not isinstance(arguments, str):
             arguments = json.dumps(arguments)  # some servers send an object instead of JSON text
         calls.append(ToolCallRequest(call_id=str(_attr(call, "id") or f"call_{index}"), name=name, arguments=arguments))
-    return ModelAnswer(content=content if isinstance(content, str) else None, tool_calls=calls)
+    return ModelAnswer(content=content, tool_calls=calls)
 
 
 def _classify(exc: Exception) -> tuple[str, bool]:
