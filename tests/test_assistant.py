@@ -653,6 +653,20 @@ async def test_built_ins_are_offered_only_when_listed(h: Harness, llm: FakeLLM) 
     assert "no tool named 'end_conversation'" in json.loads(tool_message["content"])["error"]
 
 
+@pytest.mark.parametrize(("arguments", "summary"), [({}, ""), ({"summary": 5}, "5"), ({"summary": ["a"]}, '["a"]')])
+async def test_a_handoff_without_a_text_summary_still_pauses_and_keeps_what_the_model_wrote(
+    h: Harness, llm: FakeLLM, arguments: dict[str, Any], summary: str
+) -> None:
+    agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("handoff_to_human", arguments)).reply("A person will text you.")
+    await text_in(h, "Human please")
+    (handoff,) = await eventually(lambda: events(h, conversation_id, "sms.handoff_requested"))
+    assert handoff["data"]["summary"] == summary
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["assistantPaused"] is True
+
+
 async def test_handoff_pauses_the_assistant_until_resume(h: Harness, llm: FakeLLM) -> None:
     agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
     conversation_id = await open_conversation(h, agent)

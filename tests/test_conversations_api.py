@@ -297,6 +297,22 @@ async def test_custom_agent_number_and_opening_template(harness: Harness) -> Non
     assert other_org.status_code == 404
 
 
+async def test_an_opening_template_that_renders_past_1600_characters_is_refused_not_cut(harness: Harness) -> None:
+    agent = (await harness.post("/v1/agents", {"name": "Long", "openingMessage": "{{a}} {{b}}"})).json()["data"]
+    body = {"agentId": agent["agentId"], "toNumber": "+15555550199", "fromNumber": "+15555550123"}
+    too_long = await harness.post(
+        "/v1/sms-conversations", {**body, "dynamicVariables": {"a": "x" * 800, "b": "y" * 800}}
+    )
+    assert too_long.status_code == 400
+    (detail,) = too_long.json()["error"]["details"]
+    assert detail["field"] == "dynamicVariables" and "1601 characters" in detail["message"]
+    assert (await harness.get("/v1/sms-conversations")).json()["data"] == []  # nothing was created
+    fits = await harness.post("/v1/sms-conversations", {**body, "dynamicVariables": {"a": "x" * 800, "b": "y" * 799}})
+    assert fits.status_code == 201
+    message = (await harness.get(f"/v1/sms-conversations/{fits.json()['data']['conversationId']}/messages")).json()
+    assert len(message["data"][0]["content"]) == 1600
+
+
 async def test_a_create_sees_an_agent_changed_through_the_api_at_once(harness: Harness) -> None:
     """Creates keep the agents they name in a cache; a change through the API drops it at once."""
     created = (await harness.post("/v1/agents", {"name": "A", "openingMessage": "First {{x}}"})).json()["data"]

@@ -13,12 +13,12 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from app.domain.errors import FieldProblem, ValidationFailed
 from app.domain.phone import e164_problem
 from app.domain.rotation import PreviousSecret, active_secrets
-from app.domain.types import E164Number, Name, VariableName, every_problem, whole
+from app.domain.types import MAX_SMS_CHARS, E164Number, Name, VariableName, every_problem, whole
 from app.webhooks.signing import SECRET_PREFIX, secret_key
 
 ToolName = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9_-]{1,64}", "1 to 64 letters, digits, _ or -"))]
 Prompt = Annotated[str, Meta(max_length=20000)]
-SmsText = Annotated[str, Meta(min_length=1, max_length=1600)]
+SmsText = Annotated[str, Meta(min_length=1, max_length=MAX_SMS_CHARS)]
 
 
 class WebhookTool(Struct, tag="webhook", tag_field="type", rename="camel", forbid_unknown_fields=True, kw_only=True):
@@ -56,7 +56,7 @@ class AgentSettings(Struct, rename="camel", forbid_unknown_fields=True, kw_only=
     inactivity_warning_message: SmsText | None = None
     closing_message: SmsText | None = None
     help_message: SmsText | None = None
-    max_reply_chars: Annotated[int, Meta(ge=1, le=1600)] = 640
+    max_reply_chars: Annotated[int, Meta(ge=1, le=MAX_SMS_CHARS)] = 640
     phone_number: E164Number | None = None
     opening_message: SmsText | None = None
 
@@ -80,7 +80,7 @@ class AgentPatch(Struct, rename="camel", forbid_unknown_fields=True, kw_only=Tru
     inactivity_warning_message: SmsText | UnsetType | None = UNSET
     closing_message: SmsText | UnsetType | None = UNSET
     help_message: SmsText | UnsetType | None = UNSET
-    max_reply_chars: Annotated[int, Meta(ge=1, le=1600)] | UnsetType = UNSET
+    max_reply_chars: Annotated[int, Meta(ge=1, le=MAX_SMS_CHARS)] | UnsetType = UNSET
     phone_number: E164Number | UnsetType | None = UNSET
     opening_message: SmsText | UnsetType | None = UNSET
 

@@ -24,6 +24,7 @@ from app.domain.errors import Conflict, NotFound, ProviderFailed, ValidationFail
 from app.domain.ids import new_id, parse_uuid
 from app.domain.inbound import InboundResult, InboundSms
 from app.domain.models import Conversation, Message
+from app.domain.types import MAX_SMS_CHARS
 from app.llm import prompt, tools
 from app.llm.client import ChatModel, ModelError, ModelNotConfigured, ToolCallRequest
 from app.store import agents as agents_store
@@ -318,7 +319,9 @@ class Assistant:
         elif kind == tools.HANDOFF_TO_HUMAN:
             assert arguments is not None
             summary = arguments.get("summary")
-            handoff_summary = summary if isinstance(summary, str) else ""
+            # The hand-off happens whatever the model wrote (a customer who asked for a person gets one); a summary
+            # that is not text is kept as the JSON it was, not dropped.
+            handoff_summary = summary if isinstance(summary, str) else "" if summary is None else json.dumps(summary)
             outcome = tools.ToolOutcome(
                 # Stays in the history after a resume: it must not read as "never answer again".
                 result={
@@ -487,7 +490,7 @@ class Assistant:
         except ModelError as exc:
             log.warning("the model could not write an opening message: %s", exc.code)
             raise ProviderFailed(f"The model could not write the opening message: {exc.message}", exc.code) from None
-        text = prompt.cut_reply(prompt.clean_reply(answer.content), min(settings.max_reply_chars, 1600))
+        text = prompt.cut_reply(prompt.clean_reply(answer.content), min(settings.max_reply_chars, MAX_SMS_CHARS))
         if not text:
             raise ProviderFailed("The model wrote an empty opening message.", "model_empty_reply")
         return text

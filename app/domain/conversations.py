@@ -28,7 +28,7 @@ from app.domain.ids import new_id, new_request_id, parse_uuid
 from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
-from app.domain.types import DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody, whole
+from app.domain.types import MAX_SMS_CHARS, DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody, whole
 from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
@@ -150,7 +150,12 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
         text = render(settings.opening_message, body.dynamic_variables)
         if not text.strip():
             raise ValidationFailed.field("dynamicVariables", "the agent's openingMessage renders empty")
-        return sender, text[:1600]
+        if len(text) > MAX_SMS_CHARS:
+            raise ValidationFailed.field(
+                "dynamicVariables",
+                f"the agent's openingMessage renders to {len(text)} characters, more than {MAX_SMS_CHARS}",
+            )
+        return sender, text
     return sender, None
 
 

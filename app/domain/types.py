@@ -41,7 +41,8 @@ def readable(message: str) -> str:
 E164_PATTERN = whole(r"\+[1-9]\d{6,14}", "an E.164 number such as +15555550123")
 E164Number = Annotated[str, msgspec.Meta(pattern=E164_PATTERN, examples=["+15555550123"])]
 Slug = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-SmsBody = Annotated[str, msgspec.Meta(max_length=1600)]
+MAX_SMS_CHARS = 1600  # SPEC §3.1: the longest text Parley sends as one (multi-segment) SMS
+SmsBody = Annotated[str, msgspec.Meta(max_length=MAX_SMS_CHARS)]
 VariableName = Annotated[
     str,
     msgspec.Meta(
