@@ -267,16 +267,18 @@ async def test_a_customer_who_writes_while_the_closing_message_is_on_its_way_kee
 
 
 class HoldingClosingRefusing(SimulatorProvider):
-    """The simulator, except that the closing message waits for `release` and one other text is refused."""
+    """The simulator, except that the closing message (or `held`) waits for `release` and one other text is
+    refused."""
 
-    def __init__(self, refuse: str) -> None:
+    def __init__(self, refuse: str, held: str = CLOSING) -> None:
         super().__init__()
         self.refuse = refuse
+        self.held = held
         self.holding = asyncio.Event()
         self.release = asyncio.Event()
 
     async def send(self, request: SendRequest) -> SendAccepted:
-        if request.body == CLOSING:
+        if request.body == self.held:
             self.holding.set()
             await self.release.wait()
         if request.body == self.refuse:
@@ -302,3 +304,27 @@ async def test_a_message_the_provider_refused_while_the_closing_message_was_on_i
 
         closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
         assert closed["end_reason"] == "inactivity_timeout"
+
+
+@pytest.mark.parametrize(
+    ("content", "answered", "due_after"),
+    [("Operator here", 502, 3600), ("Operator speaking", 201, 3000 + 3600 - 600)],
+)
+async def test_the_nudge_restores_the_deadline_unless_a_message_went_out_while_it_was_on_its_way(
+    tmp_path: Path, clock: FakeClock, content: str, answered: int, due_after: int
+) -> None:
+    """A message sent while the inactivity warning is at the provider starts a new quiet period (its warning is then
+    due); a message the provider refused was neither sent nor received, so the close stays where it was."""
+    provider = HoldingClosingRefusing("Operator here", held=WARNING)
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id = await open_conversation(h, AGENT)
+        start = clock.now_ms()
+        await clock.advance(3000)  # the warning is due 600 s before the 3600 s deadline
+        await eventually(provider.holding.is_set)
+        response = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": content})
+        assert response.status_code == answered, response.text
+        provider.release.set()
+        await eventually(lambda: any(m[1] == WARNING and m[2] != "queued" for m in messages(h, conversation_id)))
+        await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE lease_until IS NOT NULL AND kind = 'inactivity'"))
+        (job,) = h.rows("SELECT due_at FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
+        assert (job["due_at"] - start) / 1000 == due_after

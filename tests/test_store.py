@@ -916,7 +916,12 @@ class FindsItSent(SimulatorProvider):
 class CannotSay(SimulatorProvider):
     """A provider that cannot be asked after a crash (its API is down)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
     async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        self.asked += 1
         raise ConnectionError("provider unreachable")
 
 
@@ -982,12 +987,48 @@ async def test_a_message_cut_off_between_persist_and_send_is_settled_at_start_up
                 waited += 1
         (row,) = rows
         assert tuple(row)[1:] == settled
-        if provider is not SimulatorProvider and provider is not FindsItSent:
-            assert waited >= messaging.RECOVERY_WAITS[0]  # not settled before the provider was asked again
+        asked = getattr(second.ctx.provider, "asked", None)
+        if provider is CannotSay:  # asked after every wait, and only then settled as unknown
+            assert asked == len(messaging.RECOVERY_WAITS) + 1
+            assert waited >= sum(messaging.RECOVERY_WAITS)
+        elif provider is CannotSayAtFirst:
+            assert asked == 3 and waited >= sum(messaging.RECOVERY_WAITS[:2])
         payloads = [json.loads(r["payload"]) for r in second.rows("SELECT payload FROM events WHERE type = ?", event)]
         assert [p["data"]["messageId"] for p in payloads if p["data"]["author"] == "operator"] == [row["id"]]
         conversation = (await second.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
         assert conversation["status"] == "in_progress"  # only the message is settled
+
+
+async def test_a_cut_off_message_a_status_callback_settles_while_the_provider_cannot_be_asked_is_recorded_as_sent(
+    tmp_path: Path,
+) -> None:
+    """The provider's API is down at start-up, but its status callback (it names our message id) arrives during the
+    recovery's waits: the message was taken, and gets its `sms.message_sent` like any sent message."""
+    clock = FakeClock()
+    provider = CannotSay()
+    async with (
+        operator_message_cut_off(tmp_path) as (conversation_id, key),
+        start_harness(tmp_path, provider=provider, clock=clock) as second,
+    ):
+        second.keys["acme"] = key
+        await eventually(lambda: provider.asked == 1)
+        (message_id,) = [r["id"] for r in second.rows("SELECT id FROM messages WHERE author = 'operator'")]
+        sid = "SM" + "1" * 32
+        report = StatusReport(provider_message_id=sid, provider_status="sent", message_id=message_id)
+        await messaging.record_reports(second.ctx, [report])
+        for _ in range(30):
+            await clock.advance(10)
+            await asyncio.sleep(0.01)
+        await eventually(lambda: conversation_id not in second.ctx.recovering)
+        (row,) = second.rows("SELECT status, provider_message_id, error_code FROM messages WHERE id = ?", message_id)
+        assert tuple(row) == ("sent", sid, None)
+        sent = [
+            json.loads(r["payload"])["data"]
+            for r in second.rows("SELECT payload FROM events WHERE type = 'sms.message_sent'")
+        ]
+        (operator,) = [d for d in sent if d["messageId"] == message_id]
+        assert (operator["providerMessageId"], operator["status"]) == (sid, "sent")
+        assert provider.asked == 1  # a recorded provider id answers the question: not asked again
 
 
 async def test_a_send_that_fails_unexpectedly_is_settled_at_once(tmp_path: Path) -> None:

@@ -301,8 +301,18 @@ def _settle_unsent(
     unknown: ProviderRejected | None,
 ) -> None:
     current = store.get_message(conn, message.id)
-    if current is None or current.status != "queued" or current.provider_message_id is not None:
-        return  # a status report settled it meanwhile
+    if current is None:
+        return
+    if current.provider_message_id is not None:
+        # A status report (it names our message id) recorded the provider's id while the provider's API could not
+        # be asked: the provider took the message, which is recorded as sent now (its `sms.message_sent` has not
+        # been emitted: the send's own answer died with the process).
+        accepted, unknown = (
+            SendAccepted(provider_message_id=current.provider_message_id, provider_status="queued"),
+            None,
+        )
+    elif current.status != "queued":
+        return
     conversation = store.get(conn, message.conversation_id) if message.conversation_id else None
     if conversation is None:
         return
@@ -363,16 +373,12 @@ def apply_reports(conn: sqlite3.Connection, reports: Sequence[StatusReport], pro
 def _reported_message(conn: sqlite3.Connection, report: StatusReport) -> Message | None:
     """The outbound message a report is about: by our id when the callback carries it, else the provider's.
 
-    Our id is taken only while the message has no provider id yet or has the report's: a report about
-    another provider message that carries our id (a send the provider took twice, or a report replayed
-    against another message's callback URL) must not move this message's status."""
+    Our id wins even over a different provider id recorded for the message: the callback URL that names it is
+    signed, and was given only to sends of this message, whereas the id recorded after a lost answer comes from
+    a look-up that cannot always tell identical texts apart."""
     if report.message_id is not None:
         message = store.get_message(conn, report.message_id)
-        if (
-            message is not None
-            and message.direction == "outbound"
-            and message.provider_message_id in {None, report.provider_message_id}
-        ):
+        if message is not None and message.direction == "outbound":
             return message
     return store.message_by_provider_id(conn, report.provider_message_id)
 
