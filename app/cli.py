@@ -210,6 +210,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from app.observability import configure_logging
 
     sockets = _listen(settings, args)
+    interrupted = False
     try:
         configure_logging(settings.log_format)
         # The lifespan migrates and syncs agents; checking both here first turns a mistake in either into one
@@ -234,11 +235,19 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             lifespan="on",
         )
         server = uvicorn.Server(config)
-        with contextlib.suppress(KeyboardInterrupt):
+        try:
             server.run(sockets=sockets)
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on once it has stopped
+            interrupted = True
     finally:
         for sock in sockets:
             sock.close()
+    if interrupted:
+        # End by the signal, as a SIGTERM ends (uvicorn re-raises that one): status 130 for a shell or supervisor.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGINT)
     return 0 if server.started else STARTUP_FAILURE
 
 

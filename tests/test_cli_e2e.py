@@ -447,3 +447,25 @@ def test_the_default_agents_file_is_found_where_make_run_starts(tmp_path: Path) 
     )
     assert synced.returncode == 0, synced.stderr
     assert "recall-sms" in synced.stdout
+
+
+@pytest.mark.e2e
+def test_a_second_ctrl_c_with_a_request_in_flight_ends_the_server_by_the_signal(server: Any) -> None:
+    """uvicorn answers a second Ctrl-C during the drain by cancelling the shutdown; the process must still end (the
+    database's threads used to keep it alive for ever), and by SIGINT, as a SIGTERM stop ends by SIGTERM."""
+    base, process, tmp_path = server
+    port = int(base.rsplit(":", 1)[1])
+    key = (tmp_path / "data" / "dev-api-key").read_text().strip()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as held:  # a request whose body never ends
+        held.sendall(
+            b"POST /v1/sms-conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {key}\r\n".encode()
+            + b'Content-Length: 170\r\n\r\n{"toNu'
+        )
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert process.poll() is None  # draining: the request has its 5 s
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=15)
+    assert process.returncode == -signal.SIGINT, (tmp_path / "server.log").read_text()[-3000:]

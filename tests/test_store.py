@@ -1426,6 +1426,24 @@ async def test_a_kind_whose_slots_are_all_busy_does_not_hold_up_other_kinds(tmp_
         assert peak == 32
 
 
+async def test_a_close_cut_off_by_a_forced_quit_still_ends_every_connection_thread(tmp_path: Path) -> None:
+    """A second Ctrl-C makes uvicorn cancel the shutdown while the database closes: the connections' threads must
+    still end, or they keep the process alive for ever."""
+    database = Database(str(tmp_path / "parley.db"))
+    await database.open()
+    await database.write(lambda c: c.execute("INSERT INTO orgs (id, name, created_at) VALUES ('o', 'o', 0)"))
+    threads = [conn._thread for conn in [*database._readers, database._checkpointer, database._writer] if conn]
+    assert len(threads) >= 3 and all(thread.is_alive() for thread in threads)
+    closing = asyncio.create_task(database.close())
+    await asyncio.sleep(0)  # inside its first wait
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+    await eventually(lambda: not any(thread.is_alive() for thread in threads))
+    conn = sqlite3.connect(tmp_path / "parley.db")
+    assert conn.execute("SELECT id FROM orgs").fetchall() == [("o",)]
+    conn.close()
+
+
 async def test_a_new_database_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
     """The file holds webhook and tool signing secrets, phone numbers and message bodies: whatever the umask, a
     database Parley creates is 0600, and SQLite gives its WAL the same mode. An existing file keeps its mode."""

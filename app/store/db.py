@@ -229,20 +229,27 @@ class Database:
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
-        if self._writer_task is not None:
-            await self._writer_task
-        for conn in [*self._readers, self._checkpointer, self._writer]:
-            if conn is not None:
-                await conn.close()
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
-        self._readers.clear()
-        self._checkpointer = None
-        self._writer = None
+        connections = [conn for conn in [*self._readers, self._checkpointer, self._writer] if conn is not None]
+        try:
+            if self._checkpoint_task is not None:
+                self._checkpoint_task.cancel()
+                await asyncio.gather(self._checkpoint_task, return_exceptions=True)
+            if self._writer_task is not None:
+                await self._writer_task
+            while connections:
+                await connections[0].close()
+                connections.pop(0)
+        finally:
+            # A close cut off (a second Ctrl-C makes uvicorn cancel the shutdown) still tells every connection's
+            # thread to stop once its queued work is done: a thread left waiting keeps the process alive for ever.
+            for conn in connections:
+                conn.stop()
+            if self._inline is not None:
+                self._inline.close()
+                self._inline = None
+            self._readers.clear()
+            self._checkpointer = None
+            self._writer = None
 
     @property
     def queued_writes(self) -> int:
