@@ -685,6 +685,25 @@ async def test_metrics_export_the_write_path_counters(tmp_path: Path) -> None:
         assert float(values["parley_db_write_run_seconds_total"]) > 0
 
 
+async def test_metrics_stay_bounded_and_grouped_whatever_methods_clients_invent(tmp_path: Path) -> None:
+    """No key is needed to send any method: invented ones are counted together as OTHER (a label each would grow
+    /metrics and the server's memory without bound). Each family's TYPE line and samples form one group, as the
+    text format requires."""
+    async with start_harness(tmp_path) as h:
+        assert (await h.post("/v1/sms-conversations", SEED_CREATE)).status_code == 201
+        for method in ("FOO", "BAR1", "X" * 4000):
+            assert (await h.client.request(method, "/healthz")).status_code == 405
+        text = (await h.client.get("/metrics")).text
+        assert 'parley_http_requests_total{method="OTHER",status="405"} 3' in text
+        assert "FOO" not in text and "BAR1" not in text and len(text) < 10_000
+        families = [
+            line.split()[2] if line.startswith("#") else line.split("{")[0].split()[0] for line in text.splitlines()
+        ]
+        groups = [name for index, name in enumerate(families) if index == 0 or families[index - 1] != name]
+        assert len(groups) == len(set(groups)), groups  # no family comes back after another
+        assert {"parley_conversations", "parley_jobs"} <= set(groups)
+
+
 async def test_committed_pages_reach_the_database_file_by_background_checkpoints(db: Database) -> None:
     path = Path(db.path)
     before = path.stat().st_size

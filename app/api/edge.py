@@ -27,6 +27,7 @@ from app.observability import loggable_path
 
 log = logging.getLogger("parley.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 UNLIMITED_PREFIXES = ("/healthz", "/readyz", "/schema", "/metrics", "/v1/providers/")
 
 
@@ -162,14 +163,16 @@ class Edge:
         finally:
             duration_ms = ((answered[0] or time.perf_counter()) - started) * 1000
             status = status_holder[0] or 500
-            key = (scope.get("method", "GET"), status)
+            method = scope.get("method", "GET")
+            # Counted by a known method or OTHER: a label per method a client invents would grow without bound.
+            key = (method if method in HTTP_METHODS else "OTHER", status)
             self.metrics[key] = self.metrics.get(key, 0) + 1
             # The path only (query strings can carry phone numbers), and numbers in it masked.
             log.info(
                 "request",
                 extra={
                     "request_id": request_id,
-                    "method": scope.get("method"),
+                    "method": key[0],
                     "path": loggable_path(scope.get("path", "")),
                     "status": status,
                     "duration_ms": round(duration_ms, 2),
