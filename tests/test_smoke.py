@@ -1,3 +1,5 @@
+import sqlite3
+
 from tests.conftest import Harness
 from tests.seed import SEED_CREATE
 
@@ -28,3 +30,20 @@ async def test_health_and_readiness_answer_get_and_head(harness: Harness) -> Non
     assert stopped.json()["status"] == "not_ready"
     not_ready = await harness.client.head("/readyz")
     assert (not_ready.status_code, not_ready.content) == (503, b"")
+
+
+async def test_readiness_commits_a_write_to_the_database_file_and_fails_when_it_cannot(harness: Harness) -> None:
+    """ "Database writable" means the file takes a commit (not a TEMP table outside it, which a full disk or a
+    read-only file never fails)."""
+    assert (await harness.client.get("/readyz")).status_code == 200
+    other = sqlite3.connect(harness.settings.database)  # another connection: sees only what reached the file
+    assert other.execute("SELECT count(*) FROM readiness").fetchone() == (1,)
+    other.close()
+
+    harness.ctx.db.writer_connection.execute("PRAGMA query_only = ON")  # the file refuses every write
+    try:
+        failing = await harness.client.get("/readyz")
+        assert (failing.status_code, failing.json()["database"]) == (503, "failing")
+    finally:
+        harness.ctx.db.writer_connection.execute("PRAGMA query_only = OFF")
+    assert (await harness.client.get("/readyz")).status_code == 200

@@ -33,10 +33,14 @@ async def readyz_head(request: Request) -> Response[None]:
 
 async def _readiness(request: Request) -> dict[str, str]:
     ctx = rq.context(request)
+    now_ms = ctx.clock.now_ms()
 
-    def probe(conn: sqlite3.Connection) -> None:
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS readiness (x)")
-        conn.execute("DELETE FROM readiness")
+    def probe(conn: sqlite3.Connection) -> None:  # committed to the database file's WAL, with fsync, like any write
+        conn.execute(
+            "INSERT INTO readiness (id, checked_at) VALUES (1, ?)"
+            " ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+            (now_ms,),
+        )
 
     try:
         await ctx.db.write(probe)
@@ -61,11 +65,10 @@ async def metrics(request: Request) -> str:
         jobs = conn.execute("SELECT kind, COUNT(*) FROM jobs GROUP BY kind").fetchall()
         return [("conversations", r[0], r[1]) for r in rows] + [("jobs", r[0], r[1]) for r in jobs]
 
-    lines.append("# TYPE parley_conversations gauge")
-    lines.append("# TYPE parley_jobs gauge")
-    for family, label, count in await ctx.db.read(counts):
-        key = "status" if family == "conversations" else "kind"
-        lines.append(f'parley_{family}{{{key}="{label}"}} {count}')
+    rows = await ctx.db.read(counts)
+    for family, key in (("conversations", "status"), ("jobs", "kind")):  # each family's lines in one group
+        lines.append(f"# TYPE parley_{family} gauge")
+        lines.extend(f'parley_{family}{{{key}="{label}"}} {count}' for name, label, count in rows if name == family)
     write = ctx.db.stats
     for name, value, help_text in (
         ("batches_total", write.batches, "write transactions (group commits)"),
