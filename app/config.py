@@ -56,16 +56,23 @@ def _bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in {"1", "true", "yes", "on"}:
         return True
-    if value in {"0", "false", "no", "off", ""}:
+    if value in {"0", "false", "no", "off"}:
         return False
-    raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+    raise ConfigError(f"{name} must be 0 or 1 (true/false, yes/no and on/off are read too), got {raw!r}")
+
+
+# Plain ASCII digits, as the README's "whole seconds" and "requests per second" mean: Python's int() and float()
+# would also take `8_000`, full-width digits, `1e3`, `nan` and `inf`.
+_WHOLE = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def _number(name: str, raw: str, kind: type, low: float, high: float) -> int | float:
-    try:
-        value = kind(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a number between {low} and {high}, got {raw!r}") from None
+    text = raw.strip()
+    if not (_WHOLE if kind is int else _DECIMAL).fullmatch(text):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what} between {low} and {high}, got {raw!r}")
+    value = kind(text)
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {raw!r}")
     return value
@@ -99,6 +106,9 @@ def _url(name: str, raw: str, *, base: bool = False) -> str:
     """An http(s) URL with a well-formed host and port; a `base` one (paths are appended to it) has neither
     query nor fragment."""
     value = raw.strip().rstrip("/")
+    scheme, colon, rest = value.partition(":")
+    if colon and scheme.lower() in {"http", "https"}:
+        value = scheme.lower() + colon + rest  # schemes are case-insensitive; Parley writes them lower-case
     try:
         parts = urlsplit(value)
         _ = parts.port  # a ValueError when the port is not a number from 0 to 65535
@@ -130,15 +140,20 @@ def _shown(raw: str) -> str:
 
 
 def _schedule(name: str, raw: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(part) for part in raw.split(","))  # int() allows the spaces around each
-    except ValueError:
-        raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}") from None
-    if any(step < 0 for step in steps):
+    parts = [part.strip() for part in raw.split(",")]
+    if not all(_WHOLE.fullmatch(part) for part in parts):
         raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}")
+    steps = tuple(int(part) for part in parts)
     if any(step > MAX_RETRY_STEP_SECONDS for step in steps):
         raise ConfigError(f"{name} steps must be at most {MAX_RETRY_STEP_SECONDS} seconds (30 days), got {raw!r}")
     return steps
+
+
+def _one_word(name: str, value: str | None) -> None:
+    """A credential as an env file can mangle it (a trailing space or newline, quotes kept literally by Docker's
+    --env-file or systemd's EnvironmentFile): refused, without showing it."""
+    if value and not re.fullmatch(r"[!#-&(-~]+", value):  # visible ASCII but the two quotes
+        raise ConfigError(f"{name} must be one word of visible ASCII characters (no spaces, quotes or line breaks)")
 
 
 def _twilio_credentials(settings: Settings) -> None:
@@ -150,8 +165,7 @@ def _twilio_credentials(settings: Settings) -> None:
         ("TWILIO_AUTH_TOKEN", settings.twilio_auth_token),
         ("TWILIO_API_SECRET", settings.twilio_api_secret),
     ):
-        if value and not re.fullmatch(r"[!-~]+", value):
-            raise ConfigError(f"{name} must be one word of visible ASCII characters (no spaces, quotes or line breaks)")
+        _one_word(name, value)
     if settings.twilio_account_sid and not re.fullmatch(r"[A-Za-z0-9_-]+", settings.twilio_account_sid):
         raise ConfigError(
             "TWILIO_ACCOUNT_SID must be an account id (letters, digits, - and _), such as AC followed by 32 hex digits"
@@ -172,14 +186,21 @@ def load_settings(
     values: dict[str, str] = {}
     if env_file and Path(env_file).is_file():
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        if environ is None:
+            # What else reads the environment (agents.toml's `toolSecret = "env:NAME"`) sees .env too; the
+            # environment still wins, as python-dotenv's load_dotenv does it.
+            for name, value in values.items():
+                os.environ.setdefault(name, value)
     values.update(os.environ if environ is None else environ)
 
     def get(name: str) -> str | None:
         raw = values.get(name)
-        return raw if raw not in (None, "") else None
+        return raw if raw not in (None, "") else None  # empty: unset, the default (only spaces is refused)
 
     kwargs: dict[str, object] = {}
     if (raw := get("PARLEY_DATABASE")) is not None:
+        if raw.strip() == ":memory:" or raw.startswith("file:"):
+            raise ConfigError(f"PARLEY_DATABASE must be a file path (an in-memory database keeps nothing), got {raw!r}")
         kwargs["database"] = raw
     if host is not None:
         kwargs["host"] = _host("--host", host)
@@ -192,9 +213,9 @@ def load_settings(
     if (raw := get("PARLEY_AGENTS_FILE")) is not None:
         kwargs["agents_file"] = raw
     if (raw := get("PARLEY_SMS_PROVIDER")) is not None:
-        if raw not in {"simulator", "twilio"}:
+        if raw.strip() not in {"simulator", "twilio"}:
             raise ConfigError(f"PARLEY_SMS_PROVIDER must be simulator or twilio, got {raw!r}")
-        kwargs["sms_provider"] = raw
+        kwargs["sms_provider"] = raw.strip()
     for name, field in (
         ("TWILIO_ACCOUNT_SID", "twilio_account_sid"),
         ("TWILIO_AUTH_TOKEN", "twilio_auth_token"),
@@ -208,8 +229,11 @@ def load_settings(
     if (raw := get("PARLEY_LLM_BASE_URL")) is not None:
         kwargs["llm_base_url"] = _url("PARLEY_LLM_BASE_URL", raw)
     if (raw := get("PARLEY_LLM_API_KEY")) is not None:
+        _one_word("PARLEY_LLM_API_KEY", raw)  # a trailing newline (a secret made from a file) fails every call
         kwargs["llm_api_key"] = raw
     if (raw := get("PARLEY_LLM_MODEL")) is not None:
+        if raw != raw.strip() or not raw.isprintable():
+            raise ConfigError(f"PARLEY_LLM_MODEL must be a model name without surrounding spaces, got {raw!r}")
         kwargs["llm_model"] = raw
     if (raw := get("PARLEY_LLM_TIMEOUT_SECONDS")) is not None:
         kwargs["llm_timeout_seconds"] = _number("PARLEY_LLM_TIMEOUT_SECONDS", raw, float, 0.1, 600)
@@ -220,9 +244,9 @@ def load_settings(
     if (raw := get("PARLEY_WEBHOOK_RETRY_SCHEDULE")) is not None:
         kwargs["webhook_retry_schedule"] = _schedule("PARLEY_WEBHOOK_RETRY_SCHEDULE", raw)
     if (raw := get("PARLEY_LOG_FORMAT")) is not None:
-        if raw not in {"json", "console"}:
+        if raw.strip() not in {"json", "console"}:
             raise ConfigError(f"PARLEY_LOG_FORMAT must be json or console, got {raw!r}")
-        kwargs["log_format"] = raw
+        kwargs["log_format"] = raw.strip()
     if (raw := get("PARLEY_RATE_LIMIT")) is not None:
         kwargs["rate_limit"] = _number("PARLEY_RATE_LIMIT", raw, float, 0.001, 1_000_000)
     if (raw := get("PARLEY_STATUS_RECONCILE_AFTER_SECONDS")) is not None:

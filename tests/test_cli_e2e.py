@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import signal
 import socket
@@ -406,6 +407,7 @@ def test_serve_holds_its_port_from_the_check_until_it_serves_on_it(tmp_path: Pat
         ("", "no [[agents]] entries"),  # empty or cut off: it would retire every managed agent
         ('[[agents]]\nslug = "a"\nname = "A"\ntoolSecret = "notawhsec"\n', "toolSecret must be whsec_"),
         ('[[agents]]\nslug = "a"\nname = "A"\nopeningMessage = "Hi"\n', "openingMessage: managed agents have"),
+        ('[[agents]]\nslug = "a"\nname = "A"\n[[agents]]\nslug = "a"\nname = "B"\n', "the slug 'a'"),
         (
             '[[agents]]\nslug = "a"\nname = "A"\n[[agents.tools]]\ntype = "webhook"\nname = "t"\ndescription = "d"\n'
             'parameters = {type = "object"}\nurl = "https://10.0.0.1/t"\n',
@@ -428,6 +430,18 @@ def test_an_agents_file_that_is_missing_or_malformed_stops_the_command_with_one_
     assert line.count("\n") == 0 and "PARLEY_AGENTS_FILE" in line and str(path) in line and reason in line
     assert "notawhsec" not in line  # a secret, even a malformed one, is never shown
     assert not (tmp_path / "data").exists()  # checked before the database is touched
+
+
+def test_a_tool_secret_named_env_colon_may_come_from_dot_env(tmp_path: Path) -> None:
+    """SPEC §9: a `.env` file in the working directory is read too; `toolSecret = "env:NAME"` sees it."""
+    secret = "whsec_" + base64.b64encode(b"s" * 24).decode()
+    (tmp_path / ".env").write_text(f"DOTENV_TOOL_SECRET={secret}\n")
+    path = tmp_path / "agents.toml"
+    path.write_text('[[agents]]\nslug = "a"\nname = "A"\ntoolSecret = "env:DOTENV_TOOL_SECRET"\n')
+    synced = cli(tmp_path, "agents", "sync", PARLEY_AGENTS_FILE=str(path))
+    assert synced.returncode == 0, synced.stderr
+    listed = cli(tmp_path, "agents", "list", "--secrets", PARLEY_AGENTS_FILE=str(path))
+    assert secret in listed.stdout
 
 
 def test_an_agents_file_that_says_agents_is_empty_retires_every_managed_agent(tmp_path: Path) -> None:

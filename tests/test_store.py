@@ -1209,6 +1209,60 @@ def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> Non
         load_settings({"PARLEY_RATE_LIMIT": "-1"}, env_file=None)
 
 
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("PARLEY_PORT", "8_000"),  # Python's int() reads these: the README's whole numbers do not
+        ("PARLEY_PORT", "\uff18\uff10\uff10\uff10"),  # full-width digits
+        ("PARLEY_PORT", "8e3"),
+        ("PARLEY_RATE_LIMIT", "1_0"),
+        ("PARLEY_RATE_LIMIT", "nan"),
+        ("PARLEY_RATE_LIMIT", "1e3"),
+        ("PARLEY_LLM_TIMEOUT_SECONDS", "inf"),
+        ("PARLEY_WEBHOOK_RETRY_SCHEDULE", "\uff15,10"),
+        ("PARLEY_WEBHOOK_RETRY_SCHEDULE", "5,1_0"),
+        ("PARLEY_ALLOW_PRIVATE_URLS", " "),  # only spaces is refused everywhere, as for the other variables
+        ("PARLEY_ALLOW_PRIVATE_URLS", "maybe"),
+        ("PARLEY_DATABASE", ":memory:"),  # keeps nothing: every process would see its own empty database
+        ("PARLEY_DATABASE", "file::memory:?cache=shared"),
+        ("PARLEY_LLM_API_KEY", "sk-test\n"),  # a secret made from a file keeps its newline: every call would fail
+        ("PARLEY_LLM_API_KEY", '"sk-test"'),
+        ("PARLEY_LLM_MODEL", "qwen2.5:7b "),
+    ],
+)
+def test_a_value_python_or_an_env_file_would_bend_is_refused_naming_the_variable(name: str, bad: str) -> None:
+    with pytest.raises(ConfigError, match=name) as refused:
+        load_settings({name: bad}, env_file=None)
+    assert "sk-test" not in str(refused.value)  # a key is never echoed
+
+
+def test_settings_read_forgivingly_where_nothing_is_lost() -> None:
+    settings = load_settings(
+        {
+            "PARLEY_PORT": " 8001 ",
+            "PARLEY_RATE_LIMIT": "2.5",
+            "PARLEY_LLM_TIMEOUT_SECONDS": ".5",
+            "PARLEY_ALLOW_HTTP_URLS": "Yes",
+            "PARLEY_LOG_FORMAT": "json ",
+            "PARLEY_SMS_PROVIDER": " simulator",
+            "PARLEY_PUBLIC_URL": "HTTPS://sms.example.com",
+            "PARLEY_LLM_API_KEY": "sk-test",
+        },
+        env_file=None,
+    )
+    assert (settings.port, settings.rate_limit, settings.llm_timeout_seconds) == (8001, 2.5, 0.5)
+    assert settings.allow_http_urls is True and (settings.log_format, settings.sms_provider) == ("json", "simulator")
+    assert settings.public_url == "https://sms.example.com"
+
+
+@pytest.mark.parametrize("token", ['"0123abcd0123abcd"', "0123abcd0123abcd'", "'tok'"])
+def test_a_twilio_credential_with_quotes_an_env_file_kept_is_refused(token: str) -> None:
+    twilio = {"PARLEY_SMS_PROVIDER": "twilio", "PARLEY_PUBLIC_URL": "https://parley.example.test"}
+    with pytest.raises(ConfigError, match="TWILIO_AUTH_TOKEN") as refused:
+        load_settings({**twilio, "TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": token}, env_file=None)
+    assert token not in str(refused.value)
+
+
 def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("PARLEY_PORT=9100\nPARLEY_LOG_FORMAT=json\n")

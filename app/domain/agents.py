@@ -197,8 +197,8 @@ def load_agents_file(path: str | Path) -> list[ManagedAgentEntry]:
         # An empty or cut-off file would retire every managed agent: that takes saying so (`agents = []`).
         raise ValueError(f"{file}: no [[agents]] entries (to retire every managed agent, write `agents = []`)")
     slugs = [entry.slug for entry in parsed.agents]
-    if len(slugs) != len(set(slugs)):
-        raise ValueError(f"{file}: two agents share a slug")
+    if shared := sorted({slug for slug in slugs if slugs.count(slug) > 1}):
+        raise ValueError(f"{file}: more than one agent has the slug {', '.join(map(repr, shared))}")
     for entry in parsed.agents:
         try:
             check_settings(entry, kind="managed")
