@@ -925,15 +925,21 @@ async def test_a_create_cut_off_after_its_conversation_was_closed_is_settled_at_
         await task
 
 
+FOUND = SendAccepted(provider_message_id="SM" + "f" * 32, provider_status="sent")
+
+
 class FindsItSent(SimulatorProvider):
     """A provider that, asked after a crash, says it took the message."""
 
     async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
-        return SendAccepted(provider_message_id="SM" + "f" * 32, provider_status="sent")
+        return FOUND
 
 
 class CannotSay(SimulatorProvider):
-    """A provider that cannot be asked after a crash (its API is down)."""
+    """A provider that cannot be asked after a crash (its API is down), for good or for its first `down_for`
+    look-ups (after which it says it took the message, as FindsItSent)."""
+
+    down_for: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -941,21 +947,15 @@ class CannotSay(SimulatorProvider):
 
     async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
         self.asked += 1
-        raise ConnectionError("provider unreachable")
-
-
-class CannotSayAtFirst(FindsItSent):
-    """A provider whose API is down for the first two look-ups after a crash, and then says it took the message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked = 0
-
-    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
-        self.asked += 1
-        if self.asked <= 2:
+        if self.down_for is None or self.asked <= self.down_for:
             raise ConnectionError("provider unreachable")
-        return await super().find_sent(message, taken)
+        return FOUND
+
+
+class CannotSayAtFirst(CannotSay):
+    """Down for the first two look-ups after a crash, then says it took the message."""
+
+    down_for = 2
 
 
 @contextlib.asynccontextmanager
