@@ -187,7 +187,7 @@ def _check_agents_file(settings: Settings) -> None:
         raise ConfigError(f"PARLEY_AGENTS_FILE: {exc}") from None
     for entry in entries:
         try:
-            resolve_secret(entry.tool_secret, slug=entry.slug)
+            resolve_secret(entry.tool_secret, slug=entry.slug, dotenv=settings.dotenv)
             # The outbound-URL guard's registration rules, as for a custom agent's tools, but without DNS: a slow
             # resolver must not hold up start-up (a name is checked by the guard when each call connects).
             check_tools(entry.tools, settings, resolve=_unresolved)
@@ -303,7 +303,9 @@ def cmd_agents(settings: Settings, args: argparse.Namespace) -> int:
     conn = _open(settings)
     try:
         if args.agents_command == "sync":
-            slugs = write_sync(conn, lambda c: agent_registry.sync_managed(c, settings.agents_file, _now()))
+            slugs = write_sync(
+                conn, lambda c: agent_registry.sync_managed(c, settings.agents_file, _now(), settings.dotenv)
+            )
             print(f"synced {len(slugs)} managed agent(s): {', '.join(slugs)}")
         else:
             for agent in agents_store.list_managed(conn):

@@ -46,6 +46,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "console"
     rate_limit: float = 100.0
     status_reconcile_after_seconds: int = 600
+    # What `.env` set, for agents.toml's `toolSecret = "env:NAME"` (the environment wins). Kept here, not copied
+    # into os.environ: a shared .env's proxy or SDK variables must not change how Parley calls out.
+    dotenv: dict[str, str] = {}
 
     @property
     def data_dir(self) -> Path:
@@ -186,18 +189,16 @@ def load_settings(
     values: dict[str, str] = {}
     if env_file and Path(env_file).is_file():
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-        if environ is None:
-            # What else reads the environment (agents.toml's `toolSecret = "env:NAME"`) sees .env too; the
-            # environment still wins, as python-dotenv's load_dotenv does it.
-            for name, value in values.items():
-                os.environ.setdefault(name, value)
+    dotenv = dict(values)
     values.update(os.environ if environ is None else environ)
 
     def get(name: str) -> str | None:
         raw = values.get(name)
-        return raw if raw not in (None, "") else None  # empty: unset, the default (only spaces is refused)
+        if raw is not None and raw and not raw.strip():  # a stray space in an env file, not a choice
+            raise ConfigError(f"{name} is only spaces (leave it empty, or unset, for the default)")
+        return raw or None  # empty: unset, the default
 
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, object] = {"dotenv": dotenv}
     if (raw := get("PARLEY_DATABASE")) is not None:
         if raw.strip() == ":memory:" or raw.startswith("file:"):
             raise ConfigError(f"PARLEY_DATABASE must be a file path (an in-memory database keeps nothing), got {raw!r}")

@@ -267,7 +267,12 @@ def test_model_answers_of_odd_shapes_are_read_or_refused() -> None:
     with pytest.raises(ModelError):
         parse_answer({"choices": [{"finish_reason": "stop"}]})
     # Content as a list of parts (some OpenAI-compatible servers): the text parts, joined.
-    parts = [{"type": "text", "text": "Hello "}, {"type": "image_url", "image_url": {}}, {"type": "text", "text": "!"}]
+    parts = [
+        {"type": "text", "text": "Hello "},
+        {"type": "reasoning", "text": "The customer wants..."},  # never texted to the customer
+        {"type": "image_url", "image_url": {}},
+        {"type": "text", "text": "!"},
+    ]
     assert parse_answer({"choices": [{"message": {"content": parts}}]}).content == "Hello !"
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -1221,7 +1222,9 @@ def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> Non
         ("PARLEY_LLM_TIMEOUT_SECONDS", "inf"),
         ("PARLEY_WEBHOOK_RETRY_SCHEDULE", "\uff15,10"),
         ("PARLEY_WEBHOOK_RETRY_SCHEDULE", "5,1_0"),
-        ("PARLEY_ALLOW_PRIVATE_URLS", " "),  # only spaces is refused everywhere, as for the other variables
+        ("PARLEY_ALLOW_PRIVATE_URLS", " "),  # only spaces is refused everywhere
+        ("PARLEY_DATABASE", "   "),
+        ("PARLEY_AGENTS_FILE", " "),
         ("PARLEY_ALLOW_PRIVATE_URLS", "maybe"),
         ("PARLEY_DATABASE", ":memory:"),  # keeps nothing: every process would see its own empty database
         ("PARLEY_DATABASE", "file::memory:?cache=shared"),
@@ -1261,6 +1264,20 @@ def test_a_twilio_credential_with_quotes_an_env_file_kept_is_refused(token: str)
     with pytest.raises(ConfigError, match="TWILIO_AUTH_TOKEN") as refused:
         load_settings({**twilio, "TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": token}, env_file=None)
     assert token not in str(refused.value)
+
+
+def test_dot_env_is_read_without_being_copied_into_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared .env's proxy or SDK variables (HTTP_PROXY, OPENAI_ORG_ID) must not change how Parley calls out:
+    .env is read for Parley's settings and agents.toml's `env:` secrets only."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    (tmp_path / ".env").write_text("HTTP_PROXY=http://127.0.0.1:9\nTOOL_FROM_DOTENV=whsec_x\nPARLEY_PORT=9100\n")
+    settings = load_settings()
+    assert settings.port == 9100
+    assert "HTTP_PROXY" not in os.environ and "TOOL_FROM_DOTENV" not in os.environ
+    assert settings.dotenv["TOOL_FROM_DOTENV"] == "whsec_x"
 
 
 def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:

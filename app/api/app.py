@@ -87,7 +87,9 @@ def create_app(
             await db.open()
             stack.push_async_callback(db.close)
             now = clock.now_ms()
-            await db.write(lambda c: agent_registry.sync_managed(c, settings.agents_file, now), long=True)
+            await db.write(
+                lambda c: agent_registry.sync_managed(c, settings.agents_file, now, settings.dotenv), long=True
+            )
             sms = provider or build_provider(settings)
             scheduler = Scheduler(db, clock)
             ctx = Context(db=db, clock=clock, provider=sms, settings=settings, scheduler=scheduler)

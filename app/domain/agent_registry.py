@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Mapping
 
 from app.domain import senders
 from app.domain.agents import (
@@ -25,13 +26,16 @@ from app.store import sender_numbers
 log = logging.getLogger("parley.agents")
 
 
-def sync_managed(conn: sqlite3.Connection, path: str, now_ms: int) -> list[str]:
-    """Upsert every agent of agents.toml by slug; retire managed agents no longer listed."""
+def sync_managed(
+    conn: sqlite3.Connection, path: str, now_ms: int, dotenv: Mapping[str, str] | None = None
+) -> list[str]:
+    """Upsert every agent of agents.toml by slug; retire managed agents no longer listed. `dotenv`: what `.env`
+    set, for `toolSecret = "env:NAME"`."""
     entries = load_agents_file(path)
     known = store.managed_slugs(conn)
     for entry in entries:
         settings = settings_of(entry)
-        secret = resolve_secret(entry.tool_secret, slug=entry.slug)
+        secret = resolve_secret(entry.tool_secret, slug=entry.slug, dotenv=dotenv)
         if entry.slug in known:
             agent_id, current_secret = known[entry.slug]
             # Unchanged (every start syncs): its updatedAt stays what it was.

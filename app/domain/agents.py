@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -161,15 +162,16 @@ def apply_patch(settings: AgentSettings, patch: AgentPatch) -> AgentSettings:
         raise every_problem(merged, AgentSettings, exc) from None
 
 
-def resolve_secret(value: str | None, *, slug: str) -> str | None:
-    """A managed agent's toolSecret: literal, or `env:VARIABLE` read from the environment; a `whsec_` secret
-    (ValueError, never showing it, otherwise: every tool call of the agent would fail to sign)."""
+def resolve_secret(value: str | None, *, slug: str, dotenv: Mapping[str, str] | None = None) -> str | None:
+    """A managed agent's toolSecret: literal, or `env:VARIABLE` read from the environment, else from what `.env`
+    set (`dotenv`); a `whsec_` secret (ValueError, never showing it, otherwise: every tool call of the agent would
+    fail to sign)."""
     if value is None:
         return None
     secret, where = value, "toolSecret"
     if value.startswith("env:"):
         name = value[4:]
-        secret, where = os.environ.get(name, ""), f"toolSecret (from {name})"
+        secret, where = os.environ.get(name) or (dotenv or {}).get(name, ""), f"toolSecret (from {name})"
         if not secret:
             raise ValueError(f"agent {slug}: toolSecret names {name}, which is not set")
     try:

@@ -67,6 +67,7 @@ def _bad(what: str) -> ModelError:
 
 
 _SCALARS = (str, bytes, int, float, bool, list, tuple)
+TEXT_PARTS = {None, "text", "output_text"}
 
 
 def _content_text(content: Any) -> str | None:
@@ -81,8 +82,8 @@ def _content_text(content: Any) -> str | None:
                 texts.append(part)
             elif isinstance(part, _SCALARS):
                 raise _bad("has a content part that is neither text nor an object")
-            elif isinstance(text := _attr(part, "text"), str):
-                texts.append(text)  # parts of other types (an image, a refusal) are not texted
+            elif _attr(part, "type") in TEXT_PARTS and isinstance(text := _attr(part, "text"), str):
+                texts.append(text)  # parts of other types (reasoning, an image, a refusal) are not texted
         return "".join(texts) if texts else None
     raise _bad("has a message content that is neither text nor a list of parts")
 
