@@ -412,6 +412,38 @@ async def test_a_slow_endpoint_does_not_starve_a_healthy_one(tmp_path: Path, clo
             await eventually(lambda: not h.rows("SELECT 1 FROM webhook_deliveries WHERE lease_until IS NOT NULL"))
 
 
+async def test_slow_endpoints_with_backlogs_take_turns_with_the_others_for_the_slots(tmp_path: Path) -> None:
+    """Every slot held by a slow endpoint working off its backlog: a newly due endpoint waits only until one gives
+    its slot back at the end of its time slice, not until the backlogs are sent (here: 2 slots, 40 events each
+    at 0.4 s a request on 4 lanes, ~4 s of backlog; slices of 0.3 s)."""
+    from app.store.webhooks import ENDPOINT_JOB
+
+    def slow(record: Received) -> Reply:
+        threading.Event().wait(0.4)
+        return Reply(status=200)
+
+    with Receiver(slow) as first, Receiver(slow) as second, Receiver() as fast:
+        async with start_harness(tmp_path) as h:
+            h.ctx.scheduler.register(ENDPOINT_JOB, h.ctx.webhooks.run_endpoint, concurrency=2)
+            h.ctx.webhooks.slice_seconds = 0.3
+            for receiver in (first, second):
+                await register(h, receiver)
+            for i in range(40):
+                await emit(h, n=i)
+            await first.wait_count(1, timeout=3)
+            await second.wait_count(1, timeout=3)
+            await register(h, fast)
+            started = time.monotonic()
+            await emit(h, n=99)
+            await fast.wait_count(1, timeout=3)
+            assert time.monotonic() - started < 2.0  # the backlogs were far from sent
+            assert len(first.snapshot()) < 41 and len(second.snapshot()) < 41
+            await first.wait_count(41, timeout=15)
+            await second.wait_count(41, timeout=15)
+            for receiver in (first, second):  # once each, none lost in the hand-overs
+                assert len({r.webhook_id for r in receiver.snapshot()}) == 41
+
+
 async def change_endpoint(h: Harness, webhook_id: str, change: str, new_url: str) -> tuple[float, Any]:
     """Change the endpoint while its lanes are busy; return when it was acknowledged, and the answer's data."""
     path = f"/v1/webhooks/{webhook_id}"

@@ -429,14 +429,17 @@ def next_due(conn: sqlite3.Connection, webhook_id: str) -> int | None:
     return row[0]
 
 
-def finish_endpoint_job(conn: sqlite3.Connection, job: Job) -> int | None:
+def finish_endpoint_job(conn: sqlite3.Connection, job: Job, not_before: int | None = None) -> int | None:
     """End an endpoint job's run atomically with the question "is there more?", so no wake-up is lost.
 
     Done here rather than through the handler's return value: a delivery fanned out between a read of
     `next_due` and the scheduler's own bookkeeping would otherwise wait for the next unrelated wake-up.
-    Releasing the lease makes the scheduler's own finish a no-op.
+    Releasing the lease makes the scheduler's own finish a no-op. A run cut short by its time slice passes
+    `not_before` (now): its backlog's oldest due time would put it ahead of the endpoints that waited for a slot.
     """
     due = next_due(conn, job.ref)
+    if due is not None and not_before is not None:
+        due = max(due, not_before)
     if due is None:
         conn.execute("DELETE FROM jobs WHERE id = ? AND lease_until = ?", (job.id, job.lease_until))
     else:

@@ -34,6 +34,13 @@ log = logging.getLogger("parley.webhooks")
 TIMEOUT_SECONDS = 15.0
 MAX_RESPONSE_BODY = 20_000
 PER_ENDPOINT_CONCURRENCY = 4
+# Endpoints served at once (the scheduler's slots for endpoint jobs), and the connections that takes; a manual
+# retry may add a few. An endpoint with a backlog gives its slot back after SLICE_SECONDS (once its requests on
+# the wire are answered) and queues again behind the endpoints that waited, so 32 slow endpoints cannot keep the
+# others waiting for as long as their backlogs last.
+ENDPOINT_SLOTS = 32
+MAX_CONNECTIONS = ENDPOINT_SLOTS * PER_ENDPOINT_CONCURRENCY + 16
+SLICE_SECONDS = 5.0
 # A lane leases its next delivery while the current one is on the wire: a lease must outlast two attempts.
 LEASE_MARGIN_MS = 45_000
 USER_AGENT = "Parley-Webhooks/0.1"
@@ -87,6 +94,7 @@ class Dispatcher:
         wall_clock: Callable[[], float] = time.time,
         per_endpoint: int = PER_ENDPOINT_CONCURRENCY,
         timeout: float = TIMEOUT_SECONDS,
+        slice_seconds: float = SLICE_SECONDS,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -97,6 +105,7 @@ class Dispatcher:
         self.wall_clock = wall_clock
         self.per_endpoint = per_endpoint
         self.timeout = timeout
+        self.slice_seconds = slice_seconds
         self.lease_ms = int(timeout * 1000) + LEASE_MARGIN_MS
         self.claiming = True
 
@@ -288,7 +297,7 @@ class Dispatcher:
             return claimed
         return msgspec.structs.replace(claimed, url=now.url, secret=now.secret, previous_secrets=now.previous_secrets)
 
-    async def _lane(self, first: store.Claimed) -> None:
+    async def _lane(self, first: store.Claimed, going: Callable[[], bool]) -> None:
         """One of an endpoint's `per_endpoint` lanes: one request in flight at a time, back to back.
 
         The write that records an attempt also leases the lane's next-but-one delivery, and it runs while
@@ -298,8 +307,9 @@ class Dispatcher:
         pending: asyncio.Task[list[store.Claimed]] | None = None
         try:
             while queue or pending is not None:
-                if queue and not self.claiming:
-                    await self._release(list(queue))  # shutting down: leased but not started goes back
+                if queue and not going():
+                    # Shutting down, or the endpoint's slice is over: leased but not started goes back.
+                    await self._release(list(queue))
                     queue.clear()
                     continue
                 if not queue:
@@ -317,7 +327,7 @@ class Dispatcher:
                 if pending is not None:
                     queue.extend(await pending)
                 delay_ms = self._delay(current, outcome, manual=False)
-                want = max(0, 2 - len(queue)) if self.claiming else 0
+                want = max(0, 2 - len(queue)) if going() else 0
 
                 def record(
                     conn: sqlite3.Connection,
@@ -345,19 +355,25 @@ class Dispatcher:
     # --- the scheduler job ------------------------------------------------------------------------------
 
     async def run_endpoint(self, job: Job) -> int | None:
-        """Deliver everything due for one endpoint, at most `per_endpoint` at a time."""
+        """Deliver what is due for one endpoint, at most `per_endpoint` at a time, for at most `slice_seconds`
+        (then the job is due again now, behind the endpoints that waited for a slot meanwhile)."""
         webhook_id = job.ref
         lanes: set[asyncio.Task[None]] = set()
+        ends = time.monotonic() + self.slice_seconds
+
+        def going() -> bool:
+            return self.claiming and time.monotonic() < ends
+
         try:
             while True:
                 room = self.per_endpoint - len(lanes)
-                if room > 0 and self.claiming:
+                if room > 0 and going():
                     now = self.clock.now_ms()
                     claimed = await self.db.write(
                         lambda c, now=now, room=room: store.claim_due(c, webhook_id, now, room, self.lease_ms)
                     )
                     for delivery in claimed:
-                        lanes.add(asyncio.create_task(self._lane(delivery), name=f"webhook-{webhook_id}"))
+                        lanes.add(asyncio.create_task(self._lane(delivery, going), name=f"webhook-{webhook_id}"))
                 if not lanes:
                     break
                 # Lanes pick up new work themselves; this only fills idle lanes while others are busy.
@@ -374,7 +390,9 @@ class Dispatcher:
             raise
         # The job row is re-armed (or deleted) here, atomically with "is there more?"; returning the time
         # only makes the scheduler look again (its own bookkeeping no longer matches the row, by design).
-        return await self.db.write(lambda c: store.finish_endpoint_job(c, job))
+        sliced = self.claiming and not going()
+        not_before = self.clock.now_ms() if sliced else None
+        return await self.db.write(lambda c: store.finish_endpoint_job(c, job, not_before))
 
     # --- manual retry -----------------------------------------------------------------------------------
 
