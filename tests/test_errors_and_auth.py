@@ -607,3 +607,15 @@ async def test_routes_without_a_body_refuse_one_and_change_nothing(harness: Harn
     )
     assert revoked.status_code == 200 and revoked.json()["data"]["revoked_at"] is not None
     assert (await harness.client.delete(f"/v1/agents/{agent_id}", headers=harness.auth())).status_code == 204
+
+
+async def test_a_query_parameter_given_twice_is_refused_not_read_as_its_last_value(harness: Harness) -> None:
+    """`?type=a&type=b` meant "either" to the client; reading only `b` would silently drop half of what it asked."""
+    for path in (
+        "/v1/events?type=sms.message_sent&type=sms.conversation_closed",
+        "/v1/sms-conversations?limit=5&status=closed&limit=10",
+    ):
+        refused = await harness.get(path)
+        body = assert_error(refused, 400, "validation_error")
+        assert [d["field"] for d in body["error"]["details"]] == [path.split("?")[1].split("=")[0]]
+    assert (await harness.get("/v1/events?type=sms.message_sent&limit=5")).status_code == 200

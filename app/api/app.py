@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from litestar import Litestar, Response, Router
+from litestar import Litestar, Request, Response, Router
 from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
@@ -31,6 +31,7 @@ from app.config import Settings
 from app.domain import agent_registry, compliance, conversations, housekeeping, inactivity, lifecycle, messaging
 from app.domain.assistant import TURN_JOB, Assistant, schedule_turn
 from app.domain.context import Context
+from app.domain.errors import FieldProblem, ValidationFailed
 from app.llm.client import ChatModel
 from app.providers.base import Provider, StatusReport
 from app.providers.simulator import SimulatorProvider
@@ -40,6 +41,8 @@ from app.store import conversations as conversations_store
 from app.store import jobs as jobs_store
 from app.store import webhooks as webhook_store
 from app.store.db import Database
+from app.webhooks.delivery import ENDPOINT_SLOTS as WEBHOOK_ENDPOINT_SLOTS
+from app.webhooks.delivery import MAX_CONNECTIONS as WEBHOOK_MAX_CONNECTIONS
 from app.webhooks.delivery import TIMEOUT_SECONDS as WEBHOOK_TIMEOUT_SECONDS
 from app.webhooks.delivery import Dispatcher
 from app.webhooks.guard import guarded_client
@@ -96,7 +99,7 @@ def create_app(
             app.state.ctx = ctx
 
             # Webhooks (an outbox drained per endpoint) and inactivity timeouts, on the one scheduler.
-            webhook_client = guarded_client(settings, WEBHOOK_TIMEOUT_SECONDS)
+            webhook_client = guarded_client(settings, WEBHOOK_TIMEOUT_SECONDS, max_connections=WEBHOOK_MAX_CONNECTIONS)
             stack.push_async_callback(webhook_client.aclose)
             dispatcher = Dispatcher(db, clock, webhook_client, schedule=settings.webhook_retry_schedule)
             ctx.webhooks = dispatcher
@@ -116,7 +119,7 @@ def create_app(
             ctx.generate_opening = assistant.generate_opening
 
             scheduler.register(housekeeping.JOB, lambda job: housekeeping.run(ctx, job))
-            scheduler.register(webhook_store.ENDPOINT_JOB, dispatcher.run_endpoint)
+            scheduler.register(webhook_store.ENDPOINT_JOB, dispatcher.run_endpoint, concurrency=WEBHOOK_ENDPOINT_SLOTS)
             scheduler.register(lifecycle.INACTIVITY_JOB, lambda job: inactivity.run(ctx, job))
             scheduler.register(TURN_JOB, assistant.run_job)
 
@@ -163,6 +166,7 @@ def create_app(
             *([SimulatorController] if settings.sms_provider == "simulator" else []),
         ],
         security=[{"bearer": []}],
+        before_request=_one_value_per_query_parameter,
     )
     litestar_app = Litestar(
         route_handlers=[
@@ -185,3 +189,11 @@ def create_app(
     edge = Edge(litestar_app, settings.rate_limit)
     litestar_app.state.edge = edge
     return edge
+
+
+async def _one_value_per_query_parameter(request: Request) -> None:
+    """`?type=a&type=b` is refused, not read as its last value (a client meaning "either" would get only one)."""
+    if request.scope.get("query_string"):
+        names = [name for name, _ in request.query_params.multi_items()]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValidationFailed.of([FieldProblem(name, "is given more than once") for name in repeated])
