@@ -62,6 +62,10 @@ class Scheduler:
         self._handlers[kind] = handler
         self._limits[kind] = concurrency or self.concurrency
 
+    def is_full(self, kind: str) -> bool:
+        """Whether every slot of `kind` is taken (a due job of that kind may be waiting for one)."""
+        return self._busy[kind] >= self._limits.get(kind, self.concurrency)
+
     def _room(self) -> dict[str, int]:
         """Free slots per kind (a kind without a handler is claimed to be dropped, unbounded)."""
         return {kind: limit - self._busy[kind] for kind, limit in self._limits.items()}

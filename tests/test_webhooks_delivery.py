@@ -503,6 +503,60 @@ async def test_a_manual_retry_never_overlaps_an_attempt_in_flight(tmp_path: Path
             assert len(receiver.snapshot()) == 1
 
 
+async def test_manual_retries_beyond_their_bounds_are_429_not_more_connections(tmp_path: Path) -> None:
+    """Unbounded, manual retries to one slow endpoint took every connection of the pool, and another
+    organization's healthy endpoint then timed out waiting for one."""
+    from app.webhooks.delivery import MANUAL_PER_ENDPOINT
+
+    with Receiver(lambda _: Reply(status=200, delay=0.6)) as receiver:
+        async with start_harness(tmp_path) as h:
+            webhook = await register(h, receiver)
+            h.ctx.webhooks.stop_claiming()  # only the manual retries below send anything
+            events = [await emit(h, n=i) for i in range(MANUAL_PER_ENDPOINT + 1)]
+            retries = [
+                h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery_of(h, e)['id']}/retry") for e in events
+            ]
+            answers = await asyncio.gather(*retries)
+            statuses = sorted(a.status_code for a in answers)
+            assert statuses == [200] * MANUAL_PER_ENDPOINT + [429], [a.text for a in answers]
+            (limited,) = [a for a in answers if a.status_code == 429]
+            assert limited.json()["error"]["code"] == "rate_limited" and limited.headers["retry-after"] == "1"
+            assert len(receiver.snapshot()) == MANUAL_PER_ENDPOINT
+            again = await h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery_of(h, events[-1])['id']}/retry")
+            assert again.status_code == 200  # the bound is on retries in flight, not a quota
+
+
+async def test_an_endpoint_keeps_its_slot_through_a_backlog_while_no_other_waits_for_one(tmp_path: Path) -> None:
+    """Slices matter only while every endpoint slot is taken: otherwise ending a run would only idle the lanes
+    until its slowest request is answered."""
+    from app.domain.events import EventScope
+    from app.store import events as event_store
+    from app.store.webhooks import ENDPOINT_JOB
+
+    with Receiver(lambda _: Reply(status=200, delay=0.02)) as receiver:
+        async with start_harness(tmp_path) as h:
+            await register(h, receiver)
+            runs = 0
+            run_endpoint = h.ctx.webhooks.run_endpoint
+
+            async def counted(job: Any) -> int | None:
+                nonlocal runs
+                runs += 1
+                return await run_endpoint(job)
+
+            h.ctx.scheduler.register(ENDPOINT_JOB, counted)
+            h.ctx.webhooks.slice_seconds = 0.05
+            org_id = h.rows("SELECT id FROM orgs WHERE name = 'acme'")[0]["id"]
+            scope = EventScope(org_id=org_id, metadata={})
+            now = h.ctx.clock.now_ms()
+            await h.ctx.db.write(
+                lambda c: [event_store.append(c, "sms.message_sent", scope, {"n": i}, now) for i in range(60)]
+            )
+            h.ctx.scheduler.wake()
+            await receiver.wait_count(60, timeout=10)  # ~0.3 s of backlog: six slices
+            assert runs == 1
+
+
 async def test_response_bodies_are_capped(tmp_path: Path, clock: FakeClock) -> None:
     big = ("é" * 15_000).encode()  # 30 000 bytes, and the cap falls inside a character
     with Receiver(lambda _: Reply(status=500, body=big)) as receiver:

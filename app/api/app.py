@@ -101,7 +101,13 @@ def create_app(
             # Webhooks (an outbox drained per endpoint) and inactivity timeouts, on the one scheduler.
             webhook_client = guarded_client(settings, WEBHOOK_TIMEOUT_SECONDS, max_connections=WEBHOOK_MAX_CONNECTIONS)
             stack.push_async_callback(webhook_client.aclose)
-            dispatcher = Dispatcher(db, clock, webhook_client, schedule=settings.webhook_retry_schedule)
+            dispatcher = Dispatcher(
+                db,
+                clock,
+                webhook_client,
+                schedule=settings.webhook_retry_schedule,
+                crowded=lambda: scheduler.is_full(webhook_store.ENDPOINT_JOB),
+            )
             ctx.webhooks = dispatcher
             loop = asyncio.get_running_loop()
             writer = db.writer_connection

@@ -10,6 +10,7 @@ sent again (delivery is at least once), and one event never goes to one endpoint
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -23,7 +24,7 @@ import msgspec
 
 from app.clock import Clock
 from app.domain import rotation
-from app.domain.errors import Conflict, NotFound
+from app.domain.errors import Conflict, NotFound, RateLimited
 from app.store import webhooks as store
 from app.store.db import Database
 from app.store.jobs import Job
@@ -34,13 +35,16 @@ log = logging.getLogger("parley.webhooks")
 TIMEOUT_SECONDS = 15.0
 MAX_RESPONSE_BODY = 20_000
 PER_ENDPOINT_CONCURRENCY = 4
-# Endpoints served at once (the scheduler's slots for endpoint jobs), and the connections that takes; a manual
-# retry may add a few. An endpoint with a backlog gives its slot back after SLICE_SECONDS (once its requests on
-# the wire are answered) and queues again behind the endpoints that waited, so 32 slow endpoints cannot keep the
-# others waiting for as long as their backlogs last.
+# Endpoints served at once (the scheduler's slots for endpoint jobs). While every slot is taken, an endpoint with
+# a backlog gives its slot back after SLICE_SECONDS (once its requests on the wire are answered) and queues again
+# behind the endpoints that waited, so 32 slow endpoints cannot keep the others waiting as long as their backlogs
+# last. Manual retries run beside the lanes, at most MANUAL_PER_ENDPOINT per endpoint and MANUAL_RETRIES in all,
+# so the pool always has a connection for every request the dispatcher starts.
 ENDPOINT_SLOTS = 32
-MAX_CONNECTIONS = ENDPOINT_SLOTS * PER_ENDPOINT_CONCURRENCY + 16
 SLICE_SECONDS = 5.0
+MANUAL_RETRIES = 16
+MANUAL_PER_ENDPOINT = 2
+MAX_CONNECTIONS = ENDPOINT_SLOTS * PER_ENDPOINT_CONCURRENCY + MANUAL_RETRIES
 # A lane leases its next delivery while the current one is on the wire: a lease must outlast two attempts.
 LEASE_MARGIN_MS = 45_000
 USER_AGENT = "Parley-Webhooks/0.1"
@@ -95,6 +99,7 @@ class Dispatcher:
         per_endpoint: int = PER_ENDPOINT_CONCURRENCY,
         timeout: float = TIMEOUT_SECONDS,
         slice_seconds: float = SLICE_SECONDS,
+        crowded: Callable[[], bool] = lambda: True,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -106,6 +111,8 @@ class Dispatcher:
         self.per_endpoint = per_endpoint
         self.timeout = timeout
         self.slice_seconds = slice_seconds
+        self.crowded = crowded  # whether every endpoint slot is taken (another endpoint may be waiting for one)
+        self._manual: collections.Counter[str] = collections.Counter()  # manual attempts on the wire, per endpoint
         self.lease_ms = int(timeout * 1000) + LEASE_MARGIN_MS
         self.claiming = True
 
@@ -362,7 +369,7 @@ class Dispatcher:
         ends = time.monotonic() + self.slice_seconds
 
         def going() -> bool:
-            return self.claiming and time.monotonic() < ends
+            return self.claiming and (time.monotonic() < ends or not self.crowded())
 
         try:
             while True:
@@ -410,8 +417,17 @@ class Dispatcher:
                 raise Conflict("delivery_in_progress", "An attempt of this delivery is in progress; try again shortly.")
             return claimed
 
-        claimed = await self.db.write(claim)
-        await self.attempt(claimed, manual=True)
+        if sum(self._manual.values()) >= MANUAL_RETRIES or self._manual[webhook_id] >= MANUAL_PER_ENDPOINT:
+            # Unbounded, they would take every connection (and their waits count against other endpoints' 15 s).
+            raise RateLimited(message="Too many manual retries are in progress; retry in a moment.")
+        self._manual[webhook_id] += 1
+        try:
+            claimed = await self.db.write(claim)
+            await self.attempt(claimed, manual=True)
+        finally:
+            self._manual[webhook_id] -= 1
+            if not self._manual[webhook_id]:
+                del self._manual[webhook_id]
         delivery = await self.db.read(lambda c: store.get_delivery(c, webhook_id, delivery_id))
         if delivery is None:
             raise NotFound("Delivery not found.")
