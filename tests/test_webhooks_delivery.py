@@ -7,6 +7,7 @@ import itertools
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -505,25 +506,36 @@ async def test_a_manual_retry_never_overlaps_an_attempt_in_flight(tmp_path: Path
 
 async def test_manual_retries_beyond_their_bounds_are_429_not_more_connections(tmp_path: Path) -> None:
     """Unbounded, manual retries to one slow endpoint took every connection of the pool, and another
-    organization's healthy endpoint then timed out waiting for one."""
-    from app.webhooks.delivery import MANUAL_PER_ENDPOINT
+    organization's healthy endpoint then timed out waiting for one. Bounds per endpoint and per organization
+    answer 429; they never hold up another organization's retries, nor hide a 404."""
+    from app.webhooks.delivery import MANUAL_PER_ENDPOINT, MANUAL_PER_ORG
 
     with Receiver(lambda _: Reply(status=200, delay=0.6)) as receiver:
         async with start_harness(tmp_path) as h:
-            webhook = await register(h, receiver)
+            endpoints = [await register(h, receiver) for _ in range(MANUAL_PER_ORG // MANUAL_PER_ENDPOINT + 1)]
+            theirs = await register(h, receiver, org="globex")
             h.ctx.webhooks.stop_claiming()  # only the manual retries below send anything
-            events = [await emit(h, n=i) for i in range(MANUAL_PER_ENDPOINT + 1)]
-            retries = [
-                h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery_of(h, e)['id']}/retry") for e in events
-            ]
-            answers = await asyncio.gather(*retries)
-            statuses = sorted(a.status_code for a in answers)
-            assert statuses == [200] * MANUAL_PER_ENDPOINT + [429], [a.text for a in answers]
-            (limited,) = [a for a in answers if a.status_code == 429]
+            ours = [await emit(h, n=i) for i in range(MANUAL_PER_ENDPOINT + 1)]
+            other = await emit(h, org="globex")
+
+            def retry(webhook: dict[str, Any], event_id: str, org: str = "acme") -> Any:
+                sql = "SELECT id FROM webhook_deliveries WHERE webhook_id = ? AND event_id = ?"
+                (row,) = h.rows(sql, webhook["id"], event_id)
+                return h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{row['id']}/retry", org=org)
+
+            one_endpoint = await asyncio.gather(*(retry(endpoints[0], e) for e in ours))
+            statuses = sorted(a.status_code for a in one_endpoint)
+            assert statuses == [200] * MANUAL_PER_ENDPOINT + [429], [a.text for a in one_endpoint]
+            (limited,) = [a for a in one_endpoint if a.status_code == 429]
             assert limited.json()["error"]["code"] == "rate_limited" and limited.headers["retry-after"] == "1"
-            assert len(receiver.snapshot()) == MANUAL_PER_ENDPOINT
-            again = await h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery_of(h, events[-1])['id']}/retry")
-            assert again.status_code == 200  # the bound is on retries in flight, not a quota
+
+            # The organization's bound, while another organization's retry and a 404 are answered as usual.
+            ours_everywhere = [retry(w, e) for w in endpoints for e in ours[:MANUAL_PER_ENDPOINT]]
+            missing = h.post(f"/v1/webhooks/{endpoints[0]['id']}/deliveries/{uuid.uuid4()}/retry")
+            answers = await asyncio.gather(*ours_everywhere, retry(theirs, other, org="globex"), missing)
+            *mine, globex, not_found = answers
+            assert sorted(a.status_code for a in mine).count(200) == MANUAL_PER_ORG, [a.text for a in mine]
+            assert globex.status_code == 200 and not_found.status_code == 404
 
 
 async def test_an_endpoint_keeps_its_slot_through_a_backlog_while_no_other_waits_for_one(tmp_path: Path) -> None:

@@ -165,7 +165,8 @@ def json_body(struct: type, *, required: bool = True, extra: dict[str, Any] | No
     return request_body(struct, required=required, extra=extra)
 
 
-def errors(*codes: int) -> dict[int, ResponseSpec]:
+def errors(*codes: int, conflicts: str | None = None) -> dict[int, ResponseSpec]:
+    """The error answers a route documents (400, 401 and 429 always); `conflicts`: its own 409 codes."""
     descriptions = {
         400: "validation_error",
         401: "unauthorized",
@@ -178,6 +179,8 @@ def errors(*codes: int) -> dict[int, ResponseSpec]:
         429: "rate_limited",
         502: "provider_error",
     }
+    if conflicts is not None:
+        descriptions[409] = f"conflict ({conflicts})"
     return {
         code: ResponseSpec(data_container=ErrorEnvelope, description=descriptions[code], generate_examples=False)
         for code in (400, 401, 429, *codes)

@@ -230,7 +230,7 @@ class WebhookController(Controller):
     @post(
         "/{webhook_id:str}/deliveries/{delivery_id:str}/retry",
         status_code=200,
-        responses=errors(404, 409, 415, 429),
+        responses=errors(404, 409, 415, conflicts="delivery_in_progress, webhook_inactive"),
         summary="Attempt one delivery once, now (a failure does not re-enter the retry schedule)",
     )
     async def retry_delivery(self, request: Request, webhook_id: str, delivery_id: str) -> DeliveryEnvelope:

@@ -38,12 +38,14 @@ PER_ENDPOINT_CONCURRENCY = 4
 # Endpoints served at once (the scheduler's slots for endpoint jobs). While every slot is taken, an endpoint with
 # a backlog gives its slot back after SLICE_SECONDS (once its requests on the wire are answered) and queues again
 # behind the endpoints that waited, so 32 slow endpoints cannot keep the others waiting as long as their backlogs
-# last. Manual retries run beside the lanes, at most MANUAL_PER_ENDPOINT per endpoint and MANUAL_RETRIES in all,
-# so the pool always has a connection for every request the dispatcher starts.
+# last. Manual retries run beside the lanes: at most MANUAL_PER_ENDPOINT per endpoint and MANUAL_PER_ORG per
+# organization (more answer 429), and MANUAL_RETRIES on the wire in all (more wait their turn, their 15 s not yet
+# started), so the pool always has a connection for every request the dispatcher starts.
 ENDPOINT_SLOTS = 32
 SLICE_SECONDS = 5.0
 MANUAL_RETRIES = 16
 MANUAL_PER_ENDPOINT = 2
+MANUAL_PER_ORG = 4
 MAX_CONNECTIONS = ENDPOINT_SLOTS * PER_ENDPOINT_CONCURRENCY + MANUAL_RETRIES
 # A lane leases its next delivery while the current one is on the wire: a lease must outlast two attempts.
 LEASE_MARGIN_MS = 45_000
@@ -112,7 +114,9 @@ class Dispatcher:
         self.timeout = timeout
         self.slice_seconds = slice_seconds
         self.crowded = crowded  # whether every endpoint slot is taken (another endpoint may be waiting for one)
-        self._manual: collections.Counter[str] = collections.Counter()  # manual attempts on the wire, per endpoint
+        # Manual attempts under way (waiting for a turn, or on the wire), per endpoint and per organization.
+        self._manual: collections.Counter[str] = collections.Counter()
+        self._manual_turns = asyncio.Semaphore(MANUAL_RETRIES)
         self.lease_ms = int(timeout * 1000) + LEASE_MARGIN_MS
         self.claiming = True
 
@@ -406,28 +410,33 @@ class Dispatcher:
     async def retry_now(self, org_id: str, webhook_id: str, delivery_id: str) -> store.Delivery:
         """One immediate attempt of a delivery, outside its schedule; returns the delivery afterwards."""
 
-        def claim(conn: sqlite3.Connection) -> store.Claimed:
+        def check(conn: sqlite3.Connection) -> None:
             webhook = store.get(conn, webhook_id, org_id)
             if webhook is None or store.get_delivery(conn, webhook_id, delivery_id) is None:
                 raise NotFound("Delivery not found.")
             if not webhook.is_active:  # disabled by a PATCH or a 410: no request goes there, a manual one neither
                 raise Conflict("webhook_inactive", "The webhook is disabled; enable it before retrying a delivery.")
+
+        def claim(conn: sqlite3.Connection) -> store.Claimed:
+            check(conn)
             claimed = store.claim_one(conn, webhook_id, delivery_id, self.clock.now_ms(), self.lease_ms)
             if claimed is None:
                 raise Conflict("delivery_in_progress", "An attempt of this delivery is in progress; try again shortly.")
             return claimed
 
-        if sum(self._manual.values()) >= MANUAL_RETRIES or self._manual[webhook_id] >= MANUAL_PER_ENDPOINT:
+        await self.db.read(check)  # a 404 or 409 is answered as such, whatever the bounds below
+        endpoint, org = f"endpoint:{webhook_id}", f"org:{org_id}"
+        if self._manual[endpoint] >= MANUAL_PER_ENDPOINT or self._manual[org] >= MANUAL_PER_ORG:
             # Unbounded, they would take every connection (and their waits count against other endpoints' 15 s).
-            raise RateLimited(message="Too many manual retries are in progress; retry in a moment.")
-        self._manual[webhook_id] += 1
+            raise RateLimited(message="Too many manual retries of this organization are in progress; retry shortly.")
+        self._manual.update((endpoint, org))
         try:
-            claimed = await self.db.write(claim)
-            await self.attempt(claimed, manual=True)
+            async with self._manual_turns:  # the lease, and the attempt's 15 s, start with the turn
+                claimed = await self.db.write(claim)
+                await self.attempt(claimed, manual=True)
         finally:
-            self._manual[webhook_id] -= 1
-            if not self._manual[webhook_id]:
-                del self._manual[webhook_id]
+            self._manual.subtract((endpoint, org))
+            self._manual += collections.Counter()  # drops the counts back at zero
         delivery = await self.db.read(lambda c: store.get_delivery(c, webhook_id, delivery_id))
         if delivery is None:
             raise NotFound("Delivery not found.")
