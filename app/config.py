@@ -199,6 +199,11 @@ def load_settings(
         return raw or None  # empty: unset, the default
 
     kwargs: dict[str, object] = {"dotenv": dotenv}
+    for name in ("PARLEY_DATABASE", "PARLEY_AGENTS_FILE"):
+        if (raw := get(name)) is not None and raw != raw.strip():
+            # A path may hold spaces, but one that starts or ends with them is an env file's stray space: it would
+            # silently make a new, empty database (or miss the agents file) beside the intended one.
+            raise ConfigError(f"{name} must not start or end with spaces, got {raw!r}")
     if (raw := get("PARLEY_DATABASE")) is not None:
         if raw.strip() == ":memory:" or raw.startswith("file:"):
             raise ConfigError(f"PARLEY_DATABASE must be a file path (an in-memory database keeps nothing), got {raw!r}")
@@ -229,6 +234,8 @@ def load_settings(
         kwargs["twilio_api_base"] = _url("TWILIO_API_BASE", raw, base=True)
     if (raw := get("PARLEY_LLM_BASE_URL")) is not None:
         kwargs["llm_base_url"] = _url("PARLEY_LLM_BASE_URL", raw)
+        if "#" in kwargs["llm_base_url"]:  # type: ignore[operator]
+            raise ConfigError("PARLEY_LLM_BASE_URL must not have a fragment (#…): the SDK appends paths to it")
     if (raw := get("PARLEY_LLM_API_KEY")) is not None:
         _one_word("PARLEY_LLM_API_KEY", raw)  # a trailing newline (a secret made from a file) fails every call
         kwargs["llm_api_key"] = raw

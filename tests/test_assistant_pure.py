@@ -288,6 +288,7 @@ def test_model_answers_of_odd_shapes_are_read_or_refused() -> None:
         {"choices": [{"message": {"content": {"text": "hi"}}}]},
         {"choices": [{"message": {"content": [5]}}]},
         {"choices": [{"message": {"content": "hi", "tool_calls": {"id": "c1"}}}]},
+        {"choices": [{"message": {"content": "hi", "tool_calls": {}}}]},
     ],
 )
 def test_an_answer_not_shaped_like_a_chat_completion_is_a_bad_response_to_retry(answer: Any) -> None:

@@ -483,3 +483,9 @@ def test_a_second_ctrl_c_with_a_request_in_flight_ends_the_server_by_the_signal(
         process.send_signal(signal.SIGINT)
         process.wait(timeout=15)
     assert process.returncode == -signal.SIGINT, (tmp_path / "server.log").read_text()[-3000:]
+
+
+def test_the_port_flag_takes_plain_digits_as_parley_port_does(tmp_path: Path) -> None:
+    result = cli(tmp_path, "serve", "--port", "52_178")
+    assert result.returncode == 2 and "--port" in result.stderr and "whole number" in result.stderr
+    assert not (tmp_path / "data").exists()

@@ -17,17 +17,22 @@ async def test_seed_create_request_answers_201_with_the_exact_envelope(harness: 
 
 async def test_health_and_readiness_answer_get_and_head(harness: Harness) -> None:
     """Load balancers and uptime probes often send HEAD: it answers the GET's status with no body."""
-    assert (await harness.client.get("/healthz")).json() == {"status": "ok"}
+    got = await harness.client.get("/healthz")
+    assert got.json() == {"status": "ok"}
     alive = await harness.client.head("/healthz")
     assert (alive.status_code, alive.content) == (200, b"")
+    assert alive.headers["content-length"] == got.headers["content-length"]  # as HTTP asks of a HEAD
     ready = await harness.client.get("/readyz")
     assert (ready.status_code, ready.json()) == (200, {"status": "ready", "database": "ok", "scheduler": "ok"})
     assert (await harness.client.head("/readyz")).status_code == 200
 
     await harness.ctx.scheduler.stop()
     stopped = await harness.client.get("/readyz")
-    assert (stopped.status_code, stopped.json()["scheduler"]) == (503, "stopped")
-    assert stopped.json()["status"] == "not_ready"
+    assert stopped.status_code == 503
+    error = stopped.json()["error"]  # the envelope of every non-2xx answer (SPEC §1)
+    assert error["code"] == "service_unavailable" and "scheduler" in error["message"]
+    assert error["details"] == [{"field": "scheduler", "message": "stopped"}]
+    assert stopped.json()["meta"]["request_id"] == stopped.headers["x-request-id"]
     not_ready = await harness.client.head("/readyz")
     assert (not_ready.status_code, not_ready.content) == (503, b"")
 
@@ -43,7 +48,8 @@ async def test_readiness_commits_a_write_to_the_database_file_and_fails_when_it_
     harness.ctx.db.writer_connection.execute("PRAGMA query_only = ON")  # the file refuses every write
     try:
         failing = await harness.client.get("/readyz")
-        assert (failing.status_code, failing.json()["database"]) == (503, "failing")
+        assert failing.status_code == 503
+        assert failing.json()["error"]["details"] == [{"field": "database", "message": "failing"}]
     finally:
         harness.ctx.db.writer_connection.execute("PRAGMA query_only = OFF")
     assert (await harness.client.get("/readyz")).status_code == 200

@@ -1224,6 +1224,10 @@ def test_a_bad_setting_stops_start_up_with_one_line_naming_the_variable() -> Non
         ("PARLEY_WEBHOOK_RETRY_SCHEDULE", "5,1_0"),
         ("PARLEY_ALLOW_PRIVATE_URLS", " "),  # only spaces is refused everywhere
         ("PARLEY_DATABASE", "   "),
+        ("PARLEY_DATABASE", " data/parley.db"),  # would make a new, empty database under a directory " "
+        ("PARLEY_DATABASE", "data/parley.db "),
+        ("PARLEY_AGENTS_FILE", "data/agents.toml "),
+        ("PARLEY_LLM_BASE_URL", "http://127.0.0.1:11434/v1#x"),
         ("PARLEY_AGENTS_FILE", " "),
         ("PARLEY_ALLOW_PRIVATE_URLS", "maybe"),
         ("PARLEY_DATABASE", ":memory:"),  # keeps nothing: every process would see its own empty database

@@ -5,30 +5,51 @@ from __future__ import annotations
 import sqlite3
 
 from litestar import Request, Response, get, head
+from litestar.openapi.datastructures import ResponseSpec
 
 from app.api import requests as rq
+from app.api.errors import error_bytes
+from app.api.schemas import ErrorDetail, ErrorEnvelope
+
+ALIVE = b'{"status":"ok"}'
 
 
 @get("/healthz", tags=["Operations"], summary="Alive")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Response[dict[str, str]]:
+    return Response(ALIVE, media_type="application/json")  # type: ignore[arg-type]
 
 
 @head("/healthz", tags=["Operations"], summary="Alive (headers only, for probes that send HEAD)")
-async def healthz_head() -> None:
-    return None
+async def healthz_head() -> Response[None]:
+    # The GET's answer: Litestar sends its headers (Content-Length included, as HTTP asks) and no body.
+    return Response(ALIVE, media_type="application/json")  # type: ignore[arg-type]
 
 
-@get("/readyz", tags=["Operations"], summary="Database writable and scheduler running")
+@get(
+    "/readyz",
+    tags=["Operations"],
+    summary="Database writable and scheduler running (503 in the error envelope, naming what fails)",
+    responses={503: ResponseSpec(data_container=ErrorEnvelope, description="not ready", generate_examples=False)},
+)
 async def readyz(request: Request) -> Response[dict[str, str]]:
-    readiness = await _readiness(request)
-    return Response(readiness, status_code=200 if readiness["status"] == "ready" else 503)
+    return await _answer(request)
 
 
 @head("/readyz", tags=["Operations"], summary="Readiness as a status code only (200 or 503), for probes that send HEAD")
 async def readyz_head(request: Request) -> Response[None]:
+    return await _answer(request)  # type: ignore[return-value]
+
+
+async def _answer(request: Request) -> Response[dict[str, str]]:
     readiness = await _readiness(request)
-    return Response(None, status_code=200 if readiness["status"] == "ready" else 503)
+    if readiness["status"] == "ready":
+        return Response(readiness)
+    # Not ready is an error like any other non-2xx (SPEC §1): the envelope, with what fails in its details.
+    failing = [ErrorDetail(field=part, message=readiness[part]) for part in ("database", "scheduler")]
+    failing = [detail for detail in failing if detail.message != "ok"]
+    message = "Not ready: " + ", ".join(f"the {d.field} is {d.message}" for d in failing) + "."
+    body = error_bytes(503, "service_unavailable", message, rq.request_id(request), details=failing)
+    return Response(body, status_code=503, media_type="application/json")  # type: ignore[arg-type]
 
 
 async def _readiness(request: Request) -> dict[str, str]:

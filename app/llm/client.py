@@ -103,8 +103,10 @@ def parse_answer(response: Any) -> ModelAnswer:
     if isinstance(message, _SCALARS):
         raise _bad("has a message that is not an object")
     content = _content_text(_attr(message, "content"))
-    tool_calls = _attr(message, "tool_calls") or []
-    if not isinstance(tool_calls, list | tuple):
+    tool_calls = _attr(message, "tool_calls")
+    if tool_calls is None:
+        tool_calls = []
+    elif not isinstance(tool_calls, list | tuple):  # an empty object too: not "no tool calls"
         raise _bad("has tool calls that are not a list")
     calls = []
     for index, call in enumerate(tool_calls):
