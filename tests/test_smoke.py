@@ -35,6 +35,8 @@ async def test_health_and_readiness_answer_get_and_head(harness: Harness) -> Non
     assert stopped.json()["meta"]["request_id"] == stopped.headers["x-request-id"]
     not_ready = await harness.client.head("/readyz")
     assert (not_ready.status_code, not_ready.content) == (503, b"")
+    schema = (await harness.client.get("/schema/openapi.json")).json()["paths"]["/readyz"]
+    assert {"200", "503"} <= set(schema["get"]["responses"]) and {"200", "503"} <= set(schema["head"]["responses"])
 
 
 async def test_readiness_commits_a_write_to_the_database_file_and_fails_when_it_cannot(harness: Harness) -> None:

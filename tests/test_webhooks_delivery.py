@@ -523,11 +523,15 @@ async def test_manual_retries_beyond_their_bounds_are_429_not_more_connections(t
                 (row,) = h.rows(sql, webhook["id"], event_id)
                 return h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{row['id']}/retry", org=org)
 
-            one_endpoint = await asyncio.gather(*(retry(endpoints[0], e) for e in ours))
-            statuses = sorted(a.status_code for a in one_endpoint)
-            assert statuses == [200] * MANUAL_PER_ENDPOINT + [429], [a.text for a in one_endpoint]
-            (limited,) = [a for a in one_endpoint if a.status_code == 429]
+            on_the_wire = [asyncio.create_task(retry(endpoints[0], e)) for e in ours[:MANUAL_PER_ENDPOINT]]
+            await receiver.wait_count(MANUAL_PER_ENDPOINT)
+            limited = await retry(endpoints[0], ours[-1])
+            assert limited.status_code == 429, limited.text
             assert limited.json()["error"]["code"] == "rate_limited" and limited.headers["retry-after"] == "1"
+            assert "endpoint" in limited.json()["error"]["message"]
+            again = await retry(endpoints[0], ours[0])  # that one is on the wire: its 409 comes before any bound
+            assert again.status_code == 409 and again.json()["error"]["code"] == "delivery_in_progress"
+            assert [a.status_code for a in await asyncio.gather(*on_the_wire)] == [200] * MANUAL_PER_ENDPOINT
 
             # The organization's bound, while another organization's retry and a 404 are answered as usual.
             ours_everywhere = [retry(w, e) for w in endpoints for e in ours[:MANUAL_PER_ENDPOINT]]

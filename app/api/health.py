@@ -35,7 +35,12 @@ async def readyz(request: Request) -> Response[dict[str, str]]:
     return await _answer(request)
 
 
-@head("/readyz", tags=["Operations"], summary="Readiness as a status code only (200 or 503), for probes that send HEAD")
+@head(
+    "/readyz",
+    tags=["Operations"],
+    summary="Readiness as a status code only (200 or 503), for probes that send HEAD",
+    responses={503: ResponseSpec(data_container=ErrorEnvelope, description="not ready", generate_examples=False)},
+)
 async def readyz_head(request: Request) -> Response[None]:
     return await _answer(request)  # type: ignore[return-value]
 

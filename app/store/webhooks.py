@@ -369,6 +369,14 @@ def claim_one(
     return _claimed(row, lease_until)
 
 
+def is_leased(conn: sqlite3.Connection, delivery_id: str, now_ms: int) -> bool:
+    """Whether an attempt of the delivery is in flight (what makes `claim_one` answer None)."""
+    row = conn.execute(
+        "SELECT 1 FROM webhook_deliveries WHERE id = ? AND lease_until > ?", (delivery_id, now_ms)
+    ).fetchone()
+    return row is not None
+
+
 def insert_attempt(conn: sqlite3.Connection, delivery_id: str, attempt: Attempt, *, manual: bool) -> None:
     conn.execute(
         "INSERT INTO webhook_attempts (delivery_id, at, status_code, duration_ms, error, response_body, manual)"

@@ -417,18 +417,26 @@ class Dispatcher:
             if not webhook.is_active:  # disabled by a PATCH or a 410: no request goes there, a manual one neither
                 raise Conflict("webhook_inactive", "The webhook is disabled; enable it before retrying a delivery.")
 
+        in_progress = Conflict("delivery_in_progress", "An attempt of this delivery is in progress; try again shortly.")
+
         def claim(conn: sqlite3.Connection) -> store.Claimed:
             check(conn)
             claimed = store.claim_one(conn, webhook_id, delivery_id, self.clock.now_ms(), self.lease_ms)
             if claimed is None:
-                raise Conflict("delivery_in_progress", "An attempt of this delivery is in progress; try again shortly.")
+                raise in_progress
             return claimed
 
-        await self.db.read(check)  # a 404 or 409 is answered as such, whatever the bounds below
+        def answerable(conn: sqlite3.Connection) -> None:  # a 404 or 409 is answered as such, before any bound
+            check(conn)
+            if store.is_leased(conn, delivery_id, self.clock.now_ms()):
+                raise in_progress
+
+        await self.db.read(answerable)
         endpoint, org = f"endpoint:{webhook_id}", f"org:{org_id}"
         if self._manual[endpoint] >= MANUAL_PER_ENDPOINT or self._manual[org] >= MANUAL_PER_ORG:
             # Unbounded, they would take every connection (and their waits count against other endpoints' 15 s).
-            raise RateLimited(message="Too many manual retries of this organization are in progress; retry shortly.")
+            bound = "to this endpoint" if self._manual[endpoint] >= MANUAL_PER_ENDPOINT else "of this organization"
+            raise RateLimited(message=f"Too many manual retries {bound} are in progress; retry shortly.")
         self._manual.update((endpoint, org))
         try:
             async with self._manual_turns:  # the lease, and the attempt's 15 s, start with the turn
