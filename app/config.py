@@ -194,7 +194,7 @@ def load_settings(
 
     def get(name: str) -> str | None:
         raw = values.get(name)
-        if raw is not None and raw and not raw.strip():  # a stray space in an env file, not a choice
+        if raw and not raw.strip():  # a stray space in an env file, not a choice
             raise ConfigError(f"{name} is only spaces (leave it empty, or unset, for the default)")
         return raw or None  # empty: unset, the default
 

@@ -47,8 +47,8 @@ class Scheduler:
         self.batch = batch
         self.concurrency = concurrency
         self._handlers: dict[str, Handler] = {}
-        # Each kind has its own slots: slow work of one kind (model calls in a model outage, a slow webhook
-        # endpoint) never holds up another's (webhook deliveries, inactivity timers, other turns' kinds).
+        # Each kind has its own slots: slow work of one kind (model calls in a model outage, slow webhook
+        # endpoints) never holds up another kind's (webhook deliveries, inactivity timers, status look-ups).
         self._limits: dict[str, int] = {}
         self._busy: collections.Counter[str] = collections.Counter()
         self._wake = asyncio.Event()

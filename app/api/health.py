@@ -50,8 +50,11 @@ async def _answer(request: Request) -> Response[dict[str, str]]:
     if readiness["status"] == "ready":
         return Response(readiness)
     # Not ready is an error like any other non-2xx (SPEC §1): the envelope, with what fails in its details.
-    failing = [ErrorDetail(field=part, message=readiness[part]) for part in ("database", "scheduler")]
-    failing = [detail for detail in failing if detail.message != "ok"]
+    failing = [
+        ErrorDetail(field=part, message=readiness[part])
+        for part in ("database", "scheduler")
+        if readiness[part] != "ok"
+    ]
     message = "Not ready: " + ", ".join(f"the {d.field} is {d.message}" for d in failing) + "."
     body = error_bytes(503, "service_unavailable", message, rq.request_id(request), details=failing)
     return Response(body, status_code=503, media_type="application/json")  # type: ignore[arg-type]

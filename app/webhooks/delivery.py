@@ -366,8 +366,9 @@ class Dispatcher:
     # --- the scheduler job ------------------------------------------------------------------------------
 
     async def run_endpoint(self, job: Job) -> int | None:
-        """Deliver what is due for one endpoint, at most `per_endpoint` at a time, for at most `slice_seconds`
-        (then the job is due again now, behind the endpoints that waited for a slot meanwhile)."""
+        """Deliver what is due for one endpoint, at most `per_endpoint` at a time; while every endpoint slot is
+        taken (`crowded`), for at most `slice_seconds`, after which the job is due again now, behind the endpoints
+        that waited for a slot meanwhile."""
         webhook_id = job.ref
         lanes: set[asyncio.Task[None]] = set()
         ends = time.monotonic() + self.slice_seconds
