@@ -425,19 +425,12 @@ def _remove_partial(partial: Path | None) -> None:
             partial.with_name(partial.name + suffix).unlink()
 
 
-def _port_flag(raw: str) -> int:
-    """`--port` as PARLEY_PORT reads it: plain ASCII digits (int() would also take `8_000` or full-width ones)."""
-    if not re.fullmatch(r"[0-9]+", raw.strip()):
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 65535, got {raw!r}")
-    return int(raw)
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="parley", description="Self-hosted AI SMS conversations.")
     sub = top.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="migrate, sync agents and serve the API")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=_port_flag)
+    serve.add_argument("--port")  # read by load_settings, by PARLEY_PORT's rules
     serve.add_argument("--dev", action="store_true", help="create (or reuse) the dev org's key and print it")
     sub.add_parser("migrate", help="apply database migrations")
     keys_parser = sub.add_parser("keys", help="manage API keys")

@@ -180,7 +180,7 @@ def load_settings(
     env_file: str | None = ".env",
     *,
     host: str | None = None,
-    port: int | None = None,
+    port: int | str | None = None,
 ) -> Settings:
     """Read settings: `parley serve --host/--port` win over the process environment, which wins over `.env`.
 
@@ -205,7 +205,7 @@ def load_settings(
             # silently make a new, empty database (or miss the agents file) beside the intended one.
             raise ConfigError(f"{name} must not start or end with spaces, got {raw!r}")
     if (raw := get("PARLEY_DATABASE")) is not None:
-        if raw.strip() == ":memory:" or raw.startswith("file:"):
+        if raw == ":memory:" or raw.startswith("file:"):
             raise ConfigError(f"PARLEY_DATABASE must be a file path (an in-memory database keeps nothing), got {raw!r}")
         kwargs["database"] = raw
     if host is not None:
