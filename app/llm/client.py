@@ -96,8 +96,7 @@ def parse_answer(response: Any) -> ModelAnswer:
         raise _bad("has no choices")
     if not isinstance(choices, list | tuple):
         raise _bad("has choices that are not a list")
-    choice = choices[0]
-    message = None if isinstance(choice, _SCALARS) else _attr(choice, "message")
+    message = _attr(choices[0], "message")  # None from a choice that is not an object, too
     if message is None:
         raise _bad("has no message")
     if isinstance(message, _SCALARS):
@@ -110,8 +109,8 @@ def parse_answer(response: Any) -> ModelAnswer:
         raise _bad("has tool calls that are not a list")
     calls = []
     for index, call in enumerate(tool_calls):
-        function = None if isinstance(call, _SCALARS) else _attr(call, "function")
-        name = _attr(function, "name") if function is not None and not isinstance(function, _SCALARS) else None
+        function = _attr(call, "function")
+        name = _attr(function, "name")  # None when either is not an object
         if not isinstance(name, str) or not name:
             continue  # not a function call (e.g. a custom tool type this server never offers)
         arguments = _attr(function, "arguments")
