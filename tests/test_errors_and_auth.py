@@ -377,6 +377,20 @@ async def test_query_parameter_errors_are_400(harness: Harness) -> None:
     assert_error(await harness.get("/v1/sms-conversations", status="open"), 400, "validation_error")
 
 
+@pytest.mark.parametrize("limit", ["1e1", "1E1", "10.0", "5e0", " 5", "+5", "0x10", "５"])
+@pytest.mark.parametrize("path", ["/v1/sms-conversations", "/v1/events", "/v1/webhooks", "/v1/agents", "/v1/api-keys"])
+async def test_a_limit_that_is_not_plain_digits_is_400(harness: Harness, path: str, limit: str) -> None:
+    """`limit=1e1` was read as 10 (msgspec's lenient number reading): a page size is written as digits."""
+    error = assert_error(await harness.get(path, limit=limit), 400, "validation_error")
+    assert [detail["field"] for detail in error["error"]["details"]] == ["limit"]
+
+
+async def test_limit_is_checked_only_where_a_route_reads_it(harness: Harness) -> None:
+    """The simulator's phone list ignores `limit` (README): an odd one there is still ignored."""
+    response = await harness.get("/v1/simulator/messages", number="+15557770199", limit="1e1")
+    assert response.status_code == 200
+
+
 async def test_a_bad_query_parameter_is_named_as_the_client_sent_it(harness: Harness) -> None:
     error = assert_error(await harness.get("/v1/sms-conversations", agentId="notuuid"), 400, "validation_error")
     assert [(d["field"], d["message"]) for d in error["error"]["details"]] == [("agentId", "must be a UUID")]
