@@ -72,6 +72,14 @@ def test_provider_statuses_map_to_canonical_ones(twilio: str, canonical: str | N
         ("ê" * 135, "UCS-2", 3),
         ("😀" * 35, "UCS-2", 1),  # outside the BMP: two UTF-16 units each
         ("😀" * 36, "UCS-2", 2),
+        # A two-septet character or a surrogate pair is never split between two parts of a long SMS.
+        ("a" * 152 + "€" + "a" * 152, "GSM-7", 3),
+        ("a" * 151 + "€" + "a" * 153, "GSM-7", 2),
+        ("€" * 1600, "GSM-7", 22),
+        ("a" * 66 + "😀" + "a" * 66, "UCS-2", 3),
+        ("a" * 65 + "😀" + "a" * 67, "UCS-2", 2),
+        ("😀" * 1600, "UCS-2", 49),
+        ("😀" * 34 + "ab", "UCS-2", 1),  # fits one part whole: no packing
     ],
 )
 def test_segment_counting(text: str, encoding: str, segments: int) -> None:

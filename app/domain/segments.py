@@ -17,16 +17,30 @@ def encoding_of(text: str) -> str:
 
 
 def count_segments(text: str) -> tuple[str, int]:
-    """(encoding, segment count) of an SMS body."""
+    """(encoding, segment count) of an SMS body. A character that takes two units (a GSM-7 extension character:
+    an escape and the character; a UTF-16 surrogate pair) is never split between two parts of a long SMS, so
+    where one would straddle a boundary the part ends early."""
     encoding = encoding_of(text)
     if encoding == "GSM-7":
-        # Extended characters take an escape and the character: two septets.
-        units = len(text) + sum(map(text.count, GSM7_EXTENDED))
+        wide = sum(map(text.count, GSM7_EXTENDED))
         single, multi = 160, 153
     else:
-        # UCS-2 counts UTF-16 code units: characters outside the BMP take two.
-        units = len(text.encode("utf-16-le")) // 2
+        wide = len(text.encode("utf-16-le")) // 2 - len(text)
         single, multi = 70, 67
+    units = len(text) + wide
     if units <= single:
         return encoding, 1
-    return encoding, -(-units // multi)
+    if not wide:
+        return encoding, -(-units // multi)
+    return encoding, _packed(text, encoding, multi)
+
+
+def _packed(text: str, encoding: str, size: int) -> int:
+    """Parts of `size` units filled whole character by whole character."""
+    parts, fill = 1, 0
+    for char in text:
+        width = 2 if (char in GSM7_EXTENDED if encoding == "GSM-7" else ord(char) > 0xFFFF) else 1
+        if fill + width > size:
+            parts, fill = parts + 1, 0
+        fill += width
+    return parts
