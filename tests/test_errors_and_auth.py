@@ -377,6 +377,24 @@ async def test_query_parameter_errors_are_400(harness: Harness) -> None:
     assert_error(await harness.get("/v1/sms-conversations", status="open"), 400, "validation_error")
 
 
+@pytest.mark.parametrize("text", ["+1", " 1", "1_0", "\u0661", "1\x0c", "-5", "01"])
+async def test_a_cursor_in_a_form_this_api_never_writes_is_400(harness: Harness, text: str) -> None:
+    """A cursor is read back only as written: `+1`, ` 1`, `1_0` or other digits were read by `int()` as positions."""
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    assert (await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "a second"})).status_code == 201
+    issued = (await harness.get(f"/v1/sms-conversations/{cid}/messages", limit=1)).json()["meta"]["next_cursor"]
+    assert (await harness.get(f"/v1/sms-conversations/{cid}/messages", cursor=issued)).status_code == 200
+    forged = base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    error = assert_error(
+        await harness.get(f"/v1/sms-conversations/{cid}/messages", cursor=forged), 400, "validation_error"
+    )
+    assert [detail["field"] for detail in error["error"]["details"]] == ["cursor"]
+    padded = assert_error(
+        await harness.get(f"/v1/sms-conversations/{cid}/messages", cursor=issued + "x"), 400, "validation_error"
+    )
+    assert padded["error"]["details"][0]["field"] == "cursor"
+
+
 @pytest.mark.parametrize("limit", ["1e1", "1E1", "10.0", "5e0", " 5", "+5", "0x10", "５"])
 @pytest.mark.parametrize("path", ["/v1/sms-conversations", "/v1/events", "/v1/webhooks", "/v1/agents", "/v1/api-keys"])
 async def test_a_limit_that_is_not_plain_digits_is_400(harness: Harness, path: str, limit: str) -> None:

@@ -88,8 +88,10 @@ def decode_cursor(cursor: str | None, kinds: tuple[type, ...]) -> tuple[Any, ...
         if len(parts) != len(kinds):
             raise ValueError
         values = tuple(kind(part) for kind, part in zip(kinds, parts, strict=True))
-        if any(isinstance(value, int) and not -(2**63) <= value < 2**63 for value in values):
-            raise ValueError  # beyond what SQLite stores
+        if any(isinstance(value, int) and not 0 <= value < 2**63 for value in values):
+            raise ValueError  # beyond what SQLite stores, or below any position we hand out
+        if encode_cursor(*values) != cursor:
+            raise ValueError  # a form this API never writes (`+3`, ` 3`, `3_0`, other digits, stray bytes)
         return values
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValidationFailed.field("cursor", "is not a cursor this API returned") from None
