@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from app.clock import FakeClock
 from tests.conftest import Harness, start_harness
+from tests.provider_doubles import SimulatorHolding
 from tests.seed import SEED_CREATE
 
 
@@ -241,6 +245,8 @@ async def test_simulated_inbound_is_routed_to_the_open_conversation(harness: Har
     assert [(m["direction"], m["author"], m["status"]) for m in messages][-1] == ("inbound", "customer", "received")
     event = harness.rows("SELECT payload FROM events WHERE type = 'sms.message_received'")[0][0]
     assert '"routed":true' in event and '"content":"Is it free?"' in event
+    # `sentAt` of an inbound message: when it reached Parley, in the event and the read alike (the read said null).
+    assert messages[-1]["sentAt"] == messages[-1]["createdAt"] == json.loads(event)["data"]["sentAt"]
 
 
 async def test_inbound_after_close_goes_to_the_latest_conversation_unrouted(harness: Harness, caplog: Any) -> None:
@@ -311,6 +317,40 @@ async def test_an_opening_template_that_renders_past_1600_characters_is_refused_
     assert fits.status_code == 201
     message = (await harness.get(f"/v1/sms-conversations/{fits.json()['data']['conversationId']}/messages")).json()
     assert len(message["data"][0]["content"]) == 1600
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"), [("\u200b", "renders empty"), ("Ada\x00", "control character"), ("\x1b[2J", "control")]
+)
+async def test_an_opening_that_renders_invisible_or_with_a_control_character_is_refused(
+    harness: Harness, value: str, problem: str
+) -> None:
+    agent = (await harness.post("/v1/agents", {"name": "T", "openingMessage": "{{a}}"})).json()["data"]
+    body = {"agentId": agent["agentId"], "toNumber": "+15555550199", "fromNumber": "+15555550123"}
+    refused = await harness.post("/v1/sms-conversations", {**body, "dynamicVariables": {"a": value}})
+    assert refused.status_code == 400
+    (detail,) = refused.json()["error"]["details"]
+    assert detail["field"] == "dynamicVariables" and problem in detail["message"]
+    assert (await harness.get("/v1/sms-conversations")).json()["data"] == []
+    lines = await harness.post("/v1/sms-conversations", {**body, "dynamicVariables": {"a": "Ada,\n\tsee you"}})
+    assert lines.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("\u200b", "blank"), ("\ufeff \u200d", "blank"), ("a\x00b", "control"), ("\x07", "control"), ("a\x85", "control")],
+)
+async def test_an_operator_message_that_shows_nothing_or_holds_a_control_character_is_400(
+    harness: Harness, content: str, problem: str
+) -> None:
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    refused = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": content})
+    assert refused.status_code == 400, refused.text
+    (detail,) = refused.json()["error"]["details"]
+    assert detail["field"] == "content" and problem in detail["message"]
+    assert harness.rows("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 1
+    fine = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "Tab\there,\r\nlines\f€"})
+    assert fine.status_code == 201
 
 
 async def test_a_create_sees_an_agent_changed_through_the_api_at_once(harness: Harness) -> None:
@@ -530,3 +570,24 @@ async def test_an_agents_name_may_hold_any_text_and_stays_readable(harness: Harn
     agent_id = created.json()["data"]["agentId"]
     assert (await harness.get(f"/v1/agents/{agent_id}")).json()["data"]["name"] == "Sales\tteam\n"
     assert any(a["agentId"] == agent_id for a in (await harness.get("/v1/agents")).json()["data"])
+
+
+async def test_sending_in_or_resuming_a_conversation_whose_opening_is_on_its_way_is_409_pending(tmp_path: Path) -> None:
+    """It said `conversation_closed` ("the conversation is closed") of a conversation open a moment later."""
+    holding = SimulatorHolding(1)
+    async with start_harness(tmp_path, provider=holding) as h:
+        create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
+        await asyncio.wait_for(holding.holding.wait(), 5)
+        cid = h.rows("SELECT id FROM conversations WHERE status = 'pending'")[0][0]
+        sent = await h.post(f"/v1/sms-conversations/{cid}/messages", {"content": "Hello?"})
+        resumed = await h.post(f"/v1/sms-conversations/{cid}/resume")
+        for response in (sent, resumed):
+            assert response.status_code == 409, response.text
+            assert response.json()["error"]["code"] == "conversation_pending"
+        assert h.rows("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 1
+        holding.release.set()
+        assert (await create).status_code == 201
+        assert (await h.post(f"/v1/sms-conversations/{cid}/messages", {"content": "Hello?"})).status_code == 201
+        await h.post(f"/v1/sms-conversations/{cid}/close")
+        closed = await h.post(f"/v1/sms-conversations/{cid}/messages", {"content": "Hello?"})
+        assert (closed.status_code, closed.json()["error"]["code"]) == (409, "conversation_closed")

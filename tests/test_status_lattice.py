@@ -8,6 +8,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -272,3 +273,70 @@ def test_a_report_that_came_before_its_message_was_known_is_applied_when_repeate
     assert [tuple(row) for row in kept] == [(0, 0), (1, 1), (1, 0)]
     types = [row[0] for row in conn.execute("SELECT type FROM events WHERE conversation_id = ?", (conversation_id,))]
     assert types.count("sms.message_delivery_updated") == 1
+
+
+def _queued_message(conn: sqlite3.Connection, org_id: str, agent_id: str) -> tuple[Conversation, Any]:
+    """A fresh conversation with one outbound message persisted and not yet answered by the provider."""
+    conversation_id, _, _ = sent_message(conn, org_id, agent_id)
+    conversation = store.get(conn, conversation_id)
+    assert conversation is not None
+
+    def persist(c: sqlite3.Connection) -> Any:
+        return messaging.insert_outbound(c, messaging.new_outbound(conversation, "Again", "operator", 0, "twilio"))
+
+    return conversation, write_sync(conn, persist)
+
+
+def _events_of(conn: sqlite3.Connection, conversation_id: str, message_id: str) -> list[tuple[str, Any, Any, Any]]:
+    rows = conn.execute(
+        "SELECT type, payload FROM events WHERE conversation_id = ? ORDER BY sequence", (conversation_id,)
+    ).fetchall()
+    found = []
+    for event_type, payload in rows:
+        data = msgspec.json.decode(payload)["data"]
+        if data.get("messageId") == message_id:
+            found.append((event_type, data.get("previousStatus"), data["status"], data.get("errorCode")))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "expected"),
+    [
+        ("sent", None, ("sent", None)),
+        ("failed", "30003", ("failed", "30003")),
+        ("undelivered", "30005", ("undelivered", "30005")),
+        ("delivered", None, ("delivered", None)),
+    ],
+)
+def test_a_send_answer_past_queued_is_a_change_of_status_with_its_event_and_code(
+    db: tuple[sqlite3.Connection, str, str], answer: str, code: str | None, expected: tuple[str, str | None]
+) -> None:
+    """A provider whose send answer already says `sent`, or `failed` with a code: the status moved without its
+    `sms.message_delivery_updated`, and the code was dropped (a later callback, after a terminal, changes nothing)."""
+    conn, org_id, agent_id = db
+    conversation, message = _queued_message(conn, org_id, agent_id)
+    accepted = SendAccepted(provider_message_id="SM" + uuid.uuid4().hex, provider_status=answer, error_code=code)
+    returned = write_sync(conn, lambda c: messaging.record_accepted(c, conversation, message, accepted, 5))
+    stored = store.get_message(conn, message.id)
+    assert stored is not None
+    assert (stored.status, stored.error_code) == expected == (returned.status, returned.error_code)
+    assert _events_of(conn, conversation.id, message.id) == [
+        ("sms.message_sent", None, "queued", None),
+        ("sms.message_delivery_updated", "queued", expected[0], expected[1]),
+    ]
+
+
+def test_a_report_that_overtook_the_send_answer_records_when_the_message_was_sent(
+    db: tuple[sqlite3.Connection, str, str],
+) -> None:
+    """`sentAt` was set when the send's answer came, after a `delivered` that overtook it: sent after delivered."""
+    conn, org_id, agent_id = db
+    conversation, message = _queued_message(conn, org_id, agent_id)
+    sid = "SM" + uuid.uuid4().hex
+    early = [callback(sid, message.id, s, names_message=True) for s in ("sent", "delivered")]
+    assert write_sync(conn, lambda c: messaging.apply_reports(c, early, "twilio", 10)) == 2
+    accepted = SendAccepted(provider_message_id=sid)
+    write_sync(conn, lambda c: messaging.record_accepted(c, conversation, message, accepted, 30))
+    stored = store.get_message(conn, message.id)
+    assert stored is not None
+    assert (stored.status, stored.sent_at, stored.delivered_at) == ("delivered", 10, 10)

@@ -202,6 +202,20 @@ async def test_a_5xx_that_created_nothing_is_looked_up_then_resent_once(
     assert list(fake_twilio.messages) == [accepted.provider_message_id]
 
 
+@pytest.mark.parametrize(("code", "kept"), [(30003, "30003"), ("30007", "30007"), (None, None), ("", None)])
+async def test_a_send_answer_that_already_failed_keeps_its_error_code(
+    provider: TwilioProvider, fake_twilio: FakeTwilio, code: object, kept: str | None
+) -> None:
+    answer = {"sid": "SM" + "f" * 32, "status": "failed", "error_code": code}
+    fake_twilio.script("send", Action("status", status=201, body=answer))
+    accepted = await provider.send(request())
+    assert (accepted.provider_message_id, accepted.provider_status, accepted.error_code) == (
+        answer["sid"],
+        "failed",
+        kept,
+    )
+
+
 async def test_a_5xx_after_twilio_created_the_message_is_reconciled_not_resent(
     provider: TwilioProvider, fake_twilio: FakeTwilio
 ) -> None:

@@ -30,7 +30,7 @@ from app.domain.conversations import UUID_PATTERN, CloseConversation, CreateConv
 from app.domain.errors import NotFound, ValidationFailed
 from app.domain.ids import parse_uuid
 from app.domain.models import Conversation
-from app.domain.types import E164_PATTERN, SmsBody, StrictDecoder, whole
+from app.domain.types import E164_PATTERN, SendableSms, StrictDecoder, shows_nothing, whole
 from app.store import agents as agents_store
 from app.store import conversations as store
 
@@ -39,7 +39,7 @@ _encoder = msgspec.json.Encoder()
 
 
 class OperatorMessage(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    content: Annotated[SmsBody, msgspec.Meta(min_length=1)]
+    content: Annotated[SendableSms, msgspec.Meta(min_length=1)]
 
 
 class CreatedEnvelope(msgspec.Struct):
@@ -247,7 +247,7 @@ class ConversationController(Controller):
         if canonical is None:
             raise NotFound("Conversation not found.")
         body = await rq.read_json(request, operator_decoder)
-        if not body.content.strip():
+        if shows_nothing(body.content):
             raise ValidationFailed.field("content", "must not be blank")
         message = await messaging.send_in_conversation(ctx, canonical, org_id, body.content, "operator")
         return MessageEnvelope(data=message_out(message), meta=Meta(request_id=rq.request_id(request)))

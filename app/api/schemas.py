@@ -121,7 +121,7 @@ def message_out(m: Message) -> MessageOut:
         segments=m.segments,
         encoding=m.encoding,
         created_at=iso(m.created_at) or "",
-        sent_at=iso(m.sent_at),
+        sent_at=iso(m.sent_time),
         delivered_at=iso(m.delivered_at),
     )
 

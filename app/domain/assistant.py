@@ -448,8 +448,7 @@ class Assistant:
             conversation = store.get(conn, canonical, org_id)
             if conversation is None:
                 raise NotFound("Conversation not found.")
-            if conversation.status != "in_progress":
-                raise Conflict("conversation_closed", "The conversation is closed; it cannot be resumed.")
+            lifecycle.ensure_in_progress(conversation, "The conversation is closed; it cannot be resumed.")
             if conversation.assistant_paused:
                 store.set_paused(conn, conversation.id, False)
                 # The turn itself decides whether anything is left unanswered.

@@ -28,7 +28,18 @@ from app.domain.ids import new_id, new_request_id, parse_uuid
 from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
-from app.domain.types import MAX_SMS_CHARS, DynamicVariables, E164Number, Metadata, Reason, Slug, SmsBody, whole
+from app.domain.types import (
+    MAX_SMS_CHARS,
+    SMS_CONTROL_CHARACTER,
+    DynamicVariables,
+    E164Number,
+    Metadata,
+    Reason,
+    SendableSms,
+    Slug,
+    shows_nothing,
+    whole,
+)
 from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
@@ -49,7 +60,7 @@ class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     agent_slug: Slug | UnsetType | None = UNSET
     agent_id: Annotated[str, Meta(pattern=UUID_PATTERN)] | UnsetType | None = UNSET
     from_number: E164Number | None = None
-    welcome_message: SmsBody | None = None
+    welcome_message: SendableSms | None = None
     dynamic_variables: DynamicVariables | None = {}
     metadata: Metadata | None = {}
     inactivity_timeout_seconds: Annotated[int, Meta(ge=60, le=2592000)] | None = None
@@ -134,7 +145,7 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
     if sender is None:
         raise ValidationFailed.field("fromNumber", "is required for this agent (it has no number of its own)")
     welcome = body.welcome_message
-    if welcome is not None and not welcome.strip():
+    if welcome is not None and shows_nothing(welcome):
         raise ValidationFailed.field("welcomeMessage", "must not be blank")
     if agent.kind == "managed" and welcome is None:
         raise ValidationFailed.field("welcomeMessage", "is required for managed agents")
@@ -148,8 +159,12 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
         return sender, welcome
     if settings.opening_message is not None:
         text = render(settings.opening_message, body.dynamic_variables)
-        if not text.strip():
+        if shows_nothing(text):
             raise ValidationFailed.field("dynamicVariables", "the agent's openingMessage renders empty")
+        if SMS_CONTROL_CHARACTER.search(text):
+            raise ValidationFailed.field(
+                "dynamicVariables", "the agent's openingMessage renders with a control character (such as a NUL)"
+            )
         if len(text) > MAX_SMS_CHARS:
             raise ValidationFailed.field(
                 "dynamicVariables",

@@ -8,6 +8,7 @@ import msgspec
 
 from app.clock import iso
 from app.domain.agents import Agent
+from app.domain.errors import Conflict
 from app.domain.models import Conversation
 from app.store import agents, events, jobs
 from app.store import conversations as store
@@ -24,6 +25,18 @@ class InactivityTimer(msgspec.Struct, frozen=True, kw_only=True):
 
     deadline: int
     warn: bool = False
+
+
+def ensure_in_progress(conversation: Conversation, closed: str) -> None:
+    """409 unless the conversation is in progress: `conversation_pending` while its opening SMS is on its way
+    (it is in progress a moment later, or closed if the send fails), else `conversation_closed` with `closed`."""
+    if conversation.status == "pending":
+        raise Conflict(
+            "conversation_pending",
+            "The conversation's opening message is still being sent; try again once it is in progress.",
+        )
+    if conversation.status != "in_progress":
+        raise Conflict("conversation_closed", closed)
 
 
 def inactivity_warning_seconds(

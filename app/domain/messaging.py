@@ -86,7 +86,7 @@ def message_data(message: Message, **extra: Any) -> dict[str, Any]:
         "content": message.content,
         "direction": message.direction,
         "author": message.author,
-        "sentAt": iso(message.sent_at if message.direction == "outbound" else message.created_at),
+        "sentAt": iso(message.sent_time),
         "providerMessageId": message.provider_message_id,
         "status": message.status,
         "segments": message.segments,
@@ -108,18 +108,30 @@ def record_accepted(
     sequence: int | None = None,
 ) -> Message:
     """The provider took the message: store its id and emit `sms.message_sent` (with `sequence` when the
-    caller already took the event's sequence number)."""
-    new_status = status.canonical(accepted.provider_status) or "queued"
+    caller already took the event's sequence number). An answer that already says more than `queued` (`sent`,
+    or a failure with its code) is then a change of status like a report's: `sms.message_delivery_updated`."""
     # A status callback may overtake the send's own answer (it names our message id): never move back.
-    base = store.set_provider_id(conn, message.id, accepted.provider_message_id, now_ms, now_ms) or "queued"
-    final = status.advance(base, new_status) or base
-    if final != base:
-        store.update_message(conn, message.id, now_ms, status=final)
+    base, sent_at = store.set_provider_id(conn, message.id, accepted.provider_message_id, now_ms, now_ms) or (
+        "queued",
+        now_ms,
+    )
     sent = msgspec.structs.replace(
-        message, provider_message_id=accepted.provider_message_id, status=final, sent_at=now_ms
+        message, provider_message_id=accepted.provider_message_id, status=base, sent_at=sent_at
     )
     events.append(conn, "sms.message_sent", conversation.scope, message_data(sent), now_ms, sequence=sequence)
-    return sent
+    final = status.advance(base, status.canonical(accepted.provider_status) or "queued")
+    if final is None:
+        return sent
+    step: dict[str, Any] = {"status": final}
+    if final == "delivered":
+        step["delivered_at"] = now_ms
+    if final in {"undelivered", "failed"} and accepted.error_code:
+        step["error_code"] = accepted.error_code
+    store.update_message(conn, message.id, now_ms, **step)
+    changed = msgspec.structs.replace(sent, **step)
+    data = message_data(changed, previousStatus=base, errorCode=changed.error_code)
+    events.append(conn, "sms.message_delivery_updated", conversation.scope, data, now_ms)
+    return changed
 
 
 def record_rejected(
@@ -149,8 +161,7 @@ def ensure_sendable(conn: sqlite3.Connection, conversation_id: str, org_id: str)
     conversation = store.get(conn, conversation_id, org_id)
     if conversation is None:
         raise NotFound("Conversation not found.")
-    if conversation.status != "in_progress":
-        raise Conflict("conversation_closed", "The conversation is closed; no message can be sent in it.")
+    lifecycle.ensure_in_progress(conversation, "The conversation is closed; no message can be sent in it.")
     if opt_outs.contains(conn, conversation.org_id, conversation.from_number, conversation.to_number):
         raise Conflict("recipient_opted_out", "The recipient has opted out of messages from this number.")
     return conversation
@@ -414,7 +425,10 @@ def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str,
             continue
         step: dict[str, Any] = {"status": new_status}
         if message.provider_message_id is None:
+            # The report overtook the send's own answer: the provider took the message by now.
             step["provider_message_id"] = report.provider_message_id
+            if message.sent_at is None:
+                step["sent_at"] = now_ms
         if new_status == "delivered":
             step["delivered_at"] = now_ms
         if new_status in {"undelivered", "failed"} and report.error_code:

@@ -62,3 +62,9 @@ class Message(msgspec.Struct, kw_only=True):
     delivered_at: int | None = None
     keyword: str | None = None  # inbound: the compliance action it was acted on as (`compliance.Action` value)
     media: tuple[Media, ...] = ()  # inbound: an MMS's attachments
+
+    @property
+    def sent_time(self) -> int | None:
+        """`sentAt` as events and reads show it: when the provider took an outbound message; an inbound one's
+        when it reached Parley (providers do not say when the phone sent it)."""
+        return self.sent_at if self.direction == "outbound" else self.created_at

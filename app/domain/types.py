@@ -8,6 +8,7 @@ import math
 import re
 import types
 import typing
+import unicodedata
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -43,6 +44,25 @@ E164Number = Annotated[str, msgspec.Meta(pattern=E164_PATTERN, examples=["+15555
 Slug = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 MAX_SMS_CHARS = 1600  # SPEC §3.1: the longest text Parley sends as one (multi-segment) SMS
 SmsBody = Annotated[str, msgspec.Meta(max_length=MAX_SMS_CHARS)]
+# A text Parley sends: no control character but a tab, a line break or a form feed (GSM-7 has the last three;
+# a NUL or a BEL is refused or mangled by carriers).
+SMS_CONTROL = r"\x00-\x08\x0b\x0e-\x1f\x7f-\x9f"
+SMS_CONTROL_CHARACTER = re.compile(f"[{SMS_CONTROL}]")
+SendableSms = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=MAX_SMS_CHARS,
+        pattern=whole(f"[^{SMS_CONTROL}]*", "text without control characters (tabs and line breaks are allowed)"),
+    ),
+]
+
+
+def shows_nothing(text: str) -> bool:
+    """Whether an SMS of `text` would show nothing: only spaces, line breaks and invisible format characters
+    (a zero-width space or joiner, a byte-order mark)."""
+    return all(char.isspace() or unicodedata.category(char) in {"Cf", "Cc"} for char in text)
+
+
 VariableName = Annotated[
     str,
     msgspec.Meta(

@@ -27,6 +27,7 @@ class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
 class SendAccepted(msgspec.Struct, frozen=True, kw_only=True):
     provider_message_id: str
     provider_status: str = "queued"
+    error_code: str | None = None  # when the answer already says the message failed
 
 
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):

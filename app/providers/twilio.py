@@ -429,8 +429,12 @@ class TwilioProvider:
         self._claimed[sid] = None
         while len(self._claimed) > CLAIMED_SIDS_KEPT:
             self._claimed.popitem(last=False)
-        status = data.get("status")
-        return SendAccepted(provider_message_id=sid, provider_status=status if isinstance(status, str) else "queued")
+        status, code = data.get("status"), data.get("error_code")
+        return SendAccepted(
+            provider_message_id=sid,
+            provider_status=status if isinstance(status, str) else "queued",
+            error_code=str(code) if isinstance(code, int | str) and not isinstance(code, bool) and code != "" else None,
+        )
 
     def _jitter(self, seconds: float) -> float:
         return seconds * self._rng.uniform(0.8, 1.2)

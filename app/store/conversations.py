@@ -322,13 +322,14 @@ def operator_wrote_after(conn: sqlite3.Connection, conversation_id: str, seq: in
 
 def set_provider_id(
     conn: sqlite3.Connection, message_id: str, provider_message_id: str, sent_at: int, now_ms: int
-) -> str | None:
-    """Record the provider's id and the send time; return the message's status (None: no such message)."""
-    row = conn.execute(
-        "UPDATE messages SET provider_message_id = ?, sent_at = ?, updated_at = ? WHERE id = ? RETURNING status",
+) -> tuple[str, int] | None:
+    """Record the provider's id and the send time (unless a status report that overtook the send's answer
+    recorded one first); return the message's status and send time (None: no such message)."""
+    return conn.execute(
+        "UPDATE messages SET provider_message_id = ?, sent_at = COALESCE(sent_at, ?), updated_at = ? WHERE id = ?"
+        " RETURNING status, sent_at",
         (provider_message_id, sent_at, now_ms, message_id),
     ).fetchone()
-    return row[0] if row else None
 
 
 def update_message(conn: sqlite3.Connection, message_id: str, now_ms: int, **fields: Any) -> None:
