@@ -60,6 +60,20 @@ async def test_close_without_body_uses_admin_closed_and_closing_twice_is_not_an_
     assert closed_events == 1
 
 
+@pytest.mark.parametrize("reason", [" ", "\u200b", "a\nb", "\x00", "left\u202eright"])
+async def test_a_close_reason_that_is_blank_or_not_one_line_is_400_and_closes_nothing(
+    harness: Harness, reason: str
+) -> None:
+    """It became `endReason` as given, in reads and in every `sms.conversation_closed`."""
+    cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
+    refused = await harness.post(f"/v1/sms-conversations/{cid}/close", {"reason": reason})
+    assert refused.status_code == 400, refused.text
+    assert [d["field"] for d in refused.json()["error"]["details"]] == ["reason"]
+    assert (await harness.get(f"/v1/sms-conversations/{cid}")).json()["data"]["status"] == "in_progress"
+    fine = await harness.post(f"/v1/sms-conversations/{cid}/close", {"reason": "résolu – par téléphone"})
+    assert fine.json()["data"]["endReason"] == "résolu – par téléphone"
+
+
 async def test_null_in_an_optional_field_means_it_is_not_given(harness: Harness) -> None:
     """Clients generated from a schema send their unset optional fields as null."""
     nulls = {"agentId": None, "metadata": None, "inactivityTimeoutSeconds": None, "welcomeMessage": None}

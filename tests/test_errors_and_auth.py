@@ -47,6 +47,7 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("toNumber missing", without("toNumber"), "toNumber"),
     ("toNumber not E.164", {**SEED_CREATE, "toNumber": "555-0199"}, "toNumber"),
     ("toNumber impossible", {**SEED_CREATE, "toNumber": "+999123456789"}, "toNumber"),
+    ("toNumber without its area code", {**SEED_CREATE, "toNumber": "+15550000"}, "toNumber"),
     ("toNumber wrong type", {**SEED_CREATE, "toNumber": 15555550199}, "toNumber"),
     ("toNumber ends in a newline", {**SEED_CREATE, "toNumber": "+15555550199\n"}, "toNumber"),
     ("fromNumber ends in a newline", {**SEED_CREATE, "fromNumber": "+15555550123\n"}, "fromNumber"),

@@ -108,3 +108,25 @@ async def test_a_key_held_for_a_conversation_never_created_is_freed_at_start_up(
 
     assert response.status_code == 201, response.text
     assert "idempotent-replayed" not in response.headers
+
+
+async def test_a_body_no_create_accepts_is_400_even_under_a_used_key(harness: Harness) -> None:
+    """Both agentSlug and agentId (a rule checked after decoding) under a stored key answered 422 "reused"."""
+    assert (await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "k-400"})).status_code == 201
+    both = {**SEED_CREATE, "agentId": str(uuid.uuid4())}
+    response = await harness.post("/v1/sms-conversations", both, **{"Idempotency-Key": "k-400"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["details"][0]["field"] == "agentSlug"
+    replay = await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "k-400"})
+    assert replay.headers["idempotent-replayed"] == "true"
+
+
+async def test_two_idempotency_key_headers_are_400_and_nothing_is_created(harness: Harness) -> None:
+    """The first was used silently; a proxy folding them into "a, b" would make another key, and a second SMS."""
+    headers = [*harness.auth().items(), ("Idempotency-Key", "dup-a"), ("Idempotency-Key", "dup-b")]
+    response = await harness.client.post("/v1/sms-conversations", json=SEED_CREATE, headers=headers)
+    assert response.status_code == 400, response.text
+    assert [d["field"] for d in response.json()["error"]["details"]] == ["Idempotency-Key"]
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0
+    same_twice = [*harness.auth().items(), ("Idempotency-Key", "dup-a"), ("Idempotency-Key", "dup-a")]
+    assert (await harness.client.post("/v1/sms-conversations", json=SEED_CREATE, headers=same_twice)).status_code == 400

@@ -133,6 +133,9 @@ class ConversationController(Controller):
         ] = None,
     ) -> CreatedEnvelope:
         ctx = rq.context(request)
+        if idempotency_key is not None and len(request.headers.getall("idempotency-key")) > 1:
+            # Litestar reads the first; a proxy may fold them into "a, b", another key: a retry could send twice.
+            raise ValidationFailed.field("Idempotency-Key", "is given more than once")
         body = await rq.read_json(request, create_decoder)
         outcome, replayed = await conversations.create(
             ctx, rq.org_of(request), body, request_id=rq.request_id(request), idempotency_key=idempotency_key
@@ -197,6 +200,8 @@ class ConversationController(Controller):
         if parse_uuid(conversation_id) is None:
             raise NotFound("Conversation not found.")
         body = await rq.read_json(request, close_decoder, optional=True)
+        if body.reason is not None and shows_nothing(body.reason):
+            raise ValidationFailed.field("reason", "must not be blank")
         result = await conversations.close(ctx, org_id, conversation_id, body.reason)
         c = result.conversation
         data = ClosedConversation(

@@ -314,12 +314,13 @@ async def create(
     idempotency_key: str | None = None,
 ) -> tuple[CreateOutcome, bool]:
     """Create a conversation and send its opening SMS; return (outcome, replayed)."""
+    # The body's own rules first: a body no create accepts is a 400 whatever its key (not a 422 "reused").
+    check_fields(body)
     digest = request_hash(body) if idempotency_key else ""
     if idempotency_key:
         row = ctx.db.read_now(lambda c: idempotency.get(c, org_id, idempotency_key))
         if (replayed := _replay_or_raise(row, digest, ctx.clock.now_ms())) is not None:
             return replayed, True
-    check_fields(body)
     agent = await resolve_agent(ctx, body, org_id)
     sender, opening = check_agent_rules(body, agent)
     now = ctx.clock.now_ms()

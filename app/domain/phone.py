@@ -14,7 +14,8 @@ E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 def e164_problem(value: str) -> str | None:
     """Why `value` is not an acceptable E.164 number, or None when it is.
 
-    A *possible* number is enough: fictional 555 numbers from the docs must pass.
+    A *possible* number is enough: fictional 555 numbers from the docs must pass. One whose length fits only a
+    number dialled within its area (`+15550000`: a NANP number missing its area code) is not: no SMS reaches it.
     """
     if not E164.fullmatch(value):
         return "must be an E.164 number such as +15555550123"
@@ -22,8 +23,8 @@ def e164_problem(value: str) -> str | None:
         parsed = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException:
         return "is not a phone number"
-    if not phonenumbers.is_possible_number(parsed):
-        return "is not a possible phone number"
+    if phonenumbers.is_possible_number_with_reason(parsed) != phonenumbers.ValidationResult.IS_POSSIBLE:
+        return "is not a possible phone number (too short, too long, or missing its area code)"
     return None
 
 

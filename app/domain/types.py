@@ -81,7 +81,8 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 NOT_ONE_LINE = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
 ONE_LINE_PATTERN = whole(f"[^{NOT_ONE_LINE}]*", "text without control characters (such as a newline or a tab)")
 KeyName = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=ONE_LINE_PATTERN)]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# A close's reason becomes `endReason` in reads and webhooks: one line, as a key's name.
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ONE_LINE_PATTERN)]
 
 _PATH = re.compile(r" - at (?:`key` in )?`\$(.*)`$")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")
