@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 
 from app.clock import FakeClock, SystemClock
+from app.domain import inactivity, messaging
 from app.providers.base import ProviderRejected, SendAccepted, SendRequest
 from app.providers.simulator import SimulatorProvider
+from app.store import conversations as store
+from app.store.db import connect_sync, write_sync
 from tests.conftest import Harness, start_harness
 from tests.provider_doubles import SimulatorHolding
 from tests.seed import SEED_CREATE
@@ -328,3 +331,54 @@ async def test_the_nudge_restores_the_deadline_unless_a_message_went_out_while_i
         await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE lease_until IS NOT NULL AND kind = 'inactivity'"))
         (job,) = h.rows("SELECT due_at FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
         assert (job["due_at"] - start) / 1000 == due_after
+
+
+@pytest.mark.parametrize(("author", "rearmed"), [("system", False), ("operator", True), ("agent", True)])
+async def test_a_message_parley_writes_itself_is_not_activity(
+    tmp_path: Path, clock: FakeClock, author: str, rearmed: bool
+) -> None:
+    """Recording the nudge's send re-armed the warning timer (put back only by a later write): a crash between
+    the two nudged the customer again and pushed the close back."""
+    async with start_harness(tmp_path, clock=clock) as h:
+        conversation_id = await open_conversation(h, AGENT)
+        before = h.rows("SELECT due_at, payload FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
+        await clock.advance(60)
+        conn = connect_sync(h.settings.database)
+        try:
+            current = store.get(conn, conversation_id)
+            assert current is not None
+
+            def send(c: sqlite3.Connection) -> None:
+                message = messaging.insert_outbound(c, messaging.new_outbound(current, "x", author, 0, "simulator"))
+                accepted = SendAccepted(provider_message_id="SM" + "a" * 32)
+                messaging._record_sent(c, current, message, accepted, clock.now_ms())
+
+            write_sync(conn, send)
+        finally:
+            conn.close()
+        after = h.rows("SELECT due_at, payload FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
+        assert (tuple(after[0]) != tuple(before[0])) is rearmed
+
+
+async def test_a_close_cut_off_after_its_closing_message_is_finished_without_sending_it_again(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A stop while the closing message was at the provider left the timer as it was: after the restart the job
+    sent the closing message again (and a crash after the send re-armed a whole new quiet period)."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    provider = HoldingClosingRefusing("never refused")
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id = await open_conversation(h, agent)
+        key = h.key()
+        await clock.advance(3600)
+        await eventually(provider.holding.is_set)
+        # The server stops here, the closing message still at the provider (never released).
+    async with start_harness(tmp_path, clock=clock) as h:
+        h.keys["acme"] = key
+        await advance(h, clock, inactivity.FINISH_CLOSE_AFTER_MS / 1000)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        closings = [m for m in messages(h, conversation_id) if m[1] == CLOSING]
+        assert len(closings) == 1  # not sent again; start-up settled the one the stop cut off
+        await advance(h, clock, 7200)
+        assert len([m for m in messages(h, conversation_id) if m[1] == CLOSING]) == 1

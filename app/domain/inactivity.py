@@ -1,10 +1,15 @@
 """Inactivity timeouts (SPEC §3.4): the optional warning nudge, the closing message, and the close.
 
 `lifecycle.note_activity` (re)schedules the `inactivity` job on every message with an `InactivityTimer`
-payload: at the warning time when the agent has a warning, else at the deadline. The warning run sends the
-nudge and re-arms the job for the same deadline; the close run sends the closing message and closes with
-`inactivity_timeout`. Messages Parley sends itself also count as activity in `note_activity`, so after the
-nudge the deadline is put back where it was, unless someone really wrote in the meantime.
+payload: at the warning time when the agent has a warning, else at the deadline. Messages Parley writes
+itself are not activity (`messaging._record_sent`), so the nudge and the closing message leave the timer alone.
+
+Each step commits what it will do before the provider is asked, so that a crash never repeats it: the warning
+run re-arms the job for the close and persists the nudge in one transaction, then sends it (a crash before the
+send loses the nudge: start-up recovery never sends a message twice). The close run persists the closing
+message and marks the timer `closing` in one transaction, sends it, then closes unless a message was sent or
+received meanwhile (that re-armed the timer without the mark: a new quiet period). A crash after the mark
+leaves a job due a minute later that finishes the close without sending anything again.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import msgspec
 
 from app.domain import lifecycle, messaging
 from app.domain.context import Context
-from app.domain.errors import Conflict, NotFound, ProviderFailed
 from app.domain.lifecycle import InactivityTimer
-from app.domain.models import Conversation, Message
-from app.store import agents, jobs
+from app.domain.models import Conversation
+from app.store import agents, jobs, opt_outs
 from app.store import conversations as store
 from app.store.jobs import Job
 
 log = logging.getLogger("parley.inactivity")
 
 REASON = "inactivity_timeout"
+# A close cut off after its closing message was persisted (a crash, or a provider slower than this) is finished
+# by the job then, without sending anything again.
+FINISH_CLOSE_AFTER_MS = 60_000
 _timer_decoder = msgspec.json.Decoder(InactivityTimer)
 
 
@@ -42,22 +49,6 @@ def _arm_close(conn: sqlite3.Connection, conversation_id: str, deadline: int) ->
     lifecycle.schedule_inactivity(conn, conversation_id, InactivityTimer(deadline=deadline), deadline)
 
 
-def _written_since(conn: sqlite3.Connection, conversation_id: str, after_seq: int, own: Message) -> bool:
-    """True when a message other than `own` was sent or received after message `after_seq` (one the provider
-    refused was neither). Sending `own` re-armed the timer itself, so the timer cannot tell."""
-    later = store.messages_of(conn, conversation_id, after_seq=after_seq, limit=100)
-    return any(message.id != own.id and message.status != "failed" for message in later)
-
-
-async def _send_system(ctx: Context, conversation: Conversation, content: str, what: str) -> Message | None:
-    """Send a message of Parley's own; a refusal (opt-out, provider rejection, closed) is logged, not raised."""
-    try:
-        return await messaging.send_in_conversation(ctx, conversation.id, conversation.org_id, content, "system")
-    except (ProviderFailed, Conflict, NotFound) as exc:
-        log.info("inactivity %s not sent: %s", what, exc.message)
-        return None
-
-
 async def run(ctx: Context, job: Job) -> int | None:
     """The `inactivity` job: warn, or close a conversation that stayed quiet for its timeout."""
     conversation = await ctx.db.read(lambda c: store.get(c, job.ref))
@@ -65,57 +56,75 @@ async def run(ctx: Context, job: Job) -> int | None:
         return None
     timer = _timer(job, conversation)
     now = ctx.clock.now_ms()
+    if timer.closing is not None:  # a close cut off after its closing message was persisted
+        await _finish_close(ctx, conversation.id, timer.closing)
+        return None
     if timer.warn and now < timer.deadline:
         await _warn(ctx, job, conversation, timer.deadline)
         return None
     if now < timer.deadline:
         return timer.deadline
-    await _close(ctx, job, conversation)
+    await _close(ctx, job, conversation, timer.deadline)
     return None
 
 
+def _system_text(conn: sqlite3.Connection, conversation: Conversation, text_of: str) -> str | None:
+    """The agent's warning or closing text, unless it has none or the customer opted out of this number."""
+    agent = agents.by_id_any(conn, conversation.agent_id)
+    text = getattr(agent.settings, text_of) if agent is not None else None
+    if text and opt_outs.contains(conn, conversation.org_id, conversation.from_number, conversation.to_number):
+        log.info("inactivity %s not sent: the recipient opted out", text_of)
+        return None
+    return text
+
+
 async def _warn(ctx: Context, job: Job, conversation: Conversation, deadline: int) -> None:
-    def arm(conn: sqlite3.Connection) -> str | None:
-        if not jobs.is_current(conn, job):
+    def arm(conn: sqlite3.Connection) -> messaging.Outgoing | None:
+        current = store.get_open(conn, conversation.id)
+        if current is None or not jobs.is_current(conn, job):
             return None  # a message came in or went out since the claim: its new timer stands
-        agent = agents.by_id_any(conn, conversation.agent_id)
-        # Re-armed for the close before sending, so a crash mid-send cannot nudge the customer twice.
-        _arm_close(conn, conversation.id, deadline)
-        return agent.settings.inactivity_warning_message if agent is not None else None
+        _arm_close(conn, current.id, deadline)
+        text = _system_text(conn, current, "inactivity_warning_message")
+        return messaging.queue_system(ctx, conn, current, text) if text else None
 
-    text = await ctx.db.write(arm)
-    if text:
-        sent = await _send_system(ctx, conversation, text, "warning")
-        if sent is not None:
-
-            def restore(conn: sqlite3.Connection) -> None:
-                current = store.get_open(conn, conversation.id)
-                assert sent.seq is not None
-                if current is not None and not _written_since(conn, current.id, sent.seq, sent):
-                    _arm_close(conn, current.id, deadline)
-
-            await ctx.db.write(restore)
+    if (outgoing := await ctx.db.write(arm)) is not None:
+        await messaging.send_queued(ctx, outgoing)
     ctx.scheduler.wake()
 
 
-async def _close(ctx: Context, job: Job, conversation: Conversation) -> None:
-    agent = await ctx.db.read(lambda c: agents.by_id_any(c, conversation.agent_id))
-    closing = agent.settings.closing_message if agent is not None else None
-    sent = None
-    if closing:
-        if not await ctx.db.read(lambda c: jobs.is_current(c, job)):
-            return  # activity since the claim pushed the deadline back
-        sent = await _send_system(ctx, conversation, closing, "closing message")
-
-    def close(conn: sqlite3.Connection) -> bool:
+async def _close(ctx: Context, job: Job, conversation: Conversation, deadline: int) -> None:
+    def begin(conn: sqlite3.Connection) -> messaging.Outgoing | None:
         current = store.get_open(conn, conversation.id)
-        if current is None:
-            return False
-        if sent is None and not jobs.is_current(conn, job):
-            return False  # a message arrived while we looked: not quiet after all
-        if sent is not None and _written_since(conn, conversation.id, conversation.message_count, sent):
-            return False  # the customer (or someone) wrote while the closing message was on its way: a new quiet period
-        return lifecycle.close(conn, current, reason=REASON, now_ms=ctx.clock.now_ms())
+        if current is None or not jobs.is_current(conn, job):
+            return None  # closed meanwhile, or activity since the claim pushed the deadline back
+        text = _system_text(conn, current, "closing_message")
+        if not text:
+            _closed(ctx, conn, current)
+            return None
+        outgoing = messaging.queue_system(ctx, conn, current, text)
+        timer = InactivityTimer(deadline=deadline, closing=outgoing.message.id)
+        lifecycle.schedule_inactivity(conn, current.id, timer, ctx.clock.now_ms() + FINISH_CLOSE_AFTER_MS)
+        return outgoing
 
-    if await ctx.db.write(close):
+    if (outgoing := await ctx.db.write(begin)) is not None:
+        await messaging.send_queued(ctx, outgoing)  # a refusal is logged: the close goes ahead all the same
+        await _finish_close(ctx, conversation.id, outgoing.message.id)
+    ctx.scheduler.wake()
+
+
+async def _finish_close(ctx: Context, conversation_id: str, closing_id: str) -> None:
+    def finish(conn: sqlite3.Connection) -> None:
+        current = store.get_open(conn, conversation_id)
+        if current is None:
+            return
+        payload = jobs.payload_of(conn, lifecycle.INACTIVITY_JOB, conversation_id)
+        if payload is None or _timer_decoder.decode(payload).closing != closing_id:
+            return  # a message was sent or received while the closing message was on its way: a new quiet period
+        _closed(ctx, conn, current)
+
+    await ctx.db.write(finish)
+
+
+def _closed(ctx: Context, conn: sqlite3.Connection, conversation: Conversation) -> None:
+    if lifecycle.close(conn, conversation, reason=REASON, now_ms=ctx.clock.now_ms()):
         log.info("conversation closed after inactivity")

@@ -25,6 +25,9 @@ class InactivityTimer(msgspec.Struct, frozen=True, kw_only=True):
 
     deadline: int
     warn: bool = False
+    # The close is under way: its closing message (this id) is persisted. Any message sent or received since
+    # re-arms the timer without it (a new quiet period); while it is still here, the close goes ahead.
+    closing: str | None = None
 
 
 def ensure_in_progress(conversation: Conversation, closed: str) -> None:

@@ -219,9 +219,12 @@ async def hand_to_provider(ctx: Context, conversation: Conversation, message: Me
 def _record_sent(
     conn: sqlite3.Connection, conversation: Conversation, message: Message, accepted: SendAccepted, now_ms: int
 ) -> Message:
-    """`record_accepted`, and activity (the inactivity timer restarts) when the conversation is in progress."""
+    """`record_accepted`, and activity (the inactivity timer restarts) when the conversation is in progress. A
+    message Parley writes itself (`author: system`: an inactivity warning or closing message, a compliance
+    confirmation) is not activity: the nudge must not push the close back, nor the closing message start a new
+    quiet period (and a compliance reply answers an inbound text that already was)."""
     sent = record_accepted(conn, conversation, message, accepted, now_ms)
-    if (current := store.get_open(conn, conversation.id)) is not None:
+    if message.author != "system" and (current := store.get_open(conn, conversation.id)) is not None:
         lifecycle.note_activity(conn, current, now_ms)
     return sent
 

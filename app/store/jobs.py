@@ -45,6 +45,11 @@ def release_leases(conn: sqlite3.Connection) -> int:
     return conn.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL").rowcount
 
 
+def payload_of(conn: sqlite3.Connection, kind: str, ref: str) -> str | None:
+    row = conn.execute("SELECT payload FROM jobs WHERE kind = ? AND ref = ?", (kind, ref)).fetchone()
+    return row[0] if row else None
+
+
 def cancel(conn: sqlite3.Connection, ref: str, kinds: tuple[str, ...]) -> None:
     """Delete `ref`'s jobs of these kinds (point look-ups on the (kind, ref) key)."""
     marks = ",".join("?" * len(kinds))
