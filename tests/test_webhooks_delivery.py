@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import threading
@@ -625,8 +626,31 @@ async def test_an_attempt_cut_off_by_a_stop_is_in_the_delivery_log(tmp_path: Pat
             await h.ctx.scheduler.stop(grace=0)
             (attempt,) = attempts_of(h, event_id)
             assert attempt["status_code"] == 0 and attempt["error"].startswith("cut off by a stop")
+            assert attempt["error"].endswith("tried again after the restart")
             delivery = delivery_of(h, event_id)
             assert (delivery["status"], delivery["attempt_count"], delivery["lease_until"]) == ("pending", 0, None)
+
+
+async def test_a_manual_retry_of_a_failed_delivery_cut_off_by_a_stop_does_not_say_it_is_tried_again(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The log said "tried again after the restart" of a failed delivery, which a cut-off manual retry leaves failed."""
+    with Receiver(lambda r: Reply(status=500) if r.index == 0 else Reply(status=200, delay=3.0)) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=()) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            delivery = delivery_of(h, event_id)
+            assert delivery["status"] == "failed"
+            path = f"/v1/webhooks/{webhook['id']}/deliveries/{delivery['id']}/retry"
+            retry = asyncio.create_task(h.post(path))
+            await eventually(lambda: len(receiver.snapshot()) == 2)  # on the wire, no answer yet
+            retry.cancel()  # as uvicorn gives up on a request at the end of a stop's drain
+            with contextlib.suppress(asyncio.CancelledError):
+                await retry
+            last = await eventually(lambda: (a := attempts_of(h, event_id)) and a[-1]["status_code"] == 0 and a[-1])
+            assert last["error"].endswith("not tried again unless retried")
+            assert delivery_of(h, event_id)["status"] == "failed"
 
 
 async def test_a_manual_retry_sends_nothing_to_a_disabled_endpoint(tmp_path: Path, clock: FakeClock) -> None:

@@ -250,11 +250,13 @@ class Dispatcher:
                 response_body=None,
             )
         except BaseException:
+            # A pending delivery stays in the schedule; a failed one a client retried by hand stays failed.
+            after = "tried again after the restart" if claimed.status == "pending" else "not tried again unless retried"
             cut_off = store.Attempt(
                 at=at,
                 status_code=0,
                 duration_ms=round((time.perf_counter() - started) * 1000),
-                error="cut off by a stop before any answer (it may have arrived); tried again after the restart",
+                error=f"cut off by a stop before any answer (it may have arrived); {after}",
                 response_body=None,
             )
             await self._release([claimed], cut_off=(cut_off, manual))
