@@ -481,6 +481,20 @@ async def test_openapi_marks_keyed_routes_and_leaves_health_open(harness: Harnes
     assert "security" not in schema
 
 
+async def test_openapi_documents_the_replay_header_and_each_routes_own_conflicts(harness: Harness) -> None:
+    """The create's 201 said Litestar's "Document created, URL follows" with no headers, and every 409 listed the
+    create's conflicts (the operator message's `conversation_closed` only among them)."""
+    paths = (await harness.client.get("/schema/openapi.json")).json()["paths"]
+    created = paths["/v1/sms-conversations"]["post"]["responses"]
+    assert "Idempotent-Replayed" in created["201"]["headers"]
+    assert "URL follows" not in created["201"]["description"]
+    assert created["409"]["description"] == "conflict (idempotency_in_progress, recipient_opted_out)"
+    message = paths["/v1/sms-conversations/{conversation_id}/messages"]["post"]["responses"]["409"]
+    assert message["description"] == "conflict (conversation_closed, conversation_pending, recipient_opted_out)"
+    resume = paths["/v1/sms-conversations/{conversation_id}/resume"]["post"]["responses"]["409"]
+    assert resume["description"] == "conflict (conversation_closed, conversation_pending)"
+
+
 def test_key_cache_expires_entries_and_forgets_revoked_keys() -> None:
     from app.domain.keys import KeyCache, Principal
 

@@ -78,7 +78,7 @@ class AssistantController(Controller):
     @post(
         "/{conversation_id:str}/resume",
         status_code=200,
-        responses=errors(404, 409, 415),
+        responses=errors(404, 409, 415, conflicts="conversation_closed, conversation_pending"),
         summary="Give a handed-off conversation back to the assistant",
     )
     async def resume(self, request: Request, conversation_id: str) -> ResumedEnvelope:

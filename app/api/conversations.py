@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import ResponseHeader
 from litestar.params import Parameter
 
 from app.api import requests as rq
@@ -106,6 +107,14 @@ def _with_slugs(request: Request, items: list[Conversation]) -> list[Conversatio
     return [conversation_out(c, slugs.get(c.agent_id)) for c in items]
 
 
+IDEMPOTENT_REPLAYED = ResponseHeader(
+    name="Idempotent-Replayed",
+    documentation_only=True,
+    description="`true` when this answer replays the first request with the same Idempotency-Key (its status and"
+    " body, a 502 included); absent otherwise",
+)
+
+
 class ConversationController(Controller):
     path = "/v1/sms-conversations"
     tags = ["SMS conversations"]
@@ -122,7 +131,9 @@ class ConversationController(Controller):
                 ]
             },
         ),
-        responses=errors(404, 409, 413, 415, 422, 502),
+        responses=errors(404, 409, 413, 415, 422, 502, conflicts="idempotency_in_progress, recipient_opted_out"),
+        response_description="The conversation is in progress: the provider took its opening SMS",
+        response_headers=[IDEMPOTENT_REPLAYED],
         summary="Create an SMS conversation and send its opening message",
     )
     async def create(
@@ -242,7 +253,9 @@ class ConversationController(Controller):
         "/{conversation_id:str}/messages",
         status_code=201,
         operation_class=json_body(OperatorMessage),
-        responses=errors(404, 409, 413, 415, 502),
+        responses=errors(
+            404, 409, 413, 415, 502, conflicts="conversation_closed, conversation_pending, recipient_opted_out"
+        ),
         summary="Send an operator message in the conversation",
     )
     async def send_message(self, request: Request, conversation_id: str) -> MessageEnvelope:

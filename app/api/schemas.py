@@ -166,13 +166,13 @@ def json_body(struct: type, *, required: bool = True, extra: dict[str, Any] | No
 
 
 def errors(*codes: int, conflicts: str | None = None) -> dict[int, ResponseSpec]:
-    """The error answers a route documents (400, 401 and 429 always); `conflicts`: its own 409 codes."""
+    """The error answers a route documents (400, 401 and 429 always); `conflicts`: its 409 codes."""
     descriptions = {
         400: "validation_error",
         401: "unauthorized",
         403: "forbidden",
         404: "not_found",
-        409: "conflict (idempotency_in_progress, recipient_opted_out, conversation_closed)",
+        409: "conflict",
         413: "payload_too_large",
         415: "unsupported_media_type",
         422: "idempotency_key_reused",

@@ -245,7 +245,7 @@ class WebhookController(Controller):
         "/{webhook_id:str}/recover",
         status_code=200,
         operation_class=json_body(RecoverWebhook),
-        responses=errors(404, 409, 413, 415),
+        responses=errors(404, 409, 413, 415, conflicts="webhook_inactive"),
         summary="Re-queue every event since `since` (at most 14 days) that has not reached this endpoint",
     )
     async def recover(self, request: Request, webhook_id: str) -> RequeuedEnvelope:
