@@ -334,7 +334,7 @@ async def test_an_opening_template_that_renders_past_1600_characters_is_refused_
 
 
 @pytest.mark.parametrize(
-    ("value", "problem"), [("\u200b", "renders empty"), ("Ada\x00", "control character"), ("\x1b[2J", "control")]
+    ("value", "problem"), [("\u200b", "must not be blank"), ("Ada\x00", "control characters"), ("\x1b[2J", "control")]
 )
 async def test_an_opening_that_renders_invisible_or_with_a_control_character_is_refused(
     harness: Harness, value: str, problem: str
@@ -352,7 +352,14 @@ async def test_an_opening_that_renders_invisible_or_with_a_control_character_is_
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [("\u200b", "blank"), ("\ufeff \u200d", "blank"), ("a\x00b", "control"), ("\x07", "control"), ("a\x85", "control")],
+    [
+        ("\u200b", "blank"),
+        ("\ufeff \u200d", "blank"),
+        *[(invisible, "blank") for invisible in ("\ufe0f", "\u3164", "\u2800", "\u034f", "\u115f", "\u0301")],
+        ("a\x00b", "control"),
+        ("\x07", "control"),
+        ("a\x85", "control"),
+    ],
 )
 async def test_an_operator_message_that_shows_nothing_or_holds_a_control_character_is_400(
     harness: Harness, content: str, problem: str
@@ -365,6 +372,23 @@ async def test_an_operator_message_that_shows_nothing_or_holds_a_control_charact
     assert harness.rows("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 1
     fine = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "Tab\there,\r\nlines\f€"})
     assert fine.status_code == 201
+
+
+@pytest.mark.parametrize("field", ["openingMessage", "helpMessage", "closingMessage", "inactivityWarningMessage"])
+@pytest.mark.parametrize(("text", "problem"), [("Hi\x07", "control characters"), ("\u200b\ufe0f", "blank")])
+async def test_an_agents_texts_follow_the_sms_text_rules_when_written(
+    harness: Harness, field: str, text: str, problem: str
+) -> None:
+    """They were accepted and then sent as the HELP answer, the nudge or the closing message (and an opening
+    template with one made the agent refuse every create, blaming the create's dynamicVariables)."""
+    extra = {"inactivityWarningSeconds": 60} if field == "inactivityWarningMessage" else {}
+    created = await harness.post("/v1/agents", {"name": "T", field: text, **extra})
+    assert created.status_code == 400, created.text
+    assert [(d["field"], problem in d["message"]) for d in created.json()["error"]["details"]] == [(field, True)]
+    agent = (await harness.post("/v1/agents", {"name": "T", field: "Fine text", **extra})).json()["data"]
+    patched = await harness.client.patch(f"/v1/agents/{agent['agentId']}", json={field: text}, headers=harness.auth())
+    assert patched.status_code == 400, patched.text
+    assert (await harness.get(f"/v1/agents/{agent['agentId']}")).json()["data"][field] == "Fine text"
 
 
 async def test_a_create_sees_an_agent_changed_through_the_api_at_once(harness: Harness) -> None:

@@ -313,7 +313,7 @@ async def test_a_message_the_provider_refused_while_the_closing_message_was_on_i
     ("content", "answered", "due_after"),
     [("Operator here", 502, 3600), ("Operator speaking", 201, 3000 + 3600 - 600)],
 )
-async def test_the_nudge_restores_the_deadline_unless_a_message_went_out_while_it_was_on_its_way(
+async def test_the_nudge_keeps_the_deadline_unless_a_message_went_out_while_it_was_on_its_way(
     tmp_path: Path, clock: FakeClock, content: str, answered: int, due_after: int
 ) -> None:
     """A message sent while the inactivity warning is at the provider starts a new quiet period (its warning is then
@@ -327,7 +327,8 @@ async def test_the_nudge_restores_the_deadline_unless_a_message_went_out_while_i
         response = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": content})
         assert response.status_code == answered, response.text
         provider.release.set()
-        await eventually(lambda: any(m[1] == WARNING and m[2] != "queued" for m in messages(h, conversation_id)))
+        # Delivered: the simulator reports after the send's acceptance was recorded, when the warning run is over.
+        await eventually(lambda: any(m[1] == WARNING and m[2] == "delivered" for m in messages(h, conversation_id)))
         await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE lease_until IS NOT NULL AND kind = 'inactivity'"))
         (job,) = h.rows("SELECT due_at FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
         assert (job["due_at"] - start) / 1000 == due_after
@@ -382,3 +383,72 @@ async def test_a_close_cut_off_after_its_closing_message_is_finished_without_sen
         assert len(closings) == 1  # not sent again; start-up settled the one the stop cut off
         await advance(h, clock, 7200)
         assert len([m for m in messages(h, conversation_id) if m[1] == CLOSING]) == 1
+
+
+class HoldingTexts(SimulatorProvider):
+    """The simulator, except that each of `texts` waits at the provider until its own release."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__()
+        self.holding = {text: asyncio.Event() for text in texts}
+        self.release = {text: asyncio.Event() for text in texts}
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        if request.body in self.holding:
+            self.holding[request.body].set()
+            await self.release[request.body].wait()
+        return await super().send(request)
+
+
+async def test_a_message_whose_send_outlasts_the_closing_messages_keeps_the_conversation_open(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Persisted while the closing message was at the provider but taken after it: the close went ahead (only the
+    acceptance counted as activity), and the customer's answer to that message met a closed conversation."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    provider = HoldingTexts(CLOSING, "Operator here")
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id = await open_conversation(h, agent)
+        await clock.advance(3600)
+        await eventually(provider.holding[CLOSING].is_set)
+        operator = asyncio.create_task(
+            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
+        )
+        await eventually(provider.holding["Operator here"].is_set)
+        provider.release[CLOSING].set()
+        await eventually(lambda: messages(h, conversation_id)[1][2] != "queued" or None)
+        await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE lease_until IS NOT NULL AND kind = 'inactivity'"))
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        provider.release["Operator here"].set()
+        assert (await operator).status_code == 201
+        await advance(h, clock, 3599)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        await advance(h, clock, 1)  # a whole quiet period after the operator's message
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+
+
+async def test_a_close_due_while_a_message_is_on_its_way_waits_for_its_outcome(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Taken after the deadline, it is activity: no closing message in the meantime, a new quiet period after."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    provider = HoldingTexts("Operator here")
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id = await open_conversation(h, agent)
+        await clock.advance(3590)
+        operator = asyncio.create_task(
+            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
+        )
+        await eventually(provider.holding["Operator here"].is_set)
+        await advance(h, clock, 10 + inactivity.SENDING_RECHECK_MS / 1000 * 3)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        assert [m[1] for m in messages(h, conversation_id)] == ["Hi! Reply any time.", "Operator here"]
+        provider.release["Operator here"].set()
+        assert (await operator).status_code == 201
+        await advance(h, clock, 3599)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        await advance(h, clock, 1)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert [m[1] for m in messages(h, conversation_id)][-1] == CLOSING

@@ -14,7 +14,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from app.domain.errors import FieldProblem, ValidationFailed
 from app.domain.phone import e164_problem
 from app.domain.rotation import PreviousSecret, active_secrets
-from app.domain.types import MAX_SMS_CHARS, E164Number, Name, VariableName, every_problem, whole
+from app.domain.types import MAX_SMS_CHARS, E164Number, Name, VariableName, every_problem, sms_text_problem, whole
 from app.webhooks.signing import SECRET_PREFIX, secret_key
 
 ToolName = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9_-]{1,64}", "1 to 64 letters, digits, _ or -"))]
@@ -144,6 +144,15 @@ def check_settings(settings: AgentSettings, *, kind: str) -> None:
     kinds = [type(tool) for tool in settings.tools if not isinstance(tool, WebhookTool)]
     if len(kinds) != len(set(kinds)):
         problems.append(FieldProblem("tools", "a built-in tool is listed twice"))
+    texts = {
+        "inactivityWarningMessage": settings.inactivity_warning_message,
+        "closingMessage": settings.closing_message,
+        "helpMessage": settings.help_message,
+        "openingMessage": settings.opening_message,
+    }
+    for name, text in texts.items():
+        if text is not None and (problem := sms_text_problem(text)):
+            problems.append(FieldProblem(name, problem))
     if problems:
         raise ValidationFailed.of(problems)
 

@@ -30,7 +30,6 @@ from app.domain.phone import e164_problem
 from app.domain.templates import render
 from app.domain.types import (
     MAX_SMS_CHARS,
-    SMS_CONTROL_CHARACTER,
     DynamicVariables,
     E164Number,
     Metadata,
@@ -38,6 +37,7 @@ from app.domain.types import (
     SendableSms,
     Slug,
     shows_nothing,
+    sms_text_problem,
     whole,
 )
 from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted
@@ -159,12 +159,8 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
         return sender, welcome
     if settings.opening_message is not None:
         text = render(settings.opening_message, body.dynamic_variables)
-        if shows_nothing(text):
-            raise ValidationFailed.field("dynamicVariables", "the agent's openingMessage renders empty")
-        if SMS_CONTROL_CHARACTER.search(text):
-            raise ValidationFailed.field(
-                "dynamicVariables", "the agent's openingMessage renders with a control character (such as a NUL)"
-            )
+        if problem := sms_text_problem(text):
+            raise ValidationFailed.field("dynamicVariables", f"the agent's openingMessage, rendered, {problem}")
         if len(text) > MAX_SMS_CHARS:
             raise ValidationFailed.field(
                 "dynamicVariables",

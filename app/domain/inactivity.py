@@ -33,6 +33,8 @@ REASON = "inactivity_timeout"
 # A close cut off after its closing message was persisted (a crash, or a provider slower than this) is finished
 # by the job then, without sending anything again.
 FINISH_CLOSE_AFTER_MS = 60_000
+SENDING_RECHECK_MS = 5_000  # a close due while a message is on its way looks again this much later
+SENDING_FOR_AT_MOST_MS = 600_000
 _timer_decoder = msgspec.json.Decoder(InactivityTimer)
 
 
@@ -97,6 +99,14 @@ async def _close(ctx: Context, job: Job, conversation: Conversation, deadline: i
         current = store.get_open(conn, conversation.id)
         if current is None or not jobs.is_current(conn, job):
             return None  # closed meanwhile, or activity since the claim pushed the deadline back
+        now = ctx.clock.now_ms()
+        if store.sending(conn, current.id, now - SENDING_FOR_AT_MOST_MS):
+            # A message is on its way: once the provider takes it, that is activity (a new quiet period). Looked
+            # at again shortly, the timer as it was (a refused message was neither sent nor received). One queued
+            # for longer is not a send in flight (start-up recovery settles what a crash cut off).
+            timer = InactivityTimer(deadline=deadline)
+            lifecycle.schedule_inactivity(conn, current.id, timer, now + SENDING_RECHECK_MS)
+            return None
         text = _system_text(conn, current, "closing_message")
         if not text:
             _closed(ctx, conn, current)
@@ -118,8 +128,11 @@ async def _finish_close(ctx: Context, conversation_id: str, closing_id: str) -> 
         if current is None:
             return
         payload = jobs.payload_of(conn, lifecycle.INACTIVITY_JOB, conversation_id)
-        if payload is None or _timer_decoder.decode(payload).closing != closing_id:
+        if payload is None or _timer_decoder.decode(payload).closing != closing_id:  # written by us: readable
             return  # a message was sent or received while the closing message was on its way: a new quiet period
+        closing = store.get_message(conn, closing_id)
+        if closing is not None and closing.seq is not None and store.written_after(conn, conversation_id, closing.seq):
+            return  # one is on its way (its acceptance starts a new quiet period; the mark's run looks again)
         _closed(ctx, conn, current)
 
     await ctx.db.write(finish)

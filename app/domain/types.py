@@ -57,10 +57,26 @@ SendableSms = Annotated[
 ]
 
 
+# Letters and symbols that are drawn blank (Hangul fillers, the blank Braille pattern).
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_INVISIBLE = frozenset({"Cc", "Cf", "Mn", "Me"})  # controls, format characters, marks with nothing to mark
+
+
 def shows_nothing(text: str) -> bool:
-    """Whether an SMS of `text` would show nothing: only spaces, line breaks and invisible format characters
-    (a zero-width space or joiner, a byte-order mark)."""
-    return all(char.isspace() or unicodedata.category(char) in {"Cf", "Cc"} for char in text)
+    """Whether an SMS of `text` would show nothing: only spaces, line breaks, invisible format characters (a
+    zero-width space or joiner, a byte-order mark), marks or variation selectors with no character to apply to,
+    and characters drawn blank."""
+    return all(char.isspace() or char in _BLANK or unicodedata.category(char) in _INVISIBLE for char in text)
+
+
+def sms_text_problem(text: str) -> str | None:
+    """Why `text`, written to be sent as an SMS, cannot be, or None (the rules of `SendableSms` and the blank
+    check, for texts a type cannot check: stored ones are read without it)."""
+    if shows_nothing(text):
+        return "must not be blank"
+    if SMS_CONTROL_CHARACTER.search(text):
+        return "must not contain control characters (tabs and line breaks are allowed)"
+    return None
 
 
 VariableName = Annotated[

@@ -11,6 +11,7 @@ from app.domain import compliance
 from app.domain.agents import AgentSettings
 from app.domain.models import Message
 from app.domain.templates import render
+from app.domain.types import SMS_CONTROL_CHARACTER, shows_nothing
 from app.store.tool_calls import ToolCall
 
 OPENING_INSTRUCTION = (
@@ -147,7 +148,8 @@ def _ending_with_the_customer(items: list[_T]) -> list[_T]:
 
 
 def clean_reply(text: str | None) -> str:
-    """The SMS text of a model answer: reasoning blocks some local models emit removed, whitespace trimmed.
+    """The SMS text of a model answer: reasoning blocks some local models emit removed, control characters
+    removed, whitespace trimmed ("" when nothing visible is left).
 
     Besides whole `<think>…</think>` blocks: reasoning before a lone `</think>` (chat templates that put the
     opening tag into the prompt, served without a reasoning parser), and reasoning after an opening tag that
@@ -159,7 +161,8 @@ def clean_reply(text: str | None) -> str:
         text = text[closing.end() :]
     if (opening := _OPEN.search(text)) is not None:
         text = text[: opening.start()]
-    return text.strip()
+    text = SMS_CONTROL_CHARACTER.sub("", text)  # a NUL or an escape sequence: carriers refuse or mangle them
+    return "" if shows_nothing(text) else text.strip()
 
 
 def cut_reply(text: str, limit: int) -> str:
