@@ -391,6 +391,27 @@ async def test_an_agents_texts_follow_the_sms_text_rules_when_written(
     assert (await harness.get(f"/v1/agents/{agent['agentId']}")).json()["data"][field] == "Fine text"
 
 
+async def test_an_agent_an_earlier_version_accepted_stays_editable(harness: Harness) -> None:
+    """A text or number stored before the rules that now refuse it is not checked again by a PATCH of other fields
+    (every PATCH answered 400 until it was changed); writing a new bad one is still refused."""
+    agent = (await harness.post("/v1/agents", {"name": "Old", "closingMessage": "Bye"})).json()["data"]
+    conn = sqlite3.connect(harness.settings.database)
+    with conn:
+        conn.execute(
+            "UPDATE agents SET config = json_set(config, '$.closingMessage', ?, '$.phoneNumber', ?) WHERE id = ?",
+            ("Bye\x07", "+15550000", agent["agentId"]),
+        )
+    conn.close()
+    path = f"/v1/agents/{agent['agentId']}"
+    renamed = await harness.client.patch(path, json={"name": "Renamed"}, headers=harness.auth())
+    assert renamed.status_code == 200, renamed.text
+    assert (renamed.json()["data"]["closingMessage"], renamed.json()["data"]["phoneNumber"]) == ("Bye\x07", "+15550000")
+    for change in ({"closingMessage": "Bye\x00"}, {"phoneNumber": "+15550001"}):
+        refused = await harness.client.patch(path, json=change, headers=harness.auth())
+        assert refused.status_code == 400, refused.text
+        assert [d["field"] for d in refused.json()["error"]["details"]] == list(change)
+
+
 async def test_a_create_sees_an_agent_changed_through_the_api_at_once(harness: Harness) -> None:
     """Creates keep the agents they name in a cache; a change through the API drops it at once."""
     created = (await harness.post("/v1/agents", {"name": "A", "openingMessage": "First {{x}}"})).json()["data"]

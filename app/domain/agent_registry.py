@@ -104,7 +104,7 @@ def get_own(conn: sqlite3.Connection, org_id: str, agent_id: str) -> Agent:
 def update_custom(conn: sqlite3.Connection, org_id: str, agent_id: str, patch: AgentPatch, now_ms: int) -> Agent:
     agent = get_own(conn, org_id, agent_id)
     settings = apply_patch(agent.settings, patch)
-    check_settings(settings, kind="custom")
+    check_settings(settings, kind="custom", stored=agent.settings)
     renumbered = settings.phone_number != agent.settings.phone_number
     if renumbered and settings.phone_number is not None:
         senders.ensure_own(conn, org_id, settings.phone_number, now_ms, field="phoneNumber")

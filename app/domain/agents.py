@@ -121,10 +121,16 @@ settings_encoder = msgspec.json.Encoder()
 settings_decoder = msgspec.json.Decoder(AgentSettings)
 
 
-def check_settings(settings: AgentSettings, *, kind: str) -> None:
-    """Rules across fields that a type cannot express."""
+def check_settings(settings: AgentSettings, *, kind: str, stored: AgentSettings | None = None) -> None:
+    """Rules a type cannot express. A number or text kept as `stored` (a PATCH of other fields) is not checked
+    again: an agent an earlier version accepted stays editable, though rules added since would refuse it."""
     problems: list[FieldProblem] = []
-    if settings.phone_number is not None and (problem := e164_problem(settings.phone_number)):
+
+    def new(field: str) -> Any:
+        value = getattr(settings, field)
+        return None if stored is not None and value == getattr(stored, field) else value
+
+    if (number := new("phone_number")) is not None and (problem := e164_problem(number)):
         problems.append(FieldProblem("phoneNumber", problem))
     if kind == "managed" and (settings.phone_number or settings.opening_message):
         named = "phoneNumber" if settings.phone_number else "openingMessage"
@@ -145,13 +151,13 @@ def check_settings(settings: AgentSettings, *, kind: str) -> None:
     if len(kinds) != len(set(kinds)):
         problems.append(FieldProblem("tools", "a built-in tool is listed twice"))
     texts = {
-        "inactivityWarningMessage": settings.inactivity_warning_message,
-        "closingMessage": settings.closing_message,
-        "helpMessage": settings.help_message,
-        "openingMessage": settings.opening_message,
+        "inactivityWarningMessage": "inactivity_warning_message",
+        "closingMessage": "closing_message",
+        "helpMessage": "help_message",
+        "openingMessage": "opening_message",
     }
-    for name, text in texts.items():
-        if text is not None and (problem := sms_text_problem(text)):
+    for name, field in texts.items():
+        if (text := new(field)) is not None and (problem := sms_text_problem(text)):
             problems.append(FieldProblem(name, problem))
     if problems:
         raise ValidationFailed.of(problems)
