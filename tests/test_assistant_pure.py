@@ -47,7 +47,7 @@ def test_replies_are_cut_at_a_word_boundary(text: str, limit: int, expected: str
         ("Tuesday works. <think>they might also", "Tuesday works."),
         ("<think>a</think>Hi <think>b</think>there", "Hi there"),
         ("Tue\x00sday at 9?\x07", "Tuesday at 9?"),  # control characters: carriers refuse or mangle them
-        ("\x1b[1mBold\x1b[0m", "[1mBold[0m"),
+        ("\x1b[1mBold\x1b[0m text", "Bold text"),  # a terminal's escape sequences go whole
         ("Line one\nline two", "Line one\nline two"),
         ("\u200b\ufeff", ""),  # nothing visible: no reply
     ],

@@ -27,6 +27,7 @@ from app.providers.simulator import SimulatorProvider
 from tests.assistant_support import (
     CUSTOMER,
     OURS,
+    VARIABLES,
     make_agent,
     open_conversation,
     replies,
@@ -383,6 +384,20 @@ async def test_help_is_answered_with_the_agents_help_message_without_the_model(h
     llm.reply("Sure, what do you need?")
     await text_in(h, "I have a question")
     assert await eventually(lambda: replies(h, conversation_id)) == ["Sure, what do you need?"]
+
+
+async def test_a_help_answer_is_sent_without_control_characters_and_never_blank(h: Harness) -> None:
+    """A conversation's variables rendered into the agent's HELP text (or a text an earlier version stored) sent a
+    NUL or an escape sequence, which carriers refuse or mangle; one with nothing visible left sends the default."""
+    agent = await make_agent(h, helpMessage="{{dealershipName}} recall texts.")
+    await open_conversation(h, agent, dynamicVariables={**VARIABLES, "dealershipName": "PAM\x00 Motors\x1b[0m"})
+    await text_in(h, "HELP")
+    assert await eventually(lambda: system_texts(h)) == ["PAM Motors recall texts."]
+    blank = await make_agent(h, helpMessage="{{dealershipName}}")
+    await open_conversation(h, blank, dynamicVariables={**VARIABLES, "dealershipName": "\u200b\x07"})
+    await text_in(h, "HELP")
+    await eventually(lambda: len(system_texts(h)) == 2)
+    assert system_texts(h)[-1] == DEFAULT_HELP
 
 
 async def test_help_for_a_managed_agent_and_the_default_without_a_help_message(h: Harness) -> None:

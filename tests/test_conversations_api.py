@@ -372,6 +372,8 @@ async def test_an_operator_message_that_shows_nothing_or_holds_a_control_charact
     assert harness.rows("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 1
     fine = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "Tab\there,\r\nlines\f€"})
     assert fine.status_code == 201
+    drawn = await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "\u06dd"})  # end of ayah
+    assert drawn.status_code == 201
 
 
 @pytest.mark.parametrize("field", ["openingMessage", "helpMessage", "closingMessage", "inactivityWarningMessage"])

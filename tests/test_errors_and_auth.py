@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openapi_spec_validator import validate
 
 from app.api.edge import Edge
 from app.clock import SystemClock
@@ -485,7 +486,9 @@ async def test_openapi_marks_keyed_routes_and_leaves_health_open(harness: Harnes
 async def test_openapi_documents_the_replay_header_and_each_routes_own_conflicts(harness: Harness) -> None:
     """The create's 201 said Litestar's "Document created, URL follows" with no headers, and every 409 listed the
     create's conflicts (the operator message's `conversation_closed` only among them)."""
-    paths = (await harness.client.get("/schema/openapi.json")).json()["paths"]
+    document = (await harness.client.get("/schema/openapi.json")).json()
+    validate(document)  # a header without a schema made the whole document invalid
+    paths = document["paths"]
     created = paths["/v1/sms-conversations"]["post"]["responses"]
     assert "Idempotent-Replayed" in created["201"]["headers"]
     assert "URL follows" not in created["201"]["description"]

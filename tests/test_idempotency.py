@@ -7,6 +7,9 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import msgspec
+
+from app.domain.conversations import CreateConversation, request_hash
 from tests.conftest import Harness, start_harness
 from tests.seed import SEED_CREATE
 
@@ -130,3 +133,27 @@ async def test_two_idempotency_key_headers_are_400_and_nothing_is_created(harnes
     assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 0
     same_twice = [*harness.auth().items(), ("Idempotency-Key", "dup-a"), ("Idempotency-Key", "dup-a")]
     assert (await harness.client.post("/v1/sms-conversations", json=SEED_CREATE, headers=same_twice)).status_code == 400
+
+
+async def test_a_retry_an_earlier_version_accepted_replays_though_a_rule_added_since_refuses_its_body(
+    harness: Harness,
+) -> None:
+    """Across an upgrade, a retried create whose SMS went out answered 400 (its welcome has a BEL, its number is
+    missing its area code) instead of replaying its 201: the client, told it failed, could send it again."""
+    assert (await harness.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "old"})).status_code == 201
+    old_body = {**SEED_CREATE, "welcomeMessage": "Hi\x07", "toNumber": "+15550001"}
+    digest = request_hash(msgspec.json.decode(msgspec.json.encode(old_body), type=CreateConversation))
+    conn = sqlite3.connect(harness.settings.database)
+    with conn:  # as the earlier version stored it, which took that body
+        conn.execute("UPDATE idempotency_keys SET request_hash = ? WHERE key = 'old'", (digest,))
+    conn.close()
+    replay = await harness.post("/v1/sms-conversations", old_body, **{"Idempotency-Key": "old"})
+    assert (replay.status_code, replay.headers.get("idempotent-replayed")) == (201, "true"), replay.text
+    fresh = await harness.post("/v1/sms-conversations", old_body, **{"Idempotency-Key": "new"})
+    assert fresh.status_code == 400
+    assert {d["field"] for d in fresh.json()["error"]["details"]} == {"toNumber"}
+    welcome_only = await harness.post(
+        "/v1/sms-conversations", {**old_body, "toNumber": "+15555550111"}, **{"Idempotency-Key": "new"}
+    )
+    assert [d["field"] for d in welcome_only.json()["error"]["details"]] == ["welcomeMessage"]
+    assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 1

@@ -11,7 +11,7 @@ import pytest
 
 from app.clock import FakeClock, SystemClock
 from app.domain import inactivity, messaging
-from app.providers.base import ProviderRejected, SendAccepted, SendRequest
+from app.providers.base import ProviderRejected, SendAccepted, SendRequest, StatusReport
 from app.providers.simulator import SimulatorProvider
 from app.store import conversations as store
 from app.store.db import connect_sync, write_sync
@@ -392,11 +392,14 @@ class HoldingTexts(SimulatorProvider):
         super().__init__()
         self.holding = {text: asyncio.Event() for text in texts}
         self.release = {text: asyncio.Event() for text in texts}
+        self.refuse: set[str] = set()  # released texts the carrier then refuses
 
     async def send(self, request: SendRequest) -> SendAccepted:
         if request.body in self.holding:
             self.holding[request.body].set()
             await self.release[request.body].wait()
+        if request.body in self.refuse:
+            raise ProviderRejected("30007", "Message filtered by the carrier")
         return await super().send(request)
 
 
@@ -452,3 +455,71 @@ async def test_a_close_due_while_a_message_is_on_its_way_waits_for_its_outcome(
         closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
         assert closed["end_reason"] == "inactivity_timeout"
         assert [m[1] for m in messages(h, conversation_id)][-1] == CLOSING
+
+
+async def test_a_closing_message_an_earlier_version_stored_is_sent_without_its_control_characters(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Stored before the text rules (which now refuse it when written), it was sent with its NUL."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    async with start_harness(tmp_path, clock=clock) as h:
+        conversation_id = await open_conversation(h, agent)
+        conn = sqlite3.connect(h.settings.database)
+        with conn:
+            conn.execute("UPDATE agents SET config = json_set(config, '$.closingMessage', ?)", ("Bye\x00 now",))
+        conn.close()
+        await advance(h, clock, 3600)
+        await eventually(lambda: conversation(h, conversation_id)["status"] == "closed")
+        assert messages(h, conversation_id)[-1][:2] == ("system", "Bye now")
+
+
+async def test_a_message_sent_after_the_closing_message_and_then_refused_lets_the_close_finish(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The close's run returned early while that message was on its way, and its job was deleted: refused (which
+    re-arms nothing), it left the conversation open with no timer at all, for good."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    provider = HoldingTexts(CLOSING, "Operator here")
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id = await open_conversation(h, agent)
+        await clock.advance(3600)
+        await eventually(provider.holding[CLOSING].is_set)
+        operator = asyncio.create_task(
+            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
+        )
+        await eventually(provider.holding["Operator here"].is_set)
+        provider.release[CLOSING].set()
+        await eventually(lambda: messages(h, conversation_id)[1][2] != "queued" or None)
+        for _ in range(3):  # the mark's own runs, while the operator's message is still on its way
+            await advance(h, clock, inactivity.SENDING_RECHECK_MS / 1000)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        assert h.rows("SELECT 1 FROM jobs WHERE kind = 'inactivity' AND ref = ?", conversation_id)
+        provider.refuse.add("Operator here")
+        provider.release["Operator here"].set()
+        assert (await operator).status_code == 502
+        await advance(h, clock, inactivity.SENDING_RECHECK_MS / 1000)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert [m[1] for m in messages(h, conversation_id)].count(CLOSING) == 1
+
+
+async def test_a_status_report_that_overtakes_a_sends_answer_is_activity(tmp_path: Path, clock: FakeClock) -> None:
+    """The provider took the message (its report says so) but its answer had not come: the close went ahead at the
+    deadline, as if nothing had been sent."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    provider = HoldingTexts("Operator here")
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id = await open_conversation(h, agent)
+        await clock.advance(3590)
+        operator = asyncio.create_task(
+            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
+        )
+        await eventually(provider.holding["Operator here"].is_set)
+        (row,) = h.rows("SELECT id FROM messages WHERE content = 'Operator here'")
+        report = StatusReport(provider_message_id="SM" + "b" * 32, provider_status="sent", message_id=row["id"])
+        assert await messaging.record_reports(h.ctx, [report]) == 1
+        await advance(h, clock, 30)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        assert [m[1] for m in messages(h, conversation_id)] == ["Hi! Reply any time.", "Operator here"]
+        provider.release["Operator here"].set()
+        await operator

@@ -110,6 +110,7 @@ def _with_slugs(request: Request, items: list[Conversation]) -> list[Conversatio
 IDEMPOTENT_REPLAYED = ResponseHeader(
     name="Idempotent-Replayed",
     documentation_only=True,
+    value="true",  # gives the header its schema (a string) in the document
     description="`true` when this answer replays the first request with the same Idempotency-Key (its status and"
     " body, a 502 included); absent otherwise",
 )

@@ -20,6 +20,7 @@ from app.domain.events import EventScope
 from app.domain.inbound import InboundResult, InboundSms
 from app.domain.models import Conversation, Message
 from app.domain.templates import render
+from app.domain.types import sendable_text
 from app.store import agents as agents_store
 from app.store import conversations as store
 from app.store import events, opt_outs
@@ -158,7 +159,7 @@ def _help_text(conn: sqlite3.Connection, conversation: Conversation) -> str:
     agent = agents_store.by_id_any(conn, conversation.agent_id)
     if agent is not None and agent.settings.help_message:
         # Like other agent texts it may name the conversation's variables ({{dealershipName}}).
-        text = render(agent.settings.help_message, conversation.dynamic_variables).strip()
+        text = sendable_text(render(agent.settings.help_message, conversation.dynamic_variables)).strip()
         if text:
             return text
     return DEFAULT_HELP

@@ -34,9 +34,8 @@ from app.domain.types import (
     E164Number,
     Metadata,
     Reason,
-    SendableSms,
     Slug,
-    shows_nothing,
+    SmsBody,
     sms_text_problem,
     whole,
 )
@@ -60,7 +59,9 @@ class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     agent_slug: Slug | UnsetType | None = UNSET
     agent_id: Annotated[str, Meta(pattern=UUID_PATTERN)] | UnsetType | None = UNSET
     from_number: E164Number | None = None
-    welcome_message: SendableSms | None = None
+    # Its text rules are checked after an Idempotency-Key's replay (`check_agent_rules`): a retry that an earlier
+    # version accepted replays its outcome, whatever rules came since.
+    welcome_message: SmsBody | None = None
     dynamic_variables: DynamicVariables | None = {}
     metadata: Metadata | None = {}
     inactivity_timeout_seconds: Annotated[int, Meta(ge=60, le=2592000)] | None = None
@@ -145,8 +146,8 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
     if sender is None:
         raise ValidationFailed.field("fromNumber", "is required for this agent (it has no number of its own)")
     welcome = body.welcome_message
-    if welcome is not None and shows_nothing(welcome):
-        raise ValidationFailed.field("welcomeMessage", "must not be blank")
+    if welcome is not None and (problem := sms_text_problem(welcome)):
+        raise ValidationFailed.field("welcomeMessage", problem)
     if agent.kind == "managed" and welcome is None:
         raise ValidationFailed.field("welcomeMessage", "is required for managed agents")
     missing = [name for name in settings.required_variables if name not in body.dynamic_variables]
@@ -192,10 +193,14 @@ async def resolve_agent(ctx: Context, body: CreateConversation, org_id: str) -> 
     return agent
 
 
-def _replay_or_raise(row: sqlite3.Row, digest: str, now_ms: int) -> CreateOutcome | None:
+def _replay_or_raise(row: sqlite3.Row, digest: str, now_ms: int, *, same_only: bool = False) -> CreateOutcome | None:
+    """The stored outcome of the same request (409 while it runs); 422 for another body, None if nothing is held
+    (or, with `same_only`, if another body holds the key)."""
     if row is None or row["expires_at"] <= now_ms:
         return None
     if row["request_hash"] != digest:
+        if same_only:
+            return None
         raise IdempotencyKeyReused()
     if row["state"] == "running":
         raise Conflict("idempotency_in_progress", "A request with this Idempotency-Key is still running.")
@@ -310,13 +315,18 @@ async def create(
     idempotency_key: str | None = None,
 ) -> tuple[CreateOutcome, bool]:
     """Create a conversation and send its opening SMS; return (outcome, replayed)."""
-    # The body's own rules first: a body no create accepts is a 400 whatever its key (not a 422 "reused").
-    check_fields(body)
     digest = request_hash(body) if idempotency_key else ""
     if idempotency_key:
         row = ctx.db.read_now(lambda c: idempotency.get(c, org_id, idempotency_key))
-        if (replayed := _replay_or_raise(row, digest, ctx.clock.now_ms())) is not None:
+        now = ctx.clock.now_ms()
+        # The same request again: its outcome, even if a rule added since (an upgrade) would refuse its body now.
+        if (replayed := _replay_or_raise(row, digest, now, same_only=True)) is not None:
             return replayed, True
+        # Another body: its own rules first (a body no create accepts is a 400, not a 422 "reused").
+        check_fields(body)
+        _replay_or_raise(row, digest, now)
+    else:
+        check_fields(body)
     agent = await resolve_agent(ctx, body, org_id)
     sender, opening = check_agent_rules(body, agent)
     now = ctx.clock.now_ms()

@@ -23,6 +23,7 @@ from app.domain import lifecycle, messaging
 from app.domain.context import Context
 from app.domain.lifecycle import InactivityTimer
 from app.domain.models import Conversation
+from app.domain.types import sendable_text
 from app.store import agents, jobs, opt_outs
 from app.store import conversations as store
 from app.store.jobs import Job
@@ -73,7 +74,7 @@ async def run(ctx: Context, job: Job) -> int | None:
 def _system_text(conn: sqlite3.Connection, conversation: Conversation, text_of: str) -> str | None:
     """The agent's warning or closing text, unless it has none or the customer opted out of this number."""
     agent = agents.by_id_any(conn, conversation.agent_id)
-    text = getattr(agent.settings, text_of) if agent is not None else None
+    text = sendable_text(getattr(agent.settings, text_of) or "") if agent is not None else None
     if text and opt_outs.contains(conn, conversation.org_id, conversation.from_number, conversation.to_number):
         log.info("inactivity %s not sent: the recipient opted out", text_of)
         return None
@@ -128,11 +129,15 @@ async def _finish_close(ctx: Context, conversation_id: str, closing_id: str) -> 
         if current is None:
             return
         payload = jobs.payload_of(conn, lifecycle.INACTIVITY_JOB, conversation_id)
-        if payload is None or _timer_decoder.decode(payload).closing != closing_id:  # written by us: readable
+        timer = _timer_decoder.decode(payload) if payload is not None else None  # written by us: readable
+        if timer is None or timer.closing != closing_id:
             return  # a message was sent or received while the closing message was on its way: a new quiet period
         closing = store.get_message(conn, closing_id)
         if closing is not None and closing.seq is not None and store.written_after(conn, conversation_id, closing.seq):
-            return  # one is on its way (its acceptance starts a new quiet period; the mark's run looks again)
+            # One went out after the closing message and is still on its way: taken, it starts a new quiet period;
+            # refused, the close goes ahead. Looked at again shortly, the mark kept (this may be the mark's own run).
+            lifecycle.schedule_inactivity(conn, conversation_id, timer, ctx.clock.now_ms() + SENDING_RECHECK_MS)
+            return
         _closed(ctx, conn, current)
 
     await ctx.db.write(finish)

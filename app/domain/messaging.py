@@ -446,8 +446,11 @@ def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str,
     store.update_message(conn, original.id, now_ms, **changes)
     if "provider_message_id" in changes and original.org_id is not None:
         # The report overtook the send's own answer: the provider took a message from this number, so its
-        # organization's claim on it is for good (as recording the send would make it).
+        # organization's claim on it is for good (as recording the send would make it), and it is activity now.
         sender_numbers.mark_sent(conn, original.from_number, original.org_id, now_ms)
+        current = store.get_open(conn, original.conversation_id) if original.conversation_id else None
+        if current is not None and original.author != "system":
+            lifecycle.note_activity(conn, current, now_ms)
     if original.conversation_id is not None:
         events.append_to_conversation(conn, "sms.message_delivery_updated", original.conversation_id, updates, now_ms)
     return len(updates)

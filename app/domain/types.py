@@ -57,8 +57,10 @@ SendableSms = Annotated[
 ]
 
 
-# Letters and symbols that are drawn blank (Hangul fillers, the blank Braille pattern).
+# Letters and symbols that are drawn blank (Hangul fillers, the blank Braille pattern), and format characters
+# that are drawn (the prepended concatenation marks: the Arabic number sign, end of ayah and the like).
 _BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_DRAWN = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd")
 _INVISIBLE = frozenset({"Cc", "Cf", "Mn", "Me"})  # controls, format characters, marks with nothing to mark
 
 
@@ -66,7 +68,23 @@ def shows_nothing(text: str) -> bool:
     """Whether an SMS of `text` would show nothing: only spaces, line breaks, invisible format characters (a
     zero-width space or joiner, a byte-order mark), marks or variation selectors with no character to apply to,
     and characters drawn blank."""
-    return all(char.isspace() or char in _BLANK or unicodedata.category(char) in _INVISIBLE for char in text)
+    return all(
+        char.isspace() or char in _BLANK or (unicodedata.category(char) in _INVISIBLE and char not in _DRAWN)
+        for char in text
+    )
+
+
+# A terminal's escape sequence (colours, cursor moves), as a model or a template's value may carry one.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def sendable_text(text: str) -> str:
+    """A text Parley sends without having checked it as input (a model's reply; an agent's text rendered with a
+    conversation's variables, or stored by an earlier version): its terminal escape sequences and its control
+    characters other than a tab, a line break or a form feed removed (carriers refuse or mangle them), "" when
+    nothing visible is left."""
+    text = SMS_CONTROL_CHARACTER.sub("", _ANSI_ESCAPE.sub("", text))
+    return "" if shows_nothing(text) else text
 
 
 def sms_text_problem(text: str) -> str | None:

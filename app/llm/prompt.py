@@ -11,7 +11,7 @@ from app.domain import compliance
 from app.domain.agents import AgentSettings
 from app.domain.models import Message
 from app.domain.templates import render
-from app.domain.types import SMS_CONTROL_CHARACTER, shows_nothing
+from app.domain.types import sendable_text
 from app.store.tool_calls import ToolCall
 
 OPENING_INSTRUCTION = (
@@ -161,8 +161,7 @@ def clean_reply(text: str | None) -> str:
         text = text[closing.end() :]
     if (opening := _OPEN.search(text)) is not None:
         text = text[: opening.start()]
-    text = SMS_CONTROL_CHARACTER.sub("", text)  # a NUL or an escape sequence: carriers refuse or mangle them
-    return "" if shows_nothing(text) else text.strip()
+    return sendable_text(text).strip()
 
 
 def cut_reply(text: str, limit: int) -> str:

@@ -323,10 +323,10 @@ def sending(conn: sqlite3.Connection, conversation_id: str, since_ms: int) -> bo
 
 def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
     """Whether a message was sent, is on its way, or was received after message `seq` (one the provider refused
-    was neither)."""
+    was neither), other than Parley's own (`author: system`)."""
     row = conn.execute(
         f"SELECT 1 FROM messages WHERE conversation_pos = {CONVERSATION_POS} AND seq > ?"
-        " AND status != 'failed' LIMIT 1",
+        " AND status != 'failed' AND author != 'system' LIMIT 1",
         (conversation_id, seq),
     ).fetchone()
     return row is not None
