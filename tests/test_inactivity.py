@@ -403,23 +403,32 @@ class HoldingTexts(SimulatorProvider):
         return await super().send(request)
 
 
+async def closing_message_taken_before_the_operators(
+    h: Harness, clock: FakeClock, provider: HoldingTexts
+) -> tuple[str, asyncio.Task[Any]]:
+    """A quiet conversation whose closing message is at the provider when an operator's message goes out; the
+    closing message is then taken, the operator's still held. Returns the conversation and the operator's request."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    conversation_id = await open_conversation(h, agent)
+    await clock.advance(3600)
+    await eventually(provider.holding[CLOSING].is_set)
+    operator = asyncio.create_task(
+        h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
+    )
+    await eventually(provider.holding["Operator here"].is_set)
+    provider.release[CLOSING].set()
+    await eventually(lambda: messages(h, conversation_id)[1][2] != "queued" or None)
+    return conversation_id, operator
+
+
 async def test_a_message_whose_send_outlasts_the_closing_messages_keeps_the_conversation_open(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     """Persisted while the closing message was at the provider but taken after it: the close went ahead (only the
     acceptance counted as activity), and the customer's answer to that message met a closed conversation."""
-    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
     provider = HoldingTexts(CLOSING, "Operator here")
     async with start_harness(tmp_path, clock=clock, provider=provider) as h:
-        conversation_id = await open_conversation(h, agent)
-        await clock.advance(3600)
-        await eventually(provider.holding[CLOSING].is_set)
-        operator = asyncio.create_task(
-            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
-        )
-        await eventually(provider.holding["Operator here"].is_set)
-        provider.release[CLOSING].set()
-        await eventually(lambda: messages(h, conversation_id)[1][2] != "queued" or None)
+        conversation_id, operator = await closing_message_taken_before_the_operators(h, clock, provider)
         await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE lease_until IS NOT NULL AND kind = 'inactivity'"))
         assert conversation(h, conversation_id)["status"] == "in_progress"
         provider.release["Operator here"].set()
@@ -431,19 +440,27 @@ async def test_a_message_whose_send_outlasts_the_closing_messages_keeps_the_conv
         assert closed["end_reason"] == "inactivity_timeout"
 
 
+async def operator_message_held_at_the_deadline(
+    h: Harness, clock: FakeClock, provider: HoldingTexts
+) -> tuple[str, asyncio.Task[Any]]:
+    """A conversation whose operator message, sent 10 s before its close is due, is held at the provider."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    conversation_id = await open_conversation(h, agent)
+    await clock.advance(3590)
+    operator = asyncio.create_task(
+        h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
+    )
+    await eventually(provider.holding["Operator here"].is_set)
+    return conversation_id, operator
+
+
 async def test_a_close_due_while_a_message_is_on_its_way_waits_for_its_outcome(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     """Taken after the deadline, it is activity: no closing message in the meantime, a new quiet period after."""
-    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
     provider = HoldingTexts("Operator here")
     async with start_harness(tmp_path, clock=clock, provider=provider) as h:
-        conversation_id = await open_conversation(h, agent)
-        await clock.advance(3590)
-        operator = asyncio.create_task(
-            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
-        )
-        await eventually(provider.holding["Operator here"].is_set)
+        conversation_id, operator = await operator_message_held_at_the_deadline(h, clock, provider)
         await advance(h, clock, 10 + inactivity.SENDING_RECHECK_MS / 1000 * 3)
         assert conversation(h, conversation_id)["status"] == "in_progress"
         assert [m[1] for m in messages(h, conversation_id)] == ["Hi! Reply any time.", "Operator here"]
@@ -478,18 +495,9 @@ async def test_a_message_sent_after_the_closing_message_and_then_refused_lets_th
 ) -> None:
     """The close's run returned early while that message was on its way, and its job was deleted: refused (which
     re-arms nothing), it left the conversation open with no timer at all, for good."""
-    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
     provider = HoldingTexts(CLOSING, "Operator here")
     async with start_harness(tmp_path, clock=clock, provider=provider) as h:
-        conversation_id = await open_conversation(h, agent)
-        await clock.advance(3600)
-        await eventually(provider.holding[CLOSING].is_set)
-        operator = asyncio.create_task(
-            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
-        )
-        await eventually(provider.holding["Operator here"].is_set)
-        provider.release[CLOSING].set()
-        await eventually(lambda: messages(h, conversation_id)[1][2] != "queued" or None)
+        conversation_id, operator = await closing_message_taken_before_the_operators(h, clock, provider)
         for _ in range(3):  # the mark's own runs, while the operator's message is still on its way
             await advance(h, clock, inactivity.SENDING_RECHECK_MS / 1000)
         assert conversation(h, conversation_id)["status"] == "in_progress"
@@ -506,15 +514,9 @@ async def test_a_message_sent_after_the_closing_message_and_then_refused_lets_th
 async def test_a_status_report_that_overtakes_a_sends_answer_is_activity(tmp_path: Path, clock: FakeClock) -> None:
     """The provider took the message (its report says so) but its answer had not come: the close went ahead at the
     deadline, as if nothing had been sent."""
-    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
     provider = HoldingTexts("Operator here")
     async with start_harness(tmp_path, clock=clock, provider=provider) as h:
-        conversation_id = await open_conversation(h, agent)
-        await clock.advance(3590)
-        operator = asyncio.create_task(
-            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Operator here"})
-        )
-        await eventually(provider.holding["Operator here"].is_set)
+        conversation_id, operator = await operator_message_held_at_the_deadline(h, clock, provider)
         (row,) = h.rows("SELECT id FROM messages WHERE content = 'Operator here'")
         report = StatusReport(provider_message_id="SM" + "b" * 32, provider_status="sent", message_id=row["id"])
         assert await messaging.record_reports(h.ctx, [report]) == 1

@@ -310,36 +310,31 @@ def messages_of(conn: sqlite3.Connection, conversation_id: str, *, after_seq: in
     return [message_from_row(row) for row in rows]
 
 
+def _has_message(conn: sqlite3.Connection, conversation_id: str, condition: str, *params: object) -> bool:
+    """Whether a message of the conversation meets `condition` (SQL on `messages`, with `params`)."""
+    row = conn.execute(
+        f"SELECT 1 FROM messages WHERE conversation_pos = {CONVERSATION_POS} AND {condition} LIMIT 1",
+        (conversation_id, *params),
+    ).fetchone()
+    return row is not None
+
+
 def sending(conn: sqlite3.Connection, conversation_id: str, since_ms: int) -> bool:
     """Whether an outbound message of the conversation persisted since `since_ms` is on its way to the provider
     (no answer yet)."""
-    row = conn.execute(
-        f"SELECT 1 FROM messages WHERE conversation_pos = {CONVERSATION_POS} AND direction = 'outbound'"
-        " AND status = 'queued' AND provider_message_id IS NULL AND created_at > ? LIMIT 1",
-        (conversation_id, since_ms),
-    ).fetchone()
-    return row is not None
+    condition = "direction = 'outbound' AND status = 'queued' AND provider_message_id IS NULL AND created_at > ?"
+    return _has_message(conn, conversation_id, condition, since_ms)
 
 
 def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
     """Whether a message was sent, is on its way, or was received after message `seq` (one the provider refused
     was neither), other than Parley's own (`author: system`)."""
-    row = conn.execute(
-        f"SELECT 1 FROM messages WHERE conversation_pos = {CONVERSATION_POS} AND seq > ?"
-        " AND status != 'failed' AND author != 'system' LIMIT 1",
-        (conversation_id, seq),
-    ).fetchone()
-    return row is not None
+    return _has_message(conn, conversation_id, "seq > ? AND status != 'failed' AND author != 'system'", seq)
 
 
 def operator_wrote_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
     """Whether a person (an operator message) wrote in the conversation after message `seq`."""
-    row = conn.execute(
-        f"SELECT 1 FROM messages WHERE conversation_pos = {CONVERSATION_POS} AND seq > ?"
-        " AND direction = 'outbound' AND author = 'operator' LIMIT 1",
-        (conversation_id, seq),
-    ).fetchone()
-    return row is not None
+    return _has_message(conn, conversation_id, "seq > ? AND direction = 'outbound' AND author = 'operator'", seq)
 
 
 def set_provider_id(
