@@ -48,6 +48,7 @@ def test_replies_are_cut_at_a_word_boundary(text: str, limit: int, expected: str
         ("<think>a</think>Hi <think>b</think>there", "Hi there"),
         ("Tue\x00sday at 9?\x07", "Tuesday at 9?"),  # control characters: carriers refuse or mangle them
         ("\x1b[1mBold\x1b[0m text", "Bold text"),  # a terminal's escape sequences go whole
+        ("\x1b]0;title\x07Hi \x1b(Bthere\x1b]8;;https://x.test\x1b\\link", "Hi therelink"),
         ("Line one\nline two", "Line one\nline two"),
         ("\u200b\ufeff", ""),  # nothing visible: no reply
     ],

@@ -398,6 +398,12 @@ async def test_a_help_answer_is_sent_without_control_characters_and_never_blank(
     await text_in(h, "HELP")
     await eventually(lambda: len(system_texts(h)) == 2)
     assert system_texts(h)[-1] == DEFAULT_HELP
+    # Rendered past 1600 characters (a provider refuses it): the default answer, not no answer.
+    long = await make_agent(h, helpMessage="{{dealershipName}} {{dealershipName}}")
+    await open_conversation(h, long, dynamicVariables={**VARIABLES, "dealershipName": "x" * 1000})
+    await text_in(h, "HELP")
+    await eventually(lambda: len(system_texts(h)) == 3)
+    assert system_texts(h)[-1] == DEFAULT_HELP
 
 
 async def test_help_for_a_managed_agent_and_the_default_without_a_help_message(h: Harness) -> None:

@@ -151,9 +151,14 @@ async def test_a_retry_an_earlier_version_accepted_replays_though_a_rule_added_s
     assert (replay.status_code, replay.headers.get("idempotent-replayed")) == (201, "true"), replay.text
     fresh = await harness.post("/v1/sms-conversations", old_body, **{"Idempotency-Key": "new"})
     assert fresh.status_code == 400
-    assert {d["field"] for d in fresh.json()["error"]["details"]} == {"toNumber"}
+    assert {d["field"] for d in fresh.json()["error"]["details"]} == {"toNumber", "welcomeMessage"}
     welcome_only = await harness.post(
         "/v1/sms-conversations", {**old_body, "toNumber": "+15555550111"}, **{"Idempotency-Key": "new"}
     )
     assert [d["field"] for d in welcome_only.json()["error"]["details"]] == ["welcomeMessage"]
+    # Another body under the used key: its own rules first (it answered 422 "reused" for the welcome's BEL).
+    other = await harness.post(
+        "/v1/sms-conversations", {**old_body, "toNumber": "+15555550111"}, **{"Idempotency-Key": "old"}
+    )
+    assert (other.status_code, [d["field"] for d in other.json()["error"]["details"]]) == (400, ["welcomeMessage"])
     assert harness.rows("SELECT COUNT(*) FROM conversations")[0][0] == 1

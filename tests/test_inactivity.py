@@ -376,6 +376,7 @@ async def test_a_close_cut_off_after_its_closing_message_is_finished_without_sen
         # The server stops here, the closing message still at the provider (never released).
     async with start_harness(tmp_path, clock=clock) as h:
         h.keys["acme"] = key
+        await eventually(lambda: not h.ctx.recovering)  # start-up has settled the closing message the stop cut off
         await advance(h, clock, inactivity.FINISH_CLOSE_AFTER_MS / 1000)
         closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
         assert closed["end_reason"] == "inactivity_timeout"
@@ -525,3 +526,21 @@ async def test_a_status_report_that_overtakes_a_sends_answer_is_activity(tmp_pat
         assert [m[1] for m in messages(h, conversation_id)] == ["Hi! Reply any time.", "Operator here"]
         provider.release["Operator here"].set()
         await operator
+
+
+async def test_a_close_waits_while_start_up_is_still_settling_a_message_of_the_conversation(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """After a longer outage the timer ran before start-up recovery had asked the provider about a message a crash
+    cut off: the conversation closed at once, though the provider had taken that message within the timeout."""
+    agent = {key: value for key, value in AGENT.items() if not key.startswith("inactivityWarning")}
+    async with start_harness(tmp_path, clock=clock) as h:
+        conversation_id = await open_conversation(h, agent)
+        h.ctx.recovering.add(conversation_id)  # as start-up leaves it while it asks about a cut-off send
+        await advance(h, clock, 3600 + 3 * inactivity.SENDING_RECHECK_MS / 1000)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        assert len(messages(h, conversation_id)) == 1
+        h.ctx.recovering.discard(conversation_id)
+        await advance(h, clock, inactivity.SENDING_RECHECK_MS / 1000)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"

@@ -20,7 +20,7 @@ from app.domain.events import EventScope
 from app.domain.inbound import InboundResult, InboundSms
 from app.domain.models import Conversation, Message
 from app.domain.templates import render
-from app.domain.types import sendable_text
+from app.domain.types import MAX_SMS_CHARS, sendable_text
 from app.store import agents as agents_store
 from app.store import conversations as store
 from app.store import events, opt_outs
@@ -160,7 +160,7 @@ def _help_text(conn: sqlite3.Connection, conversation: Conversation) -> str:
     if agent is not None and agent.settings.help_message:
         # Like other agent texts it may name the conversation's variables ({{dealershipName}}).
         text = sendable_text(render(agent.settings.help_message, conversation.dynamic_variables)).strip()
-        if text:
+        if text and len(text) <= MAX_SMS_CHARS:  # rendered longer (long variables), a provider refuses it
             return text
     return DEFAULT_HELP
 

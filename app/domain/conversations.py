@@ -59,7 +59,7 @@ class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     agent_slug: Slug | UnsetType | None = UNSET
     agent_id: Annotated[str, Meta(pattern=UUID_PATTERN)] | UnsetType | None = UNSET
     from_number: E164Number | None = None
-    # Its text rules are checked after an Idempotency-Key's replay (`check_agent_rules`): a retry that an earlier
+    # Its text rules are checked after an Idempotency-Key's replay (`check_fields`): a retry that an earlier
     # version accepted replays its outcome, whatever rules came since.
     welcome_message: SmsBody | None = None
     dynamic_variables: DynamicVariables | None = {}
@@ -129,8 +129,11 @@ def field_problems(agent_slug: object, agent_id: object, to_number: object, from
 
 
 def check_fields(body: CreateConversation) -> None:
-    """Every problem of a decoded body at once."""
-    if problems := field_problems(body.agent_slug, body.agent_id, body.to_number, body.from_number):
+    """Every problem of a decoded body at once (the rules a type cannot express that need no agent)."""
+    problems = field_problems(body.agent_slug, body.agent_id, body.to_number, body.from_number)
+    if body.welcome_message is not None and (problem := sms_text_problem(body.welcome_message)):
+        problems.append(FieldProblem("welcomeMessage", problem))
+    if problems:
         raise ValidationFailed.of(problems)
 
 
@@ -146,8 +149,6 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
     if sender is None:
         raise ValidationFailed.field("fromNumber", "is required for this agent (it has no number of its own)")
     welcome = body.welcome_message
-    if welcome is not None and (problem := sms_text_problem(welcome)):
-        raise ValidationFailed.field("welcomeMessage", problem)
     if agent.kind == "managed" and welcome is None:
         raise ValidationFailed.field("welcomeMessage", "is required for managed agents")
     missing = [name for name in settings.required_variables if name not in body.dynamic_variables]

@@ -57,6 +57,9 @@ async def run(ctx: Context, job: Job) -> int | None:
     conversation = await ctx.db.read(lambda c: store.get(c, job.ref))
     if conversation is None or conversation.status != "in_progress":
         return None
+    if conversation.id in ctx.recovering:
+        # Start-up is still asking the provider about a message a stop or crash cut off: taken, it was activity.
+        return ctx.clock.now_ms() + SENDING_RECHECK_MS
     timer = _timer(job, conversation)
     now = ctx.clock.now_ms()
     if timer.closing is not None:  # a close cut off after its closing message was persisted

@@ -74,8 +74,10 @@ def shows_nothing(text: str) -> bool:
     )
 
 
-# A terminal's escape sequence (colours, cursor moves), as a model or a template's value may carry one.
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# A terminal's escape sequence, as a model or a template's value may carry one: a control sequence (colours,
+# cursor moves), an operating-system command (a window title, a link) ended by BEL or ST, or a short one such as a
+# character-set switch.
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])")
 
 
 def sendable_text(text: str) -> str:
