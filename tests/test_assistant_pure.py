@@ -49,6 +49,10 @@ def test_replies_are_cut_at_a_word_boundary(text: str, limit: int, expected: str
         ("Tue\x00sday at 9?\x07", "Tuesday at 9?"),  # control characters: carriers refuse or mangle them
         ("\x1b[1mBold\x1b[0m text", "Bold text"),  # a terminal's escape sequences go whole
         ("\x1b]0;title\x07Hi \x1b(Bthere\x1b]8;;https://x.test\x1b\\link", "Hi therelink"),
+        # A stray escape character goes alone: the text after it stays.
+        ("Call \x1b555-0100", "Call 555-0100"),
+        ("Price\x1b $5.00", "Price $5.00"),
+        ("Booked!\x1b] You are on Tuesday", "Booked!] You are on Tuesday"),
         ("Line one\nline two", "Line one\nline two"),
         ("\u200b\ufeff", ""),  # nothing visible: no reply
     ],

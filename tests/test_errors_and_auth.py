@@ -401,6 +401,25 @@ async def test_a_cursor_in_a_form_this_api_never_writes_is_400(harness: Harness,
         assert error["error"]["details"][0]["field"] == "cursor"
 
 
+async def test_a_blank_welcome_is_an_agent_kind_rule_after_the_404_and_the_missing_sender(harness: Harness) -> None:
+    """SPEC §3.1's order of checks: a blank welcomeMessage comes after agent resolution and `fromNumber` missing."""
+    unknown = {**SEED_CREATE, "agentSlug": None, "agentId": str(uuid.uuid4()), "welcomeMessage": "\u200b"}
+    assert_error(await harness.post("/v1/sms-conversations", unknown), 404, "not_found")
+    no_sender = {key: value for key, value in SEED_CREATE.items() if key != "fromNumber"}
+    error = assert_error(
+        await harness.post("/v1/sms-conversations", {**no_sender, "welcomeMessage": "  "}), 400, "validation_error"
+    )
+    assert [d["field"] for d in error["error"]["details"]] == ["fromNumber"]
+    # A control character is a field rule: before the 404, and named with a body's other problems.
+    control = assert_error(
+        await harness.post("/v1/sms-conversations", {**unknown, "welcomeMessage": "Hi\x07"}), 400, "validation_error"
+    )
+    assert [d["field"] for d in control["error"]["details"]] == ["welcomeMessage"]
+    undecodable = {**SEED_CREATE, "toNumber": 15555550199, "welcomeMessage": "Hi\x07"}
+    both = assert_error(await harness.post("/v1/sms-conversations", undecodable), 400, "validation_error")
+    assert {d["field"] for d in both["error"]["details"]} == {"toNumber", "welcomeMessage"}
+
+
 @pytest.mark.parametrize("limit", ["1e1", "1E1", "10.0", "5e0", " 5", "+5", "0x10", "５"])
 @pytest.mark.parametrize("path", ["/v1/sms-conversations", "/v1/events", "/v1/webhooks", "/v1/agents", "/v1/api-keys"])
 async def test_a_limit_that_is_not_plain_digits_is_400(harness: Harness, path: str, limit: str) -> None:

@@ -544,3 +544,20 @@ async def test_a_close_waits_while_start_up_is_still_settling_a_message_of_the_c
         await advance(h, clock, inactivity.SENDING_RECHECK_MS / 1000)
         closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
         assert closed["end_reason"] == "inactivity_timeout"
+
+
+async def test_a_message_stuck_on_its_way_after_the_closing_message_holds_the_close_ten_minutes_at_most(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A later message that never gets an answer (a bug, a failed recovery) kept the close looking again every 5 s
+    for good, after the customer had the closing message."""
+    provider = HoldingTexts(CLOSING, "Operator here")
+    async with start_harness(tmp_path, clock=clock, provider=provider) as h:
+        conversation_id, operator = await closing_message_taken_before_the_operators(h, clock, provider)
+        await advance(h, clock, inactivity.SENDING_RECHECK_MS / 1000)
+        assert conversation(h, conversation_id)["status"] == "in_progress"
+        await advance(h, clock, inactivity.SENDING_FOR_AT_MOST_MS / 1000)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        provider.release["Operator here"].set()
+        await operator

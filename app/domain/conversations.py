@@ -29,13 +29,17 @@ from app.domain.models import Conversation, Message
 from app.domain.phone import e164_problem
 from app.domain.templates import render
 from app.domain.types import (
+    BLANK_PROBLEM,
+    CONTROL_PROBLEM,
     MAX_SMS_CHARS,
+    SMS_CONTROL_CHARACTER,
     DynamicVariables,
     E164Number,
     Metadata,
     Reason,
     Slug,
     SmsBody,
+    shows_nothing,
     sms_text_problem,
     whole,
 )
@@ -114,9 +118,11 @@ def _given(value: object) -> bool:
     return value is not UNSET and value is not None
 
 
-def field_problems(agent_slug: object, agent_id: object, to_number: object, from_number: object) -> list[FieldProblem]:
+def field_problems(
+    agent_slug: object, agent_id: object, to_number: object, from_number: object, welcome: object
+) -> list[FieldProblem]:
     """The create's field rules a type cannot express, on decoded or raw values alike (a value of the wrong type
-    is left to its type's own problem)."""
+    is left to its type's own problem). A blank welcomeMessage is an agent-kind rule (SPEC §3.1: after the 404)."""
     problems: list[FieldProblem] = []
     if _given(agent_slug) == _given(agent_id):
         problems.append(FieldProblem("agentSlug", "give exactly one of agentSlug or agentId"))
@@ -125,21 +131,23 @@ def field_problems(agent_slug: object, agent_id: object, to_number: object, from
     for name, number in (("toNumber", to_number), ("fromNumber", from_number)):
         if isinstance(number, str) and (problem := e164_problem(number)):
             problems.append(FieldProblem(name, problem))
+    if isinstance(welcome, str) and SMS_CONTROL_CHARACTER.search(welcome):
+        problems.append(FieldProblem("welcomeMessage", CONTROL_PROBLEM))
     return problems
 
 
 def check_fields(body: CreateConversation) -> None:
     """Every problem of a decoded body at once (the rules a type cannot express that need no agent)."""
-    problems = field_problems(body.agent_slug, body.agent_id, body.to_number, body.from_number)
-    if body.welcome_message is not None and (problem := sms_text_problem(body.welcome_message)):
-        problems.append(FieldProblem("welcomeMessage", problem))
+    problems = field_problems(body.agent_slug, body.agent_id, body.to_number, body.from_number, body.welcome_message)
     if problems:
         raise ValidationFailed.of(problems)
 
 
 def raw_field_problems(raw: dict[str, Any]) -> list[FieldProblem]:
     """The same rules on a body that failed to decode, so that its 400 names these problems too."""
-    return field_problems(raw.get("agentSlug"), raw.get("agentId"), raw.get("toNumber"), raw.get("fromNumber"))
+    return field_problems(
+        raw.get("agentSlug"), raw.get("agentId"), raw.get("toNumber"), raw.get("fromNumber"), raw.get("welcomeMessage")
+    )
 
 
 def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str | None]:
@@ -149,6 +157,8 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
     if sender is None:
         raise ValidationFailed.field("fromNumber", "is required for this agent (it has no number of its own)")
     welcome = body.welcome_message
+    if welcome is not None and shows_nothing(welcome):
+        raise ValidationFailed.field("welcomeMessage", BLANK_PROBLEM)
     if agent.kind == "managed" and welcome is None:
         raise ValidationFailed.field("welcomeMessage", "is required for managed agents")
     missing = [name for name in settings.required_variables if name not in body.dynamic_variables]

@@ -135,11 +135,16 @@ async def _finish_close(ctx: Context, conversation_id: str, closing_id: str) -> 
         timer = _timer_decoder.decode(payload) if payload is not None else None  # written by us: readable
         if timer is None or timer.closing != closing_id:
             return  # a message was sent or received while the closing message was on its way: a new quiet period
-        closing = store.get_message(conn, closing_id)
-        if closing is not None and closing.seq is not None and store.written_after(conn, conversation_id, closing.seq):
+        closing, now = store.get_message(conn, closing_id), ctx.clock.now_ms()
+        since = now - SENDING_FOR_AT_MOST_MS
+        if (
+            closing is not None
+            and closing.seq is not None
+            and store.written_after(conn, conversation_id, closing.seq, since)
+        ):
             # One went out after the closing message and is still on its way: taken, it starts a new quiet period;
             # refused, the close goes ahead. Looked at again shortly, the mark kept (this may be the mark's own run).
-            lifecycle.schedule_inactivity(conn, conversation_id, timer, ctx.clock.now_ms() + SENDING_RECHECK_MS)
+            lifecycle.schedule_inactivity(conn, conversation_id, timer, now + SENDING_RECHECK_MS)
             return
         _closed(ctx, conn, current)
 

@@ -77,7 +77,7 @@ def shows_nothing(text: str) -> bool:
 # A terminal's escape sequence, as a model or a template's value may carry one: a control sequence (colours,
 # cursor moves), an operating-system command (a window title, a link) ended by BEL or ST, or a short one such as a
 # character-set switch.
-_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])")
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[()*+][0-~])")
 
 
 def sendable_text(text: str) -> str:
@@ -89,13 +89,17 @@ def sendable_text(text: str) -> str:
     return "" if shows_nothing(text) else text
 
 
+BLANK_PROBLEM = "must not be blank"
+CONTROL_PROBLEM = "must not contain control characters (tabs and line breaks are allowed)"
+
+
 def sms_text_problem(text: str) -> str | None:
     """Why `text`, written to be sent as an SMS, cannot be, or None (the rules of `SendableSms` and the blank
     check, for texts a type cannot check: stored ones are read without it)."""
     if shows_nothing(text):
-        return "must not be blank"
+        return BLANK_PROBLEM
     if SMS_CONTROL_CHARACTER.search(text):
-        return "must not contain control characters (tabs and line breaks are allowed)"
+        return CONTROL_PROBLEM
     return None
 
 

@@ -326,10 +326,14 @@ def sending(conn: sqlite3.Connection, conversation_id: str, since_ms: int) -> bo
     return _has_message(conn, conversation_id, condition, since_ms)
 
 
-def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
-    """Whether a message was sent, is on its way, or was received after message `seq` (one the provider refused
-    was neither), other than Parley's own (`author: system`)."""
-    return _has_message(conn, conversation_id, "seq > ? AND status != 'failed' AND author != 'system'", seq)
+def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int, since_ms: int) -> bool:
+    """Whether a message was sent, is on its way (persisted since `since_ms`), or was received after message `seq`
+    (one the provider refused was neither), other than Parley's own (`author: system`)."""
+    condition = (
+        "seq > ? AND status != 'failed' AND author != 'system'"
+        " AND NOT (status = 'queued' AND provider_message_id IS NULL AND created_at <= ?)"
+    )
+    return _has_message(conn, conversation_id, condition, seq, since_ms)
 
 
 def operator_wrote_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
