@@ -51,6 +51,8 @@ def test_replies_are_cut_at_a_word_boundary(text: str, limit: int, expected: str
         ("\x1b]0;title\x07Hi \x1b(Bthere\x1b]8;;https://x.test\x1b\\link", "Hi therelink"),
         # A stray escape character goes alone: the text after it stays.
         ("Call \x1b555-0100", "Call 555-0100"),
+        ("Call \x1b(555) 555-0100", "Call (555) 555-0100"),
+        ("\x1b[38;5;208mOrange\x1b[0m and \x1b(0lines\x1b(B", "Orange and lines"),
         ("Price\x1b $5.00", "Price $5.00"),
         ("Booked!\x1b] You are on Tuesday", "Booked!] You are on Tuesday"),
         ("Line one\nline two", "Line one\nline two"),

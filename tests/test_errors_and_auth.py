@@ -420,7 +420,7 @@ async def test_a_blank_welcome_is_an_agent_kind_rule_after_the_404_and_the_missi
     assert {d["field"] for d in both["error"]["details"]} == {"toNumber", "welcomeMessage"}
 
 
-@pytest.mark.parametrize("limit", ["1e1", "1E1", "10.0", "5e0", " 5", "+5", "0x10", "５"])
+@pytest.mark.parametrize("limit", ["1e1", "1E1", "10.0", "5e0", " 5", "+5", "0x10", "５", "05", "007"])
 @pytest.mark.parametrize("path", ["/v1/sms-conversations", "/v1/events", "/v1/webhooks", "/v1/agents", "/v1/api-keys"])
 async def test_a_limit_that_is_not_plain_digits_is_400(harness: Harness, path: str, limit: str) -> None:
     """`limit=1e1` was read as 10 (msgspec's lenient number reading): a page size is written as digits."""

@@ -203,9 +203,11 @@ async def _one_value_per_query_parameter(request: Request) -> None:
         names = [name for name, _ in request.query_params.multi_items()]
         if repeated := sorted({name for name in names if names.count(name) > 1}):
             raise ValidationFailed.of([FieldProblem(name, "is given more than once") for name in repeated])
-        # Litestar reads an int leniently (`1e1`, `10.0` as 10): a page size is written as digits.
+        # Litestar reads an int leniently (`1e1`, `10.0` as 10): a page size is written as digits, with no leading
+        # zero (`05` got msgspec's "Expected `int`, got `str`"; `0` itself is left to the 1-100 bound).
         limit = request.query_params.get("limit")
-        if limit is not None and not (limit.isascii() and limit.isdigit()) and _reads_limit(request):
+        written = limit is not None and limit.isascii() and limit.isdigit() and (limit == "0" or limit[0] != "0")
+        if limit is not None and not written and _reads_limit(request):
             raise ValidationFailed.of([FieldProblem("limit", "must be a whole number written in digits (1-100)")])
 
 

@@ -75,9 +75,10 @@ def shows_nothing(text: str) -> bool:
 
 
 # A terminal's escape sequence, as a model or a template's value may carry one: a control sequence (colours,
-# cursor moves), an operating-system command (a window title, a link) ended by BEL or ST, or a short one such as a
-# character-set switch.
-_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[()*+][0-~])")
+# cursor moves: digits and `;` then a letter), an operating-system command (a window title, a link) ended by BEL
+# or ST, or a switch to the ASCII or line-drawing character set. Narrow on purpose: after a stray ESC the text
+# stays (`\x1b(555) 555-0100`); what other escapes leave behind is visible, never text lost.
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[()][0B])")
 
 
 def sendable_text(text: str) -> str:
