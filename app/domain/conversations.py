@@ -63,8 +63,8 @@ class CreateConversation(msgspec.Struct, rename="camel", forbid_unknown_fields=T
     agent_slug: Slug | UnsetType | None = UNSET
     agent_id: Annotated[str, Meta(pattern=UUID_PATTERN)] | UnsetType | None = UNSET
     from_number: E164Number | None = None
-    # Its text rules are checked after an Idempotency-Key's replay (`check_fields`): a retry that an earlier
-    # version accepted replays its outcome, whatever rules came since.
+    # Its text rules are checked after an Idempotency-Key's replay (`check_fields`, `check_agent_rules`): a retry
+    # that an earlier version accepted replays its outcome, whatever rules came since.
     welcome_message: SmsBody | None = None
     dynamic_variables: DynamicVariables | None = {}
     metadata: Metadata | None = {}
@@ -333,7 +333,7 @@ async def create(
         # The same request again: its outcome, even if a rule added since (an upgrade) would refuse its body now.
         if (replayed := _replay_or_raise(row, digest, now, same_only=True)) is not None:
             return replayed, True
-        # Another body: its own rules first (a body no create accepts is a 400, not a 422 "reused").
+        # Another body: its field rules first (a body no create accepts is a 400, not a 422 "reused").
         check_fields(body)
         _replay_or_raise(row, digest, now)
     else:

@@ -10,6 +10,11 @@ send loses the nudge: start-up recovery never sends a message twice). The close 
 message and marks the timer `closing` in one transaction, sends it, then closes unless a message was sent or
 received meanwhile (that re-armed the timer without the mark: a new quiet period). A crash after the mark
 leaves a job due a minute later that finishes the close without sending anything again.
+
+A close due while a message of the conversation is on its way to the provider, or whose closing message was
+followed by one, looks again every 5 s until that send is taken (activity: a new quiet period) or refused, for 10
+minutes at most; every run waits the same way while start-up settles a message of the conversation a stop or
+crash cut off.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ async def _close(ctx: Context, job: Job, conversation: Conversation, deadline: i
             return None
         outgoing = messaging.queue_system(ctx, conn, current, text)
         timer = InactivityTimer(deadline=deadline, closing=outgoing.message.id)
-        lifecycle.schedule_inactivity(conn, current.id, timer, ctx.clock.now_ms() + FINISH_CLOSE_AFTER_MS)
+        lifecycle.schedule_inactivity(conn, current.id, timer, now + FINISH_CLOSE_AFTER_MS)
         return outgoing
 
     if (outgoing := await ctx.db.write(begin)) is not None:
