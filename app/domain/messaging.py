@@ -122,16 +122,22 @@ def record_accepted(
     final = status.advance(base, status.canonical(accepted.provider_status) or "queued")
     if final is None:
         return sent
-    step: dict[str, Any] = {"status": final}
-    if final == "delivered":
-        step["delivered_at"] = now_ms
-    if final in {"undelivered", "failed"} and accepted.error_code:
-        step["error_code"] = accepted.error_code
+    step = _status_step(final, accepted.error_code, now_ms)
     store.update_message(conn, message.id, now_ms, **step)
     changed = msgspec.structs.replace(sent, **step)
     data = message_data(changed, previousStatus=base, errorCode=changed.error_code)
     events.append(conn, "sms.message_delivery_updated", conversation.scope, data, now_ms)
     return changed
+
+
+def _status_step(new_status: str, error_code: str | None, now_ms: int) -> dict[str, Any]:
+    """The message's fields a move to `new_status` sets: when it was delivered, or a failure's error code."""
+    step: dict[str, Any] = {"status": new_status}
+    if new_status == "delivered":
+        step["delivered_at"] = now_ms
+    if new_status in {"undelivered", "failed"} and error_code:
+        step["error_code"] = error_code
+    return step
 
 
 def record_rejected(
@@ -426,16 +432,12 @@ def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str,
         )
         if message is None or new_status is None:
             continue
-        step: dict[str, Any] = {"status": new_status}
+        step = _status_step(new_status, report.error_code, now_ms)
         if message.provider_message_id is None:
             # The report overtook the send's own answer: the provider took the message by now.
             step["provider_message_id"] = report.provider_message_id
             if message.sent_at is None:
                 step["sent_at"] = now_ms
-        if new_status == "delivered":
-            step["delivered_at"] = now_ms
-        if new_status in {"undelivered", "failed"} and report.error_code:
-            step["error_code"] = report.error_code
         changed = msgspec.structs.replace(message, **step)
         updates.append(message_data(changed, previousStatus=message.status, errorCode=changed.error_code))
         changes.update(step)
