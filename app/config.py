@@ -152,6 +152,13 @@ def _schedule(name: str, raw: str) -> tuple[int, ...]:
     return steps
 
 
+def _choice(name: str, raw: str, choices: tuple[str, str]) -> str:
+    """One of two words, spaces around it ignored."""
+    if (value := raw.strip()) not in choices:
+        raise ConfigError(f"{name} must be {choices[0]} or {choices[1]}, got {raw!r}")
+    return value
+
+
 def _one_word(name: str, value: str | None) -> None:
     """A credential as an env file can mangle it (a trailing space or newline, quotes kept literally by Docker's
     --env-file or systemd's EnvironmentFile): refused, without showing it."""
@@ -219,9 +226,7 @@ def load_settings(
     if (raw := get("PARLEY_AGENTS_FILE")) is not None:
         kwargs["agents_file"] = raw
     if (raw := get("PARLEY_SMS_PROVIDER")) is not None:
-        if raw.strip() not in {"simulator", "twilio"}:
-            raise ConfigError(f"PARLEY_SMS_PROVIDER must be simulator or twilio, got {raw!r}")
-        kwargs["sms_provider"] = raw.strip()
+        kwargs["sms_provider"] = _choice("PARLEY_SMS_PROVIDER", raw, ("simulator", "twilio"))
     for name, field in (
         ("TWILIO_ACCOUNT_SID", "twilio_account_sid"),
         ("TWILIO_AUTH_TOKEN", "twilio_auth_token"),
@@ -252,9 +257,7 @@ def load_settings(
     if (raw := get("PARLEY_WEBHOOK_RETRY_SCHEDULE")) is not None:
         kwargs["webhook_retry_schedule"] = _schedule("PARLEY_WEBHOOK_RETRY_SCHEDULE", raw)
     if (raw := get("PARLEY_LOG_FORMAT")) is not None:
-        if raw.strip() not in {"json", "console"}:
-            raise ConfigError(f"PARLEY_LOG_FORMAT must be json or console, got {raw!r}")
-        kwargs["log_format"] = raw.strip()
+        kwargs["log_format"] = _choice("PARLEY_LOG_FORMAT", raw, ("json", "console"))
     if (raw := get("PARLEY_RATE_LIMIT")) is not None:
         kwargs["rate_limit"] = _number("PARLEY_RATE_LIMIT", raw, float, 0.001, 1_000_000)
     if (raw := get("PARLEY_STATUS_RECONCILE_AFTER_SECONDS")) is not None:

@@ -172,7 +172,7 @@ def create_app(
             *([SimulatorController] if settings.sms_provider == "simulator" else []),
         ],
         security=[{"bearer": []}],
-        before_request=_one_value_per_query_parameter,
+        before_request=_query_rules,
     )
     litestar_app = Litestar(
         route_handlers=[
@@ -197,8 +197,9 @@ def create_app(
     return edge
 
 
-async def _one_value_per_query_parameter(request: Request) -> None:
-    """`?type=a&type=b` is refused, not read as its last value (a client meaning "either" would get only one)."""
+async def _query_rules(request: Request) -> None:
+    """`?type=a&type=b` is refused, not read as its last value (a client meaning "either" would get only one); a
+    `limit` is written in digits."""
     if request.scope.get("query_string"):
         names = [name for name, _ in request.query_params.multi_items()]
         if repeated := sorted({name for name in names if names.count(name) > 1}):
@@ -206,9 +207,12 @@ async def _one_value_per_query_parameter(request: Request) -> None:
         # Litestar reads an int leniently (`1e1`, `10.0` as 10): a page size is written as digits, with no leading
         # zero (`05` got msgspec's "Expected `int`, got `str`"; `0` itself is left to the 1-100 bound).
         limit = request.query_params.get("limit")
-        written = limit is not None and limit.isascii() and limit.isdigit() and (limit == "0" or limit[0] != "0")
-        if limit is not None and not written and _reads_limit(request):
+        if limit is not None and not _digits(limit) and _reads_limit(request):
             raise ValidationFailed.of([FieldProblem("limit", "must be a whole number written in digits (1-100)")])
+
+
+def _digits(value: str) -> bool:
+    return value.isascii() and value.isdigit() and (value == "0" or value[0] != "0")
 
 
 def _reads_limit(request: Request) -> bool:

@@ -31,7 +31,7 @@ from app.domain.conversations import UUID_PATTERN, CloseConversation, CreateConv
 from app.domain.errors import NotFound, ValidationFailed
 from app.domain.ids import parse_uuid
 from app.domain.models import Conversation
-from app.domain.types import E164_PATTERN, SendableSms, StrictDecoder, shows_nothing, whole
+from app.domain.types import BLANK_PROBLEM, E164_PATTERN, SendableSms, StrictDecoder, shows_nothing, whole
 from app.store import agents as agents_store
 from app.store import conversations as store
 
@@ -213,7 +213,7 @@ class ConversationController(Controller):
             raise NotFound("Conversation not found.")
         body = await rq.read_json(request, close_decoder, optional=True)
         if body.reason is not None and shows_nothing(body.reason):
-            raise ValidationFailed.field("reason", "must not be blank")
+            raise ValidationFailed.field("reason", BLANK_PROBLEM)
         result = await conversations.close(ctx, org_id, conversation_id, body.reason)
         c = result.conversation
         data = ClosedConversation(
@@ -267,6 +267,6 @@ class ConversationController(Controller):
             raise NotFound("Conversation not found.")
         body = await rq.read_json(request, operator_decoder)
         if shows_nothing(body.content):
-            raise ValidationFailed.field("content", "must not be blank")
+            raise ValidationFailed.field("content", BLANK_PROBLEM)
         message = await messaging.send_in_conversation(ctx, canonical, org_id, body.content, "operator")
         return MessageEnvelope(data=message_out(message), meta=Meta(request_id=rq.request_id(request)))

@@ -319,20 +319,20 @@ def _has_message(conn: sqlite3.Connection, conversation_id: str, condition: str,
     return row is not None
 
 
+# An outbound message persisted whose send has had no answer yet (inbound messages are never `queued`).
+_UNANSWERED = "status = 'queued' AND provider_message_id IS NULL"
+
+
 def sending(conn: sqlite3.Connection, conversation_id: str, since_ms: int) -> bool:
     """Whether an outbound message of the conversation persisted since `since_ms` is on its way to the provider
     (no answer yet)."""
-    condition = "direction = 'outbound' AND status = 'queued' AND provider_message_id IS NULL AND created_at > ?"
-    return _has_message(conn, conversation_id, condition, since_ms)
+    return _has_message(conn, conversation_id, f"{_UNANSWERED} AND created_at > ?", since_ms)
 
 
 def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int, since_ms: int) -> bool:
     """Whether a message was sent, is on its way (persisted since `since_ms`), or was received after message `seq`
     (one the provider refused was neither), other than Parley's own (`author: system`)."""
-    condition = (
-        "seq > ? AND status != 'failed' AND author != 'system'"
-        " AND NOT (status = 'queued' AND provider_message_id IS NULL AND created_at <= ?)"
-    )
+    condition = f"seq > ? AND status != 'failed' AND author != 'system' AND NOT ({_UNANSWERED} AND created_at <= ?)"
     return _has_message(conn, conversation_id, condition, seq, since_ms)
 
 
