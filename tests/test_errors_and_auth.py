@@ -49,6 +49,8 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("toNumber not E.164", {**SEED_CREATE, "toNumber": "555-0199"}, "toNumber"),
     ("toNumber impossible", {**SEED_CREATE, "toNumber": "+999123456789"}, "toNumber"),
     ("toNumber without its area code", {**SEED_CREATE, "toNumber": "+15550000"}, "toNumber"),
+    ("toNumber with its trunk prefix", {**SEED_CREATE, "toNumber": "+4407700900123"}, "toNumber"),
+    ("fromNumber with its trunk prefix", {**SEED_CREATE, "fromNumber": "+49015112345678"}, "fromNumber"),
     ("toNumber wrong type", {**SEED_CREATE, "toNumber": 15555550199}, "toNumber"),
     ("toNumber ends in a newline", {**SEED_CREATE, "toNumber": "+15555550199\n"}, "toNumber"),
     ("fromNumber ends in a newline", {**SEED_CREATE, "fromNumber": "+15555550123\n"}, "fromNumber"),
@@ -74,6 +76,11 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     (
         "required variable missing",
         {**SEED_CREATE, "dynamicVariables": {"customerName": "Ada", "dealershipName": "PAM"}},
+        "dynamicVariables.recallId",
+    ),
+    (  # a placeholder with nothing in it is what requiredVariables exists to catch (SPEC §5)
+        "required variable blank",
+        {**SEED_CREATE, "dynamicVariables": {**SEED_CREATE["dynamicVariables"], "recallId": " \u200b"}},
         "dynamicVariables.recallId",
     ),
     ("timeout as string", {**SEED_CREATE, "inactivityTimeoutSeconds": "3600"}, "inactivityTimeoutSeconds"),

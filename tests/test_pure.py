@@ -114,6 +114,9 @@ def test_templates_fill_placeholders(template: str, variables: dict[str, str], e
         ("+1 555 555 0199", False),
         ("+1234567890123456", False),
         ("+999123456789", False),  # no such country code: not a possible number
+        ("+390612345678", True),  # Italy keeps its leading 0 in E.164
+        ("+4407700900123", False),  # the UK trunk 0 is not part of the number: +447700900123 is
+        ("+49015112345678", False),
         ("", False),
     ],
 )

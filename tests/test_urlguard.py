@@ -110,8 +110,10 @@ def test_a_name_that_does_not_resolve_yet_is_accepted_and_left_to_the_connect_ti
     ("url", "settings", "message"),
     [
         ("http://93.184.216.34/hook", STRICT, "https"),
-        ("ftp://93.184.216.34/hook", HTTP_ONLY, "https"),
-        ("file:///etc/passwd", DEV, "https"),
+        ("ftp://93.184.216.34/hook", STRICT, "must be an https URL"),
+        ("ftp://93.184.216.34/hook", HTTP_ONLY, "must be an http or https URL"),  # the rule in force is named
+        ("notaurl", DEV, "must be an http or https URL"),
+        ("file:///etc/passwd", DEV, "must be an http or https URL"),
         ("https://user:pw@93.184.216.34/", STRICT, "credentials"),
         ("https:///nohost", STRICT, "host"),
         ("https://exa mple.com/", STRICT, "whitespace"),

@@ -161,11 +161,20 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
         raise ValidationFailed.field("welcomeMessage", BLANK_PROBLEM)
     if agent.kind == "managed" and welcome is None:
         raise ValidationFailed.field("welcomeMessage", "is required for managed agents")
-    missing = [name for name in settings.required_variables if name not in body.dynamic_variables]
+    # A blank value fills its placeholders with nothing, the case requiredVariables exists to catch (SPEC §5).
+    given = body.dynamic_variables
+    missing = [name for name in settings.required_variables if shows_nothing(given.get(name, ""))]
     if missing:
-        problems = [FieldProblem(f"dynamicVariables.{name}", "is required by the agent") for name in missing]
+        problems = [
+            FieldProblem(
+                f"dynamicVariables.{name}",
+                "is required by the agent" + (" and " + BLANK_PROBLEM if name in given else ""),
+            )
+            for name in missing
+        ]
         raise ValidationFailed(
-            "dynamicVariables is missing variables the agent requires: " + ", ".join(missing), problems
+            "dynamicVariables is missing variables the agent requires, or has them blank: " + ", ".join(missing),
+            problems,
         )
     if welcome is not None:
         return sender, welcome

@@ -116,7 +116,7 @@ def _split(url: str, settings: GuardSettings) -> tuple[str, str, int]:
         raise _fail("is not a valid URL") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise _fail("must be an https URL")
+        raise _fail("must be an https URL" if not settings.allow_http_urls else "must be an http or https URL")
     if scheme == "http" and not settings.allow_http_urls:
         raise _fail("must use https")
     if parts.username is not None or parts.password is not None:
