@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -309,6 +310,32 @@ async def test_a_failing_tool_gives_the_model_an_error_result_not_a_crash(
     assert result["data"]["isError"] is True
     assert expected_error in result["data"]["result"]["error"]
     assert events(h, conversation_id, "sms.assistant_error") == []
+
+
+async def test_a_stored_tool_url_the_client_cannot_call_is_an_error_result_not_a_failed_turn(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    """A URL stored before registration checked hosts as the HTTP client spells them (`☃.net` has no IDNA 2008
+    form): the call fails before it leaves, and the model is told so; the turn goes on."""
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    conn = sqlite3.connect(h.settings.database)
+    with conn:
+        conn.execute(
+            "UPDATE agents SET config = json_set(config, '$.tools[0].url', ?) WHERE id = ?",
+            ("http://\u2603.net/hook", agent["agentId"]),
+        )
+    conn.close()
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("lookup_recall", {"recallId": "1"})).reply("Sorry, I can't look that up right now.")
+
+    await text_in(h, "Check my recall")
+
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Sorry, I can't look that up right now."]
+    (result,) = events(h, conversation_id, "sms.tool_call_result")
+    assert result["data"]["isError"] is True
+    assert "cannot be called" in result["data"]["result"]["error"]
+    assert events(h, conversation_id, "sms.assistant_error") == []
+    assert tool_server.requests == []
 
 
 async def test_invalid_arguments_and_unknown_tools_are_error_results_without_calling_anything(

@@ -120,12 +120,24 @@ def test_a_name_that_does_not_resolve_yet_is_accepted_and_left_to_the_connect_ti
         ("https://93.184.216.34:99999/", STRICT, "valid URL"),
         ("", STRICT, "required"),
         ("https://x.example/" + "a" * 3000, STRICT, "at most"),
+        # Names Python's IDNA 2003 codec spells but the HTTP client (IDNA 2008, UTS 46) cannot call.
+        ("http://\u2603.net/hook", DEV, "invalid host name"),
+        ("https://\uff41.example/hook", DEV, "invalid host name"),
     ],
 )
 def test_malformed_or_insecure_urls_are_refused(url: str, settings: Settings, message: str) -> None:
     with pytest.raises(ValidationFailed) as caught:
         check_url(url, settings, resolve=resolver({"x.example": ["93.184.216.34"]}))
     assert message in caught.value.message
+
+
+def test_the_host_vetted_is_the_one_the_client_calls() -> None:
+    # IDNA 2003 maps `faß.de` to `fass.de`; the client connects to `xn--fa-hia.de`, whose address is what counts.
+    names = resolver({"fass.de": ["93.184.216.34"], "xn--fa-hia.de": ["127.0.0.1"]})
+    with pytest.raises(ValidationFailed):
+        check_url("https://fa\u00df.de/hook", STRICT, resolve=names)
+    names = resolver({"xn--fa-hia.de": ["93.184.216.34"]})
+    assert check_url("https://fa\u00df.de/hook", STRICT, resolve=names) == "https://fa\u00df.de/hook"
 
 
 def test_http_is_allowed_only_with_its_flag() -> None:

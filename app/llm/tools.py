@@ -334,6 +334,8 @@ async def call_webhook(
         if isinstance(exc.__cause__, guard.BlockedAddress):
             return failure("the tool's URL points to an address Parley may not call")
         return failure(f"the tool could not be reached ({type(exc).__name__})")
+    except (httpx2.InvalidURL, httpx2.StreamError, OSError, ValueError) as exc:  # as the webhook dispatcher
+        return failure(f"the tool's URL cannot be called ({type(exc).__name__})")
     if raw is None:
         return failure(f"the tool's response is larger than {MAX_RESPONSE_BYTES // 1024} KiB")
     parsed: Any = None
