@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -671,6 +672,30 @@ async def test_a_manual_retry_sends_nothing_to_a_disabled_endpoint(tmp_path: Pat
             assert len(attempts_of(h, event_id)) == 1
 
 
+async def test_a_disabled_endpoints_deliveries_a_crash_cut_off_are_failed_at_start_up(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Disabled with deliveries on the wire (or by a 410 whose backlog was not failed yet), then a crash: nothing
+    would ever finish those `pending` rows, since a disabled endpoint has no job. Start-up fails them."""
+    with Receiver(scripted(500)) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(60,)) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            assert delivery_of(h, event_id)["status"] == "pending"
+        # What a crash leaves: the endpoint disabled, its delivery still pending and leased.
+        conn = sqlite3.connect(tmp_path / "parley.db")
+        with conn:
+            conn.execute("UPDATE webhooks SET is_active = 0, disabled_reason = 'gone' WHERE id = ?", (webhook["id"],))
+            conn.execute("UPDATE webhook_deliveries SET lease_until = ?", (clock.now_ms() + 60_000,))
+        conn.close()
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(60,)) as h:
+            delivery = delivery_of(h, event_id)
+            assert (delivery["status"], delivery["next_attempt_at"], delivery["lease_until"]) == ("failed", None, None)
+            await clock.advance(120)
+            assert len(receiver.snapshot()) == 1
+
+
 async def test_a_failed_manual_retry_does_not_re_enter_the_schedule(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver(lambda _: Reply(status=500)) as receiver:
         async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(5,)) as h:
@@ -704,6 +729,37 @@ async def test_a_failed_manual_retry_keeps_a_pending_delivery_on_its_schedule(tm
             await clock.advance((before["next_attempt_at"] - clock.now_ms()) / 1000)
             await settled_attempts(h, event_id, 3)
             assert delivery_of(h, event_id)["status"] == "succeeded"
+
+
+async def test_a_recover_while_a_manual_retry_fails_stands(tmp_path: Path, clock: FakeClock) -> None:
+    """`recover` answered `requeued: 1` for a failed delivery whose manual attempt was on the wire; that attempt's
+    failure must not put the delivery back to `failed` (it wrote back the state it had leased)."""
+    slow = threading.Event()
+
+    def respond(record: Received) -> Reply:
+        return Reply(status=500, delay=0.5 if slow.is_set() else 0.0)
+
+    with Receiver(respond) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=()) as h:
+            webhook = await register(h, receiver)
+            path = f"/v1/webhooks/{webhook['id']}"
+            since = iso(clock.now_ms() - 60_000)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            delivery_id = delivery_of(h, event_id)["id"]
+            assert delivery_of(h, event_id)["status"] == "failed"
+            slow.set()
+            manual = asyncio.create_task(h.post(f"{path}/deliveries/{delivery_id}/retry"))
+            await receiver.wait_count(2)  # the manual attempt is on the wire
+            recovered = await h.post(f"{path}/recover", {"since": since})
+            assert recovered.json()["data"] == {"requeued": 1}
+            assert (await manual).json()["data"]["status"] == "pending"
+            slow.clear()
+            await clock.advance(120)  # the lease the manual attempt held has run out, whatever it was
+            await receiver.wait_count(3)
+            await eventually(lambda: delivery_of(h, event_id)["lease_until"] is None and delivery_of(h, event_id))
+            delivery = delivery_of(h, event_id)
+            assert (delivery["status"], delivery["attempt_count"]) == ("failed", 1)  # the requeued schedule ran
 
 
 async def test_recover_requeues_failed_and_missed_events(tmp_path: Path, clock: FakeClock) -> None:

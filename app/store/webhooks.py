@@ -413,16 +413,22 @@ def settle(
     return bool(updated)
 
 
-def release(conn: sqlite3.Connection, claimed: Claimed) -> None:
-    """Give back a lease without an attempt; on an endpoint disabled meanwhile a pending delivery fails."""
-    conn.execute(
+def release(conn: sqlite3.Connection, claimed: Claimed) -> bool:
+    """Give back a lease, leaving the delivery as it is now (without an attempt, or after a failed manual one:
+    a `recover` may have re-queued it meanwhile, which then stands); on an endpoint disabled meanwhile a pending
+    delivery fails. False if the lease was lost."""
+    row = conn.execute(
         "UPDATE webhook_deliveries SET lease_until = NULL,"
         " status = CASE WHEN w.is_active THEN status ELSE 'failed' END,"
         " next_attempt_at = CASE WHEN w.is_active THEN next_attempt_at ELSE NULL END"
         " FROM webhooks w WHERE w.id = webhook_deliveries.webhook_id"
-        " AND webhook_deliveries.id = ? AND webhook_deliveries.lease_until = ?",
+        " AND webhook_deliveries.id = ? AND webhook_deliveries.lease_until = ?"
+        " RETURNING webhook_deliveries.status, webhook_deliveries.next_attempt_at",
         (claimed.id, claimed.lease_until),
-    )
+    ).fetchone()
+    if row is not None and row[0] == "pending" and row[1] is not None:
+        wake_endpoint(conn, claimed.webhook_id, row[1])
+    return row is not None
 
 
 def next_due(conn: sqlite3.Connection, webhook_id: str) -> int | None:
@@ -460,8 +466,14 @@ def finish_endpoint_job(conn: sqlite3.Connection, job: Job, not_before: int | No
 
 def recover_leases(conn: sqlite3.Connection, now_ms: int) -> int:
     """At start-up nothing of ours can be in flight: free every delivery lease and make sure due work has its job
-    (the jobs' own leases are freed by `jobs.release_leases`)."""
+    (the jobs' own leases are freed by `jobs.release_leases`). A disabled endpoint keeps nothing queued: a crash
+    can cut off its deliveries in flight when it was disabled, or its backlog between a 410 and `fail_pending`."""
     released = conn.execute("UPDATE webhook_deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL").rowcount
+    conn.execute(
+        "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
+        " WHERE status = 'pending' AND webhook_id IN (SELECT id FROM webhooks WHERE is_active = 0)",
+        (now_ms,),
+    )
     conn.execute(
         "INSERT INTO jobs (kind, ref, due_at)"
         " SELECT ?, d.webhook_id, MIN(d.next_attempt_at) FROM webhook_deliveries d"

@@ -184,22 +184,24 @@ class Dispatcher:
         is_active = store.is_active(conn, claimed.webhook_id)
         if is_active is None:
             return False  # the endpoint was deleted meanwhile
-        next_attempt_at = None
-        if outcome.succeeded:
-            status, attempts = "succeeded", claimed.attempt_count + (0 if manual else 1)
-        elif manual:
-            # A failed manual attempt leaves the delivery where it was (and in its schedule, if it had one).
-            status, attempts = claimed.status, claimed.attempt_count
-            next_attempt_at = claimed.next_attempt_at if claimed.status == "pending" else None
-        elif delay_ms is None or not is_active or outcome.status_code == 410:
-            status, attempts = "failed", claimed.attempt_count + 1
+        if manual and not outcome.succeeded:
+            # A failed manual attempt leaves the delivery as it is (in its schedule, if it has one), or as a
+            # `recover` that ran meanwhile left it.
+            settled = store.release(conn, claimed)
         else:
-            status, attempts, next_attempt_at = "pending", claimed.attempt_count + 1, now + delay_ms
-        if status == "pending" and not is_active:
-            status, next_attempt_at = "failed", None  # a disabled endpoint keeps nothing queued
-        if not store.settle(
-            conn, claimed, status=status, attempt_count=attempts, next_attempt_at=next_attempt_at, now_ms=now
-        ):
+            next_attempt_at = None
+            if outcome.succeeded:
+                status, attempts = "succeeded", claimed.attempt_count + (0 if manual else 1)
+            elif delay_ms is None or not is_active or outcome.status_code == 410:
+                status, attempts = "failed", claimed.attempt_count + 1
+            else:
+                status, attempts, next_attempt_at = "pending", claimed.attempt_count + 1, now + delay_ms
+            if status == "pending" and not is_active:
+                status, next_attempt_at = "failed", None  # a disabled endpoint keeps nothing queued
+            settled = store.settle(
+                conn, claimed, status=status, attempt_count=attempts, next_attempt_at=next_attempt_at, now_ms=now
+            )
+        if not settled:
             return False  # the lease was lost: the row is someone else's now
         store.insert_attempt(conn, claimed.id, outcome.attempt(), manual=manual)
         if outcome.succeeded:
@@ -240,7 +242,7 @@ class Dispatcher:
             return await self.send(claimed)
         except Exception as exc:
             # A failure of ours, not the endpoint's (`send` handles every HTTP and network one): record it as a
-            # failed attempt, so the retry schedule applies; given back due at once, it was tried again at once.
+            # failed attempt, so the retry schedule applies (given back as it was, it would be tried again at once).
             log.error("webhook attempt failed unexpectedly (delivery %s): %s", claimed.id, type(exc).__name__)
             return Outcome(
                 at=at,
