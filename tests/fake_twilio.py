@@ -57,7 +57,8 @@ class Recorded:
 class Action:
     """One scripted answer. kind: `status` (answer `status` with `body`, create nothing),
     `create_then_status` (create, then answer `status`), `delay` (create, answer after `seconds`),
-    `drop` (create, close the connection unanswered), `drop_before` (close without creating)."""
+    `drop` (create, close the connection unanswered), `drop_before` (close without creating), `drip` (create,
+    then send the answer's body one byte every `seconds`)."""
 
     kind: str
     status: int = 500
@@ -237,6 +238,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _drip(self, body: dict[str, Any], seconds: float) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client gave up
+            for i in range(len(data)):
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+                time.sleep(seconds)
+
     def _drop(self) -> None:
         self.close_connection = True
         self.connection.close()
@@ -289,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._json(201, message)
             elif action.kind == "drop":
                 self._drop()
+            elif action.kind == "drip":
+                self._drip(message, action.seconds)
             return
         if route == "list":
             self._json(200, self.fake.listing(query))

@@ -6,7 +6,9 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import httpx2
 import msgspec
 import pytest
 from twilio.request_validator import RequestValidator
@@ -476,15 +478,42 @@ async def test_a_send_that_fails_unexpectedly_keeps_its_message_from_an_identica
     assert await looking is None
 
 
+async def test_an_answer_trickling_in_is_cut_off_as_a_whole_and_the_send_looked_up(fake_twilio: FakeTwilio) -> None:
+    """httpx2's timeouts are per phase: a byte every 0.1 s never trips a 0.25 s read timeout. The whole call is
+    bounded, and a POST cut off that way may have created the message, so it is looked up, never sent again."""
+    provider = TwilioProvider(
+        fake_twilio.account_sid,
+        fake_twilio.auth_token,
+        fake_twilio.base_url,
+        timeout=0.25,
+        call_seconds=0.5,
+        backoff=FAST,
+        rng=random.Random(7),
+    )
+    await started(provider)
+    try:
+        fake_twilio.script("send", Action("drip", seconds=0.1))
+        accepted = await asyncio.wait_for(provider.send(request()), 10)
+    finally:
+        await provider.close()
+    assert list(fake_twilio.messages) == [accepted.provider_message_id]
+    assert fake_twilio.routes() == ["send", "list"]
+
+
 async def test_a_send_that_fails_unexpectedly_before_twilio_took_it_is_a_send_failure_after_one_look_up(
     provider: TwilioProvider, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The adapter's own look-up answers the outcome, so the caller does not look a second time."""
 
-    async def post_fails(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("a bug before the request left")
+    assert provider._client is not None
+    real = provider._client.request
 
-    monkeypatch.setattr(provider._http, "post", post_fails)
+    async def post_fails(method: str, url: str, **kwargs: Any) -> httpx2.Response:
+        if method == "POST":
+            raise RuntimeError("a bug before the request left")
+        return await real(method, url, **kwargs)
+
+    monkeypatch.setattr(provider._client, "request", post_fails)
     with pytest.raises(ProviderRejected) as caught:
         await provider.send(request())
     assert caught.value.code == "parley_send_failed" and not isinstance(caught.value, SendOutcomeUnknown)

@@ -47,6 +47,9 @@ log = logging.getLogger("parley.twilio")
 
 API_VERSION = "2010-04-01"
 DEFAULT_TIMEOUT = httpx2.Timeout(connect=5.0, read=15.0, write=15.0, pool=5.0)
+# httpx2's timeouts are per phase: an answer trickling in a byte at a time would never trip them. This bounds a
+# whole REST call, as every other outbound call of Parley's is bounded.
+DEFAULT_CALL_SECONDS = 30.0
 # Waits before the 2nd, 3rd and 4th attempt (±20 % jitter); the last one also precedes the final look-up.
 DEFAULT_BACKOFF = (0.5, 2.0, 5.0)
 MAX_RETRY_AFTER = 10.0
@@ -224,6 +227,7 @@ class TwilioProvider:
         api_base: str = "https://api.twilio.com",
         *,
         timeout: httpx2.Timeout | float = DEFAULT_TIMEOUT,
+        call_seconds: float = DEFAULT_CALL_SECONDS,
         backoff: tuple[float, ...] = DEFAULT_BACKOFF,
         client: httpx2.AsyncClient | None = None,
         rng: random.Random | None = None,
@@ -238,6 +242,7 @@ class TwilioProvider:
         self._credentials = api_key or (account_sid, auth_token)
         self._api_base = api_base.rstrip("/")
         self._timeout = timeout
+        self._call_seconds = call_seconds
         self._backoff = tuple(backoff)
         self._client = client
         self._owns_client = client is None
@@ -287,11 +292,15 @@ class TwilioProvider:
             await self._client.aclose()
             self._client = None
 
-    @property
-    def _http(self) -> httpx2.AsyncClient:
+    async def _call(self, method: str, url: str, **kwargs: Any) -> httpx2.Response:
+        """One REST call, bounded as a whole; running out is a `ReadTimeout` (a POST's outcome is then unknown)."""
         if self._client is None:
             raise RuntimeError("TwilioProvider.start() was not called")
-        return self._client
+        try:
+            async with asyncio.timeout(self._call_seconds):
+                return await self._client.request(method, url, **kwargs)
+        except TimeoutError:
+            raise httpx2.ReadTimeout(f"no whole answer within {self._call_seconds:g} s") from None
 
     # -- sending --
 
@@ -348,7 +357,7 @@ class TwilioProvider:
                     return self._accept(found)
                 unknown = False  # Twilio has no such message: sending again is safe
             try:
-                response = await self._http.post(self.messages_url, data=form)
+                response = await self._call("POST", self.messages_url, data=form)
             except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
                 failure = f"could not connect: {type(exc).__name__}"
                 continue  # the request never left: nothing was created
@@ -405,7 +414,7 @@ class TwilioProvider:
         # No `DateSent` filter: a message that is still queued has no date_sent and would be missed.
         params = {"To": request.to_number, "From": request.from_number, "PageSize": str(LOOKUP_PAGE_SIZE)}
         try:
-            response = await self._http.get(self.messages_url, params=params)
+            response = await self._call("GET", self.messages_url, params=params)
         except httpx2.TransportError as exc:
             raise TwilioUnavailable(type(exc).__name__) from exc
         if response.status_code != 200:
@@ -429,11 +438,11 @@ class TwilioProvider:
         self._claimed[sid] = None
         while len(self._claimed) > CLAIMED_SIDS_KEPT:
             self._claimed.popitem(last=False)
-        status, code = data.get("status"), data.get("error_code")
+        status = data.get("status")
         return SendAccepted(
             provider_message_id=sid,
             provider_status=status if isinstance(status, str) else "queued",
-            error_code=str(code) if isinstance(code, int | str) and not isinstance(code, bool) and code != "" else None,
+            error_code=error_code_text(data.get("error_code")),
         )
 
     def _jitter(self, seconds: float) -> float:
@@ -477,7 +486,7 @@ class TwilioProvider:
         if not sid:
             return None
         try:
-            response = await self._http.get(self.message_url(sid))
+            response = await self._call("GET", self.message_url(sid))
         except httpx2.TransportError as exc:
             raise TwilioUnavailable(f"status look-up failed: {type(exc).__name__}") from exc
         if response.status_code == 404:
