@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
@@ -42,17 +42,3 @@ def headers(secrets: Iterable[str], message_id: str, timestamp: int, body: bytes
         "webhook-timestamp": str(timestamp),
         "webhook-signature": signature_header(secrets, message_id, timestamp, body),
     }
-
-
-def verify(secrets: Iterable[str], request_headers: Mapping[str, str], body: bytes) -> bool:
-    """True when any signature in the headers matches any of `secrets` (for our own tests and tools)."""
-    lowered = {k.lower(): v for k, v in request_headers.items()}
-    message_id, timestamp = lowered.get("webhook-id"), lowered.get("webhook-timestamp")
-    if not message_id or not timestamp or not timestamp.isdigit():
-        return False
-    offered = lowered.get("webhook-signature", "").split()
-    for secret in secrets:
-        expected = sign(secret, message_id, int(timestamp), body)
-        if any(hmac.compare_digest(expected, candidate) for candidate in offered):
-            return True
-    return False
