@@ -719,6 +719,29 @@ async def test_committed_pages_reach_the_database_file_by_background_checkpoints
     assert busy == 0 and copied == frames
 
 
+async def test_the_wal_file_shrinks_back_to_its_limit_after_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.store import db as db_module
+
+    monkeypatch.setattr(db_module, "JOURNAL_SIZE_LIMIT", 256 * 1024)
+    database = Database(str(tmp_path / "store.db"))
+    await database.open()
+    try:
+        wal = Path(database.path + "-wal")
+        await database.write(lambda c: c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY, body TEXT)"))
+        rows = [(i, "x" * 1000) for i in range(3000)]  # ~3 MB of WAL
+        await database.write(lambda c: c.executemany("INSERT INTO t (x, body) VALUES (?, ?)", rows))
+        assert wal.stat().st_size > 2_000_000
+        busy, frames, copied = await database.checkpoint()
+        assert busy == 0 and copied == frames
+        # The next write starts the WAL over, and its commit cuts the file back to the limit.
+        await database.write(lambda c: c.execute("UPDATE t SET body = 'y' WHERE x = 1"))
+        assert wal.stat().st_size <= 256 * 1024
+    finally:
+        await database.close()
+
+
 async def test_a_write_waiting_for_another_process_lock_never_blocks_the_event_loop(db: Database) -> None:
     other = connect_sync(db.path)  # another process, as far as SQLite can tell
     other.execute("BEGIN IMMEDIATE")

@@ -47,6 +47,9 @@ MAX_BATCH = 64
 BUSY_TIMEOUT_MS = 10_000
 CHECKPOINT_SECONDS = 0.1
 WAL_AUTOCHECKPOINT_PAGES = 20_000  # ~80 MB of WAL
+# The WAL file is reused from its start after a checkpoint, but never shrinks by itself: one burst (a large
+# delete, a backlog) would keep its size on disk for the life of the process. Past this it is cut back to it.
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 # Autocommit (transactions are explicit), usable from the connection's thread and the loop's, and room
 # in the prepared-statement cache for every distinct statement Parley runs (~170; sqlite3 keeps 128), so
 # a server with varied traffic (webhooks, the assistant, the API) never prepares one again.
@@ -61,6 +64,7 @@ def configure(conn: sqlite3.Connection, *, writer: bool) -> None:
     # Savepoint journals and temporary tables in memory: they never need to survive a crash (committed data
     # is durable through the WAL), and on disk they cost the writer a temp-file write per batch (~15 %).
     conn.execute("PRAGMA temp_store = MEMORY")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     if writer:
         _switch_to_wal(conn)
     else:
