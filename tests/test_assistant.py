@@ -338,6 +338,33 @@ async def test_a_stored_tool_url_the_client_cannot_call_is_an_error_result_not_a
     assert tool_server.requests == []
 
 
+async def test_an_operator_answering_during_a_tool_call_stops_the_turns_further_calls(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    """Once a person answered the texts, the turn's reply is dropped, so its further tool calls (which can act in
+    the world: a booking) and model rounds must not run either."""
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    conversation_id = await open_conversation(h, agent)
+    tool_server.then(200, {"booked": "tue"}, delay=0.6)
+    llm.call_tools(("lookup_recall", {"recallId": "1"}), ("lookup_recall", {"recallId": "2"}))
+
+    await text_in(h, "Book both")
+    await eventually(lambda: len(tool_server.requests) == 1)  # the first call is on the wire
+    operator = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "I'll handle this."})
+    assert operator.status_code == 201
+    await eventually(lambda: events(h, conversation_id, "sms.tool_call_result"))
+    await settle(0.5)
+
+    assert len(tool_server.requests) == 1  # not the round's second call
+    assert len(llm.bodies) == 1  # nor another round
+    assert replies(h, conversation_id) == []
+    assert len(events(h, conversation_id, "sms.tool_call_invocation")) == 1
+
+    llm.reply("Anything else?")  # the next text is the assistant's again
+    await text_in(h, "Thanks")
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Anything else?"]
+
+
 async def test_invalid_arguments_and_unknown_tools_are_error_results_without_calling_anything(
     h: Harness, llm: FakeLLM, tool_server: FakeToolServer
 ) -> None:
@@ -694,6 +721,35 @@ async def test_a_handoff_without_a_text_summary_still_pauses_and_keeps_what_the_
     assert conversation["assistantPaused"] is True
 
 
+async def test_a_handoff_turn_cut_off_before_its_reply_sends_it_after_the_restart(tmp_path: Path, llm: FakeLLM) -> None:
+    """The hand-off is committed with the tool's result, mid-turn: a stop while the model then writes the reply left
+    the conversation paused, and a paused conversation's turn never ran again, so the customer who asked for a
+    person heard nothing, and `resume` later answered that old request as a new one."""
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("handoff_to_human", {"summary": "Wants a person"})).hang(2)
+        await text_in(h, "I want a person")
+        await llm.wait_for_requests(2)  # handed off; the model is writing the reply
+        await cut_off(h)
+        await text_in(h, "Hello?")  # came while the server was stopping: the person's to answer
+
+    llm.reply("A person will text you shortly.")
+    async with running(tmp_path, llm) as h:
+        assert await eventually(lambda: replies(h, conversation_id)) == ["A person will text you shortly."]
+        # The re-run saw what the cut-off turn had seen, the hand-off included, and not the later text.
+        assert llm.bodies[-1]["messages"][-3]["content"] == "I want a person"
+        assert llm.bodies[-1]["messages"][-1]["role"] == "tool"
+        conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+        assert conversation["assistantPaused"] is True
+        assert len(events(h, conversation_id, "sms.handoff_requested")) == 1
+
+        llm.reply("Back with you, Ada.")
+        assert (await h.post(f"/v1/sms-conversations/{conversation_id}/resume")).status_code == 200
+        await eventually(lambda: len(replies(h, conversation_id)) == 2)
+        assert llm.bodies[-1]["messages"][-1] == {"role": "user", "content": "Hello?"}
+
+
 async def test_handoff_pauses_the_assistant_until_resume(h: Harness, llm: FakeLLM) -> None:
     agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
     conversation_id = await open_conversation(h, agent)
@@ -833,6 +889,21 @@ async def test_a_model_failing_with_500_yields_assistant_error_and_the_next_text
     await text_in(h, "Hello again")
     assert await eventually(lambda: replies(h, conversation_id)) == ["Sorry for the wait! How can I help?"]
     assert llm.bodies[-1]["messages"][-1] == {"role": "user", "content": "Hello?\nHello again"}
+
+
+async def test_closing_during_the_models_retries_cancels_the_turn_without_an_error_event(
+    h: Harness, llm: FakeLLM
+) -> None:
+    h.ctx.assistant.model.retry_delays = (0.5, 0.5)
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.fail(500, times=3)
+    await text_in(h, "Hello?")
+    await llm.wait_for_requests(1)  # the first try failed; the turn waits before the next
+    assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+    await settle(1.2)
+    assert len(llm.bodies) == 1  # no retry for a closed conversation
+    assert events(h, conversation_id, "sms.assistant_error") == []  # nothing after sms.conversation_closed
 
 
 async def test_a_model_that_recovers_within_three_tries_answers_normally(h: Harness, llm: FakeLLM) -> None:

@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,13 +74,22 @@ def needs_reply(messages: list[Message], answered_seq: int) -> bool:
 
 def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     conversation = store.get(conn, conversation_id)
-    if conversation is None or conversation.status != "in_progress" or conversation.assistant_paused:
+    if conversation is None or conversation.status != "in_progress":
         return None
+    handed_off_at: int | None = None
+    if conversation.assistant_paused:
+        # Handed to a person, no turn runs, except a run of the turn that made the hand-off, cut off by a stop or a
+        # crash before its reply: it still sends the reply (a person takes over), for the texts it had seen.
+        handed_off_at = tool_calls_store.unanswered_handoff(conn, conversation.id)
+        if handed_off_at is None:
+            return None
     agent = agents_store.by_id_any(conn, conversation.agent_id)
     if agent is None:
         return None
     first = max(0, conversation.message_count - HISTORY_LIMIT)
     messages = store.messages_of(conn, conversation.id, after_seq=first, limit=HISTORY_LIMIT * 2)
+    if handed_off_at is not None:
+        messages = [m for m in messages if (m.seq or 0) <= handed_off_at]  # later texts are the person's to answer
     first_seq = min((m.seq or 0 for m in messages), default=0)
     end_requested = store.end_requested(conn, conversation.id)
     return Snapshot(
@@ -176,6 +186,18 @@ class Assistant:
         chat.extend(prompt.history(snapshot.messages, snapshot.tool_calls, snapshot.reply_positions))
         offered = tools.specs(settings)
         turn_id = new_id()
+        seen = snapshot.last_seq
+
+        def record(conn: sqlite3.Connection) -> tuple[bool, bool]:
+            """Record the turn: (send the reply, then end the conversation). Nothing is sent when a person answered
+            these texts while the model was thinking: the person took over, and an end the model asked for (in
+            this run or one a stop cut off) is dropped with the reply."""
+            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, ctx.clock.now_ms())
+            if store.operator_wrote_after(conn, conversation.id, seen):
+                store.set_end_requested(conn, conversation.id, None)
+                return False, False
+            return True, store.end_requested(conn, conversation.id)
+
         rounds = 0
         while True:
             last_chance = rounds >= settings.max_tool_rounds
@@ -186,6 +208,7 @@ class Assistant:
                     tools=offered or None,
                     tool_choice="none" if last_chance else None,
                     temperature=settings.temperature,
+                    wanted=lambda: self._open(conversation.id),  # closing cancels the turn, retries included
                 )
             except (ModelError, ModelNotConfigured) as exc:
                 code = exc.code if isinstance(exc, ModelError) else "model_not_configured"
@@ -201,14 +224,14 @@ class Assistant:
             chat.append(prompt.tool_call_message(answer.content, [(c.call_id, c.name, c.arguments) for c in calls]))
             for position, call in enumerate(calls):
                 # Checked before every call: a tool can act in the world (a booking), so none runs for a
-                # conversation that was closed (or opted out) while an earlier one ran.
-                if self._closed(conversation.id):
+                # conversation that was closed (or opted out), or whose texts a person answered, meanwhile.
+                if await self._stopped(conversation.id, seen, record):
                     return
-                record = await self._run_tool(
+                done = await self._run_tool(
                     snapshot, turn_id, call, round_=rounds, position=position, assistant_content=answer.content
                 )
-                chat.append(prompt.tool_result_message(record.call_id, record.result))
-            if self._closed(conversation.id):
+                chat.append(prompt.tool_result_message(done.call_id, done.result))
+            if await self._stopped(conversation.id, seen, record):
                 return
 
         reply = prompt.cut_reply(prompt.clean_reply(answer.content), settings.max_reply_chars)
@@ -223,18 +246,6 @@ class Assistant:
             )
             return
         # Recorded before the send: a crash in between loses this reply rather than sending it twice.
-        seen = snapshot.last_seq
-
-        def record(conn: sqlite3.Connection) -> tuple[bool, bool]:
-            """Record the turn: (send the reply, then end the conversation). Nothing is sent when a person answered
-            these texts while the model was thinking: the person took over, and an end the model asked for (in
-            this run or one a stop cut off) is dropped with the reply."""
-            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, ctx.clock.now_ms())
-            if store.operator_wrote_after(conn, conversation.id, seen):
-                store.set_end_requested(conn, conversation.id, None)
-                return False, False
-            return True, store.end_requested(conn, conversation.id)
-
         answer_it, ends = await ctx.db.write(record)
         if not answer_it:
             log.info("an operator answered in conversation %s during its assistant turn; no reply", conversation.id)
@@ -379,12 +390,26 @@ class Assistant:
         record.result, record.is_error, record.duration_ms = result_text, outcome.is_error, duration_ms
         return record
 
-    def _closed(self, conversation_id: str) -> bool:
-        if self.ctx.db.read_now(lambda c: store.get_open(c, conversation_id)) is not None:
+    def _open(self, conversation_id: str) -> bool:
+        return self.ctx.db.read_now(lambda c: store.get_open(c, conversation_id)) is not None
+
+    async def _stopped(
+        self, conversation_id: str, seen: int, record: Callable[[sqlite3.Connection], tuple[bool, bool]]
+    ) -> bool:
+        """Whether the turn stops before its next tool call or model call: the conversation was closed, or a person
+        answered the texts the turn is working on (the turn is then recorded, as one whose reply is dropped)."""
+
+        def look(conn: sqlite3.Connection) -> str | None:
+            if store.get_open(conn, conversation_id) is None:
+                return "closed"
+            return "operator" if store.operator_wrote_after(conn, conversation_id, seen) else None
+
+        why = self.ctx.db.read_now(look)
+        if why is None:
             return False
-        log.info(
-            "conversation %s closed during its assistant turn; no further tool calls and no reply", conversation_id
-        )
+        if why == "operator":
+            await self.ctx.db.write(record)
+        log.info("%s during the assistant turn of conversation %s; no further calls, no reply", why, conversation_id)
         return True
 
     async def _abandon(self, conversation_id: str, code: str, message: str, *, attempts: int) -> None:
@@ -394,8 +419,8 @@ class Assistant:
 
         def report(conn: sqlite3.Connection) -> None:
             conversation = store.get(conn, conversation_id)
-            if conversation is None:
-                return
+            if conversation is None or conversation.status == "closed":
+                return  # closing cancelled the turn (SPEC §3.2): nothing to report after `sms.conversation_closed`
             now_ms = self.ctx.clock.now_ms()
             data = {"error": code, "message": message, "attempts": attempts}
             events.append(conn, "sms.assistant_error", conversation.scope, data, now_ms)

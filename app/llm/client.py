@@ -185,8 +185,10 @@ class ChatModel:
         tool_choice: str | None = None,
         temperature: float | None = None,
         attempts: int | None = None,
+        wanted: Callable[[], bool] | None = None,
     ) -> ModelAnswer:
-        """One chat completion, retried; raises ModelNotConfigured or ModelError."""
+        """One chat completion, retried; raises ModelNotConfigured or ModelError. `wanted` is asked before each
+        retry: once it says no (the conversation was closed meanwhile), the last failure is raised at once."""
         if missing := self.missing(model):
             raise ModelNotConfigured(missing)
         assert self._client is not None
@@ -213,6 +215,8 @@ class ChatModel:
                     raise ModelError(code, _describe(code), attempts=attempt) from None
             delay = self.retry_delays[min(attempt - 1, len(self.retry_delays) - 1)] if self.retry_delays else 0
             await self.sleep(delay)
+            if wanted is not None and not wanted():
+                raise ModelError(code, _describe(code), attempts=attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -124,6 +124,18 @@ def end_call_recorded(conn: sqlite3.Connection, conversation_id: str) -> bool:
     return bool(row[0])
 
 
+def unanswered_handoff(conn: sqlite3.Connection, conversation_id: str) -> int | None:
+    """The messages the turn behind the conversation's latest `handoff_to_human` call had seen, when that turn never
+    recorded its reply (a stop or crash cut it off after the hand-off was committed); None otherwise."""
+    row = conn.execute(
+        "SELECT h.after_seq FROM (SELECT after_seq FROM tool_calls WHERE conversation_id = ?1"
+        " AND kind = 'handoff_to_human' AND completed_at IS NOT NULL ORDER BY pos DESC LIMIT 1) h"
+        " WHERE NOT EXISTS (SELECT 1 FROM assistant_turns WHERE conversation_id = ?1 AND after_seq >= h.after_seq)",
+        (conversation_id,),
+    ).fetchone()
+    return None if row is None else row[0]
+
+
 def set_turn_reply(conn: sqlite3.Connection, turn_id: str, message_id: str) -> None:
     conn.execute("UPDATE assistant_turns SET reply_message_id = ? WHERE id = ?", (message_id, turn_id))
 
