@@ -428,6 +428,7 @@ def release(conn: sqlite3.Connection, claimed: Claimed) -> bool:
     ).fetchone()
     if row is not None and row[0] == "pending" and row[1] is not None:
         wake_endpoint(conn, claimed.webhook_id, row[1])
+        _wake(conn)
     return row is not None
 
 
