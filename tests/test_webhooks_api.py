@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
+
+import pytest
 
 from app.clock import iso
 from app.domain.events import EVENT_TYPES
-from tests.conftest import Harness
+from tests.conftest import Harness, start_harness
 from tests.webhook_receiver import Receiver, emit, eventually, register
 
 FIELDS = {"id", "url", "events", "is_active", "created_at", "updated_at"}
@@ -81,6 +84,24 @@ async def test_every_problem_of_a_webhook_body_is_named(harness: Harness) -> Non
     patched = await patch(harness, f"/v1/webhooks/{hook_id}", {"url": "ftp://x", "events": ["bad"], "is_active": "x"})
     assert patched.status_code == 400
     assert sorted(d["field"] for d in patched.json()["error"]["details"]) == ["events.0", "is_active", "url"]
+
+
+@pytest.mark.parametrize(
+    ("allow_http", "rule"), [(False, "must be an https URL"), (True, "must be an http or https URL")]
+)
+async def test_a_body_that_fails_to_decode_names_the_url_rule_this_server_applies(
+    tmp_path: Path, allow_http: bool, rule: str
+) -> None:
+    """A body with a type error gets its URL checked beside it: by the server's own scheme rule, not the laxest."""
+    async with start_harness(tmp_path, allow_http_urls=allow_http) as h:
+        response = await h.post("/v1/webhooks", {"url": "ftp://x", "events": ["*"], "foo": 1})
+        assert response.status_code == 400
+        (url,) = [d for d in response.json()["error"]["details"] if d["field"] == "url"]
+        assert url["message"] == rule
+        hook_id = (await h.post("/v1/webhooks", {"url": HOOK, "events": ["*"]})).json()["data"]["id"]
+        patched = await patch(h, f"/v1/webhooks/{hook_id}", {"url": "ftp://x", "is_active": "x"})
+        (url,) = [d for d in patched.json()["error"]["details"] if d["field"] == "url"]
+        assert url["message"] == rule
 
 
 async def test_bodies_are_decoded_strictly(harness: Harness) -> None:

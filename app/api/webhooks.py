@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 import msgspec
@@ -85,9 +86,14 @@ class RequeuedEnvelope(msgspec.Struct):
     meta: Meta
 
 
-create_decoder = StrictDecoder(CreateWebhook, service.raw_problems)
-update_decoder = StrictDecoder(UpdateWebhook, service.raw_problems)
 recover_decoder = StrictDecoder(RecoverWebhook)
+
+
+@functools.cache
+def _decoders(allow_http_urls: bool) -> tuple[StrictDecoder, StrictDecoder]:
+    """The create and update decoders; a body that fails to decode has its URL checked by this server's rules."""
+    rules = functools.partial(service.raw_problems, allow_http_urls=allow_http_urls)
+    return StrictDecoder(CreateWebhook, rules), StrictDecoder(UpdateWebhook, rules)
 
 
 def webhook_out(w: Webhook) -> WebhookOut:
@@ -143,7 +149,7 @@ class WebhookController(Controller):
         summary="Register a webhook endpoint (the secret is shown only here)",
     )
     async def create(self, request: Request) -> SecretEnvelope:
-        body = await rq.read_json(request, create_decoder)
+        body = await rq.read_json(request, _decoders(rq.context(request).settings.allow_http_urls)[0])
         webhook = await service.create(rq.context(request), rq.org_of(request), body)
         return SecretEnvelope(data=with_secret(webhook), meta=Meta(request_id=rq.request_id(request)))
 
@@ -179,7 +185,7 @@ class WebhookController(Controller):
         summary="Change a webhook's url, events or is_active",
     )
     async def update(self, request: Request, webhook_id: str) -> WebhookEnvelope:
-        body = await rq.read_json(request, update_decoder)
+        body = await rq.read_json(request, _decoders(rq.context(request).settings.allow_http_urls)[1])
         webhook = await service.update(rq.context(request), rq.org_of(request), webhook_id, body)
         return WebhookEnvelope(data=webhook_out(webhook), meta=Meta(request_id=rq.request_id(request)))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -57,22 +58,24 @@ def normalize_events(events: list[str]) -> list[str]:
     return list(dict.fromkeys(events))
 
 
-class _AnySettings:
-    """The URL rules that hold whatever the allow flags say, and need no DNS."""
+@dataclass(frozen=True)
+class _NoDns:
+    """The URL rules that need no DNS: every address is left to the full check (`allow_private_urls`)."""
 
-    allow_http_urls = True
-    allow_private_urls = True
+    allow_http_urls: bool
+    allow_private_urls: bool = True
 
 
-def raw_problems(raw: dict[str, Any]) -> list[FieldProblem]:
-    """The events' and the URL's rules on a body that failed to decode, so that its 400 names these too."""
+def raw_problems(raw: dict[str, Any], *, allow_http_urls: bool) -> list[FieldProblem]:
+    """The events' and the URL's rules on a body that failed to decode, so that its 400 names these too (the URL's
+    scheme as this server's `PARLEY_ALLOW_HTTP_URLS` has it)."""
     problems: list[FieldProblem] = []
     events = raw.get("events")
     if isinstance(events, list) and all(isinstance(name, str) for name in events):
         problems += event_problems(events)
     if isinstance(url := raw.get("url"), str):
         try:
-            check_url(url, _AnySettings())
+            check_url(url, _NoDns(allow_http_urls))
         except ValidationFailed as exc:
             problems += exc.details or []
     return problems
