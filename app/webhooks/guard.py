@@ -125,7 +125,7 @@ def _split(url: str, settings: GuardSettings) -> tuple[str, str, int]:
     if not parts.hostname:
         raise _fail("must have a host")
     try:
-        # The host exactly as the HTTP client will call it (IDNA 2008 with UTS 46 mapping), not as Python's
+        # The host exactly as the HTTP client will call it (IDNA 2008, no compatibility mapping), not as Python's
         # IDNA 2003 codec spells it (`faß.de` is `xn--fa-hia.de`, not `fass.de`; `☃.net` cannot be called).
         host = httpx2.URL(url).raw_host.decode("ascii").lower()
     except (httpx2.InvalidURL, UnicodeError):
