@@ -169,7 +169,7 @@ class FakeLLM(LoopbackServer):
         )
         return self
 
-    def call_tools(self, *calls: tuple[str, Any], content: str | None = None) -> FakeLLM:
+    def call_tools(self, *calls: tuple[str, Any], content: str | None = None, delay: float = 0.0) -> FakeLLM:
         """One answer asking for tool calls: (name, arguments) pairs; arguments dicts are JSON-encoded."""
 
         def build(body: dict[str, Any]) -> Step:
@@ -182,7 +182,7 @@ class FakeLLM(LoopbackServer):
                 for name, args in calls
             ]
             message = {"role": "assistant", "content": content, "tool_calls": tool_calls}
-            return Step(200, self._completion(message, "tool_calls", body.get("model", "")))
+            return Step(200, self._completion(message, "tool_calls", body.get("model", "")), delay=delay)
 
         self._script.append(build)
         return self

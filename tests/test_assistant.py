@@ -365,6 +365,43 @@ async def test_an_operator_answering_during_a_tool_call_stops_the_turns_further_
     assert await eventually(lambda: replies(h, conversation_id)) == ["Anything else?"]
 
 
+async def test_a_hand_off_after_a_webhook_call_a_person_answered_during_still_pauses_the_assistant(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    """Only calls that act in the world stop once a person answered: the hand-off in the same round still happens,
+    so the assistant does not answer the customer's next text in the person's place."""
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url), {"type": "handoff_to_human"}])
+    conversation_id = await open_conversation(h, agent)
+    tool_server.then(200, {"ok": True}, delay=0.6)
+    llm.call_tools(("lookup_recall", {"recallId": "1"}), ("handoff_to_human", {"summary": "Wants a person"}))
+    await text_in(h, "Check my recall, and I want a person")
+    await eventually(lambda: len(tool_server.requests) == 1)
+    answered = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+    assert answered.status_code == 201
+    await eventually(lambda: events(h, conversation_id, "sms.handoff_requested"))
+    await settle(0.3)
+    assert len(llm.requests) == 1  # no round after the person's answer
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["assistantPaused"] is True
+    await text_in(h, "Hello? I asked for a person")
+    await settle(0.3)
+    assert len(llm.requests) == 1 and replies(h, conversation_id) == []
+
+
+async def test_a_person_answering_while_the_model_is_retried_stops_the_retries(h: Harness, llm: FakeLLM) -> None:
+    h.ctx.assistant.model.retry_delays = (0.5, 0.5)
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.fail(500, times=3)
+    await text_in(h, "Hello?")
+    await llm.wait_for_requests(1)
+    answered = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+    assert answered.status_code == 201
+    (error,) = await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    assert error["data"]["attempts"] == 1  # reported (the model did fail), not tried again
+    assert len(llm.requests) == 1
+
+
 async def test_invalid_arguments_and_unknown_tools_are_error_results_without_calling_anything(
     h: Harness, llm: FakeLLM, tool_server: FakeToolServer
 ) -> None:
@@ -748,6 +785,49 @@ async def test_a_handoff_turn_cut_off_before_its_reply_sends_it_after_the_restar
         assert (await h.post(f"/v1/sms-conversations/{conversation_id}/resume")).status_code == 200
         await eventually(lambda: len(replies(h, conversation_id)) == 2)
         assert llm.bodies[-1]["messages"][-1] == {"role": "user", "content": "Hello?"}
+
+
+async def test_a_re_run_hand_off_turn_a_person_has_answered_since_does_not_call_the_model(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("handoff_to_human", {"summary": "Wants a person"})).hang(2)
+        await text_in(h, "I want a person")
+        await llm.wait_for_requests(2)
+        await cut_off(h)
+        answered = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        assert answered.status_code == 201
+    calls = len(llm.requests)
+    async with running(tmp_path, llm) as h:
+        await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE kind = 'assistant_turn'"))
+        assert len(llm.requests) == calls
+        assert replies(h, conversation_id) == []
+        assert events(h, conversation_id, "sms.assistant_error") == []
+
+
+async def test_a_hand_off_turn_that_fails_afterwards_is_not_run_again_by_a_text_that_came_meanwhile(
+    h: Harness, llm: FakeLLM
+) -> None:
+    """A failed turn is not retried (README), a hand-off turn neither, even when a text that arrived before the
+    pause was committed left its job due; and after a resume the texts it had read are not answered again."""
+    agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("handoff_to_human", {"summary": "Wants a person"}), delay=0.6).fail(500, times=3)
+    await text_in(h, "I want a person")
+    await llm.wait_for_requests(1)
+    await text_in(h, "Hello??")  # before the hand-off is committed: the turn's job is due again
+    await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    await settle(0.5)
+    assert len(llm.requests) == 4  # the hand-off, then three tries at the reply; no re-run
+    assert len(events(h, conversation_id, "sms.assistant_error")) == 1
+    assert replies(h, conversation_id) == []
+
+    llm.reply("Back with you.")
+    assert (await h.post(f"/v1/sms-conversations/{conversation_id}/resume")).status_code == 200
+    await eventually(lambda: replies(h, conversation_id) == ["Back with you."])
+    assert llm.bodies[-1]["messages"][-1] == {"role": "user", "content": "Hello??"}
 
 
 async def test_handoff_pauses_the_assistant_until_resume(h: Harness, llm: FakeLLM) -> None:

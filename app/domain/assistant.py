@@ -200,6 +200,10 @@ class Assistant:
 
         rounds = 0
         while True:
+            # Before every model call, retries included: a closed conversation cancels the turn, and texts a person
+            # answered meanwhile are theirs (the turn's reply would be dropped).
+            if await self._stopped(conversation.id, seen, record):
+                return
             last_chance = rounds >= settings.max_tool_rounds
             try:
                 answer = await self.model.complete(
@@ -208,9 +212,11 @@ class Assistant:
                     tools=offered or None,
                     tool_choice="none" if last_chance else None,
                     temperature=settings.temperature,
-                    wanted=lambda: self._open(conversation.id),  # closing cancels the turn, retries included
+                    wanted=lambda: self._why_stop(conversation.id, seen) is None,
                 )
             except (ModelError, ModelNotConfigured) as exc:
+                # Reported (`_abandon`), also when a person answered meanwhile: the model did fail. Not once the
+                # conversation is closed: closing cancelled the turn.
                 code = exc.code if isinstance(exc, ModelError) else "model_not_configured"
                 message = exc.message if isinstance(exc, ModelError) else str(exc)
                 attempts = exc.attempts if isinstance(exc, ModelError) else 0
@@ -223,16 +229,17 @@ class Assistant:
             calls = _unique_call_ids(answer.tool_calls)
             chat.append(prompt.tool_call_message(answer.content, [(c.call_id, c.name, c.arguments) for c in calls]))
             for position, call in enumerate(calls):
-                # Checked before every call: a tool can act in the world (a booking), so none runs for a
-                # conversation that was closed (or opted out), or whose texts a person answered, meanwhile.
-                if await self._stopped(conversation.id, seen, record):
+                # Checked before every call: a webhook tool can act in the world (a booking), so none runs for a
+                # conversation that was closed (or opted out), or whose texts a person answered, meanwhile. The
+                # built-in tools still take effect once a person answered: a hand-off pauses the assistant (the
+                # person is there), and an end is dropped with the reply.
+                webhook = tools.kind_of(settings, call.name)[0] == "webhook"
+                if await self._stopped(conversation.id, seen, record, operator=webhook):
                     return
                 done = await self._run_tool(
                     snapshot, turn_id, call, round_=rounds, position=position, assistant_content=answer.content
                 )
                 chat.append(prompt.tool_result_message(done.call_id, done.result))
-            if await self._stopped(conversation.id, seen, record):
-                return
 
         reply = prompt.cut_reply(prompt.clean_reply(answer.content), settings.max_reply_chars)
         if answer.tool_calls and not reply:
@@ -390,22 +397,29 @@ class Assistant:
         record.result, record.is_error, record.duration_ms = result_text, outcome.is_error, duration_ms
         return record
 
-    def _open(self, conversation_id: str) -> bool:
-        return self.ctx.db.read_now(lambda c: store.get_open(c, conversation_id)) is not None
-
-    async def _stopped(
-        self, conversation_id: str, seen: int, record: Callable[[sqlite3.Connection], tuple[bool, bool]]
-    ) -> bool:
-        """Whether the turn stops before its next tool call or model call: the conversation was closed, or a person
-        answered the texts the turn is working on (the turn is then recorded, as one whose reply is dropped)."""
+    def _why_stop(self, conversation_id: str, seen: int) -> str | None:
+        """ "closed" when the conversation was closed (or opted out), "operator" when a person answered the texts a
+        turn that had read up to `seen` is working on, None when the turn goes on."""
 
         def look(conn: sqlite3.Connection) -> str | None:
             if store.get_open(conn, conversation_id) is None:
                 return "closed"
             return "operator" if store.operator_wrote_after(conn, conversation_id, seen) else None
 
-        why = self.ctx.db.read_now(look)
-        if why is None:
+        return self.ctx.db.read_now(look)
+
+    async def _stopped(
+        self,
+        conversation_id: str,
+        seen: int,
+        record: Callable[[sqlite3.Connection], tuple[bool, bool]],
+        *,
+        operator: bool = True,
+    ) -> bool:
+        """Whether the turn stops before its next tool call or model call (`_why_stop`; a person's answer only
+        with `operator`). Stopped by a person's answer, the turn is recorded, as one whose reply is dropped."""
+        why = self._why_stop(conversation_id, seen)
+        if why is None or (why == "operator" and not operator):
             return False
         if why == "operator":
             await self.ctx.db.write(record)
@@ -424,6 +438,13 @@ class Assistant:
             now_ms = self.ctx.clock.now_ms()
             data = {"error": code, "message": message, "attempts": attempts}
             events.append(conn, "sms.assistant_error", conversation.scope, data, now_ms)
+            if (
+                conversation.assistant_paused
+                and (handed_off_at := tool_calls_store.unanswered_handoff(conn, conversation_id)) is not None
+            ):
+                # The turn that handed off failed after the hand-off: it is over (a failed turn is not run again),
+                # and the texts it had read are the person's, not answered by the assistant after a resume.
+                tool_calls_store.record_turn(conn, new_id(), conversation_id, handed_off_at, now_ms)
             if store.end_requested(conn, conversation_id) and tool_calls_store.end_call_recorded(conn, conversation_id):
                 _end(conn, conversation_id, now_ms)
             else:
