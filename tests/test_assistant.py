@@ -388,6 +388,34 @@ async def test_a_hand_off_after_a_webhook_call_a_person_answered_during_still_pa
     assert len(llm.requests) == 1 and replies(h, conversation_id) == []
 
 
+@pytest.mark.parametrize("when", ["while the model thinks", "during an earlier webhook call"])
+async def test_a_person_answering_before_the_rounds_webhook_call_skips_it_and_still_hands_off(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer, when: str
+) -> None:
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url), {"type": "handoff_to_human"}])
+    conversation_id = await open_conversation(h, agent)
+    tool_server.then(200, {"ok": True}, delay=0.6)
+    calls = [("lookup_recall", {"recallId": "1"}), ("handoff_to_human", {"summary": "Wants a person"})]
+    if when == "during an earlier webhook call":
+        calls.insert(0, ("lookup_recall", {"recallId": "0"}))
+    llm.call_tools(*calls, delay=0.6 if when == "while the model thinks" else 0.0)
+    await text_in(h, "Check my recall, and I want a person")
+    if when == "while the model thinks":
+        await llm.wait_for_requests(1)
+    else:
+        await eventually(lambda: len(tool_server.requests) == 1)
+    answered = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+    assert answered.status_code == 201
+    await eventually(lambda: events(h, conversation_id, "sms.handoff_requested"))
+    await settle(0.3)
+    assert [r.json()["arguments"]["recallId"] for r in tool_server.requests] == (
+        [] if when == "while the model thinks" else ["0"]
+    )
+    assert len(llm.requests) == 1
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert conversation["assistantPaused"] is True
+
+
 async def test_a_person_answering_while_the_model_is_retried_stops_the_retries(h: Harness, llm: FakeLLM) -> None:
     h.ctx.assistant.model.retry_delays = (0.5, 0.5)
     agent = await make_agent(h)
@@ -828,6 +856,57 @@ async def test_a_hand_off_turn_that_fails_afterwards_is_not_run_again_by_a_text_
     assert (await h.post(f"/v1/sms-conversations/{conversation_id}/resume")).status_code == 200
     await eventually(lambda: replies(h, conversation_id) == ["Back with you."])
     assert llm.bodies[-1]["messages"][-1] == {"role": "user", "content": "Hello??"}
+
+
+async def test_a_failed_turn_that_handed_off_and_ended_leaves_the_conversation_open_and_paused(
+    h: Harness, llm: FakeLLM
+) -> None:
+    """The model handed off and asked to end, then failed before any reply: the end is dropped with the reply
+    (README), so the person who takes over can still write; the turn is over, not a goodbye."""
+    agent = await make_agent(h, tools=[{"type": "end_conversation"}, {"type": "handoff_to_human"}])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("handoff_to_human", {"summary": "Wants a person"}), ("end_conversation", {"reason": "x"}))
+    llm.fail(500, times=3)
+    await text_in(h, "I want a person, not a bot")
+    await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    await settle(0.3)
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert (conversation["status"], conversation["assistantPaused"]) == ("in_progress", True)
+    answered = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Sam here."})
+    assert answered.status_code == 201
+
+
+async def test_a_resume_while_the_hand_off_turn_fails_does_not_answer_the_hand_off_texts_again(
+    h: Harness, llm: FakeLLM
+) -> None:
+    h.ctx.assistant.model.retry_delays = (0.5, 0.5)
+    agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("handoff_to_human", {"summary": "Wants a person"})).fail(500, times=3)
+    await text_in(h, "I want a person")
+    await llm.wait_for_requests(2)
+    assert (await h.post(f"/v1/sms-conversations/{conversation_id}/resume")).status_code == 200
+    await eventually(lambda: events(h, conversation_id, "sms.assistant_error"))
+    await settle(0.5)
+    assert len(llm.requests) == 4  # the hand-off and three tries; nothing answers "I want a person" again
+    assert replies(h, conversation_id) == []
+
+
+async def test_an_end_recorded_before_a_stop_in_a_paused_conversation_is_carried_out_at_restart(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    hanging = SimulatorHolding(2)  # the opening, then the goodbye, whose send never returns
+    async with running(tmp_path, llm, provider=hanging) as h:
+        agent = await make_agent(h, tools=[{"type": "end_conversation"}, {"type": "handoff_to_human"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("handoff_to_human", {"summary": "x"}), ("end_conversation", {"reason": "x"}))
+        llm.reply("A person will text you; bye")
+        await text_in(h, "I want a person")
+        await asyncio.wait_for(hanging.holding.wait(), 5)
+        await cut_off(h)
+    async with running(tmp_path, llm) as h:
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
 
 
 async def test_handoff_pauses_the_assistant_until_resume(h: Harness, llm: FakeLLM) -> None:

@@ -76,10 +76,13 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     conversation = store.get(conn, conversation_id)
     if conversation is None or conversation.status != "in_progress":
         return None
+    end_requested = store.end_requested(conn, conversation.id)
+    end_recorded = end_requested and tool_calls_store.end_call_recorded(conn, conversation.id)
     handed_off_at: int | None = None
-    if conversation.assistant_paused:
+    if conversation.assistant_paused and not end_recorded:
         # Handed to a person, no turn runs, except a run of the turn that made the hand-off, cut off by a stop or a
-        # crash before its reply: it still sends the reply (a person takes over), for the texts it had seen.
+        # crash before its reply: it still sends the reply (a person takes over), for the texts it had seen. (One
+        # cut off after recording its goodbye, the model having also ended the conversation, just ends it.)
         handed_off_at = tool_calls_store.unanswered_handoff(conn, conversation.id)
         if handed_off_at is None:
             return None
@@ -91,7 +94,6 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     if handed_off_at is not None:
         messages = [m for m in messages if (m.seq or 0) <= handed_off_at]  # later texts are the person's to answer
     first_seq = min((m.seq or 0 for m in messages), default=0)
-    end_requested = store.end_requested(conn, conversation.id)
     return Snapshot(
         conversation=conversation,
         agent=agent,
@@ -100,7 +102,7 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
         reply_positions=tool_calls_store.reply_positions(conn, conversation.id, first_seq),
         answered_seq=tool_calls_store.answered_seq(conn, conversation.id),
         end_requested=end_requested,
-        end_recorded=end_requested and tool_calls_store.end_call_recorded(conn, conversation.id),
+        end_recorded=end_recorded,
     )
 
 
@@ -233,9 +235,12 @@ class Assistant:
                 # conversation that was closed (or opted out), or whose texts a person answered, meanwhile. The
                 # built-in tools still take effect once a person answered: a hand-off pauses the assistant (the
                 # person is there), and an end is dropped with the reply.
-                webhook = tools.kind_of(settings, call.name)[0] == "webhook"
-                if await self._stopped(conversation.id, seen, record, operator=webhook):
+                why = self._why_stop(conversation.id, seen)
+                if why == "closed":
+                    log.info("conversation %s closed during its assistant turn; no further calls", conversation.id)
                     return
+                if why == "operator" and tools.kind_of(settings, call.name)[0] == "webhook":
+                    continue  # not called, nor shown to the model: the turn stops before its next model call
                 done = await self._run_tool(
                     snapshot, turn_id, call, round_=rounds, position=position, assistant_content=answer.content
                 )
@@ -409,17 +414,12 @@ class Assistant:
         return self.ctx.db.read_now(look)
 
     async def _stopped(
-        self,
-        conversation_id: str,
-        seen: int,
-        record: Callable[[sqlite3.Connection], tuple[bool, bool]],
-        *,
-        operator: bool = True,
+        self, conversation_id: str, seen: int, record: Callable[[sqlite3.Connection], tuple[bool, bool]]
     ) -> bool:
-        """Whether the turn stops before its next tool call or model call (`_why_stop`; a person's answer only
-        with `operator`). Stopped by a person's answer, the turn is recorded, as one whose reply is dropped."""
+        """Whether the turn stops before its next model call (`_why_stop`). Stopped by a person's answer, the turn is
+        recorded, as one whose reply is dropped (an end the model asked for is dropped with it)."""
         why = self._why_stop(conversation_id, seen)
-        if why is None or (why == "operator" and not operator):
+        if why is None:
             return False
         if why == "operator":
             await self.ctx.db.write(record)
@@ -438,17 +438,15 @@ class Assistant:
             now_ms = self.ctx.clock.now_ms()
             data = {"error": code, "message": message, "attempts": attempts}
             events.append(conn, "sms.assistant_error", conversation.scope, data, now_ms)
-            if (
-                conversation.assistant_paused
-                and (handed_off_at := tool_calls_store.unanswered_handoff(conn, conversation_id)) is not None
-            ):
-                # The turn that handed off failed after the hand-off: it is over (a failed turn is not run again),
-                # and the texts it had read are the person's, not answered by the assistant after a resume.
-                tool_calls_store.record_turn(conn, new_id(), conversation_id, handed_off_at, now_ms)
             if store.end_requested(conn, conversation_id) and tool_calls_store.end_call_recorded(conn, conversation_id):
                 _end(conn, conversation_id, now_ms)
-            else:
-                store.set_end_requested(conn, conversation_id, None)
+                return
+            store.set_end_requested(conn, conversation_id, None)
+            # After the end is judged (this record is no goodbye): a turn that handed off and then failed is over (a
+            # failed turn is not run again), and the texts it had read are the person's, not answered by the
+            # assistant after a resume (also one that came while the turn was failing).
+            if (handed_off_at := tool_calls_store.unanswered_handoff(conn, conversation_id)) is not None:
+                tool_calls_store.record_turn(conn, new_id(), conversation_id, handed_off_at, now_ms)
 
         try:
             await self.ctx.db.write(report)
