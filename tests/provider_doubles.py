@@ -57,15 +57,17 @@ class SimulatorHolding(SimulatorProvider):
 
 
 class BreaksOnNth(SimulatorProvider):
-    """The simulator, except that its `nth` send fails with an error no provider is meant to raise."""
+    """The simulator, except that its `nth` send fails: with an error no provider is meant to raise, or `error`
+    (a refusal, say)."""
 
-    def __init__(self, nth: int) -> None:
+    def __init__(self, nth: int, error: Exception | None = None) -> None:
         super().__init__()
         self.nth = nth
         self.sends = 0
+        self.error = error
 
     async def send(self, request: SendRequest) -> SendAccepted:
         self.sends += 1
         if self.sends == self.nth:
-            raise RuntimeError("unexpected")
+            raise self.error or RuntimeError("unexpected")
         return await super().send(request)

@@ -20,6 +20,7 @@ from standardwebhooks import Webhook
 
 from app.clock import FakeClock
 from app.domain import assistant as assistant_module
+from app.providers.base import ProviderRejected
 from app.providers.simulator import SimulatorProvider
 from tests.assistant_support import (
     CUSTOMER,
@@ -414,6 +415,21 @@ async def test_a_person_answering_before_the_rounds_webhook_call_skips_it_and_st
     assert len(llm.requests) == 1
     conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
     assert conversation["assistantPaused"] is True
+
+
+async def test_an_operator_message_the_provider_refused_does_not_silence_the_turn(tmp_path: Path, llm: FakeLLM) -> None:
+    """A refused operator message (502, stored `failed`) reached no one: the turn answering the customer still
+    sends its reply."""
+    refusing = BreaksOnNth(2, ProviderRejected("21610", "The recipient has unsubscribed"))  # the opening goes out
+    async with running(tmp_path, llm, provider=refusing) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("Yes, the repair is free.", delay=0.6)
+        await text_in(h, "Is it free?")
+        await llm.wait_for_requests(1)
+        refused = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        assert refused.status_code == 502
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
 
 
 async def test_a_person_answering_while_the_model_is_retried_stops_the_retries(h: Harness, llm: FakeLLM) -> None:

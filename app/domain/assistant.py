@@ -62,10 +62,15 @@ class Snapshot:
         return max((m.seq or 0 for m in self.messages), default=0)
 
 
+def _person_answered(message: Message) -> bool:
+    """An operator's message, unless the provider refused it (as `store.operator_wrote_after`)."""
+    return message.direction == "outbound" and message.author == "operator" and message.status != "failed"
+
+
 def needs_reply(messages: list[Message], answered_seq: int) -> bool:
     """True when a customer message (other than a compliance keyword) is newer than both what the last
     completed turn had read and the last message a person (operator) sent."""
-    operator = max((m.seq or 0 for m in messages if m.direction == "outbound" and m.author == "operator"), default=0)
+    operator = max((m.seq or 0 for m in messages if _person_answered(m)), default=0)
     read = max(answered_seq, operator)
     return any(
         m.direction == "inbound" and (m.seq or 0) > read and not compliance.answered_by_parley(m) for m in messages

@@ -337,8 +337,11 @@ def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int, sinc
 
 
 def operator_wrote_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
-    """Whether a person (an operator message) wrote in the conversation after message `seq`."""
-    return _has_message(conn, conversation_id, "seq > ? AND direction = 'outbound' AND author = 'operator'", seq)
+    """Whether a person (an operator message) wrote in the conversation after message `seq`: one the provider refused
+    (`failed`) reached no one and answered nothing."""
+    return _has_message(
+        conn, conversation_id, "seq > ? AND direction = 'outbound' AND author = 'operator' AND status != 'failed'", seq
+    )
 
 
 def set_provider_id(
