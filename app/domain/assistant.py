@@ -408,8 +408,8 @@ class Assistant:
         return record
 
     def _why_stop(self, conversation_id: str, seen: int) -> str | None:
-        """ "closed" when the conversation was closed (or opted out), "operator" when a person answered the texts a
-        turn that had read up to `seen` is working on, None when the turn goes on."""
+        """Why a turn that had read up to message `seen` stops: "closed" (closed, or opted out), "operator" (a person
+        answered the texts it is working on), or None (it goes on)."""
 
         def look(conn: sqlite3.Connection) -> str | None:
             if store.get_open(conn, conversation_id) is None:
@@ -432,9 +432,10 @@ class Assistant:
         return True
 
     async def _abandon(self, conversation_id: str, code: str, message: str, *, attempts: int) -> None:
-        """The turn gives up: `sms.assistant_error` is emitted. An end the model asked for is dropped with the reply
-        when the turn failed before recording it (the conversation stays open); when it failed after (the goodbye
-        was sent, or on its way), the end is carried out."""
+        """The turn gives up: `sms.assistant_error` is emitted (not for a closed conversation: closing cancelled the
+        turn). An end the model asked for is dropped with the reply when the turn failed before recording it (the
+        conversation stays open); when it failed after (the goodbye was sent, or on its way), the end is carried out.
+        A turn that handed off is then recorded as over, so neither a re-run nor a resume answers its texts."""
 
         def report(conn: sqlite3.Connection) -> None:
             conversation = store.get(conn, conversation_id)

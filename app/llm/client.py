@@ -188,7 +188,8 @@ class ChatModel:
         wanted: Callable[[], bool] | None = None,
     ) -> ModelAnswer:
         """One chat completion, retried; raises ModelNotConfigured or ModelError. `wanted` is asked before each
-        retry: once it says no (the conversation was closed meanwhile), the last failure is raised at once."""
+        retry: once it says no (the turn was cancelled meanwhile: its conversation closed, or a person answered), the
+        last failure is raised at once."""
         if missing := self.missing(model):
             raise ModelNotConfigured(missing)
         assert self._client is not None

@@ -125,8 +125,9 @@ def end_call_recorded(conn: sqlite3.Connection, conversation_id: str) -> bool:
 
 
 def unanswered_handoff(conn: sqlite3.Connection, conversation_id: str) -> int | None:
-    """The messages the turn behind the conversation's latest `handoff_to_human` call had seen, when that turn never
-    recorded its reply (a stop or crash cut it off after the hand-off was committed); None otherwise."""
+    """The messages the turn behind the conversation's latest `handoff_to_human` call had seen, when no turn has been
+    recorded since (that turn is still running, was cut off by a stop or crash after the hand-off was committed,
+    or is failing); None otherwise."""
     row = conn.execute(
         "SELECT h.after_seq FROM (SELECT after_seq FROM tool_calls WHERE conversation_id = ?1"
         " AND kind = 'handoff_to_human' AND completed_at IS NOT NULL ORDER BY pos DESC LIMIT 1) h"
