@@ -472,6 +472,27 @@ async def test_invalid_arguments_and_unknown_tools_are_error_results_without_cal
     assert replayed[0]["tool_calls"][0]["function"]["arguments"] == "{}"
 
 
+async def test_a_turn_run_again_after_a_stop_goes_on_with_the_tool_rounds_it_had_used(
+    tmp_path: Path, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    """At most `maxToolRounds` rounds a turn, also across a stop: the re-run does not start counting again."""
+    async with running(tmp_path, llm) as h:
+        agent = await make_agent(h, tools=[webhook_tool(tool_server.url)], maxToolRounds=1)
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("lookup_recall", {"recallId": "1"})).hang(2)
+        await text_in(h, "Check my recall")
+        await llm.wait_for_requests(2)  # the round is done; the model is asked for its words
+        assert llm.bodies[1]["tool_choice"] == "none"
+        await cut_off(h)
+    llm.reply("Your recall is open.")
+    calls = len(llm.requests)
+    async with running(tmp_path, llm) as h:
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Your recall is open."]
+        assert len(llm.requests) == calls + 1
+        assert llm.bodies[-1]["tool_choice"] == "none"  # its one round is used: words only
+        assert len(tool_server.requests) == 1
+
+
 async def test_tool_rounds_stop_at_max_tool_rounds(h: Harness, llm: FakeLLM, tool_server: FakeToolServer) -> None:
     agent = await make_agent(h, tools=[webhook_tool(tool_server.url)], maxToolRounds=2)
     conversation_id = await open_conversation(h, agent)

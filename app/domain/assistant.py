@@ -56,6 +56,7 @@ class Snapshot:
     answered_seq: int
     end_requested: bool  # an earlier run of this turn, cut off, had the model end the conversation
     end_recorded: bool  # ... and had recorded the reply that goes with it (the goodbye was sent, or on its way)
+    rounds_made: int  # tool rounds earlier runs of this turn, cut off, made for the same texts
 
     @property
     def last_seq(self) -> int:
@@ -99,6 +100,7 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     if handed_off_at is not None:
         messages = [m for m in messages if (m.seq or 0) <= handed_off_at]  # later texts are the person's to answer
     first_seq = min((m.seq or 0 for m in messages), default=0)
+    last_seq = max((m.seq or 0 for m in messages), default=0)
     return Snapshot(
         conversation=conversation,
         agent=agent,
@@ -108,6 +110,7 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
         answered_seq=tool_calls_store.answered_seq(conn, conversation.id),
         end_requested=end_requested,
         end_recorded=end_recorded,
+        rounds_made=tool_calls_store.rounds_made(conn, conversation.id, last_seq),
     )
 
 
@@ -205,7 +208,7 @@ class Assistant:
                 return False, False
             return True, store.end_requested(conn, conversation.id)
 
-        rounds = 0
+        rounds = snapshot.rounds_made  # a run after a stop goes on with the rounds the cut-off run used
         while True:
             # Before every model call, retries included: a closed conversation cancels the turn, and texts a person
             # answered meanwhile are theirs (the turn's reply would be dropped).

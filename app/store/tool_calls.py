@@ -137,6 +137,17 @@ def unanswered_handoff(conn: sqlite3.Connection, conversation_id: str) -> int | 
     return None if row is None else row[0]
 
 
+def rounds_made(conn: sqlite3.Connection, conversation_id: str, after_seq: int) -> int:
+    """The tool rounds that runs of a turn no one recorded made having read exactly up to message `after_seq`: what a
+    turn cut off by a stop or crash already used of its `maxToolRounds` when it runs again for the same texts."""
+    row = conn.execute(
+        "SELECT COUNT(DISTINCT t.turn_id || ':' || t.round) FROM tool_calls t WHERE t.conversation_id = ? AND"
+        " t.after_seq = ? AND NOT EXISTS (SELECT 1 FROM assistant_turns a WHERE a.id = t.turn_id)",
+        (conversation_id, after_seq),
+    ).fetchone()
+    return row[0]
+
+
 def set_turn_reply(conn: sqlite3.Connection, turn_id: str, message_id: str) -> None:
     conn.execute("UPDATE assistant_turns SET reply_message_id = ? WHERE id = ?", (message_id, turn_id))
 
