@@ -189,6 +189,22 @@ def test_an_opening_request_is_two_system_messages() -> None:
         # a text that arrived while the last turn ran has a lower seq than that turn's reply: still unanswered
         ([message(2, "inbound", "a"), message(3, "inbound", "b"), message(4, "outbound", "re: a")], 2, True),
         ([message(2, "inbound", "hey"), message(3, "outbound", "a person", author="operator")], 0, False),
+        # a person's message on its way answers; one known not to have reached the phone does not
+        (
+            [message(2, "inbound", "hey"), message(3, "outbound", "a person", author="operator", status="queued")],
+            0,
+            False,
+        ),
+        (
+            [message(2, "inbound", "hey"), message(3, "outbound", "a person", author="operator", status="failed")],
+            0,
+            True,
+        ),
+        (
+            [message(2, "inbound", "hey"), message(3, "outbound", "a person", author="operator", status="undelivered")],
+            0,
+            True,
+        ),
         ([message(2, "inbound", "HELP"), message(3, "outbound", "help text", author="system")], 0, False),
         ([message(2, "inbound", "hi"), message(3, "inbound", "HELP")], 0, True),
     ],

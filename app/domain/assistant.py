@@ -64,8 +64,12 @@ class Snapshot:
 
 
 def _person_answered(message: Message) -> bool:
-    """An operator's message, unless the provider refused it (as `store.operator_wrote_after`)."""
-    return message.direction == "outbound" and message.author == "operator" and message.status != "failed"
+    """An operator's message, unless it is known not to have reached the phone (as `store.operator_wrote_after`)."""
+    return (
+        message.direction == "outbound"
+        and message.author == "operator"
+        and message.status not in ("failed", "undelivered")
+    )
 
 
 def needs_reply(messages: list[Message], answered_seq: int) -> bool:

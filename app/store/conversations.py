@@ -337,10 +337,13 @@ def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int, sinc
 
 
 def operator_wrote_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
-    """Whether a person (an operator message) wrote in the conversation after message `seq`: one the provider refused
-    (`failed`) reached no one and answered nothing."""
+    """Whether a person (an operator message) wrote in the conversation after message `seq`: one known not to have
+    reached the phone (`failed`, `undelivered`, as the model's history leaves them out) answered nothing."""
     return _has_message(
-        conn, conversation_id, "seq > ? AND direction = 'outbound' AND author = 'operator' AND status != 'failed'", seq
+        conn,
+        conversation_id,
+        "seq > ? AND direction = 'outbound' AND author = 'operator' AND status NOT IN ('failed', 'undelivered')",
+        seq,
     )
 
 
