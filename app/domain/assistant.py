@@ -25,6 +25,7 @@ from app.domain.errors import Conflict, NotFound, ProviderFailed, ValidationFail
 from app.domain.ids import new_id, parse_uuid
 from app.domain.inbound import InboundResult, InboundSms
 from app.domain.models import Conversation, Message
+from app.domain.status import UNSENT
 from app.domain.types import MAX_SMS_CHARS
 from app.llm import prompt, tools
 from app.llm.client import ChatModel, ModelError, ModelNotConfigured, ToolCallRequest
@@ -65,11 +66,7 @@ class Snapshot:
 
 def _person_answered(message: Message) -> bool:
     """An operator's message, unless it is known not to have reached the phone (as `store.operator_wrote_after`)."""
-    return (
-        message.direction == "outbound"
-        and message.author == "operator"
-        and message.status not in ("failed", "undelivered")
-    )
+    return message.direction == "outbound" and message.author == "operator" and message.status not in UNSENT
 
 
 def needs_reply(messages: list[Message], answered_seq: int) -> bool:

@@ -161,7 +161,7 @@ def check_agent_rules(body: CreateConversation, agent: Agent) -> tuple[str, str 
         raise ValidationFailed.field("welcomeMessage", BLANK_PROBLEM)
     if agent.kind == "managed" and welcome is None:
         raise ValidationFailed.field("welcomeMessage", "is required for managed agents")
-    # A blank value fills its placeholders with nothing, the case requiredVariables exists to catch (SPEC §5).
+    # A blank value renders its `{{name}}` as nothing: the case requiredVariables exists to catch (SPEC §5).
     given = body.dynamic_variables
     missing = [name for name in settings.required_variables if shows_nothing(given.get(name, ""))]
     if missing:

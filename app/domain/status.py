@@ -4,6 +4,9 @@ from __future__ import annotations
 
 RANK = {"queued": 0, "sent": 1, "delivered": 2, "undelivered": 2, "failed": 2}
 TERMINAL = frozenset({"delivered", "undelivered", "failed"})
+# Outbound statuses of a message known not to have reached the phone: the model's history leaves such messages out,
+# and an operator's is no answer to the customer.
+UNSENT = frozenset({"failed", "undelivered"})
 
 TWILIO_TO_CANONICAL = {
     "accepted": "queued",

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from app.domain import compliance
 from app.domain.agents import AgentSettings
 from app.domain.models import Message
+from app.domain.status import UNSENT
 from app.domain.templates import render
 from app.domain.types import sendable_text
 from app.store.tool_calls import ToolCall
@@ -20,8 +21,6 @@ OPENING_INSTRUCTION = (
     " at most {limit} characters."
 )
 INTERRUPTED_RESULT = json.dumps({"error": "the tool call was interrupted before it finished"})
-# Outbound messages the customer never received are not part of the conversation the model sees.
-UNSENT = frozenset({"failed", "undelivered"})
 _T = TypeVar("_T", bound=tuple[Any, ...])
 _THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _CLOSE = re.compile(r"</think>", re.IGNORECASE)

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from app.domain.models import Conversation, Media, Message
+from app.domain.status import UNSENT
 
 _json = msgspec.json.Encoder()
 _vars = msgspec.json.Decoder(dict[str, str])
@@ -319,6 +320,8 @@ def _has_message(conn: sqlite3.Connection, conversation_id: str, condition: str,
     return row is not None
 
 
+# Not a message known not to have reached the phone.
+_NOT_UNSENT = "status NOT IN (" + ", ".join(f"'{name}'" for name in sorted(UNSENT)) + ")"
 # An outbound message persisted whose send has had no answer yet (inbound messages are never `queued`).
 _UNANSWERED = "status = 'queued' AND provider_message_id IS NULL"
 
@@ -338,12 +341,9 @@ def written_after(conn: sqlite3.Connection, conversation_id: str, seq: int, sinc
 
 def operator_wrote_after(conn: sqlite3.Connection, conversation_id: str, seq: int) -> bool:
     """Whether a person (an operator message) wrote in the conversation after message `seq`: one known not to have
-    reached the phone (`failed`, `undelivered`, as the model's history leaves them out) answered nothing."""
+    reached the phone (`status.UNSENT`) answered nothing."""
     return _has_message(
-        conn,
-        conversation_id,
-        "seq > ? AND direction = 'outbound' AND author = 'operator' AND status NOT IN ('failed', 'undelivered')",
-        seq,
+        conn, conversation_id, f"seq > ? AND direction = 'outbound' AND author = 'operator' AND {_NOT_UNSENT}", seq
     )
 
 
