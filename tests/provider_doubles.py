@@ -71,3 +71,40 @@ class BreaksOnNth(SimulatorProvider):
         if self.sends == self.nth:
             raise self.error or RuntimeError("unexpected")
         return await super().send(request)
+
+
+class ReportsFailureLater(SimulatorProvider):
+    """The simulator, except that its `nth` send is taken (`queued`) and reported `failed` (30003) only when the
+    test calls `report_failure`, through the provider's status path; or, with `refuse` set, that send waits
+    for it and is then refused."""
+
+    def __init__(self, nth: int, *, refuse: bool = False) -> None:
+        super().__init__()
+        self.nth = nth
+        self.refuse = refuse
+        self.sends = 0
+        self.held: SendRequest | None = None
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, request: SendRequest) -> SendAccepted:
+        self.sends += 1
+        if self.sends != self.nth:
+            return await super().send(request)
+        self.held = request
+        self.holding.set()
+        if self.refuse:
+            await self.release.wait()
+            raise ProviderRejected("21610", "The recipient has unsubscribed")
+        return SendAccepted(provider_message_id="SMheld", provider_status="queued")
+
+    async def report_failure(self) -> None:
+        assert self.held is not None and self._on_status is not None
+        report = StatusReport(
+            provider_message_id="SMheld",
+            provider_status="failed",
+            error_code="30003",
+            message_id=self.held.message_id,
+            raw={"MessageSid": "SMheld", "MessageStatus": "failed", "ErrorCode": "30003"},
+        )
+        await self._on_status([report])

@@ -38,7 +38,7 @@ from tests.assistant_support import (
 )
 from tests.conftest import Harness
 from tests.fake_llm import FakeLLM, FakeToolServer, Step
-from tests.provider_doubles import BreaksOnNth, SimulatorHolding
+from tests.provider_doubles import BreaksOnNth, ReportsFailureLater, SimulatorHolding
 from tests.seed import SEED_CREATE
 from tests.webhook_receiver import eventually
 
@@ -430,6 +430,73 @@ async def test_an_operator_message_the_provider_refused_does_not_silence_the_tur
         refused = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
         assert refused.status_code == 502
         assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
+
+
+async def test_texts_a_turn_left_to_a_person_are_answered_when_the_persons_message_is_reported_failed(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """The turn looked while the person's message was still on its way (`queued`) and dropped its reply; the carrier
+    then reports that message failed: it answered nothing, so the customer's text is answered after all."""
+    provider = ReportsFailureLater(2)  # the opening goes out; the operator's message is taken, then fails
+    async with running(tmp_path, llm, provider=provider) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("The dropped answer.", delay=0.4).reply("Yes, the repair is free.")
+        await text_in(h, "Is it free?")
+        await llm.wait_for_requests(1)
+        sent = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        assert sent.status_code == 201
+        await eventually(lambda: h.rows("SELECT COUNT(*) AS n FROM assistant_turns")[0]["n"] == 1)
+        await settle(0.2)
+        assert replies(h, conversation_id) == []  # the person's message stood for the reply
+
+        await provider.report_failure()
+
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
+        assert len(llm.requests) == 2
+
+
+async def test_texts_a_turn_left_to_a_person_are_answered_when_the_provider_then_refuses_the_persons_message(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    provider = ReportsFailureLater(2, refuse=True)
+    async with running(tmp_path, llm, provider=provider) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("The dropped answer.", delay=0.4).reply("Yes, the repair is free.")
+        await text_in(h, "Is it free?")
+        await llm.wait_for_requests(1)
+        posting = asyncio.create_task(
+            h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        )
+        await provider.holding.wait()  # persisted `queued`, on its way to the provider
+        await eventually(lambda: h.rows("SELECT COUNT(*) AS n FROM assistant_turns")[0]["n"] == 1)
+        assert replies(h, conversation_id) == []
+
+        provider.release.set()
+
+        assert (await posting).status_code == 502
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
+
+
+async def test_a_persons_message_that_fails_with_nothing_left_unanswered_asks_the_model_nothing(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    provider = ReportsFailureLater(3)  # the opening and the assistant's reply go out; the operator's fails
+    async with running(tmp_path, llm, provider=provider) as h:
+        agent = await make_agent(h)
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("Yes, the repair is free.")
+        await text_in(h, "Is it free?")
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
+        sent = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "See you Tuesday."})
+        assert sent.status_code == 201
+
+        await provider.report_failure()
+        await settle(0.3)
+
+        assert len(llm.requests) == 1
+        assert replies(h, conversation_id) == ["Yes, the repair is free."]
 
 
 async def test_a_person_answering_while_the_model_is_retried_stops_the_retries(h: Harness, llm: FakeLLM) -> None:

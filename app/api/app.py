@@ -111,8 +111,8 @@ def create_app(
             ctx.webhooks = dispatcher
             loop = asyncio.get_running_loop()
             writer = db.writer_connection
-            webhook_store.register_waker(writer, lambda: loop.call_soon_threadsafe(scheduler.wake))
-            stack.callback(webhook_store.unregister_waker, writer)
+            jobs_store.register_waker(writer, lambda: loop.call_soon_threadsafe(scheduler.wake))
+            stack.callback(jobs_store.unregister_waker, writer)
             await db.write(lambda c: webhook_store.recover_leases(c, clock.now_ms()), long=True)
             await db.write(jobs_store.release_leases, long=True)  # turns and timers cut off by a stop or crash
 

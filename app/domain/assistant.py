@@ -202,9 +202,12 @@ class Assistant:
         def record(conn: sqlite3.Connection) -> tuple[bool, bool]:
             """Record the turn: (send the reply, then end the conversation). Nothing is sent when a person answered
             these texts while the model was thinking: the person took over, and an end the model asked for (in
-            this run or one a stop cut off) is dropped with the reply."""
-            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, ctx.clock.now_ms())
-            if store.operator_wrote_after(conn, conversation.id, seen):
+            this run or one a stop cut off) is dropped with the reply. Such a turn is recorded as dropped: should
+            the person's message then fail to reach the phone, the texts are answered after all (`lifecycle.
+            person_unreached`)."""
+            dropped = store.operator_wrote_after(conn, conversation.id, seen)
+            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, ctx.clock.now_ms(), dropped=dropped)
+            if dropped:
                 store.set_end_requested(conn, conversation.id, None)
                 return False, False
             return True, store.end_requested(conn, conversation.id)

@@ -9,7 +9,8 @@ import msgspec
 from app.clock import iso
 from app.domain.agents import Agent
 from app.domain.errors import Conflict
-from app.domain.models import Conversation
+from app.domain.models import Conversation, Message
+from app.domain.status import UNSENT
 from app.store import agents, events, jobs
 from app.store import conversations as store
 
@@ -83,6 +84,18 @@ def note_activity(conn: sqlite3.Connection, conversation: Conversation, now_ms: 
     Returns when the `inactivity` job is now due."""
     store.touch(conn, conversation.id, now_ms)
     return arm_inactivity(conn, conversation, now_ms)
+
+
+def note_status(conn: sqlite3.Connection, message: Message, new_status: str, now_ms: int) -> None:
+    """An outbound message moved to `new_status`. When a person's (an operator's) message turns out not to reach
+    the phone (`status.UNSENT`), it answered nothing: the customer's texts it stood for are the assistant's again,
+    so the conversation's turn runs (it decides what is left unanswered), unless the conversation is closed or
+    handed to a person."""
+    if message.author != "operator" or new_status not in UNSENT or message.status in UNSENT:
+        return
+    conversation = store.get_open(conn, message.conversation_id) if message.conversation_id else None
+    if conversation is not None and not conversation.assistant_paused:
+        jobs.run_soon(conn, TURN_JOB, conversation.id, now_ms)
 
 
 def arm_inactivity(

@@ -127,6 +127,7 @@ def record_accepted(
     changed = msgspec.structs.replace(sent, **step)
     data = message_data(changed, previousStatus=base, errorCode=changed.error_code)
     events.append(conn, "sms.message_delivery_updated", conversation.scope, data, now_ms)
+    lifecycle.note_status(conn, sent, final, now_ms)
     return changed
 
 
@@ -160,6 +161,7 @@ def record_rejected(
         message_data(failed, previousStatus="queued", errorCode=rejected.code),
         now_ms,
     )
+    lifecycle.note_status(conn, message, "failed", now_ms)
     return failed
 
 
@@ -455,4 +457,5 @@ def _apply_run(conn: sqlite3.Connection, run: list[StatusReport], provider: str,
             lifecycle.note_activity(conn, current, now_ms)
     if original.conversation_id is not None:
         events.append_to_conversation(conn, "sms.message_delivery_updated", original.conversation_id, updates, now_ms)
+        lifecycle.note_status(conn, original, message.status, now_ms)
     return len(updates)

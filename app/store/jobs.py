@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Mapping
+import threading
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import msgspec
@@ -17,6 +18,31 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     lease_until: int
     attempts: int
     payload: str | None
+
+
+# Called inside a write transaction (on whichever thread runs it: the event loop's for short writes, the writer's
+# for long ones) when work becomes due now, so the scheduler wakes up; the scheduler claims through the same write
+# queue, so it sees the work once this transaction has committed.
+# Keyed by the writer connection's id: several apps (tests) may share a process.
+_wakers: dict[int, Callable[[], None]] = {}
+_wakers_lock = threading.Lock()
+
+
+def register_waker(conn: sqlite3.Connection, wake: Callable[[], None]) -> None:
+    with _wakers_lock:
+        _wakers[id(conn)] = wake
+
+
+def unregister_waker(conn: sqlite3.Connection) -> None:
+    with _wakers_lock:
+        _wakers.pop(id(conn), None)
+
+
+def wake(conn: sqlite3.Connection) -> None:
+    """Wake the scheduler of the app that writes through `conn` (none registered: nothing to do)."""
+    waker = _wakers.get(id(conn))
+    if waker is not None:
+        waker()
 
 
 def schedule(conn: sqlite3.Connection, kind: str, ref: str, due_at: int, payload: str | None = None) -> None:
@@ -37,6 +63,18 @@ def schedule_earliest(conn: sqlite3.Connection, kind: str, ref: str, due_at: int
         " payload = excluded.payload WHERE lease_until IS NULL",
         (kind, ref, due_at, payload),
     )
+
+
+def run_soon(conn: sqlite3.Connection, kind: str, ref: str, now_ms: int) -> None:
+    """Have the (kind, ref) job run as soon as it can: created due now, moved earlier (never later), or, when it is
+    claimed (running), released so that it runs again once it ends; the scheduler is woken."""
+    conn.execute(
+        "INSERT INTO jobs (kind, ref, due_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (kind, ref) DO UPDATE SET due_at = MIN(due_at, excluded.due_at), lease_until = NULL,"
+        " attempts = 0",
+        (kind, ref, now_ms),
+    )
+    wake(conn)
 
 
 def release_leases(conn: sqlite3.Connection) -> int:

@@ -104,11 +104,14 @@ def since_seq(conn: sqlite3.Connection, conversation_id: str, min_after_seq: int
 # --- assistant turns (table assistant_turns, same migration) ------------------------------------------------
 
 
-def record_turn(conn: sqlite3.Connection, turn_id: str, conversation_id: str, after_seq: int, now_ms: int) -> None:
-    """A turn reached its reply, having seen the conversation up to message `after_seq`."""
+def record_turn(
+    conn: sqlite3.Connection, turn_id: str, conversation_id: str, after_seq: int, now_ms: int, *, dropped: bool = False
+) -> None:
+    """A turn reached its reply, having seen the conversation up to message `after_seq`; `dropped` when a person's
+    message answered those texts instead (the reply is not sent)."""
     conn.execute(
-        "INSERT INTO assistant_turns (id, conversation_id, after_seq, created_at) VALUES (?, ?, ?, ?)",
-        (turn_id, conversation_id, after_seq, now_ms),
+        "INSERT INTO assistant_turns (id, conversation_id, after_seq, created_at, dropped) VALUES (?, ?, ?, ?, ?)",
+        (turn_id, conversation_id, after_seq, now_ms, int(dropped)),
     )
 
 
@@ -153,9 +156,11 @@ def set_turn_reply(conn: sqlite3.Connection, turn_id: str, message_id: str) -> N
 
 
 def answered_seq(conn: sqlite3.Connection, conversation_id: str) -> int:
-    """The last message seq a completed turn of the conversation had seen (0 before any)."""
+    """The last message seq a completed turn of the conversation had seen (0 before any). A turn whose reply was
+    dropped for a person's message answered nothing itself: that message stands for it (`needs_reply`), as long as
+    it is not known to have failed to reach the phone."""
     row = conn.execute(
-        "SELECT MAX(after_seq) FROM assistant_turns WHERE conversation_id = ?", (conversation_id,)
+        "SELECT MAX(after_seq) FROM assistant_turns WHERE conversation_id = ? AND dropped = 0", (conversation_id,)
     ).fetchone()
     return row[0] or 0
 

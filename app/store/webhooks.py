@@ -9,14 +9,13 @@ never goes to the same endpoint twice at once.
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from app.domain.ids import new_id
 from app.domain.rotation import PreviousSecret, decode_previous, encode_previous
+from app.store import jobs
 from app.store.jobs import Job
 
 ENDPOINT_JOB = "webhook_endpoint"
@@ -24,13 +23,6 @@ ALL_EVENTS = "*"
 
 _encoder = msgspec.json.Encoder()
 _events_decoder = msgspec.json.Decoder(list[str])
-
-# Called inside the write transaction (on whichever thread runs it: the event loop's for short writes, the
-# writer's for long ones) when deliveries become due now, so the scheduler wakes up; the scheduler claims
-# through the same write queue, so it sees them once this transaction has committed.
-# Keyed by the writer connection's id: several apps (tests) may share a process.
-_wakers: dict[int, Callable[[], None]] = {}
-_wakers_lock = threading.Lock()
 
 
 class Webhook(msgspec.Struct, kw_only=True):
@@ -99,22 +91,6 @@ _INSERT_DELIVERY = (
     "INSERT INTO webhook_deliveries (id, webhook_id, org_id, event_id, event_type, status,"
     " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
 )
-
-
-def register_waker(conn: sqlite3.Connection, wake: Callable[[], None]) -> None:
-    with _wakers_lock:
-        _wakers[id(conn)] = wake
-
-
-def unregister_waker(conn: sqlite3.Connection) -> None:
-    with _wakers_lock:
-        _wakers.pop(id(conn), None)
-
-
-def _wake(conn: sqlite3.Connection) -> None:
-    wake = _wakers.get(id(conn))
-    if wake is not None:
-        wake()
 
 
 def _webhook(row: sqlite3.Row | None) -> Webhook | None:
@@ -309,7 +285,7 @@ def queue_deliveries(
         conn.execute(_INSERT_DELIVERY, (new_id(), webhook_id, org_id, event_id, event_type, now_ms, now_ms, now_ms))
         wake_endpoint(conn, webhook_id, now_ms)
     if targets:
-        _wake(conn)
+        jobs.wake(conn)
     return len(targets)
 
 
@@ -428,7 +404,7 @@ def release(conn: sqlite3.Connection, claimed: Claimed) -> bool:
     ).fetchone()
     if row is not None and row[0] == "pending" and row[1] is not None:
         wake_endpoint(conn, claimed.webhook_id, row[1])
-        _wake(conn)
+        jobs.wake(conn)
     return row is not None
 
 
@@ -578,5 +554,5 @@ def recover(conn: sqlite3.Connection, webhook: Webhook, since_ms: int, now_ms: i
     total = requeued + len(missing)
     if total:
         wake_endpoint(conn, webhook.id, now_ms)
-        _wake(conn)
+        jobs.wake(conn)
     return total
