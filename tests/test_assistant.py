@@ -432,34 +432,14 @@ async def test_an_operator_message_the_provider_refused_does_not_silence_the_tur
         assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
 
 
-async def test_texts_a_turn_left_to_a_person_are_answered_when_the_persons_message_is_reported_failed(
-    tmp_path: Path, llm: FakeLLM
+@pytest.mark.parametrize("how", ["reported failed", "refused"])
+async def test_texts_a_turn_left_to_a_person_are_answered_when_the_persons_message_then_fails(
+    tmp_path: Path, llm: FakeLLM, how: str
 ) -> None:
-    """The turn looked while the person's message was still on its way (`queued`) and dropped its reply; the carrier
-    then reports that message failed: it answered nothing, so the customer's text is answered after all."""
-    provider = ReportsFailureLater(2)  # the opening goes out; the operator's message is taken, then fails
-    async with running(tmp_path, llm, provider=provider) as h:
-        agent = await make_agent(h)
-        conversation_id = await open_conversation(h, agent)
-        llm.reply("The dropped answer.", delay=0.4).reply("Yes, the repair is free.")
-        await text_in(h, "Is it free?")
-        await llm.wait_for_requests(1)
-        sent = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
-        assert sent.status_code == 201
-        await eventually(lambda: h.rows("SELECT COUNT(*) AS n FROM assistant_turns")[0]["n"] == 1)
-        await settle(0.2)
-        assert replies(h, conversation_id) == []  # the person's message stood for the reply
-
-        await provider.report_failure()
-
-        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
-        assert len(llm.requests) == 2
-
-
-async def test_texts_a_turn_left_to_a_person_are_answered_when_the_provider_then_refuses_the_persons_message(
-    tmp_path: Path, llm: FakeLLM
-) -> None:
-    provider = ReportsFailureLater(2, refuse=True)
+    """The turn looked while the person's message was still on its way (`queued`) and dropped its reply; that message
+    then failed (the carrier reports it failed, or the provider refuses it): it answered nothing, so the customer's
+    text is answered after all."""
+    provider = ReportsFailureLater(2, refuse=how == "refused")  # the opening goes out; the operator's message fails
     async with running(tmp_path, llm, provider=provider) as h:
         agent = await make_agent(h)
         conversation_id = await open_conversation(h, agent)
@@ -469,14 +449,20 @@ async def test_texts_a_turn_left_to_a_person_are_answered_when_the_provider_then
         posting = asyncio.create_task(
             h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
         )
-        await provider.holding.wait()  # persisted `queued`, on its way to the provider
+        await provider.holding.wait()  # persisted `queued`, on its way
         await eventually(lambda: h.rows("SELECT COUNT(*) AS n FROM assistant_turns")[0]["n"] == 1)
-        assert replies(h, conversation_id) == []
+        await settle(0.2)
+        assert replies(h, conversation_id) == []  # the person's message stood for the reply
 
-        provider.release.set()
+        if how == "refused":
+            provider.release.set()
+            assert (await posting).status_code == 502
+        else:
+            assert (await posting).status_code == 201
+            await provider.report_failure()
 
-        assert (await posting).status_code == 502
         assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free."]
+        assert len(llm.requests) == 2
 
 
 async def test_a_persons_message_that_fails_with_nothing_left_unanswered_asks_the_model_nothing(
