@@ -525,6 +525,24 @@ async def test_invalid_arguments_and_unknown_tools_are_error_results_without_cal
     assert replayed[0]["tool_calls"][0]["function"]["arguments"] == "{}"
 
 
+async def test_the_tool_call_list_pages_with_its_own_cursors_only(h: Harness, llm: FakeLLM) -> None:
+    """A tool-call cursor walks its conversation's tool calls in order; given to the messages of that same
+    conversation it is a 400 naming `cursor` (it was read as a message position there)."""
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("nothing_here", {}), ("nor_here", {})).reply("Hmm.")
+    await text_in(h, "go")
+    await eventually(lambda: replies(h, conversation_id))
+    path = f"/v1/sms-conversations/{conversation_id}/tool-calls"
+    first = (await h.get(path, limit=1)).json()
+    second = (await h.get(path, limit=1, cursor=first["meta"]["next_cursor"])).json()
+    assert [item["name"] for item in first["data"] + second["data"]] == ["nothing_here", "nor_here"]
+    assert second["meta"]["next_cursor"] is None
+    foreign = await h.get(f"/v1/sms-conversations/{conversation_id}/messages", cursor=first["meta"]["next_cursor"])
+    assert foreign.status_code == 400
+    assert [detail["field"] for detail in foreign.json()["error"]["details"]] == ["cursor"]
+
+
 async def test_a_turn_run_again_after_a_stop_goes_on_with_the_tool_rounds_it_had_used(
     tmp_path: Path, llm: FakeLLM, tool_server: FakeToolServer
 ) -> None:

@@ -389,19 +389,92 @@ async def test_query_parameter_errors_are_400(harness: Harness) -> None:
     assert_error(await harness.get("/v1/sms-conversations", status="open"), 400, "validation_error")
 
 
-@pytest.mark.parametrize("text", ["+1", " 1", "1_0", "\u0661", "1\x0c", "-5", "01"])
+def cursor_with(issued: str, *parts: str) -> str:
+    """A cursor carrying the list tag of `issued` (so that only `parts` can be wrong) and the given position."""
+    tag = base64.urlsafe_b64decode(issued + "=" * (-len(issued) % 4)).decode().split("|")[0]
+    return base64.urlsafe_b64encode("|".join([tag, *parts]).encode()).decode().rstrip("=")
+
+
+async def test_a_cursor_pages_only_the_list_that_gave_it(harness: Harness) -> None:
+    """A cursor is a place in one list: given to another route, another conversation or endpoint, another org's
+    list, or the same list with other filters, it is a 400 naming `cursor` (it was read as a place there, and
+    gave a wrong page), while on its own list it still pages."""
+    hooks = [
+        (await harness.post("/v1/webhooks", {"url": f"http://127.0.0.1:9/{n}", "events": ["*"]})).json()
+        for n in range(2)
+    ]
+    hook_a, hook_b = (hook["data"]["id"] for hook in hooks)
+    numbers = ["+15555550211", "+15555550212"]
+    cid_a, cid_b = [
+        (await harness.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": n})).json()["data"]["conversationId"]
+        for n in numbers
+    ]
+    for cid in (cid_a, cid_b):
+        assert (await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "more"})).status_code == 201
+    for name in ("one", "two"):
+        assert (await harness.post("/v1/agents", {"name": name, "openingMessage": "Hi"})).status_code == 201
+    for org in ("acme", "globex"):
+        made = await harness.post("/v1/api-keys", {"name": "second", "expires_at": None}, org=org)
+        assert made.status_code == 201
+
+    async def first_cursor(path: str, org: str = "acme", **params: str) -> str:
+        page = (await harness.get(path, org=org, limit=1, **params)).json()
+        assert page["meta"]["next_cursor"] is not None, path
+        return page["meta"]["next_cursor"]
+
+    messages_a = await first_cursor(f"/v1/sms-conversations/{cid_a}/messages")
+    every_conversation = await first_cursor("/v1/sms-conversations")
+    open_ones = await first_cursor("/v1/sms-conversations", status="in_progress")
+    agents = await first_cursor("/v1/agents")
+    webhooks = await first_cursor("/v1/webhooks")
+    keys = await first_cursor("/v1/api-keys")
+    deliveries_a = await first_cursor(f"/v1/webhooks/{hook_a}/deliveries")
+    globex_keys = await first_cursor("/v1/api-keys", org="globex")
+    own = [
+        (f"/v1/sms-conversations/{cid_a}/messages", {}, messages_a),
+        ("/v1/sms-conversations", {}, every_conversation),
+        ("/v1/sms-conversations", {"status": "in_progress"}, open_ones),
+        ("/v1/agents", {}, agents),
+        ("/v1/webhooks", {}, webhooks),
+        ("/v1/api-keys", {}, keys),
+        (f"/v1/webhooks/{hook_a}/deliveries", {}, deliveries_a),
+    ]
+    for path, params, cursor in own:
+        page = await harness.get(path, cursor=cursor, **params)
+        assert page.status_code == 200 and page.json()["data"], (path, page.text)
+    foreign = [
+        (f"/v1/sms-conversations/{cid_b}/messages", {}, messages_a),  # another conversation
+        (f"/v1/sms-conversations/{cid_a}/tool-calls", {}, messages_a),  # another list of the same conversation
+        (f"/v1/webhooks/{hook_a}/deliveries", {}, messages_a),
+        (f"/v1/webhooks/{hook_b}/deliveries", {}, deliveries_a),  # another endpoint
+        (f"/v1/webhooks/{hook_a}/deliveries", {"status": "pending"}, deliveries_a),  # a filter added
+        ("/v1/sms-conversations", {"status": "closed"}, open_ones),  # another filter
+        ("/v1/sms-conversations", {}, open_ones),  # the filter dropped
+        ("/v1/sms-conversations", {"toNumber": numbers[0]}, every_conversation),
+        ("/v1/sms-conversations", {}, agents),
+        ("/v1/agents", {}, webhooks),
+        ("/v1/api-keys", {}, webhooks),
+        ("/v1/webhooks", {}, keys),
+        ("/v1/api-keys", {}, globex_keys),  # another org's list
+    ]
+    for path, params, cursor in foreign:
+        error = assert_error(await harness.get(path, cursor=cursor, **params), 400, "validation_error")
+        assert [detail["field"] for detail in error["error"]["details"]] == ["cursor"], (path, params)
+
+
+@pytest.mark.parametrize("text", ["+1", " 1", "1_0", "\u0661", "1\x0c", "-5", "01", "9" * 30])
 async def test_a_cursor_in_a_form_this_api_never_writes_is_400(harness: Harness, text: str) -> None:
     """A cursor is read back only as written: `+1`, ` 1`, `1_0` or other digits were read by `int()` as positions."""
     cid = (await harness.post("/v1/sms-conversations", SEED_CREATE)).json()["data"]["conversationId"]
     assert (await harness.post(f"/v1/sms-conversations/{cid}/messages", {"content": "a second"})).status_code == 201
     issued = (await harness.get(f"/v1/sms-conversations/{cid}/messages", limit=1)).json()["meta"]["next_cursor"]
     assert (await harness.get(f"/v1/sms-conversations/{cid}/messages", cursor=issued)).status_code == 200
-    forged = base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    forged = cursor_with(issued, text)
     error = assert_error(
         await harness.get(f"/v1/sms-conversations/{cid}/messages", cursor=forged), 400, "validation_error"
     )
     assert [detail["field"] for detail in error["error"]["details"]] == ["cursor"]
-    for altered in (issued + "x", issued + "=" * (-len(issued) % 4 or 4)):  # a stray character; padding added
+    for altered in (issued + "!", issued + "=" * (-len(issued) % 4 or 4)):  # a stray character; padding added
         error = assert_error(
             await harness.get(f"/v1/sms-conversations/{cid}/messages", cursor=altered), 400, "validation_error"
         )

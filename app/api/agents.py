@@ -77,10 +77,11 @@ class AgentController(Controller):
     ) -> AgentList:
         ctx = rq.context(request)
         org_id = rq.org_of(request)
-        after = rq.decode_cursor(cursor, (int, str))
+        scope = rq.cursor_scope("agents", org_id)
+        after = rq.decode_cursor(cursor, scope, (int, str))
         rows = await ctx.db.read(lambda c: store.list_visible(c, org_id, after=after, limit=limit + 1))  # type: ignore[arg-type]
         agents, more = rq.page(rows, limit)
-        next_cursor = rq.encode_cursor(agents[-1].created_at, agents[-1].id) if more else None
+        next_cursor = rq.encode_cursor(scope, agents[-1].created_at, agents[-1].id) if more else None
         return AgentList(
             data=[agent_out(a) for a in agents],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),

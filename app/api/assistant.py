@@ -103,13 +103,14 @@ class AssistantController(Controller):
     ) -> ToolCallList:
         ctx = rq.context(request)
         conversation = await conversations.get(ctx, rq.org_of(request), conversation_id)
-        after = rq.decode_cursor(cursor, (int,))
+        scope = rq.cursor_scope("tool-calls", conversation.id)
+        after = rq.decode_cursor(cursor, scope, (int,))
         after_pos = after[0] if after else 0
         rows = await ctx.db.read(
             lambda c: tool_calls_store.of_conversation(c, conversation.id, after_pos=after_pos, limit=limit + 1)
         )
         items, more = rq.page(rows, limit)
-        next_cursor = rq.encode_cursor(items[-1].pos) if more else None
+        next_cursor = rq.encode_cursor(scope, items[-1].pos) if more else None
         return ToolCallList(
             data=[tool_call_out(call) for call in items],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),

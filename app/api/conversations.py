@@ -166,13 +166,14 @@ class ConversationController(Controller):
         cursor: str | None = None,
     ) -> ConversationList:
         ctx = rq.context(request)
-        before = rq.decode_cursor(cursor, (int, str))
         org_id = rq.org_of(request)
         agent_filter = None
         if agent_id is not None:
             agent_filter = parse_uuid(agent_id)
             if agent_filter is None:
                 raise ValidationFailed.field("agentId", "must be a UUID")
+        scope = rq.cursor_scope("conversations", org_id, status, agent_filter, to_number, from_number)
+        before = rq.decode_cursor(cursor, scope, (int, str))
 
         def run(conn: sqlite3.Connection) -> list[Conversation]:
             return store.list_for_org(
@@ -187,7 +188,7 @@ class ConversationController(Controller):
             )
 
         items, more = rq.page(await ctx.db.read(run), limit)
-        next_cursor = rq.encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        next_cursor = rq.encode_cursor(scope, items[-1].created_at, items[-1].id) if more else None
         return ConversationList(
             data=_with_slugs(request, items),
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),
@@ -239,12 +240,13 @@ class ConversationController(Controller):
     ) -> MessageList:
         ctx = rq.context(request)
         conversation = await conversations.get(ctx, rq.org_of(request), conversation_id)
-        after = rq.decode_cursor(cursor, (int,))
+        scope = rq.cursor_scope("messages", conversation.id)
+        after = rq.decode_cursor(cursor, scope, (int,))
         after_seq = after[0] if after else 0
         # One page (at most 100 rows) walked on the (conversation_id, seq) index: a point read, done inline.
         rows = ctx.db.read_now(lambda c: store.messages_of(c, conversation.id, after_seq=after_seq, limit=limit + 1))
         items, more = rq.page(rows, limit)
-        next_cursor = rq.encode_cursor(items[-1].seq) if more else None
+        next_cursor = rq.encode_cursor(scope, items[-1].seq) if more else None
         return MessageList(
             data=[message_out(m) for m in items],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),

@@ -115,12 +115,13 @@ class ApiKeyController(Controller):
     ) -> KeyList:
         ctx = rq.context(request)
         org_id = rq.org_of(request)
-        after = rq.decode_cursor(cursor, (int, str))
+        scope = rq.cursor_scope("api-keys", org_id)
+        after = rq.decode_cursor(cursor, scope, (int, str))
         rows = await ctx.db.read(
             lambda c: orgs.list_keys(c, org_id, after=after, limit=limit + 1)  # type: ignore[arg-type]
         )
         page, more = rq.page(rows, limit)
-        next_cursor = rq.encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
+        next_cursor = rq.encode_cursor(scope, page[-1]["created_at"], page[-1]["id"]) if more else None
         return KeyList(
             data=[key_out(row) for row in page],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),

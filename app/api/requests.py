@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from typing import Any, TypeVar
 
 import msgspec
@@ -74,24 +75,44 @@ def page(rows: list[T], limit: int) -> tuple[list[T], bool]:
     return rows[:limit], len(rows) > limit
 
 
-def encode_cursor(*parts: object) -> str:
-    text = "|".join(str(part) for part in parts)
+def cursor_scope(*shape: object) -> str:
+    """What a cursor pages, as a short tag: the list (its route) and whatever picks its rows (the org, the
+    conversation or endpoint, the filters). Every cursor carries the tag of the list that gave it, so one given to
+    another list, or to this one with other filters, is refused instead of read as a position there."""
+    return hashlib.blake2b(msgspec.json.encode(shape), digest_size=6).hexdigest()
+
+
+def encode_cursor(scope: str, *parts: object) -> str:
+    text = "|".join(str(part) for part in (scope, *parts))
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None, kinds: tuple[type, ...]) -> tuple[Any, ...] | None:
+def decode_cursor(cursor: str | None, scope: str, kinds: tuple[type, ...]) -> tuple[Any, ...] | None:
+    """The position a cursor of this list (`scope`, from `cursor_scope`) holds; 400 naming `cursor` for anything
+    else: a cursor of another list, or one not exactly as this API wrote it."""
     if cursor is None or cursor == "":
         return None
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        parts = text.split("|")
+        tag, *parts = text.split("|")
         if len(parts) != len(kinds):
             raise ValueError
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise _not_a_cursor() from None
+    if tag != scope:
+        raise ValidationFailed.field(
+            "cursor", "was returned for another list (another route, conversation, endpoint, org or filters)"
+        )
+    try:
         values = tuple(kind(part) for kind, part in zip(kinds, parts, strict=True))
         if any(isinstance(value, int) and not 0 <= value < 2**63 for value in values):
             raise ValueError  # beyond what SQLite stores, or below any position we hand out
-        if encode_cursor(*values) != cursor:
+        if encode_cursor(scope, *values) != cursor:
             raise ValueError  # a form this API never writes (`+3`, ` 3`, `3_0`, other digits, stray bytes)
         return values
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValidationFailed.field("cursor", "is not a cursor this API returned") from None
+    except ValueError:
+        raise _not_a_cursor() from None
+
+
+def _not_a_cursor() -> ValidationFailed:
+    return ValidationFailed.field("cursor", "is not a cursor this API returned")

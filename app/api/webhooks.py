@@ -162,12 +162,13 @@ class WebhookController(Controller):
     ) -> WebhookList:
         ctx = rq.context(request)
         org_id = rq.org_of(request)
-        after = rq.decode_cursor(cursor, (int, str))
+        scope = rq.cursor_scope("webhooks", org_id)
+        after = rq.decode_cursor(cursor, scope, (int, str))
         items = await ctx.db.read(
             lambda c: store.list_for_org(c, org_id, after=after, limit=limit + 1)  # type: ignore[arg-type]
         )
         items, more = rq.page(items, limit)
-        next_cursor = rq.encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        next_cursor = rq.encode_cursor(scope, items[-1].created_at, items[-1].id) if more else None
         return WebhookList(
             data=[webhook_out(w) for w in items],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),
@@ -220,14 +221,15 @@ class WebhookController(Controller):
     ) -> DeliveryList:
         ctx = rq.context(request)
         webhook = await service.get(ctx, rq.org_of(request), webhook_id)
-        before = rq.decode_cursor(cursor, (int,))
+        scope = rq.cursor_scope("deliveries", webhook.id, status)
+        before = rq.decode_cursor(cursor, scope, (int,))
         items = await ctx.db.read(
             lambda c: store.list_deliveries(
                 c, webhook.id, before_rowid=before[0] if before else None, status=status, limit=limit + 1
             )
         )
         items, more = rq.page(items, limit)
-        next_cursor = rq.encode_cursor(items[-1].rowid) if more else None
+        next_cursor = rq.encode_cursor(scope, items[-1].rowid) if more else None
         return DeliveryList(
             data=[delivery_out(d) for d in items],
             meta=ListMeta(request_id=rq.request_id(request), next_cursor=next_cursor),
