@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 
 from app.config import Settings
 from app.domain.errors import ValidationFailed
+from app.webhooks import guard
 from app.webhooks.guard import check_url, guarded_client, is_public_address
 from tests.conftest import start_harness
 from tests.webhook_receiver import Receiver, Reply
@@ -226,3 +232,51 @@ async def test_registration_through_the_api_applies_the_guard(tmp_path: Path) ->
             response = await h.post("/v1/webhooks", {"url": url, "events": ["*"]})
             assert response.status_code == 400, url
             assert response.json()["error"]["details"][0]["field"] == "url"
+
+
+@pytest.fixture
+def resolver_that_hangs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The OS resolver, replaced by one that never answers while the test runs (the names asked are listed); the
+    look-up time limit shrunk to 0.3 s."""
+    asked: list[str] = []
+    release = threading.Event()
+
+    def hang(host: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        release.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hang)
+    monkeypatch.setattr(guard, "RESOLVE_SECONDS", 0.3)
+    yield asked
+    release.set()
+
+
+def test_a_look_up_that_does_not_end_in_time_is_a_name_that_does_not_resolve_yet(
+    resolver_that_hangs: list[str],
+) -> None:
+    started = time.monotonic()
+    assert check_url("https://slow.example/hook", STRICT) == "https://slow.example/hook"
+    assert time.monotonic() - started < 1.0 and resolver_that_hangs == ["slow.example"]
+
+
+async def test_registration_waits_for_a_resolver_that_hangs_only_so_long(
+    tmp_path: Path, resolver_that_hangs: list[str]
+) -> None:
+    """A webhook endpoint, or an agent with webhook tools, on names whose look-up never ends is answered as a name
+    that does not resolve yet is (201, left to the connect-time check) within the look-up time limit: once for all
+    of an agent's tools, not once each."""
+    async with start_harness(tmp_path, allow_private_urls=False, allow_http_urls=False) as h:
+        started = time.monotonic()
+        created = await h.post("/v1/webhooks", {"url": "https://slow.example/hook", "events": ["*"]})
+        assert created.status_code == 201, created.text
+        assert time.monotonic() - started < 1.0
+        tools = [
+            {"type": "webhook", "name": f"tool_{n}", "description": "d", "url": f"https://slow{n}.example/t"}
+            for n in range(6)
+        ]
+        started = time.monotonic()
+        agent = await h.post("/v1/agents", {"name": "slow", "openingMessage": "Hi", "tools": tools})
+        assert agent.status_code == 201, agent.text
+        assert time.monotonic() - started < 1.0  # 0.3 s for all six, not 0.3 s each
+        assert resolver_that_hangs[:2] == ["slow.example", "slow0.example"]

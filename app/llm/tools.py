@@ -247,8 +247,10 @@ def schema_problems(parameters: dict[str, Any], field: str) -> list[FieldProblem
 def check_tools(tools: list[Tool], policy: UrlPolicy, *, resolve: guard.Resolver | None = None) -> None:
     """Registration-time rules for an agent's tools, checked before anything is written (off the event loop by
     the API): no webhook tool may take a built-in's name, its `parameters` must be a valid JSON Schema, and its
-    URL must pass the outbound-URL guard. Raises ValidationFailed naming `tools.N.…`."""
+    URL must pass the outbound-URL guard (its DNS look-ups, all together, within `guard.RESOLVE_SECONDS`). Raises
+    ValidationFailed naming `tools.N.…`."""
     problems: list[FieldProblem] = []
+    resolve = resolve or guard.resolver_within()  # one time limit for every tool's look-up, not one each
     for index, tool in enumerate(tools):
         if not isinstance(tool, WebhookTool):
             continue

@@ -15,6 +15,8 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -31,6 +33,10 @@ Resolver = Callable[[str, int], list[str]]
 
 MAX_URL_LENGTH = 2048
 DEFAULT_MAX_CONNECTIONS = 100
+# A registration's DNS look-ups are given this long; one that takes longer counts as a name that does not resolve now.
+RESOLVE_SECONDS = 3.0
+MAX_PENDING_LOOKUPS = 16
+_pending_lookups = threading.BoundedSemaphore(MAX_PENDING_LOOKUPS)
 
 # Dotted-quad with no leading zeros is the only IPv4 spelling we accept; anything else that libc would
 # still read as an address (2130706433, 0x7f000001, 0177.0.0.1, 127.1) is ambiguous across parsers.
@@ -97,8 +103,48 @@ def _literal_ip(host: str) -> IPAddress | None:
 
 
 def _system_resolver(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
+    return _look_up(host, port, time.monotonic() + RESOLVE_SECONDS)
+
+
+def resolver_within(seconds: float | None = None) -> Resolver:
+    """A resolver whose look-ups end, all of them together, within `seconds` (`RESOLVE_SECONDS` by default): for a
+    check of several URLs in one request (an agent's tools), which then waits no longer than a check of one."""
+    deadline = time.monotonic() + (RESOLVE_SECONDS if seconds is None else seconds)
+    return lambda host, port: _look_up(host, port, deadline)
+
+
+def _look_up(host: str, port: int, deadline: float) -> list[str]:
+    """The OS resolver's addresses for `host`, waited for until `deadline` (then TimeoutError, an OSError).
+
+    `getaddrinfo` cannot be cancelled: a look-up still running then is left to end on a daemon thread of its own,
+    which never holds up an exit. At most `MAX_PENDING_LOOKUPS` run at once; one waits for a place until the same
+    deadline, so a resolver that never answers cannot pile up threads."""
+    left = deadline - time.monotonic()
+    if left <= 0 or not _pending_lookups.acquire(timeout=left):
+        raise TimeoutError(f"no time left to look up {host!r}")
+    outcome: list[list[str] | Exception] = []
+
+    def look_up() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            outcome.append([str(info[4][0]) for info in infos])
+        except Exception as exc:  # handed to the caller, who decides
+            outcome.append(exc)
+        finally:
+            _pending_lookups.release()
+
+    worker = threading.Thread(target=look_up, name="parley-dns", daemon=True)
+    try:
+        worker.start()
+    except RuntimeError:  # no thread to be had: give its place back
+        _pending_lookups.release()
+        raise
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if not outcome:
+        raise TimeoutError(f"the DNS look-up of {host!r} did not end in time")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _split(url: str, settings: GuardSettings) -> tuple[str, str, int]:
@@ -141,7 +187,8 @@ def check_url(url: str, settings: GuardSettings, *, resolve: Resolver | None = N
     Refuses non-https URLs unless `settings.allow_http_urls`, and unless `settings.allow_private_urls`:
     loopback, private, link-local, CGNAT, ULA, IPv4-mapped, multicast, reserved and unspecified addresses,
     non-canonical IPv4 spellings, and names that resolve to any such address. A name that does not resolve
-    now is accepted: the connect-time check in `guarded_client` is the one that cannot be bypassed.
+    now, or whose look-up takes over `RESOLVE_SECONDS`, is accepted: the connect-time check in `guarded_client` is
+    the one that cannot be bypassed.
     Blocking (DNS); call it from a thread in async code (`check_url_async`).
     """
     _, host, port = _split(url, settings)
