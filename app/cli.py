@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from app.clock import SystemClock, iso
 from app.config import ConfigError, Settings, listen_address, load_settings
@@ -28,6 +30,9 @@ from app.store import agents as agents_store
 from app.store import orgs
 from app.store.db import BUSY_TIMEOUT_MS, connect_sync, is_busy, write_sync
 from app.store.migrate import MigrationError, migrate
+
+if TYPE_CHECKING:
+    import uvicorn
 
 STARTUP_FAILURE = 3  # the exit status uvicorn gives a server whose start-up failed
 BACKLOG = 2048  # uvicorn's default
@@ -203,6 +208,35 @@ def _unresolved(host: str, port: int) -> list[str]:
     raise OSError("not looked up")
 
 
+def _server(config: uvicorn.Config) -> uvicorn.Server:
+    """uvicorn's server, except that a second Ctrl-C while it stops ends the process at once (`_stop_now`)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                _stop_now()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def _stop_now() -> None:
+    """End the process by SIGINT, now, as a crash would end it, with one log line.
+
+    uvicorn's own answer to a second Ctrl-C (during its drain only: later ones wait out the shutdown) cancels the
+    application's shutdown, whose cut-off clean-up then logs a traceback. Ending at once loses nothing answered:
+    every write is committed (WAL, synchronous=FULL) before its request is answered, and the next start-up settles
+    what was cut off, as after a crash."""
+    logging.getLogger("parley.server").warning(
+        "second Ctrl-C: stopping at once; what was still running is settled at the next start"
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGINT)
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -234,7 +268,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,
             lifespan="on",
         )
-        server = uvicorn.Server(config)
+        server = _server(config)
         try:
             server.run(sockets=sockets)
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on once it has stopped

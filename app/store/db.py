@@ -244,8 +244,9 @@ class Database:
                 await connections[0].close()
                 connections.pop(0)
         finally:
-            # A close cut off (a second Ctrl-C makes uvicorn cancel the shutdown) still tells every connection's
-            # thread to stop once its queued work is done: a thread left waiting keeps the process alive for ever.
+            # A close cut off (a cancelled shutdown: plain uvicorn cancels it on a second Ctrl-C, which `parley serve`
+            # answers by ending at once instead) still tells every connection's thread to stop once its queued work
+            # is done: a thread left waiting keeps the process alive for ever.
             for conn in connections:
                 conn.stop()
             if self._inline is not None:
