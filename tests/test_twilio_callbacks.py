@@ -441,6 +441,37 @@ async def test_a_signed_inbound_without_message_sid_is_400(h: Harness) -> None:
     assert count(h, "messages") == 0
 
 
+class MultiValuedForm(dict[str, str]):
+    """Form parameters with a name given more than once, as the RequestValidator reads them (Flask's `getall`)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+
+    def getall(self, name: str) -> list[str]:
+        return [value for key, value in self.pairs if key == name]
+
+
+async def test_a_signed_callback_with_a_parameter_given_twice_is_accepted(h: Harness) -> None:
+    """Twilio may send a name more than once (its SDKs sign such forms; some of its webhooks do, and it adds
+    parameters without notice): a signed one is Twilio's own, and a 400 would lose the text (Twilio does not
+    retry it). The API's query rule (a repeated parameter is a 400) is not applied here."""
+    pairs = [
+        *inbound_params().items(),
+        ("MessagingBinding.Address", "+15555550101"),
+        ("MessagingBinding.Address", "+1"),
+    ]
+    validator = RequestValidator(h.settings.twilio_auth_token)
+    for signed, status in ((dict(pairs), 403), (MultiValuedForm(pairs), 200)):  # both values are signed, and checked
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": validator.compute_signature(PUBLIC + INBOUND, signed),
+        }
+        response = await h.client.post(INBOUND, content=urlencode(pairs), headers=headers)
+        assert response.status_code == status, response.text
+    assert count(h, "messages WHERE direction = 'inbound'") == 1
+
+
 async def test_a_json_callback_is_refused(h: Harness) -> None:
     body = msgspec.json.encode(inbound_params())
     unsigned = await h.client.post(INBOUND, content=body, headers={"Content-Type": "application/json"})
