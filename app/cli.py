@@ -28,7 +28,7 @@ from app.llm.tools import check_tools
 from app.scheduler import HTTP_DRAIN_SECONDS
 from app.store import agents as agents_store
 from app.store import orgs
-from app.store.db import BUSY_TIMEOUT_MS, connect_sync, is_busy, write_sync
+from app.store.db import BUSY_TIMEOUT_MS, connect_sync, is_busy, is_unwritable, write_sync
 from app.store.migrate import MigrationError, migrate
 
 if TYPE_CHECKING:
@@ -512,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # agents.toml problems and the like: one readable line
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except sqlite3.OperationalError as exc:  # a command's own write found the database locked too long
-        if not is_busy(exc):
+    except sqlite3.OperationalError as exc:  # a command's own write found the database locked too long, or read-only
+        if not (is_busy(exc) or is_unwritable(exc)):
             raise
         print(f"configuration error: {_bad_database(settings, exc)}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import re
@@ -11,6 +12,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 from app.hostnames import is_host_name
 
@@ -182,6 +184,35 @@ def _twilio_credentials(settings: Settings) -> None:
         )
 
 
+_LEADING_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _env_file(path: str | None) -> dict[str, str]:
+    """What a `.env` file sets, read whole or not at all: a file that is not UTF-8 text, or a line that is not
+    `NAME=value`, stops start-up with one line naming the file, the line and its variable (never its value). A line
+    python-dotenv skipped (with a warning) left its variable at the default: for PARLEY_DATABASE, a new, empty
+    database."""
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} must be UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} is not)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            statement = binding.original.string
+            # A statement's text starts with the blank lines before it, which its line number counts from.
+            line = binding.original.line + statement[: len(statement) - len(statement.lstrip())].count("\n")
+            named = _LEADING_NAME.match(statement)
+            what = f" (it starts with {named.group(1)})" if named else ""
+            raise ConfigError(f"{path} line {line} is not NAME=value{what}; its value is not shown")
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     env_file: str | None = ".env",
@@ -193,9 +224,7 @@ def load_settings(
 
     Raise ConfigError on a bad value.
     """
-    values: dict[str, str] = {}
-    if env_file and Path(env_file).is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values = _env_file(env_file)
     dotenv = dict(values)
     values.update(os.environ if environ is None else environ)
 

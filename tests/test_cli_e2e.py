@@ -324,6 +324,53 @@ def test_a_database_that_cannot_be_opened_stops_the_command_with_one_line(
     assert not (tmp_path / "b.db").exists()
 
 
+def made_read_only(database: Path) -> None:
+    """Mark a database read-only in its own header (a file-format write version SQLite does not know, which it opens
+    for reading only): as a file without write permission is, but for root too, whom permissions do not stop."""
+    with database.open("r+b") as file:
+        file.seek(18)
+        file.write(bytes([3]))
+
+
+@pytest.mark.parametrize(
+    "command", [("keys", "create", "--org", "acme"), ("keys", "revoke", "KEY_ID"), ("agents", "sync")]
+)
+def test_a_database_that_cannot_be_written_stops_a_command_that_writes_with_one_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    assert cli(tmp_path, "keys", "create", "--org", "acme").returncode == 0
+    key_id = cli(tmp_path, "keys", "list", "--org", "acme").stdout.split()[0]
+    made_read_only(tmp_path / "data" / "parley.db")
+    result = cli(tmp_path, *[key_id if part == "KEY_ID" else part for part in command])
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and "PARLEY_DATABASE" in line and "readonly" in line, result.stderr
+    assert result.stdout == ""
+    assert cli(tmp_path, "keys", "list", "--org", "acme").stdout.split()[0] == key_id  # reads still work
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"PARLEY_DATABASE: /srv/parley/parley.db\n", "line 1 is not NAME=value (it starts with PARLEY_DATABASE)"),
+        ("# caf\u00e9\nPARLEY_PORT=9100\n".encode("latin-1"), "must be UTF-8 text"),  # an editor's legacy encoding
+        ("PARLEY_PORT=9100\n".encode("utf-16"), "must be UTF-8 text"),  # PowerShell 5's `>` writes UTF-16
+    ],
+)
+def test_a_dot_env_that_cannot_be_read_whole_stops_the_command_with_one_line(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    """A line python-dotenv cannot parse used to be skipped with a warning, leaving its variable at the default (here:
+    a new, empty database); an undecodable file was a traceback."""
+    (tmp_path / ".env").write_bytes(content)
+    result = cli(tmp_path, "migrate")
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and ".env" in line and reason in line, result.stderr
+    assert "/srv/parley" not in line  # a value is never shown: it may be a secret
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("command", [("migrate",), ("serve",)])
 def test_a_database_a_newer_version_migrated_stops_the_command_with_one_line(
     tmp_path: Path, command: tuple[str, ...]

@@ -1317,6 +1317,40 @@ def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
     assert settings.public_url == "http://127.0.0.1:9100"
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("PARLEY_DATABASE: /srv/parley.db\n", "line 1 is not NAME=value (it starts with PARLEY_DATABASE)"),
+        (
+            "PARLEY_PORT=9100\n\nTWILIO_AUTH_TOKEN='s3cr3t\n",
+            "line 3 is not NAME=value (it starts with TWILIO_AUTH_TOKEN)",
+        ),
+        ("PARLEY_PORT=9100\n=s3cr3t\n", "line 2 is not NAME=value;"),
+    ],
+)
+def test_a_dot_env_line_that_is_not_name_equals_value_stops_start_up_naming_its_line(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(content)
+    with pytest.raises(ConfigError) as refused:
+        load_settings({}, str(env_file))
+    assert problem in str(refused.value) and str(env_file) in str(refused.value)
+    assert "s3cr3t" not in str(refused.value) and "/srv" not in str(refused.value)
+
+
+def test_a_dot_env_in_utf8_is_read_with_or_without_a_byte_order_mark_and_any_other_encoding_is_refused(
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / ".env"
+    for text in ("PARLEY_PORT=9100\n", "\ufeffPARLEY_PORT=9100\n", "# caf\u00e9\nexport PARLEY_PORT='9100'  # x\nD\n"):
+        env_file.write_text(text, encoding="utf-8")
+        assert load_settings({}, str(env_file)).port == 9100
+    env_file.write_bytes("# caf\u00e9\nPARLEY_PORT=9100\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"must be UTF-8 text \(byte 0xe9 at offset 5 is not\)"):
+        load_settings({}, str(env_file))
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "fe80::1%eth0", "localhost", "parley-1.lan."])
 def test_a_listen_host_is_an_ip_address_or_a_host_name(host: str) -> None:
     assert load_settings({"PARLEY_HOST": host}, env_file=None).host == host

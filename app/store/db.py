@@ -91,6 +91,17 @@ def is_busy(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
 
 
+UNWRITABLE = frozenset(
+    {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR}
+)
+
+
+def is_unwritable(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite refusing to write the file itself: opened read-only (no write permission, an immutable
+    file, a read-only mount), a full disk, an I/O error."""
+    return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF in UNWRITABLE
+
+
 def _switch_to_wal(conn: sqlite3.Connection) -> None:
     """WAL mode, set once per file. A brand-new file's switch needs it to itself for a moment, and SQLite does not
     wait for that (no busy handler): another process opening the same new file at that instant gets SQLITE_BUSY.
