@@ -28,7 +28,6 @@ from app.observability import loggable_path
 log = logging.getLogger("parley.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
-UNLIMITED_PREFIXES = ("/healthz", "/readyz", "/schema", "/metrics", "/v1/providers/")
 
 
 class TokenBucket:
