@@ -14,6 +14,7 @@ from app.clock import FakeClock
 from tests.conftest import Harness, start_harness
 from tests.provider_doubles import SimulatorHolding
 from tests.seed import SEED_CREATE
+from tests.webhook_receiver import eventually
 
 
 def seed(**changes: Any) -> dict[str, Any]:
@@ -603,6 +604,8 @@ async def test_a_full_last_page_says_there_is_no_next_page(harness: Harness) -> 
         (await harness.post("/v1/sms-conversations", seed(toNumber=f"+1555555021{i}"))).json()["data"]["conversationId"]
         for i in range(2)
     ]
+    # Every event is in: both openings reported delivered (later reports would add events and deliveries).
+    await eventually(lambda: harness.rows("SELECT 1 FROM messages WHERE status = 'delivered'")[1:])
     agents = (await harness.get("/v1/agents")).json()["data"]
     events = (await harness.get("/v1/events", limit=100)).json()["data"]
     deliveries = (await harness.get(f"/v1/webhooks/{hook['data']['id']}/deliveries", limit=100)).json()["data"]
