@@ -76,7 +76,7 @@ class BreaksOnNth(SimulatorProvider):
 class ReportsFailureLater(SimulatorProvider):
     """The simulator, except that its `nth` send is taken (`queued`) and reported `failed` (30003) only when the
     test calls `report_failure`, through the provider's status path; or, with `refuse` set, that send waits
-    for it and is then refused."""
+    for `release` and is then refused."""
 
     def __init__(self, nth: int, *, refuse: bool = False) -> None:
         super().__init__()

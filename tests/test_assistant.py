@@ -449,7 +449,7 @@ async def test_texts_a_turn_left_to_a_person_are_answered_when_the_persons_messa
         posting = asyncio.create_task(
             h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
         )
-        await provider.holding.wait()  # persisted `queued`, on its way
+        await asyncio.wait_for(provider.holding.wait(), 5)  # persisted `queued`, on its way
         await eventually(lambda: h.rows("SELECT COUNT(*) AS n FROM assistant_turns")[0]["n"] == 1)
         await settle(0.2)
         assert replies(h, conversation_id) == []  # the person's message stood for the reply
@@ -479,10 +479,77 @@ async def test_a_persons_message_that_fails_with_nothing_left_unanswered_asks_th
         assert sent.status_code == 201
 
         await provider.report_failure()
-        await settle(0.3)
+        await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE kind = 'assistant_turn'"))  # the turn has run
 
         assert len(llm.requests) == 1
         assert replies(h, conversation_id) == ["Yes, the repair is free."]
+
+
+async def test_a_persons_message_failing_as_the_turn_stops_for_it_does_not_silence_the_text(
+    tmp_path: Path, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    """Before its next model call the turn sees the person's message `queued`, while the report that it failed is
+    being committed: the turn goes on and answers (its webhook call, skipped for the person, answered as not made),
+    rather than being recorded as having answered the text with no reply, its end then closing the conversation
+    with no goodbye."""
+    provider = ReportsFailureLater(2)  # the opening goes out; the operator's message is taken, then fails
+    async with running(tmp_path, llm, provider=provider) as h:
+        agent = await make_agent(h, tools=[webhook_tool(tool_server.url), {"type": "end_conversation"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("lookup_recall", {"recallId": "1"}), ("end_conversation", {"reason": "done"}), delay=0.6)
+        llm.reply("Yes, the repair is free. Bye!")
+        await text_in(h, "Is it free?")
+        await llm.wait_for_requests(1)
+        sent = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        assert sent.status_code == 201
+        reporting: list[asyncio.Task[None]] = []
+
+        def report_with_the_end_stored(sql: str) -> None:
+            # In the write that stores the round's last result, on the event loop: the report is the next write, which
+            # the turn's look before its next model call does not see (it is not committed yet).
+            if not reporting and sql.startswith("UPDATE tool_calls SET result"):
+                reporting.append(asyncio.get_running_loop().create_task(provider.report_failure()))
+
+        h.ctx.db.writer_connection.set_trace_callback(report_with_the_end_stored)
+        try:
+            await (await eventually(lambda: reporting))[0]
+        finally:
+            h.ctx.db.writer_connection.set_trace_callback(None)
+
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, the repair is free. Bye!"]
+        closed = await eventually(lambda: events(h, conversation_id, "sms.conversation_closed"))
+        assert closed[0]["data"]["endReason"] == "agent_ended"
+        assert tool_server.requests == []
+        chat = llm.bodies[1]["messages"]  # every call the model asked for has its result, the skipped one too
+        asked = [c["id"] for m in chat if m["role"] == "assistant" for c in m.get("tool_calls", [])]
+        answered = [m["tool_call_id"] for m in chat if m["role"] == "tool"]
+        assert sorted(answered) == sorted(asked) and len(asked) == 2
+
+
+async def test_a_hand_off_turn_a_person_answered_leaves_its_texts_to_the_person_when_their_message_fails(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """The person took over while the model wrote the hand-off turn's reply (dropped), and their message then failed:
+    the texts a hand-off turn had read are still the person's (README), so the resume answers none of them (the
+    model would take the old request for a person as a new one, and hand off again)."""
+    provider = ReportsFailureLater(2)  # the opening goes out; the operator's message is taken, then fails
+    async with running(tmp_path, llm, provider=provider) as h:
+        agent = await make_agent(h, tools=[{"type": "handoff_to_human"}])
+        conversation_id = await open_conversation(h, agent)
+        llm.call_tools(("handoff_to_human", {"summary": "Wants a person"})).reply("A person will text you.", delay=0.6)
+        await text_in(h, "I want a person")
+        await llm.wait_for_requests(2)  # handed off; the model is writing the reply
+        sent = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Sam here."})
+        assert sent.status_code == 201
+        await eventually(lambda: h.rows("SELECT COUNT(*) AS n FROM assistant_turns")[0]["n"] == 1)
+        await provider.report_failure()
+
+        llm.reply("I'll get you a person.")
+        assert (await h.post(f"/v1/sms-conversations/{conversation_id}/resume")).status_code == 200
+        await eventually(lambda: not h.rows("SELECT 1 FROM jobs WHERE kind = 'assistant_turn'"))
+
+        assert len(llm.requests) == 2
+        assert replies(h, conversation_id) == []
 
 
 async def test_a_person_answering_while_the_model_is_retried_stops_the_retries(h: Harness, llm: FakeLLM) -> None:

@@ -199,24 +199,33 @@ class Assistant:
         turn_id = new_id()
         seen = snapshot.last_seq
 
+        def drop(conn: sqlite3.Connection) -> bool:
+            """When a person answered these texts while the model was thinking, record the turn as over with its reply
+            dropped (the person took over; an end the model asked for, in this run or one a stop cut off, is dropped
+            with it) and return True. Recorded as `dropped`, so that should the person's message then fail to reach
+            the phone, the texts are answered after all (`lifecycle.note_status`); not a turn that handed off: the
+            texts it had read stay the person's (a resume does not answer them)."""
+            if not store.operator_wrote_after(conn, conversation.id, seen):
+                return False
+            current = store.get(conn, conversation.id)
+            handed_off = current is not None and current.assistant_paused
+            now = ctx.clock.now_ms()
+            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, now, dropped=not handed_off)
+            store.set_end_requested(conn, conversation.id, None)
+            return True
+
         def record(conn: sqlite3.Connection) -> tuple[bool, bool]:
-            """Record the turn: (send the reply, then end the conversation). Nothing is sent when a person answered
-            these texts while the model was thinking: the person took over, and an end the model asked for (in
-            this run or one a stop cut off) is dropped with the reply. Such a turn is recorded as dropped: should
-            the person's message then fail to reach the phone, the texts are answered after all (`lifecycle.
-            person_unreached`)."""
-            dropped = store.operator_wrote_after(conn, conversation.id, seen)
-            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, ctx.clock.now_ms(), dropped=dropped)
-            if dropped:
-                store.set_end_requested(conn, conversation.id, None)
+            """Record the turn: (send the reply, then end the conversation); (False, False) when it is dropped."""
+            if drop(conn):
                 return False, False
+            tool_calls_store.record_turn(conn, turn_id, conversation.id, seen, ctx.clock.now_ms())
             return True, store.end_requested(conn, conversation.id)
 
         rounds = snapshot.rounds_made  # a run after a stop goes on with the rounds the cut-off run used
         while True:
             # Before every model call, retries included: a closed conversation cancels the turn, and texts a person
             # answered meanwhile are theirs (the turn's reply would be dropped).
-            if await self._stopped(conversation.id, seen, record):
+            if await self._stopped(conversation.id, seen, drop):
                 return
             last_chance = rounds >= settings.max_tool_rounds
             try:
@@ -252,7 +261,10 @@ class Assistant:
                     log.info("conversation %s closed during its assistant turn; no further calls", conversation.id)
                     return
                 if why == "operator" and tools.kind_of(settings, call.name)[0] == "webhook":
-                    continue  # not called, nor shown to the model: the turn stops before its next model call
+                    # Not called: the turn stops before its next model call, unless the person's message fails
+                    # meanwhile, when the model is told the call was not made (every call asked for needs a result).
+                    chat.append(prompt.tool_result_message(call.call_id, prompt.NOT_CALLED_RESULT))
+                    continue
                 done = await self._run_tool(
                     snapshot, turn_id, call, round_=rounds, position=position, assistant_content=answer.content
                 )
@@ -425,16 +437,15 @@ class Assistant:
 
         return self.ctx.db.read_now(look)
 
-    async def _stopped(
-        self, conversation_id: str, seen: int, record: Callable[[sqlite3.Connection], tuple[bool, bool]]
-    ) -> bool:
+    async def _stopped(self, conversation_id: str, seen: int, drop: Callable[[sqlite3.Connection], bool]) -> bool:
         """Whether the turn stops before its next model call (`_why_stop`). Stopped by a person's answer, the turn is
-        recorded, as one whose reply is dropped (an end the model asked for is dropped with it)."""
+        recorded as one whose reply is dropped (`drop`, which looks again in its write: a person's message that
+        failed since the look answered nothing, and the turn goes on)."""
         why = self._why_stop(conversation_id, seen)
         if why is None:
             return False
-        if why == "operator":
-            await self.ctx.db.write(record)
+        if why == "operator" and not await self.ctx.db.write(drop):
+            return False
         log.info("%s during the assistant turn of conversation %s; no further calls, no reply", why, conversation_id)
         return True
 

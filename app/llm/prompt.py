@@ -21,6 +21,9 @@ OPENING_INSTRUCTION = (
     " at most {limit} characters."
 )
 INTERRUPTED_RESULT = json.dumps({"error": "the tool call was interrupted before it finished"})
+# What the model is told of a webhook call a turn skipped because a person answered the customer meanwhile, when that
+# person's message then turned out not to reach the phone and the turn went on.
+NOT_CALLED_RESULT = json.dumps({"error": "the tool was not called; call it again if it is still needed"})
 _T = TypeVar("_T", bound=tuple[Any, ...])
 _THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _CLOSE = re.compile(r"</think>", re.IGNORECASE)

@@ -108,7 +108,8 @@ def record_turn(
     conn: sqlite3.Connection, turn_id: str, conversation_id: str, after_seq: int, now_ms: int, *, dropped: bool = False
 ) -> None:
     """A turn reached its reply, having seen the conversation up to message `after_seq`; `dropped` when a person's
-    message answered those texts instead (the reply is not sent)."""
+    message answered those texts instead (the reply is not sent) and they are the assistant's again should that
+    message fail (not for a turn that handed off: its texts stay the person's)."""
     conn.execute(
         "INSERT INTO assistant_turns (id, conversation_id, after_seq, created_at, dropped) VALUES (?, ?, ?, ?, ?)",
         (turn_id, conversation_id, after_seq, now_ms, int(dropped)),
