@@ -465,6 +465,29 @@ async def test_texts_a_turn_left_to_a_person_are_answered_when_the_persons_messa
         assert len(llm.requests) == 2
 
 
+async def test_a_persons_message_failing_while_the_turn_waits_for_more_texts_keeps_the_wait(
+    tmp_path: Path, llm: FakeLLM
+) -> None:
+    """The failure hands the texts back to the turn already waiting out its debounce: it still waits, and answers the
+    burst with one reply, not the first text at once and the next one after."""
+    provider = ReportsFailureLater(2)  # the opening goes out; the operator's message is taken, then fails
+    async with running(tmp_path, llm, provider=provider) as h:
+        agent = await make_agent(h, replyDebounceMs=1000)
+        conversation_id = await open_conversation(h, agent)
+        llm.reply("Yes, and it takes an hour.")
+        await text_in(h, "Is it free?")
+        sent = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "A person here."})
+        assert sent.status_code == 201
+        await provider.report_failure()
+        await text_in(h, "And how long does it take?")
+
+        assert await eventually(lambda: replies(h, conversation_id)) == ["Yes, and it takes an hour."]
+        await settle(0.3)
+        assert len(llm.requests) == 1
+        texts = [m["content"] for m in llm.bodies[0]["messages"] if m["role"] == "user"]
+        assert texts == ["Is it free?\nAnd how long does it take?"]  # one turn read both
+
+
 async def test_a_persons_message_that_fails_with_nothing_left_unanswered_asks_the_model_nothing(
     tmp_path: Path, llm: FakeLLM
 ) -> None:

@@ -66,12 +66,12 @@ def schedule_earliest(conn: sqlite3.Connection, kind: str, ref: str, due_at: int
 
 
 def run_soon(conn: sqlite3.Connection, kind: str, ref: str, now_ms: int) -> None:
-    """Have the (kind, ref) job run as soon as it can: created due now, moved earlier (never later), or, when it is
-    claimed (running), released so that it runs again once it ends; the scheduler is woken."""
+    """Have the (kind, ref) job run: created due now; one already waiting keeps its time (an assistant turn's
+    debounce still gathers a burst of texts); one claimed (running) is released, so that it runs again once it
+    ends. The scheduler is woken."""
     conn.execute(
         "INSERT INTO jobs (kind, ref, due_at) VALUES (?, ?, ?)"
-        " ON CONFLICT (kind, ref) DO UPDATE SET due_at = MIN(due_at, excluded.due_at), lease_until = NULL,"
-        " attempts = 0",
+        " ON CONFLICT (kind, ref) DO UPDATE SET lease_until = NULL, attempts = 0",
         (kind, ref, now_ms),
     )
     wake(conn)
