@@ -295,7 +295,19 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_database(settings: Settings, what: str) -> bool:
+    """Whether there is nothing at PARLEY_DATABASE to read (said in one line): opening it would create an empty
+    database, and a mistyped path would then list nothing, or find no key, and leave a stray database behind. (Something
+    there that is no database, a directory say, is the one-line configuration error of `_connect`.)"""
+    if Path(settings.database).exists():
+        return False
+    print(f"no database {what} at PARLEY_DATABASE={settings.database}", file=sys.stderr)
+    return True
+
+
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    if args.keys_command != "create" and _no_database(settings, f"to {args.keys_command} keys in"):
+        return 1
     conn = _open(settings)
     try:
         if args.keys_command == "create":
@@ -334,6 +346,8 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_agents(settings: Settings, args: argparse.Namespace) -> int:
     if args.agents_command == "sync":
         _check_agents_file(settings)
+    elif _no_database(settings, "to list agents from"):
+        return 1
     conn = _open(settings)
     try:
         if args.agents_command == "sync":
@@ -357,9 +371,7 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     if target.exists():
         print(f"refusing to overwrite {target}", file=sys.stderr)
         return 1
-    if not Path(settings.database).is_file():
-        # Opening it would create an empty database, and its "backup" would hide a mistyped path.
-        print(f"no database to back up at PARLEY_DATABASE={settings.database}", file=sys.stderr)
+    if _no_database(settings, "to back up"):  # its "backup" would hide a mistyped path
         return 1
     source = _connect(settings)
     # Written beside the target and put in its place only once whole and checked: a failed or interrupted backup

@@ -126,6 +126,25 @@ def test_keys_commands(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (("keys", "list", "--org", "acme"), "no database to list keys in"),
+        (("keys", "revoke", "KEY_ID"), "no database to revoke keys in"),
+        (("agents", "list"), "no database to list agents from"),
+    ],
+)
+def test_a_command_that_only_reads_a_mistyped_database_path_says_so_and_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...], said: str
+) -> None:
+    assert cli(tmp_path, "keys", "create", "--org", "acme").returncode == 0
+    mistyped = tmp_path / "data" / "parley-typo.db"
+    result = cli(tmp_path, *command, PARLEY_DATABASE=str(mistyped))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"{said} at PARLEY_DATABASE={mistyped}"
+    assert not mistyped.exists()
+
+
+@pytest.mark.parametrize(
     "flags", [("--org", ""), ("--org", "a\nb"), ("--name", ""), ("--name", "ops\nforged line"), ("--name", "a\u2028b")]
 )
 def test_keys_create_refuses_an_empty_name_or_one_with_a_control_character(
@@ -306,7 +325,7 @@ BAD_DATABASES = ["/proc/nope/parley.db", "a-directory", "not-a-database.txt"]
     ("command", "bad"),
     [
         *((("serve",), bad) for bad in BAD_DATABASES),
-        *((("keys", "list", "--org", "acme"), bad) for bad in BAD_DATABASES),
+        *((("keys", "list", "--org", "acme"), bad) for bad in BAD_DATABASES[1:]),  # the first is missing: exit 1
         (("migrate",), "a-directory"),
         (("agents", "sync"), "/proc/nope/parley.db"),
         (("backup", "b.db"), "not-a-database.txt"),
