@@ -56,7 +56,8 @@ class Recorded:
 @dataclass
 class Action:
     """One scripted answer. kind: `status` (answer `status` with `body`, create nothing),
-    `create_then_status` (create, then answer `status`), `delay` (create, answer after `seconds`),
+    `create_then_status` (create, then answer `status`), `delay` (create, answer after `seconds`; for a list or a
+    fetch, answer after `seconds`),
     `drop` (create, close the connection unanswered), `drop_before` (close without creating), `drip` (create,
     then send the answer's body one byte every `seconds`)."""
 
@@ -305,8 +306,11 @@ class _Handler(BaseHTTPRequestHandler):
             elif action.kind == "drip":
                 self._drip(message, action.seconds)
             return
+        if action is not None and action.kind == "delay":  # a list or a fetch answered late (a send's is above)
+            time.sleep(action.seconds)
         if route == "list":
-            self._json(200, self.fake.listing(query))
+            with contextlib.suppress(OSError):  # the client may have given up
+                self._json(200, self.fake.listing(query))
             return
         sid = parts.path.rsplit("/", 1)[1].removesuffix(".json")
         with self.fake._lock:

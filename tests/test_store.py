@@ -18,7 +18,7 @@ import pytest
 
 from app.clock import FakeClock
 from app.config import ConfigError, load_settings
-from app.domain import messaging
+from app.domain import conversations, messaging
 from app.domain.ids import new_signing_secret
 from app.providers.base import SendAccepted, SendRequest, StatusReport
 from app.providers.simulator import SimulatorProvider
@@ -826,9 +826,12 @@ class ProviderThatCannotSay(SimulatorProvider):
         raise RuntimeError("provider unreachable")
 
 
-async def test_a_number_whose_opening_may_have_gone_out_stays_its_organizations(tmp_path: Path) -> None:
+async def test_a_number_whose_opening_may_have_gone_out_stays_its_organizations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A crash cut off the send and the provider cannot say whether it took it: the opening may have gone out from
     the number, so later refused creates do not give it back."""
+    monkeypatch.setattr(conversations, "LOOKUP_RETRY_WAITS", (0.01, 0.01))  # the production 1 s and 3 s, shrunk
     hanging = HangingProvider()
     async with start_harness(tmp_path, provider=hanging) as first:
         task = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE))

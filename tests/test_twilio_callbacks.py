@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -19,10 +21,11 @@ from twilio.request_validator import RequestValidator
 
 from app.api.providers import EMPTY_TWIML
 from app.clock import FakeClock
-from app.domain import housekeeping, messaging
+from app.domain import conversations, housekeeping, messaging
 from app.domain.inbound import InboundResult, InboundSms
 from app.providers.twilio import TwilioProvider
 from app.store import conversations as conversation_store
+from app.store import db as db_module
 from tests.conftest import Harness, start_harness
 from tests.fake_twilio import Action, FakeTwilio, running_fake
 from tests.provider_doubles import HangingProvider
@@ -686,13 +689,22 @@ async def test_a_message_twilio_leaves_at_sent_is_looked_up_less_often_then_not_
 async def crash_mid_send(tmp_path: Path, key: str) -> str:
     """Leave the database as a kill during the opening's POST does: the conversation `pending`, its message
     `queued` with no Twilio sid. Returns the API key used."""
+    return await crash_mid_sends(tmp_path, {key: CUSTOMER})
+
+
+async def crash_mid_sends(tmp_path: Path, creates: dict[str, str]) -> str:
+    """`crash_mid_send` for several creates at once, by Idempotency-Key: the number each one texts."""
     hanging = HangingProvider()
     async with start_harness(tmp_path, provider=hanging) as first:
-        request = asyncio.create_task(first.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": key}))
-        await asyncio.wait_for(hanging.called.wait(), 5)
+        requests = [
+            asyncio.create_task(
+                first.post("/v1/sms-conversations", {**SEED_CREATE, "toNumber": to}, **{"Idempotency-Key": key})
+            )
+            for key, to in creates.items()
+        ]
+        await eventually(lambda: count(first, "conversations WHERE status = 'pending'") == len(creates))
         api_key = first.key()
-        assert first.rows("SELECT status FROM conversations")[0][0] == "pending"
-    await asyncio.gather(request, return_exceptions=True)
+    await asyncio.gather(*requests, return_exceptions=True)
     conn = sqlite3.connect(tmp_path / "parley.db")
     with conn:  # as a kill leaves it (the harness's own shutdown settled the send as failed)
         conn.execute("UPDATE conversations SET status = 'pending', ended_at = NULL, end_reason = NULL")
@@ -725,8 +737,9 @@ async def test_an_opening_twilio_took_before_a_crash_is_kept_and_a_retry_sends_n
 
 
 async def test_an_opening_whose_fate_twilio_cannot_tell_after_a_crash_is_not_resent(
-    tmp_path: Path, fake_twilio: FakeTwilio
+    tmp_path: Path, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(conversations, "LOOKUP_RETRY_WAITS", (0.01, 0.01))  # the production 1 s and 3 s, shrunk
     api_key = await crash_mid_send(tmp_path, "crash-unknown")
     fake_twilio.script("list", *[Action("status", status=503)] * 10)
 
@@ -740,4 +753,149 @@ async def test_an_opening_whose_fate_twilio_cannot_tell_after_a_crash_is_not_res
     assert tuple(message) == ("failed", "provider_outcome_unknown")
     assert retry.status_code == 502, retry.text
     assert retry.json()["error"]["providerCode"] == "provider_outcome_unknown"
+    assert fake_twilio.sends() == []
+    assert fake_twilio.routes() == ["list"] * (len(conversations.LOOKUP_RETRY_WAITS) + 1)  # asked again, in vain
+
+
+async def test_an_opening_twilio_took_is_kept_when_its_first_look_up_after_a_crash_fails(
+    tmp_path: Path, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One 503 from Twilio's list at start-up does not decide the create: asked again a moment later, Twilio shows
+    the opening it took, and the conversation goes on (it was closed as `provider_outcome_unknown`, its customer
+    texted an opening by a conversation that no longer answered)."""
+    monkeypatch.setattr(conversations, "LOOKUP_RETRY_WAITS", (0.05, 0.05))  # the production 1 s and 3 s, shrunk
+    api_key = await crash_mid_send(tmp_path, "crash-blip")
+    fake_twilio.create({"To": CUSTOMER, "From": OURS, "Body": SEED_CREATE["welcomeMessage"]})
+    fake_twilio.script("list", Action("status", status=503))
+
+    async with twilio_harness(tmp_path, fake_twilio) as h:
+        h.keys["acme"] = api_key
+        conversation = h.rows("SELECT status, end_reason FROM conversations")[0]
+        retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "crash-blip"})
+
+    assert tuple(conversation) == ("in_progress", None)
+    assert retry.status_code == 201, retry.text
+    assert fake_twilio.routes() == ["list", "list"] and fake_twilio.sends() == []
+
+
+async def test_a_create_whose_outcome_could_not_be_written_is_settled_while_the_server_runs(
+    tmp_path: Path, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twilio took the opening, but the write of the create's outcome failed (here another process held the database
+    past the busy timeout; a full disk does the same): the create answered 500 and left its conversation `pending`
+    and its key held, and only a restart settled them (a retry got 409 `idempotency_in_progress` for a day, an
+    operator's message 409 `conversation_pending`). Housekeeping settles it once it is older than any create takes."""
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 200)  # the production 10 s, shrunk for the test
+    clock = FakeClock(start_ms=int(time.time() * 1000))  # Twilio's list dates its messages by the wall clock
+    fake_twilio.script("send", Action("delay", seconds=1.0))
+    async with twilio_harness(tmp_path, fake_twilio, clock=clock) as h:
+        create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stalled"}))
+        await eventually(lambda: count(h, "conversations WHERE status = 'pending'") == 1)
+        other = sqlite3.connect(h.settings.database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # held while Twilio answers and the create writes its outcome
+        assert (await create).status_code == 500
+        other.execute("ROLLBACK")
+        other.close()
+        (conversation_id,) = [row[0] for row in h.rows("SELECT id FROM conversations WHERE status = 'pending'")]
+        early = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stalled"})
+        assert early.json()["error"]["code"] == "idempotency_in_progress"
+
+        await clock.advance(conversations.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next pass
+        await eventually(lambda: count(h, "conversations WHERE status = 'in_progress'") == 1)
+        retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stalled"})
+        operator = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Still there?"})
+        sent = event_types(h, conversation_id).count("sms.message_sent")
+
+    assert retry.status_code == 201, retry.text
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json()["data"]["providerMessageId"] in fake_twilio.messages
+    assert operator.status_code == 201, operator.text
+    assert sent == 2  # the opening's, emitted by the settling, and the operator message's
+    assert [r.form["Body"] for r in fake_twilio.sends()] == [SEED_CREATE["welcomeMessage"], "Still there?"]
+
+
+async def test_a_send_whose_outcome_could_not_be_written_is_settled_while_the_server_runs(
+    tmp_path: Path, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's message Twilio took, whose outcome could not be written: the POST answered 500, and with no
+    status callback the message stayed `queued` with no SID and no `sms.message_sent` until a restart. Housekeeping
+    settles it as start-up would, once it is older than any send takes."""
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 200)  # the production 10 s, shrunk for the test
+    clock = FakeClock(start_ms=int(time.time() * 1000))  # Twilio's list dates its messages by the wall clock
+    async with twilio_harness(tmp_path, fake_twilio, clock=clock) as h:
+        conversation_id, _, _ = await open_conversation(h)
+        fake_twilio.script("send", Action("delay", seconds=1.0))
+        path = f"/v1/sms-conversations/{conversation_id}/messages"
+        send = asyncio.create_task(h.post(path, {"content": "Still there?"}))
+        await eventually(lambda: count(h, "messages WHERE author = 'operator'") == 1)
+        other = sqlite3.connect(h.settings.database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # held while Twilio answers and the send writes its outcome
+        assert (await send).status_code == 500
+        other.execute("ROLLBACK")
+        other.close()
+        operator = "SELECT id, status, provider_message_id FROM messages WHERE author = 'operator'"
+
+        await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next pass
+        (row,) = await eventually(lambda: [r for r in h.rows(operator) if r["provider_message_id"] is not None])
+        events = [
+            json.loads(r["payload"])["data"]["messageId"]
+            for r in h.rows("SELECT payload FROM events WHERE type = 'sms.message_sent'")
+        ]
+
+    assert [r.form["Body"] for r in fake_twilio.sends()][1:] == ["Still there?"]  # sent once, not again
+    assert row["provider_message_id"] in fake_twilio.messages
+    assert row["status"] == "queued"  # as Twilio answered the look-up; its callbacks move it on
+    assert events.count(row["id"]) == 1
+
+
+async def test_a_slow_twilio_holds_start_up_once_not_once_per_interrupted_create(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    """Eight creates cut off mid-send, and a Twilio that takes half a second over each look-up: start-up asks about
+    them side by side (it took that long per create, the server answering nothing meanwhile). Each is settled as
+    before: the ones Twilio took go on, the others are closed and their keys freed."""
+    numbers = [f"+1555555{n:04d}" for n in range(8)]
+    api_key = await crash_mid_sends(tmp_path, {number: number for number in numbers})
+    taken = numbers[:4]
+    for number in taken:
+        fake_twilio.create({"To": number, "From": OURS, "Body": SEED_CREATE["welcomeMessage"]})
+    fake_twilio.script("list", *[Action("delay", seconds=0.5)] * len(numbers))
+
+    started = time.monotonic()
+    async with twilio_harness(tmp_path, fake_twilio) as h:
+        took = time.monotonic() - started
+        h.keys["acme"] = api_key
+        settled = dict(h.rows("SELECT to_number, status FROM conversations"))
+        retry = await h.post(
+            "/v1/sms-conversations", {**SEED_CREATE, "toNumber": numbers[-1]}, **{"Idempotency-Key": numbers[-1]}
+        )
+
+    assert took < 2.5, took  # 4 s one after another
+    assert settled == {number: "in_progress" if number in taken else "closed" for number in numbers}
+    assert retry.status_code == 201 and "idempotent-replayed" not in retry.headers  # its key was freed: it ran
+    assert fake_twilio.routes().count("list") == len(numbers)
+
+
+async def test_a_twilio_that_hangs_holds_start_up_for_its_bound_not_per_interrupted_create(
+    tmp_path: Path, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twilio accepts the look-ups and never answers: each one would take the client's 15 s read timeout, one after
+    another (two creates were already 30 s of start-up). Start-up gives them LOOKUP_SECONDS in all, and the
+    openings still without an answer then are ones Twilio cannot say about: closed, their keys replaying the 502."""
+    monkeypatch.setattr(conversations, "LOOKUP_SECONDS", 1.0)  # the production 20 s, shrunk for the test
+    api_key = await crash_mid_sends(tmp_path, {"hang-1": CUSTOMER, "hang-2": "+15555550777"})
+    fake_twilio.script("list", *[Action("delay", seconds=20.0)] * 2)
+
+    started = time.monotonic()
+    async with twilio_harness(tmp_path, fake_twilio) as h:
+        took = time.monotonic() - started
+        h.keys["acme"] = api_key
+        settled = [tuple(row) for row in h.rows("SELECT status, end_reason FROM conversations")]
+        errors = [row[0] for row in h.rows("SELECT error_code FROM messages")]
+        retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "hang-1"})
+
+    assert took < 5.0, took
+    assert settled == [("closed", "opening_message_failed")] * 2
+    assert errors == ["provider_outcome_unknown"] * 2
+    assert retry.status_code == 502 and retry.json()["error"]["providerCode"] == "provider_outcome_unknown"
     assert fake_twilio.sends() == []

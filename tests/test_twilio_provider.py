@@ -462,10 +462,10 @@ async def test_a_send_that_fails_unexpectedly_keeps_its_message_from_an_identica
     accept = provider._accept
     failures = [RuntimeError("a bug reading the answer")]
 
-    def accept_failing_once(data: dict) -> object:
+    def accept_failing_once(data: dict, message_id: str) -> object:
         if failures:
             raise failures.pop()
-        return accept(data)
+        return accept(data, message_id)
 
     monkeypatch.setattr(provider, "_accept", accept_failing_once)
     sending = asyncio.create_task(provider.send(request()))
@@ -476,6 +476,20 @@ async def test_a_send_that_fails_unexpectedly_keeps_its_message_from_an_identica
     accepted = await sending
     assert list(fake_twilio.messages) == [accepted.provider_message_id]
     assert await looking is None
+
+
+async def test_a_look_up_finds_the_message_its_own_send_took_and_no_other_message_does(
+    provider: TwilioProvider, fake_twilio: FakeTwilio
+) -> None:
+    """Twilio took a send whose outcome could not be written (housekeeping then asks about it while the process runs):
+    the look-up finds the SID that send claimed for the message (it found none, and the create was closed as never
+    sent, its retry texting the customer twice); an identical text of another message still cannot take it."""
+    accepted = await provider.send(request())
+    found = await provider.find_sent(outbound(created_at=int(time.time() * 1000)))
+    assert found is not None and found.provider_message_id == accepted.provider_message_id
+    other = outbound(id="5b2c0f4e-1d2a-4e3f-8a9b-0c1d2e3f4a5b", created_at=int(time.time() * 1000))
+    assert await provider.find_sent(other) is None
+    assert fake_twilio.routes() == ["send", "list", "list"]
 
 
 async def test_an_answer_trickling_in_is_cut_off_as_a_whole_and_the_send_looked_up(fake_twilio: FakeTwilio) -> None:

@@ -43,7 +43,7 @@ from app.domain.types import (
     sms_text_problem,
     whole,
 )
-from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted
+from app.providers.base import OUTCOME_UNKNOWN, ProviderRejected, SendAccepted, SendOutcomeUnknown
 from app.scheduler import IDLE_RECHECK_SECONDS
 from app.store import agents as agents_store
 from app.store import conversations as store
@@ -52,6 +52,18 @@ from app.store import idempotency, opt_outs, sender_numbers
 log = logging.getLogger("parley.conversations")
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
+# Start-up asks the provider about the openings of interrupted creates before the server takes requests (and
+# housekeeping about stalled ones, below). Asked one after another, each bounded only by the provider's own timeouts
+# (Twilio: 15 s for an answer that does not come), a provider that hangs held start-up that long per create. They are
+# asked this many at a time, one the provider could not answer is asked again after each of these waits (seconds: a
+# passing error does not decide it), and all of it within this many seconds of wall time: an opening still without
+# an answer then is one the provider could not say about.
+LOOKUPS_AT_ONCE = 8
+LOOKUP_RETRY_WAITS = (1.0, 3.0)
+LOOKUP_SECONDS = 20.0
+# A create whose outcome could not be written (the write failed) left its conversation `pending` and its key held
+# until a restart. Housekeeping settles one as old as a message that stalled so (`messaging.STALLED_AFTER_MS`).
+STALLED_AFTER_MS = messaging.STALLED_AFTER_MS
 UUID_PATTERN = whole(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}", "a UUID")
 
 
@@ -525,18 +537,75 @@ async def recover_interrupted(ctx: Context) -> int:
     it, and its Idempotency-Key replays a 201 (a retry sends nothing twice). If it did not, the conversation is
     closed as `opening_message_failed` and the key released, so the retry runs. If the provider cannot say, the
     conversation is closed and the key keeps a 502 `provider_outcome_unknown`: a missing SMS can be sent again,
-    a duplicate cannot be taken back.
+    a duplicate cannot be taken back. The look-ups run side by side, a few at a time, each asked again a couple of
+    times while the provider cannot say, and all within LOOKUP_SECONDS: a provider that hangs holds start-up
+    up that long, not that long for every interrupted create.
     """
-    stuck = await ctx.db.read(
-        lambda c: [(conversation, _unsettled_opening(c, conversation)) for conversation in store.interrupted_creates(c)]
-    )
-    for conversation, message in stuck:
-        accepted, unknown = await messaging.ask_provider(ctx, message) if message is not None else (None, None)
-        await ctx.db.write(functools.partial(_settle_interrupted, ctx, conversation, message, accepted, unknown))
+    stuck = await _settle_cut_off(ctx, None)
     await ctx.db.write(idempotency.release_orphaned)  # taken before a model-written opening that never got persisted
     if stuck:
-        log.warning("recovered %d conversation(s) interrupted before their opening SMS was settled", len(stuck))
+        log.warning("recovered %d conversation(s) interrupted before their opening SMS was settled", stuck)
+    return stuck
+
+
+async def recover_stalled(ctx: Context) -> int:
+    """While the server runs (housekeeping): a create whose outcome could not be written left its conversation
+    `pending` (a retry got 409 `idempotency_in_progress`, an operator's message 409 `conversation_pending`, and the
+    customer's replies reached no one) until the next start-up. One created more than STALLED_AFTER_MS ago, longer
+    than any create takes, is settled as start-up settles an interrupted one."""
+    stuck = await _settle_cut_off(ctx, ctx.clock.now_ms() - STALLED_AFTER_MS)
+    if stuck:
+        log.warning("settled %d create(s) whose outcome could not be recorded", stuck)
+    return stuck
+
+
+async def _settle_cut_off(ctx: Context, created_before: int | None) -> int:
+    """Ask the provider about the openings of `store.interrupted_creates` and settle each create by its answer."""
+    stuck = await ctx.db.read(
+        lambda c: [
+            (conversation, _unsettled_opening(c, conversation))
+            for conversation in store.interrupted_creates(c, created_before)
+        ]
+    )
+    answers = await _ask_about(ctx, [message for _, message in stuck if message is not None])
+    for conversation, message in stuck:
+        accepted, unknown = answers[message.id] if message is not None else (None, None)
+        await ctx.db.write(functools.partial(_settle_interrupted, ctx, conversation, message, accepted, unknown))
     return len(stuck)
+
+
+async def _ask_about(
+    ctx: Context, openings: list[Message]
+) -> dict[str, tuple[SendAccepted | None, ProviderRejected | None]]:
+    """The provider's word on each interrupted opening, by message id (`messaging.ask_provider`'s answers), within
+    LOOKUP_SECONDS of wall time (at start-up the server takes no request meanwhile)."""
+    slots = asyncio.Semaphore(LOOKUPS_AT_ONCE)
+    asking = {message.id: asyncio.create_task(_ask_until_answered(ctx, message, slots)) for message in openings}
+    if asking:
+        await asyncio.wait(asking.values(), timeout=LOOKUP_SECONDS)
+    cut_off = [task for task in asking.values() if not task.done()]
+    for task in cut_off:
+        task.cancel()
+    await asyncio.gather(*cut_off, return_exceptions=True)
+    no_answer = SendOutcomeUnknown(
+        OUTCOME_UNKNOWN, f"the provider did not say whether it took the message within {LOOKUP_SECONDS:g} s"
+    )
+    return {message_id: (None, no_answer) if task.cancelled() else task.result() for message_id, task in asking.items()}
+
+
+async def _ask_until_answered(
+    ctx: Context, message: Message, slots: asyncio.Semaphore
+) -> tuple[SendAccepted | None, ProviderRejected | None]:
+    """`messaging.ask_provider`, holding one of `slots` while it asks; a look-up the provider could not answer is
+    made again after each of LOOKUP_RETRY_WAITS (the slot given back meanwhile), and the last answer stands."""
+    for wait in LOOKUP_RETRY_WAITS:
+        async with slots:
+            accepted, unknown = await messaging.ask_provider(ctx, message)
+        if unknown is None:
+            return accepted, unknown
+        await asyncio.sleep(wait)  # wall time, as the bound above: what start-up takes, not the clock's to fake
+    async with slots:
+        return await messaging.ask_provider(ctx, message)
 
 
 def _settle_interrupted(

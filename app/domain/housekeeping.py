@@ -1,11 +1,12 @@
-"""Periodic upkeep: reconcile outbound messages stuck in a non-terminal status, expire idempotency keys."""
+"""Periodic upkeep: reconcile outbound messages stuck in a non-terminal status, settle creates and sends whose
+outcome could not be recorded, expire idempotency keys."""
 
 from __future__ import annotations
 
 import logging
 import sqlite3
 
-from app.domain import messaging
+from app.domain import conversations, messaging
 from app.domain.context import Context
 from app.domain.models import Message
 from app.providers.base import ProviderUnavailable
@@ -70,6 +71,8 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
 
 async def run(ctx: Context, job: Job) -> int:
     await reconcile_stale_statuses(ctx)
+    await conversations.recover_stalled(ctx)  # the creates first: their openings are among the stalled messages
+    await messaging.recover_stalled(ctx)
     now = ctx.clock.now_ms()
     await ctx.db.write(lambda c: idempotency.purge_expired(c, now), long=True)  # can be a day of keys
     return now + INTERVAL_MS

@@ -42,6 +42,10 @@ INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before 
 # Start-up recovery asks a provider that could not say whether it took a message again after these waits
 # (seconds), so a passing outage does not settle the message as `provider_outcome_unknown`.
 RECOVERY_WAITS = (5.0, 30.0, 120.0)
+# A send whose outcome could not be written (the write failed: a full disk, another process holding the database past
+# the busy timeout) left its message `queued` with no provider id until a restart. Housekeeping settles one this old
+# as start-up would: a send takes a few minutes at most (Twilio: four tries of 30 s and a look-up).
+STALLED_AFTER_MS = 10 * 60_000
 
 
 def new_outbound(
@@ -313,6 +317,21 @@ async def recover_unsent(ctx: Context, unsent: list[Message]) -> int:
     if settled:
         log.warning("settled %d outbound message(s) whose send a stop or crash cut off", settled)
     return settled
+
+
+async def recover_stalled(ctx: Context) -> int:
+    """While the server runs (housekeeping): `recover_unsent` for the outbound messages persisted more than
+    STALLED_AFTER_MS ago and still `queued` with no provider id, longer than any send takes (the write of the
+    send's outcome failed). Not the opening of a create still unsettled (settling its create starts or closes its
+    conversation: `conversations.recover_stalled`), nor a message of a conversation start-up is still settling."""
+    before, recovering = ctx.clock.now_ms() - STALLED_AFTER_MS, set(ctx.recovering)  # a copy: read on another thread
+    stalled = await ctx.db.read(lambda c: _stalled_sends(c, before, recovering))
+    return await recover_unsent(ctx, stalled) if stalled else 0
+
+
+def _stalled_sends(conn: sqlite3.Connection, before: int, recovering: set[str]) -> list[Message]:
+    skip = recovering | {conversation.id for conversation in store.interrupted_creates(conn)}
+    return [message for message in store.unsent_outbound(conn, before) if message.conversation_id not in skip]
 
 
 def _settle_unsent(

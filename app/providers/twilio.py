@@ -248,7 +248,10 @@ class TwilioProvider:
         self._owns_client = client is None
         self._rng = rng or random.Random()
         self._wall_clock = wall_clock
-        self._claimed: OrderedDict[str, None] = OrderedDict()
+        # The SIDs sends and look-ups of this process took, each with the id of the message it is: a look-up never takes
+        # one for another message, and `find_sent` finds the one its own message's send took (a send whose outcome
+        # could not be written: housekeeping asks about it while this process runs).
+        self._claimed: OrderedDict[str, str] = OrderedDict()
         self._inflight: dict[tuple[str, str, str], tuple[asyncio.Lock, list[int]]] = {}
 
     @classmethod
@@ -330,7 +333,7 @@ class TwilioProvider:
                     ) from None
                 if found is None:
                     raise SEND_FAILED from None
-                return self._accept(found)
+                return self._accept(found, request.message_id)
 
     async def _send(self, request: SendRequest, started: float) -> SendAccepted:
         form = {
@@ -354,7 +357,7 @@ class TwilioProvider:
                     continue  # still unsure: never POST again while the first may exist
                 if found is not None:
                     log.info("unconfirmed send found on Twilio", extra={"message_id": request.message_id})
-                    return self._accept(found)
+                    return self._accept(found, request.message_id)
                 unknown = False  # Twilio has no such message: sending again is safe
             try:
                 response = await self._call("POST", self.messages_url, data=form)
@@ -376,7 +379,7 @@ class TwilioProvider:
                     failure = "unreadable answer to a successful send"
                     unknown = True
                     continue
-                return self._accept(data)
+                return self._accept(data, request.message_id)
             if status == 429:
                 failure = "rate limited (HTTP 429)"
                 wait_hint = (
@@ -405,12 +408,14 @@ class TwilioProvider:
                     f"Twilio could not confirm whether the message was sent ({failure}; {exc}); it was not resent.",
                 ) from None
             if found is not None:
-                return self._accept(found)
+                return self._accept(found, request.message_id)
         raise ProviderRejected(UNAVAILABLE, f"Twilio could not take the message: {failure}.")
 
-    async def _find_created(self, request: SendRequest, started: float, taken: Collection[str] = ()) -> dict | None:
-        """Look on Twilio for a message an unanswered POST of ours may have created (none of `taken`, nor one an
-        earlier send of this process claimed)."""
+    async def _find_created(
+        self, request: SendRequest, started: float, taken: Collection[str] = (), *, mine: str | None = None
+    ) -> dict | None:
+        """Look on Twilio for a message an unanswered POST of ours may have created (none of `taken`, nor one a send
+        or look-up of this process claimed, unless it claimed it for the message `mine`)."""
         # No `DateSent` filter: a message that is still queued has no date_sent and would be missed.
         params = {"To": request.to_number, "From": request.from_number, "PageSize": str(LOOKUP_PAGE_SIZE)}
         try:
@@ -430,12 +435,14 @@ class TwilioProvider:
                 taken = await request.recorded()
             except Exception as exc:  # cannot tell an earlier identical text from this one's: unsure
                 raise TwilioUnavailable(f"the recorded messages could not be read ({type(exc).__name__})") from exc
-        claimed = self._claimed.keys() | set(taken) if taken else self._claimed
+        claimed: Container[str] = self._claimed
+        if taken or mine is not None:
+            claimed = {sid for sid, message_id in self._claimed.items() if message_id != mine} | set(taken)
         return pick_created(items, request, started - CLOCK_SKEW_SECONDS, claimed)
 
-    def _accept(self, data: dict) -> SendAccepted:
+    def _accept(self, data: dict, message_id: str) -> SendAccepted:
         sid = data["sid"]
-        self._claimed[sid] = None
+        self._claimed[sid] = message_id
         while len(self._claimed) > CLAIMED_SIDS_KEPT:
             self._claimed.popitem(last=False)
         status = data.get("status")
@@ -463,8 +470,9 @@ class TwilioProvider:
                 self._inflight.pop(key, None)
 
     async def find_sent(self, message: Message, taken: Collection[str] = ()) -> SendAccepted | None:
-        """After a crash: the message Twilio created for a send of ours whose answer was lost (the look-up a send
-        makes after an unanswered POST), or None when Twilio has none; TwilioUnavailable when it cannot say."""
+        """After a crash, or a send whose outcome could not be written: the message Twilio created for a send of ours
+        whose answer was lost (the look-up a send makes after an unanswered POST), or None when Twilio has none;
+        TwilioUnavailable when it cannot say."""
         request = SendRequest(
             message_id=message.id,
             from_number=message.from_number,
@@ -475,8 +483,8 @@ class TwilioProvider:
         # Under the lock a send of the same body on the pair holds until it has claimed its SID: a send still in
         # flight (its SID not yet recorded anywhere) cannot be taken for this message.
         async with self._serialized(request):
-            found = await self._find_created(request, message.created_at / 1000, taken)
-            return self._accept(found) if found is not None else None
+            found = await self._find_created(request, message.created_at / 1000, taken, mine=message.id)
+            return self._accept(found, message.id) if found is not None else None
 
     # -- status look-up --
 

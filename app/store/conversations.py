@@ -178,13 +178,16 @@ def latest_for_pair(
     return conversation_from_row(row) if row else None
 
 
-def interrupted_creates(conn: sqlite3.Connection) -> list[Conversation]:
+def interrupted_creates(conn: sqlite3.Connection, created_before: int | None = None) -> list[Conversation]:
     """At start-up, the conversations of creates a stop or crash cut off: those still `pending`, and any other
-    whose Idempotency-Key its create still holds (closed while its opening was on its way)."""
+    whose Idempotency-Key its create still holds (closed while its opening was on its way). With `created_before`,
+    only those created before then (while the server runs, older than any create in flight)."""
+    before = "" if created_before is None else " AND created_at < :before"
     rows = conn.execute(
-        f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE status = 'pending'"
+        f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE status = 'pending'{before}"
         f" UNION SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id IN"
-        " (SELECT conversation_id FROM idempotency_keys WHERE state = 'running')"
+        f" (SELECT conversation_id FROM idempotency_keys WHERE state = 'running'){before}",
+        {"before": created_before},
     ).fetchall()
     return [conversation_from_row(row) for row in rows]
 
@@ -391,12 +394,17 @@ def unfinished_outbound(conn: sqlite3.Connection, older_than: int, limit: int) -
     return [message_from_row(row) for row in rows]
 
 
-def unsent_outbound(conn: sqlite3.Connection) -> list[Message]:
+def unsent_outbound(conn: sqlite3.Connection, created_before: int | None = None) -> list[Message]:
     """Outbound messages persisted but never recorded as taken by a provider, oldest first: at start-up, the ones
-    a stop or crash cut off between persist and the send's outcome (found through the unfinished-status index)."""
+    a stop or crash cut off between persist and the send's outcome (found through the unfinished-status index). With
+    `created_before`, only those persisted before then (nothing changes such a message's `updated_at`, the index's
+    key, so it is the time it was persisted)."""
+    before = "" if created_before is None else " AND updated_at < :before"
     rows = conn.execute(
         f"SELECT {MESSAGE_COLUMNS} FROM messages INDEXED BY messages_unfinished WHERE status IN ('queued', 'sent')"
-        " AND status = 'queued' AND direction = 'outbound' AND provider_message_id IS NULL ORDER BY created_at"
+        f"{before} AND status = 'queued' AND direction = 'outbound' AND provider_message_id IS NULL"
+        " ORDER BY created_at",
+        {"before": created_before},
     ).fetchall()
     return [message_from_row(row) for row in rows]
 
