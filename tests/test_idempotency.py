@@ -9,9 +9,12 @@ from pathlib import Path
 
 import msgspec
 
+from app.clock import FakeClock
+from app.domain import conversations
 from app.domain.conversations import CreateConversation, request_hash
 from tests.conftest import Harness, start_harness
 from tests.seed import SEED_CREATE
+from tests.webhook_receiver import eventually
 
 
 async def test_same_key_same_body_replays_the_first_answer_without_a_second_sms(harness: Harness) -> None:
@@ -111,6 +114,33 @@ async def test_a_key_held_for_a_conversation_never_created_is_freed_at_start_up(
 
     assert response.status_code == 201, response.text
     assert "idempotent-replayed" not in response.headers
+
+
+async def test_a_key_left_held_while_the_server_runs_is_freed_once_older_than_any_create(tmp_path: Path) -> None:
+    """Freeing the key of a create that ended before its conversation was written (a model-written opening, then a
+    4xx) can fail (the database locked past its timeout): housekeeping frees it once older than any create takes,
+    so the client's retry is not answered 409 for a day; a key taken more recently stays held."""
+    clock = FakeClock()
+    async with start_harness(tmp_path, clock=clock) as h:
+        h.key()  # the org
+        org_id = h.rows("SELECT id FROM orgs WHERE name = 'acme'")[0][0]
+        now = clock.now_ms()
+        conn = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
+        for key, taken_at in (("stuck", now), ("recent", now + conversations.STALLED_AFTER_MS)):
+            conn.execute(
+                "INSERT INTO idempotency_keys (org_id, key, request_hash, state, conversation_id, created_at,"
+                " expires_at) VALUES (?, ?, 'x', 'running', ?, ?, ?)",
+                (org_id, key, str(uuid.uuid4()), taken_at, 2**62),
+            )
+        conn.close()
+        await clock.advance(conversations.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next passes
+
+        await eventually(lambda: not h.rows("SELECT 1 FROM idempotency_keys WHERE key = 'stuck'"))
+        retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stuck"})
+        recent = [row[0] for row in h.rows("SELECT state FROM idempotency_keys WHERE key = 'recent'")]
+
+    assert retry.status_code == 201, retry.text
+    assert recent == ["running"]
 
 
 async def test_a_body_no_create_accepts_is_400_even_under_a_used_key(harness: Harness) -> None:

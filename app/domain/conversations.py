@@ -552,10 +552,13 @@ async def recover_stalled(ctx: Context) -> int:
     """While the server runs (housekeeping): a create whose outcome could not be written left its conversation
     `pending` (a retry got 409 `idempotency_in_progress`, an operator's message 409 `conversation_pending`, and the
     customer's replies reached no one) until the next start-up. One created more than STALLED_AFTER_MS ago, longer
-    than any create takes, is settled as start-up settles an interrupted one."""
-    stuck = await _settle_cut_off(ctx, ctx.clock.now_ms() - STALLED_AFTER_MS)
-    if stuck:
-        log.warning("settled %d create(s) whose outcome could not be recorded", stuck)
+    than any create takes, is settled as start-up settles an interrupted one. So is a key taken that long ago for a
+    model-written opening that was never persisted, whose release failed: it is freed for the client's retry."""
+    before = ctx.clock.now_ms() - STALLED_AFTER_MS
+    stuck = await _settle_cut_off(ctx, before)
+    freed = await ctx.db.write(lambda c: idempotency.release_orphaned(c, before))
+    if stuck or freed:
+        log.warning("settled %d create(s) and freed %d key(s) whose outcome could not be recorded", stuck, freed)
     return stuck
 
 

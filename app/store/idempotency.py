@@ -56,11 +56,14 @@ def release_running(conn: sqlite3.Connection, conversation_id: str) -> None:
     conn.execute("DELETE FROM idempotency_keys WHERE conversation_id = ? AND state = 'running'", (conversation_id,))
 
 
-def release_orphaned(conn: sqlite3.Connection) -> int:
-    """At start-up, nothing runs yet: free every key still held for a conversation that was never created."""
+def release_orphaned(conn: sqlite3.Connection, created_before: int | None = None) -> int:
+    """Free every key still held for a conversation that was never created: at start-up (nothing runs yet) all of
+    them; while the server runs, with `created_before`, those taken before then, longer ago than any create takes
+    (freeing the key failed when its create ended)."""
     return conn.execute(
-        "DELETE FROM idempotency_keys WHERE state = 'running'"
-        " AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.id = idempotency_keys.conversation_id)"
+        "DELETE FROM idempotency_keys WHERE state = 'running' AND created_at < ?"
+        " AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.id = idempotency_keys.conversation_id)",
+        (2**63 - 1 if created_before is None else created_before,),
     ).rowcount
 
 
