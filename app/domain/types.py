@@ -235,14 +235,17 @@ def _unparsable(message: str, detail: str) -> ValidationFailed:
 
 
 @contextlib.contextmanager
-def _parsing_body() -> Iterator[None]:
+def _parsing_body(raw: bytes) -> Iterator[None]:
     """Turn a body that cannot be parsed at all into its 400; a msgspec.ValidationError (the body parsed, a value
-    in it is wrong) passes through."""
+    in it is wrong) passes through. A body that is not UTF-8 says so, whichever way msgspec reports it (a
+    UnicodeDecodeError before 0.23, a DecodeError since)."""
     try:
         yield
     except msgspec.ValidationError:
         raise
     except msgspec.DecodeError:
+        if not _is_utf8(raw):
+            raise _unparsable("The request body is not valid UTF-8.", "not valid UTF-8") from None
         raise _unparsable("The request body is not valid JSON.", "malformed JSON") from None
     except UnicodeDecodeError:
         raise _unparsable("The request body is not valid UTF-8.", "not valid UTF-8") from None
@@ -262,12 +265,12 @@ class StrictDecoder:
         if not raw.strip():
             raise ValidationFailed("A JSON body is required.", [FieldProblem("body", "is required")])
         try:
-            with _parsing_body():
+            with _parsing_body(raw):
                 return self._decoder.decode(raw)
         except msgspec.ValidationError as exc:
             first = exc
         # The failure path only: parse without the type, then look for every problem, not just the first.
-        with _parsing_body():
+        with _parsing_body(raw):
             try:
                 value = msgspec.json.decode(raw)
             except msgspec.ValidationError:  # only a number no double holds (1e999) fails here
@@ -293,6 +296,14 @@ def _int_or_marked(text: str) -> Any:
         return int(text)
     except ValueError:  # more digits than Python converts (4300): msgspec read it as a float out of range
         return _OUT_OF_RANGE
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _utf8(text: str) -> str:
