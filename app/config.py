@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 from dotenv import dotenv_values
-from dotenv.parser import parse_stream
+from dotenv.parser import Binding, parse_stream
 
 from app.hostnames import is_host_name
 
@@ -187,10 +187,17 @@ def _twilio_credentials(settings: Settings) -> None:
 _LEADING_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)")
 
 
+def _sets_nothing(binding: Binding) -> bool:
+    """A line python-dotenv could not parse (it skipped it, with a warning), or one it read, without a warning, as a
+    name given no value though the name holds a `:`: `NAME:value`, YAML's spelling, which sets nothing. (A bare
+    `NAME` is python-dotenv's "declared, no value" and stays allowed.)"""
+    return binding.error or (binding.value is None and ":" in (binding.key or ""))
+
+
 def _env_file(path: str | None) -> dict[str, str]:
     """What a `.env` file sets, read whole or not at all: a file that is not UTF-8 text, or a line that is not
-    `NAME=value`, stops start-up with one line naming the file, the line and its variable (never its value). A line
-    python-dotenv skipped (with a warning) left its variable at the default: for PARLEY_DATABASE, a new, empty
+    `NAME=value` (`_sets_nothing`), stops start-up with one line naming the file, the line and its variable (never
+    its value). Such a line used to leave its variable at the default: for PARLEY_DATABASE, a new, empty
     database."""
     if not path or not Path(path).is_file():
         return {}
@@ -203,7 +210,7 @@ def _env_file(path: str | None) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
     for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
+        if _sets_nothing(binding):
             statement = binding.original.string
             # A statement's text starts with the blank lines before it, which its line number counts from.
             line = binding.original.line + statement[: len(statement) - len(statement.lstrip())].count("\n")
