@@ -1146,6 +1146,41 @@ async def test_a_slow_start_up_look_up_does_not_hold_up_the_server(tmp_path: Pat
             await eventually(lambda: second.rows(settled))
 
 
+class AsksForever(AsksSlowly):
+    """A look-up that never answers, and notes when it is given up (cancelled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given_up = asyncio.Event()
+
+    async def find_sent(self, message: Any, taken: Any = ()) -> SendAccepted | None:
+        try:
+            return await super().find_sent(message, taken)
+        except asyncio.CancelledError:
+            self.given_up.set()
+            raise
+
+
+async def test_a_sweep_of_stalled_creates_a_stop_cuts_off_leaves_no_look_up_behind(tmp_path: Path) -> None:
+    """Housekeeping asks about stalled creates' openings in tasks of their own. A stop that cancels the pass (the
+    scheduler's grace ran out) left them running: asking a provider the stop then closed, then the closed database,
+    and then destroyed pending with the loop."""
+    slow = AsksForever()
+    async with start_harness(tmp_path, provider=slow) as h:
+        assert (await h.post("/v1/sms-conversations", SEED_CREATE)).status_code == 201
+        await eventually(lambda: h.rows("SELECT 1 FROM messages WHERE status = 'delivered'"))
+        with contextlib.closing(sqlite3.connect(h.settings.database)) as conn, conn:
+            # As a create whose outcome could not be written leaves it, 11 minutes ago.
+            conn.execute("UPDATE conversations SET status = 'pending', created_at = created_at - 660000")
+            conn.execute("UPDATE messages SET status = 'queued', provider_message_id = NULL, delivered_at = NULL")
+        sweep = asyncio.create_task(conversations.recover_stalled(h.ctx))
+        await asyncio.wait_for(slow.asked.wait(), 5)
+        sweep.cancel()
+        await asyncio.gather(sweep, return_exceptions=True)
+        assert slow.given_up.is_set()  # the look-up ended with the pass
+        assert h.rows("SELECT status FROM conversations")[0][0] == "pending"  # nothing settled by a cut-off pass
+
+
 class CallbackOvertakes(SimulatorProvider):
     """Takes the operator's message, whose status report (naming our message id) lands first; then `send` raises
     something unexpected (an answer the adapter cannot read)."""

@@ -125,6 +125,7 @@ def create_app(
             ctx.generate_opening = assistant.generate_opening
 
             scheduler.register(housekeeping.JOB, lambda job: housekeeping.run(ctx, job))
+            scheduler.register(housekeeping.SWEEP_JOB, lambda job: housekeeping.sweep(ctx, job), concurrency=1)
             scheduler.register(webhook_store.ENDPOINT_JOB, dispatcher.run_endpoint, concurrency=WEBHOOK_ENDPOINT_SLOTS)
             scheduler.register(lifecycle.INACTIVITY_JOB, lambda job: inactivity.run(ctx, job))
             scheduler.register(TURN_JOB, assistant.run_job)

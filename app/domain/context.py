@@ -40,6 +40,11 @@ class Context:
     # Conversations with an outbound SMS a stop or crash cut off, not yet settled by `messaging.recover_unsent`:
     # their turns wait, so the model is not shown a reply that may turn out never to have been sent.
     recovering: set[str] = field(default_factory=set)
+    # The outbound messages this process is sending, and the conversations whose create it is carrying out, by id,
+    # until the outcome is written (`messaging.in_flight`). Housekeeping's sweep of stalled sends and creates leaves
+    # them alone however old they look: a wall clock that steps forward, a send queued behind identical ones at a
+    # slow provider, or a model slow to write an opening makes live work look stalled.
+    sending: set[str] = field(default_factory=set)
 
     def status_callback_url(self, message_id: str) -> str:
         return f"{self.settings.public_url}/v1/providers/{self.provider.name}/status?messageId={message_id}"

@@ -347,6 +347,22 @@ async def create(
     idempotency_key: str | None = None,
 ) -> tuple[CreateOutcome, bool]:
     """Create a conversation and send its opening SMS; return (outcome, replayed)."""
+    conversation_id = new_id()
+    # Work of this process from before it takes its key until its outcome is written: housekeeping neither frees the
+    # key nor settles the create as stalled meanwhile, however old the clock makes it look (`ctx.sending`).
+    with messaging.in_flight(ctx, conversation_id):
+        return await _create(ctx, org_id, body, conversation_id, request_id=request_id, idempotency_key=idempotency_key)
+
+
+async def _create(
+    ctx: Context,
+    org_id: str,
+    body: CreateConversation,
+    conversation_id: str,
+    *,
+    request_id: str,
+    idempotency_key: str | None,
+) -> tuple[CreateOutcome, bool]:
     digest = request_hash(body) if idempotency_key else ""
     if idempotency_key:
         row = ctx.db.read_now(lambda c: idempotency.get(c, org_id, idempotency_key))
@@ -363,7 +379,7 @@ async def create(
     sender, opening = check_agent_rules(body, agent)
     now = ctx.clock.now_ms()
     conversation = Conversation(
-        id=new_id(),
+        id=conversation_id,
         org_id=org_id,
         agent_id=agent.id,
         status="pending",
@@ -551,12 +567,14 @@ async def recover_interrupted(ctx: Context) -> int:
 async def recover_stalled(ctx: Context) -> int:
     """While the server runs (housekeeping): a create whose outcome could not be written left its conversation
     `pending` (a retry got 409 `idempotency_in_progress`, an operator's message 409 `conversation_pending`, and the
-    customer's replies reached no one) until the next start-up. One created more than STALLED_AFTER_MS ago, longer
-    than any create takes, is settled as start-up settles an interrupted one. So is a key taken that long ago for a
-    model-written opening that was never persisted, whose release failed: it is freed for the client's retry."""
+    customer's replies reached no one) until the next start-up. One created more than STALLED_AFTER_MS ago is settled
+    as start-up settles an interrupted one. So is a key taken that long ago for a model-written opening that was
+    never persisted, whose release failed: it is freed for the client's retry. Neither is a create this process is
+    still carrying out (`ctx.sending`): its age is no proof it stalled, the wall clock may have stepped forward."""
     before = ctx.clock.now_ms() - STALLED_AFTER_MS
     stuck = await _settle_cut_off(ctx, before)
-    freed = await ctx.db.write(lambda c: idempotency.release_orphaned(c, before))
+    running = sorted(ctx.sending)  # a copy, read on the loop's thread
+    freed = await ctx.db.write(lambda c: idempotency.release_orphaned(c, before, keep=running))
     if stuck or freed:
         log.warning("settled %d create(s) and freed %d key(s) whose outcome could not be recorded", stuck, freed)
     return stuck
@@ -570,6 +588,10 @@ async def _settle_cut_off(ctx: Context, created_before: int | None) -> int:
             for conversation in store.interrupted_creates(c, created_before)
         ]
     )
+    # Not a create this process is still carrying out (`ctx.sending`, read here on the loop's thread): its age is no
+    # proof it stalled (the wall clock may have stepped forward), and its own outcome would be written over the one
+    # settled here (a conversation closed under the 201 its client got, its `sms.message_sent` emitted twice).
+    stuck = [(conversation, message) for conversation, message in stuck if conversation.id not in ctx.sending]
     answers = await _ask_about(ctx, [message for _, message in stuck if message is not None])
     for conversation, message in stuck:
         accepted, unknown = answers[message.id] if message is not None else (None, None)
@@ -581,15 +603,18 @@ async def _ask_about(
     ctx: Context, openings: list[Message]
 ) -> dict[str, tuple[SendAccepted | None, ProviderRejected | None]]:
     """The provider's word on each interrupted opening, by message id (`messaging.ask_provider`'s answers), within
-    LOOKUP_SECONDS of wall time (at start-up the server takes no request meanwhile)."""
+    LOOKUP_SECONDS of wall time (at start-up the server takes no request meanwhile). The look-ups end with it, also
+    when it is cancelled (a stop): none is left asking a provider and a database the stop then closes."""
     slots = asyncio.Semaphore(LOOKUPS_AT_ONCE)
     asking = {message.id: asyncio.create_task(_ask_until_answered(ctx, message, slots)) for message in openings}
-    if asking:
-        await asyncio.wait(asking.values(), timeout=LOOKUP_SECONDS)
-    cut_off = [task for task in asking.values() if not task.done()]
-    for task in cut_off:
-        task.cancel()
-    await asyncio.gather(*cut_off, return_exceptions=True)
+    try:
+        if asking:
+            await asyncio.wait(asking.values(), timeout=LOOKUP_SECONDS)
+    finally:
+        cut_off = [task for task in asking.values() if not task.done()]
+        for task in cut_off:
+            task.cancel()
+        await asyncio.gather(*cut_off, return_exceptions=True)
     no_answer = SendOutcomeUnknown(
         OUTCOME_UNKNOWN, f"the provider did not say whether it took the message within {LOOKUP_SECONDS:g} s"
     )

@@ -1,5 +1,5 @@
-"""Periodic upkeep: reconcile outbound messages stuck in a non-terminal status, settle creates and sends whose
-outcome could not be recorded, expire idempotency keys."""
+"""Periodic upkeep: reconcile outbound messages stuck in a non-terminal status, expire idempotency keys, and (a job
+of its own) settle creates and sends whose outcome could not be recorded."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from app.store.jobs import Job
 log = logging.getLogger("parley.housekeeping")
 
 JOB = "housekeeping"
+# Settling stalled creates and sends is a job of its own: a provider that cannot say about a stalled send is asked
+# again after minutes (`messaging.RECOVERY_WAITS`), and the status look-ups and the key purge do not wait with it.
+SWEEP_JOB = "stalled_sends"
 INTERVAL_MS = 60_000
 DAY_MS = 86_400_000
 LOOKUP_FOR_MS = 3 * DAY_MS  # a status still not final this long after the send is as final as it will get
@@ -40,6 +43,7 @@ def next_lookup_base(message: Message, now_ms: int, after_ms: int) -> int:
 
 def ensure_scheduled(conn: sqlite3.Connection, now_ms: int) -> None:
     jobs.schedule_earliest(conn, JOB, "global", now_ms + INTERVAL_MS)
+    jobs.schedule_earliest(conn, SWEEP_JOB, "global", now_ms + INTERVAL_MS)
 
 
 async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
@@ -71,8 +75,13 @@ async def reconcile_stale_statuses(ctx: Context, limit: int = 200) -> int:
 
 async def run(ctx: Context, job: Job) -> int:
     await reconcile_stale_statuses(ctx)
-    await conversations.recover_stalled(ctx)  # the creates first: their openings are among the stalled messages
-    await messaging.recover_stalled(ctx)
     now = ctx.clock.now_ms()
     await ctx.db.write(lambda c: idempotency.purge_expired(c, now), long=True)  # can be a day of keys
     return now + INTERVAL_MS
+
+
+async def sweep(ctx: Context, job: Job) -> int:
+    """The SWEEP_JOB: settle creates and sends whose outcome could not be written, every INTERVAL_MS."""
+    await conversations.recover_stalled(ctx)  # the creates first: their openings are among the stalled messages
+    await messaging.recover_stalled(ctx)
+    return ctx.clock.now_ms() + INTERVAL_MS

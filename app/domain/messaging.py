@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -44,7 +45,9 @@ INTERRUPTED = ProviderRejected("parley_interrupted", "the server stopped before 
 RECOVERY_WAITS = (5.0, 30.0, 120.0)
 # A send whose outcome could not be written (the write failed: a full disk, another process holding the database past
 # the busy timeout) left its message `queued` with no provider id until a restart. Housekeeping settles one this old
-# as start-up would: a send takes a few minutes at most (Twilio: four tries of 30 s and a look-up).
+# as start-up would. A send takes minutes at most (Twilio: four POSTs and, after each unanswered one, a look-up, each
+# bounded at 30 s: about 4.3 minutes), but may wait behind identical sends and the wall clock may step: what keeps a
+# send of this process from being settled underneath it is `ctx.sending`, not its age.
 STALLED_AFTER_MS = 10 * 60_000
 
 
@@ -213,17 +216,29 @@ def send_request(ctx: Context, message: Message) -> SendRequest:
     )
 
 
+@contextlib.contextmanager
+def in_flight(ctx: Context, work_id: str) -> Iterator[None]:
+    """For the block, `work_id` (a message's id, or a create's conversation's) is work of this process
+    (`ctx.sending`): not one to settle as stalled."""
+    ctx.sending.add(work_id)
+    try:
+        yield
+    finally:
+        ctx.sending.discard(work_id)
+
+
 async def hand_to_provider(ctx: Context, conversation: Conversation, message: Message) -> Message:
     """Send a persisted, queued message; record its acceptance (`sms.message_sent`, and activity when the
     conversation is in progress) or its rejection, which raises ProviderFailed."""
-    try:
-        accepted = await provider_send(ctx, message)
-    except ProviderRejected as exc:
-        rejected = exc
-        await ctx.db.write(lambda c: record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
-        raise ProviderFailed(rejected.message, rejected.code, conversation.id) from None
+    with in_flight(ctx, message.id):
+        try:
+            accepted = await provider_send(ctx, message)
+        except ProviderRejected as exc:
+            rejected = exc
+            await ctx.db.write(lambda c: record_rejected(c, conversation, message, rejected, ctx.clock.now_ms()))
+            raise ProviderFailed(rejected.message, rejected.code, conversation.id) from None
 
-    sent = await ctx.db.write(lambda c: _record_sent(c, conversation, message, accepted, ctx.clock.now_ms()))
+        sent = await ctx.db.write(lambda c: _record_sent(c, conversation, message, accepted, ctx.clock.now_ms()))
     ctx.scheduler.wake()
     return sent
 
@@ -321,11 +336,13 @@ async def recover_unsent(ctx: Context, unsent: list[Message]) -> int:
 
 async def recover_stalled(ctx: Context) -> int:
     """While the server runs (housekeeping): `recover_unsent` for the outbound messages persisted more than
-    STALLED_AFTER_MS ago and still `queued` with no provider id, longer than any send takes (the write of the
-    send's outcome failed). Not the opening of a create still unsettled (settling its create starts or closes its
-    conversation: `conversations.recover_stalled`), nor a message of a conversation start-up is still settling."""
+    STALLED_AFTER_MS ago and still `queued` with no provider id (the write of the send's outcome failed). Not the
+    opening of a create still unsettled (settling its create starts or closes its conversation:
+    `conversations.recover_stalled`), nor a message of a conversation start-up is still settling, nor one this
+    process is still sending (`ctx.sending`: its age is no proof, the wall clock may have stepped)."""
     before, recovering = ctx.clock.now_ms() - STALLED_AFTER_MS, set(ctx.recovering)  # a copy: read on another thread
     stalled = await ctx.db.read(lambda c: _stalled_sends(c, before, recovering))
+    stalled = [message for message in stalled if message.id not in ctx.sending]  # read after: on the loop's thread
     return await recover_unsent(ctx, stalled) if stalled else 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Collection
 
 
 def get(conn: sqlite3.Connection, org_id: str, key: str) -> sqlite3.Row | None:
@@ -56,14 +58,15 @@ def release_running(conn: sqlite3.Connection, conversation_id: str) -> None:
     conn.execute("DELETE FROM idempotency_keys WHERE conversation_id = ? AND state = 'running'", (conversation_id,))
 
 
-def release_orphaned(conn: sqlite3.Connection, created_before: int | None = None) -> int:
+def release_orphaned(conn: sqlite3.Connection, created_before: int | None = None, keep: Collection[str] = ()) -> int:
     """Free every key still held for a conversation that was never created: at start-up (nothing runs yet) all of
-    them; while the server runs, with `created_before`, those taken before then, longer ago than any create takes
-    (freeing the key failed when its create ended)."""
+    them; while the server runs, with `created_before`, those taken before then (freeing the key failed when its
+    create ended), but none whose conversation id is in `keep` (a create still running: its model still writing)."""
     return conn.execute(
         "DELETE FROM idempotency_keys WHERE state = 'running' AND created_at < ?"
-        " AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.id = idempotency_keys.conversation_id)",
-        (2**63 - 1 if created_before is None else created_before,),
+        " AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.id = idempotency_keys.conversation_id)"
+        " AND IFNULL(conversation_id, '') NOT IN (SELECT value FROM json_each(?))",
+        (2**63 - 1 if created_before is None else created_before, json.dumps(list(keep))),
     ).rowcount
 
 
