@@ -554,8 +554,8 @@ async def recover_interrupted(ctx: Context) -> int:
     closed as `opening_message_failed` and the key released, so the retry runs. If the provider cannot say, the
     conversation is closed and the key keeps a 502 `provider_outcome_unknown`: a missing SMS can be sent again,
     a duplicate cannot be taken back. The look-ups run side by side, a few at a time, each asked again a couple of
-    times while the provider cannot say, and all within LOOKUP_SECONDS: a provider that hangs holds start-up
-    up that long, not that long for every interrupted create.
+    times while the provider cannot say, and all within LOOKUP_SECONDS: a provider that hangs holds start-up for
+    that long, not that long for every interrupted create.
     """
     stuck = await _settle_cut_off(ctx, None)
     await ctx.db.write(idempotency.release_orphaned)  # taken before a model-written opening that never got persisted
