@@ -1012,3 +1012,32 @@ async def test_a_stalled_send_twilio_cannot_say_about_does_not_hold_up_housekeep
     assert purged
     assert count(h, failed) == 1
     assert fake_twilio.routes().count("list") == len(messaging.RECOVERY_WAITS) + 1
+
+
+async def test_an_opening_still_sending_when_its_conversation_is_closed_and_the_clock_steps_is_recorded_once(
+    tmp_path: Path, fake_twilio: FakeTwilio
+) -> None:
+    """A create with no Idempotency-Key waits for Twilio, its conversation is closed meanwhile (an operator's close)
+    and the wall clock steps 11 minutes forward. The create is registered as live work by its conversation's id, but
+    its opening, no longer the opening of a `pending` conversation or of a held key, was taken by the sweep for a
+    send whose outcome could not be written: recorded once by the sweep and once by the create (two
+    `sms.message_sent` for one SMS), or failed underneath a send Twilio then took."""
+    clock = FakeClock(start_ms=int(time.time() * 1000))  # Twilio's list dates its messages by the wall clock
+    fake_twilio.script("send", Action("delay", seconds=1.5))
+    async with twilio_harness(tmp_path, fake_twilio, clock=clock) as h:
+        create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE))
+        await eventually(lambda: fake_twilio.routes() == ["send"])
+        conversation_id = h.rows("SELECT id FROM conversations")[0][0]
+        assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
+        await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
+        await eventually(lambda: housekeeping_began(h, clock))
+        assert not create.done()  # the pass began while the opening was still sending
+        response = await create
+        await eventually(lambda: housekeeping_passed(h, clock))
+        sent = event_types(h, conversation_id).count("sms.message_sent")
+        opening = tuple(h.rows("SELECT status, error_code FROM messages")[0])
+
+    assert response.status_code == 201, response.text
+    assert sent == 1
+    assert opening[1] is None, opening
+    assert fake_twilio.routes().count("send") == 1 and "list" not in fake_twilio.routes()  # not asked about

@@ -339,11 +339,17 @@ async def recover_stalled(ctx: Context) -> int:
     STALLED_AFTER_MS ago and still `queued` with no provider id (the write of the send's outcome failed). Not the
     opening of a create still unsettled (settling its create starts or closes its conversation:
     `conversations.recover_stalled`), nor a message of a conversation start-up is still settling, nor one this
-    process is still sending (`ctx.sending`: its age is no proof, the wall clock may have stepped)."""
+    process is still sending (`ctx.sending`: its age is no proof, the wall clock may have stepped), by its id or, an
+    opening, by its create's conversation's (closed while pending, with no key held, it is no longer told apart)."""
     before, recovering = ctx.clock.now_ms() - STALLED_AFTER_MS, set(ctx.recovering)  # a copy: read on another thread
     stalled = await ctx.db.read(lambda c: _stalled_sends(c, before, recovering))
-    stalled = [message for message in stalled if message.id not in ctx.sending]  # read after: on the loop's thread
+    stalled = [message for message in stalled if not _live(ctx, message)]  # read after: on the loop's thread
     return await recover_unsent(ctx, stalled) if stalled else 0
+
+
+def _live(ctx: Context, message: Message) -> bool:
+    """Whether this process is still sending `message`: its own send, or its create's (`ctx.sending`)."""
+    return message.id in ctx.sending or message.conversation_id in ctx.sending
 
 
 def _stalled_sends(conn: sqlite3.Connection, before: int, recovering: set[str]) -> list[Message]:
