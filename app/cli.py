@@ -209,7 +209,8 @@ def _unresolved(host: str, port: int) -> list[str]:
 
 
 def _server(config: uvicorn.Config) -> uvicorn.Server:
-    """uvicorn's server, except that a second Ctrl-C while it stops ends the process at once (`_stop_now`)."""
+    """uvicorn's server, except that a Ctrl-C while it stops (a second one, or one after SIGTERM) ends the process at
+    once (`_stop_now`)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -229,7 +230,7 @@ def _stop_now() -> None:
     every write is committed (WAL, synchronous=FULL) before its request is answered, and the next start-up settles
     what was cut off, as after a crash."""
     logging.getLogger("parley.server").warning(
-        "second Ctrl-C: stopping at once; what was still running is settled at the next start"
+        "Ctrl-C while stopping: stopping at once; what was still running is settled at the next start"
     )
     sys.stdout.flush()
     sys.stderr.flush()

@@ -576,7 +576,7 @@ def test_a_second_ctrl_c_ends_the_server_at_once_with_one_line_keeping_what_it_a
     assert waited < 1.0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     (line,) = output[len(before) :].splitlines()
-    assert "second Ctrl-C" in line
+    assert "Ctrl-C while stopping" in line
     with sqlite3.connect(tmp_path / "data" / "parley.db") as conn:
         stored = conn.execute(
             "SELECT COUNT(*) FROM messages WHERE conversation_id = ?", [created["data"]["conversationId"]]
