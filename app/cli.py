@@ -292,7 +292,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         applied = _migrate(settings, conn)
     finally:
         conn.close()
-    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(map(str, applied))}" if applied else ""))
+    # Numbered as the files in migrations/ are, and as `serve` logs them.
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(f'{n:04d}' for n in applied)}" if applied else ""))
     return 0
 
 

@@ -168,7 +168,9 @@ def test_keys_list_prints_a_stored_name_with_a_newline_on_its_one_line(tmp_path:
 
 def test_migrate_agents_and_backup_commands(tmp_path: Path) -> None:
     migrated = cli(tmp_path, "migrate")
-    assert migrated.returncode == 0 and "applied" in migrated.stdout
+    assert migrated.returncode == 0 and migrated.stdout.startswith("applied ")
+    assert ": 0001, 0002, " in migrated.stdout  # as the files in migrations/ are numbered, and as `serve` logs them
+    assert cli(tmp_path, "migrate").stdout == "applied 0 migration(s)\n"
     synced = cli(tmp_path, "agents", "sync")
     assert "recall-sms" in synced.stdout
     listed = cli(tmp_path, "agents", "list", "--secrets")
