@@ -260,6 +260,20 @@ def test_a_look_up_that_does_not_end_in_time_is_a_name_that_does_not_resolve_yet
     assert time.monotonic() - started < 1.0 and resolver_that_hangs == ["slow.example"]
 
 
+def test_a_look_up_no_thread_can_be_started_for_is_a_name_that_does_not_resolve_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process is out of threads (the OS refuses one): the registration goes on as for a name that does not
+    resolve now (the connect-time check still applies), not a 500, and the look-up's place is given back."""
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    for _ in range(guard.MAX_PENDING_LOOKUPS + 1):  # more than there are places: each one was given back
+        assert check_url("https://busy.example/hook", STRICT) == "https://busy.example/hook"
+
+
 async def test_registration_waits_for_a_resolver_that_hangs_only_so_long(
     tmp_path: Path, resolver_that_hangs: list[str]
 ) -> None:

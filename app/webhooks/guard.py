@@ -136,9 +136,9 @@ def _look_up(host: str, port: int, deadline: float) -> list[str]:
     worker = threading.Thread(target=look_up, name="parley-dns", daemon=True)
     try:
         worker.start()
-    except RuntimeError:  # no thread to be had: give its place back
+    except RuntimeError:  # no thread to be had: give its place back; the name is one that cannot be looked up now
         _pending_lookups.release()
-        raise
+        raise OSError(f"no thread could be started to look up {host!r}") from None
     worker.join(max(0.0, deadline - time.monotonic()))
     if not outcome:
         raise TimeoutError(f"the DNS look-up of {host!r} did not end in time")
