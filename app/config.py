@@ -184,7 +184,9 @@ def _twilio_credentials(settings: Settings) -> None:
         )
 
 
-_LEADING_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)")
+# The variable a bad line meant to set, when it reads as an attempt at one (a name, then `=` or `:`): a line that does
+# not (the second line of a value wrapped without quotes, say) may be part of a secret, and is not quoted at all.
+_LEADING_NAME = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*[:=]")
 
 
 def _sets_nothing(binding: Binding) -> bool:

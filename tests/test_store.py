@@ -1364,6 +1364,7 @@ def test_settings_come_from_the_environment_and_dot_env(tmp_path: Path) -> None:
             "line 3 is not NAME=value (it starts with TWILIO_AUTH_TOKEN)",
         ),
         ("PARLEY_PORT=9100\n=s3cr3t\n", "line 2 is not NAME=value;"),
+        ("TWILIO_AUTH_TOKEN=abc\ns3cr3t wrapped\n", "line 2 is not NAME=value;"),  # no word of it quoted
         # Read by python-dotenv, without a warning, as a name (`PARLEY_DATABASE:/srv/parley.db`) with no value: it
         # set nothing, and start-up went on with a new, empty database at the default path.
         ("PARLEY_DATABASE:/srv/parley.db\n", "line 1 is not NAME=value (it starts with PARLEY_DATABASE)"),
