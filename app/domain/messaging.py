@@ -341,20 +341,24 @@ async def recover_stalled(ctx: Context) -> int:
     `conversations.recover_stalled`), nor a message of a conversation start-up is still settling, nor one this
     process is still sending (`ctx.sending`: its age is no proof, the wall clock may have stepped), by its id or, an
     opening, by its create's conversation's (closed while pending, with no key held, it is no longer told apart)."""
-    before, recovering = ctx.clock.now_ms() - STALLED_AFTER_MS, set(ctx.recovering)  # a copy: read on another thread
-    stalled = await ctx.db.read(lambda c: _stalled_sends(c, before, recovering))
-    stalled = [message for message in stalled if not _live(ctx, message)]  # read after: on the loop's thread
+    before = ctx.clock.now_ms() - STALLED_AFTER_MS
+    stalled = await ctx.db.read(lambda c: _stalled_sends(c, before))
+    stalled = [message for message in stalled if not _busy(ctx, message)]  # after the read: on the loop's thread
     return await recover_unsent(ctx, stalled) if stalled else 0
 
 
-def _live(ctx: Context, message: Message) -> bool:
-    """Whether this process is still sending `message`: its own send, or its create's (`ctx.sending`)."""
-    return message.id in ctx.sending or message.conversation_id in ctx.sending
+def _busy(ctx: Context, message: Message) -> bool:
+    """Whether `message` is in this process's hands: being sent (by itself, or as its create's opening:
+    `ctx.sending`), or being settled by start-up (`ctx.recovering`)."""
+    return (
+        message.id in ctx.sending or message.conversation_id in ctx.sending or message.conversation_id in ctx.recovering
+    )
 
 
-def _stalled_sends(conn: sqlite3.Connection, before: int, recovering: set[str]) -> list[Message]:
-    skip = recovering | {conversation.id for conversation in store.interrupted_creates(conn)}
-    return [message for message in store.unsent_outbound(conn, before) if message.conversation_id not in skip]
+def _stalled_sends(conn: sqlite3.Connection, before: int) -> list[Message]:
+    """`store.unsent_outbound` persisted before `before`, but not the opening of a create still unsettled."""
+    creates = {conversation.id for conversation in store.interrupted_creates(conn)}
+    return [message for message in store.unsent_outbound(conn, before) if message.conversation_id not in creates]
 
 
 def _settle_unsent(
