@@ -133,6 +133,18 @@ async def open_conversation(h: Harness) -> tuple[str, str, str]:
     return data["conversationId"], row["id"], data["providerMessageId"]
 
 
+async def answered_under_a_foreign_lock(h: Harness, request: asyncio.Task[Any]) -> Any:
+    """The answer to `request`, while another process holds the database's write lock (past the busy timeout the test
+    shrank) as the request writes its outcome; the lock is then let go."""
+    other = sqlite3.connect(h.settings.database, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        return await request
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 def count(h: Harness, sql: str, *args: Any) -> int:
     return h.rows(f"SELECT COUNT(*) AS n FROM {sql}", *args)[0]["n"]
 
@@ -791,11 +803,7 @@ async def test_a_create_whose_outcome_could_not_be_written_is_settled_while_the_
     async with twilio_harness(tmp_path, fake_twilio, clock=clock) as h:
         create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stalled"}))
         await eventually(lambda: count(h, "conversations WHERE status = 'pending'") == 1)
-        other = sqlite3.connect(h.settings.database, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # held while Twilio answers and the create writes its outcome
-        assert (await create).status_code == 500
-        other.execute("ROLLBACK")
-        other.close()
+        assert (await answered_under_a_foreign_lock(h, create)).status_code == 500
         (conversation_id,) = [row[0] for row in h.rows("SELECT id FROM conversations WHERE status = 'pending'")]
         early = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stalled"})
         assert early.json()["error"]["code"] == "idempotency_in_progress"
@@ -828,11 +836,7 @@ async def test_a_send_whose_outcome_could_not_be_written_is_settled_while_the_se
         path = f"/v1/sms-conversations/{conversation_id}/messages"
         send = asyncio.create_task(h.post(path, {"content": "Still there?"}))
         await eventually(lambda: count(h, "messages WHERE author = 'operator'") == 1)
-        other = sqlite3.connect(h.settings.database, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")  # held while Twilio answers and the send writes its outcome
-        assert (await send).status_code == 500
-        other.execute("ROLLBACK")
-        other.close()
+        assert (await answered_under_a_foreign_lock(h, send)).status_code == 500
         operator = "SELECT id, status, provider_message_id FROM messages WHERE author = 'operator'"
 
         await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next pass
