@@ -117,6 +117,41 @@ def test_full_width_letters_are_read_as_the_keyword() -> None:
     assert matched is not None and matched.keyword == "STOP"
 
 
+# What a phone or a keyboard may add to a keyword without changing what the customer sees: a zero-width space or
+# word joiner (copied text), a byte-order mark, the direction marks of a right-to-left keyboard, a soft hyphen, a
+# stray control character, and dashes other than the ASCII hyphen.
+UNSEEN_AND_DASHES = [
+    ("STOP\u200b", "STOP"),
+    ("\ufeffStop", "STOP"),
+    ("\u200fSTOP", "STOP"),
+    ("stop\u200e", "STOP"),
+    ("ST\u00adOP", "STOP"),
+    ("STOP\u2060", "STOP"),
+    ("Stop\x00", "STOP"),
+    ("\u200bSTOP\u200b ALL", "STOP ALL"),
+    ("unsubscribe\u200c", "UNSUBSCRIBE"),
+    ("OPT\u2010OUT", "OPT-OUT"),
+    ("opt\u2011out", "OPT-OUT"),
+    ("OPT\u2013OUT", "OPT-OUT"),
+    ("OPT\u2212OUT", "OPT-OUT"),
+    ("\u200fhelp", "HELP"),
+]
+
+
+@pytest.mark.parametrize(("text", "keyword"), UNSEEN_AND_DASHES)
+def test_characters_that_show_nothing_and_other_dashes_leave_the_keyword_as_the_customer_sees_it(
+    text: str, keyword: str
+) -> None:
+    matched = match_keyword(text)
+    assert matched is not None
+    assert matched.keyword == keyword
+
+
+@pytest.mark.parametrize("text", ["ST\u041eP", "S\u200bT O P", "STOP\u200bPLEASE"])
+def test_a_look_alike_letter_or_a_second_word_is_still_no_keyword(text: str) -> None:
+    assert match_keyword(text) is None
+
+
 @pytest.mark.parametrize(
     ("text", "blocked"),
     [("STOP", True), ("help", True), ("Info", True), ("yes", False), ("START", False), ("stop texting me", False)],

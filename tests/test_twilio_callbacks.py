@@ -438,6 +438,24 @@ async def test_a_keyword_twilio_recognised_opts_the_pair_out(h: Harness, fake_tw
     assert len(fake_twilio.sends()) == 1  # the opening only: Twilio confirmed it
 
 
+@pytest.mark.parametrize("body", ["\u200fSTOP", "Stop\u200b", "\ufeffstop"])
+async def test_a_stop_with_a_character_that_shows_nothing_opts_the_pair_out(
+    h: Harness, fake_twilio: FakeTwilio, body: str
+) -> None:
+    """The customer's screen shows STOP (a right-to-left keyboard's direction mark, a pasted zero-width space or a
+    byte-order mark show nothing): the pair is listed and the model never answers, as for a bare STOP."""
+    conversation_id, _, _ = await open_conversation(h)
+    response = await callback(h, INBOUND, inbound_params(body=body))
+    assert response.status_code == 200
+    conversation = (await h.get(f"/v1/sms-conversations/{conversation_id}")).json()["data"]
+    assert (conversation["status"], conversation["endReason"]) == ("closed", "opted_out")
+    assert [tuple(row) for row in h.rows("SELECT phone_number, keyword FROM opt_outs")] == [(CUSTOMER, "STOP")]
+    assert count(h, "jobs WHERE kind = 'assistant_turn'") == 0
+    create = await h.post("/v1/sms-conversations", SEED_CREATE)
+    assert create.status_code == 409
+    assert create.json()["error"]["code"] == "recipient_opted_out"
+
+
 async def test_a_help_twilio_recognised_never_reaches_the_model(h: Harness, fake_twilio: FakeTwilio) -> None:
     conversation_id, _, _ = await open_conversation(h)
     response = await callback(h, INBOUND, inbound_params(body="Aide", OptOutType="HELP"))

@@ -20,7 +20,7 @@ from app.domain.events import EventScope
 from app.domain.inbound import InboundResult, InboundSms
 from app.domain.models import Conversation, Message
 from app.domain.templates import render
-from app.domain.types import MAX_SMS_CHARS, sendable_text
+from app.domain.types import MAX_SMS_CHARS, sendable_text, without_unseen
 from app.store import agents as agents_store
 from app.store import conversations as store
 from app.store import events, opt_outs
@@ -57,9 +57,17 @@ class Keyword(msgspec.Struct, frozen=True):
     keyword: str  # upper-cased, inner whitespace collapsed: "STOP ALL"
 
 
+def _as_hyphen(char: str) -> str:
+    """A dash a keyboard may put in OPT-OUT (a hyphen or non-breaking hyphen, an en dash, a minus sign) as "-"."""
+    return "-" if unicodedata.category(char) == "Pd" or char == "\u2212" else char
+
+
 def normalize(body: str) -> str:
-    """The body as keywords are compared: compatibility-normalized, trimmed, whitespace runs collapsed, upper."""
-    return " ".join(unicodedata.normalize("NFKC", body).split()).upper()
+    """The body as keywords are compared: compatibility-normalized, without the characters that show nothing (a
+    phone's direction mark, a pasted zero-width space), any dash read as "-", trimmed, whitespace runs collapsed,
+    upper-cased. "STOP" followed by a zero-width space looks like STOP on the customer's screen, and is STOP."""
+    text = without_unseen(unicodedata.normalize("NFKC", body))
+    return " ".join("".join(map(_as_hyphen, text)).split()).upper()
 
 
 def match_keyword(body: str) -> Keyword | None:

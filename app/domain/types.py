@@ -74,6 +74,15 @@ def shows_nothing(text: str) -> bool:
     )
 
 
+def without_unseen(text: str) -> str:
+    """`text` without the characters that show nothing where they stand and are no space: control and format
+    characters (a zero-width space or joiner, a word joiner, a byte-order mark, a direction mark, a soft hyphen, a
+    NUL), the format characters that are drawn kept. What is left reads as the customer's screen shows it."""
+    return "".join(
+        char for char in text if char.isspace() or char in _DRAWN or unicodedata.category(char) not in ("Cc", "Cf")
+    )
+
+
 # A terminal's escape sequence, as a model or a template's value may carry one: a control sequence (colours,
 # cursor moves: digits and `;` then a letter), an operating-system command (a window title, a link) ended by BEL
 # or ST, or a switch to the ASCII or line-drawing character set. Narrow on purpose: after a stray ESC the text
