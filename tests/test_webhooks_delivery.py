@@ -214,6 +214,7 @@ async def test_retry_after_is_honoured_up_to_twice_the_scheduled_wait(tmp_path: 
     [
         (Reply(status=200, delay=0.6), 0),  # no answer in time
         (Reply(status=500, body=b"slow", body_delay=0.6), 500),  # an answer whose body does not come in time
+        (Reply(status=200, body=b"slow", body_delay=0.6), 200),  # a 2xx too: not received whole in time, no success
     ],
 )
 async def test_a_timeout_or_429_waits_at_least_a_minute(
@@ -453,18 +454,23 @@ async def change_endpoint(h: Harness, webhook_id: str, change: str, new_url: str
     elif change == "rotate":
         response = await h.post(f"{path}/rotate-secret")
     else:
-        patch = {"is_active": False} if change == "disable" else {"url": new_url}
+        patch = {
+            "disable": {"is_active": False},
+            "move": {"url": new_url},
+            "unsubscribe": {"events": ["sms.conversation_closed"]},  # `emit` sends sms.message_sent
+        }[change]
         response = await h.client.patch(path, json=patch, headers=h.auth())
     assert response.status_code in (200, 204), response.text
     return time.time(), response.json()["data"] if response.content else None
 
 
-@pytest.mark.parametrize("change", ["disable", "delete", "move", "rotate"])
+@pytest.mark.parametrize("change", ["disable", "delete", "move", "rotate", "unsubscribe"])
 async def test_deliveries_leased_ahead_follow_a_change_of_the_endpoint(
     tmp_path: Path, clock: FakeClock, change: str
 ) -> None:
     """Each lane leases the deliveries after the one on the wire: once the change is acknowledged, none of them
-    goes to a disabled or deleted endpoint or to the old URL (a request already on the wire still lands)."""
+    goes to a disabled or deleted endpoint, to the old URL, or to an endpoint that no longer subscribes to its
+    event type (a request already on the wire still lands)."""
     with Receiver(lambda _: Reply(status=200, delay=0.3)) as old, Receiver() as new:
         async with start_harness(tmp_path, clock=clock) as h:
             webhook = await register(h, old)
@@ -488,6 +494,55 @@ async def test_deliveries_leased_ahead_follow_a_change_of_the_endpoint(
                 assert delivered == sorted(events)  # each event once, the rest at the new URL
                 assert all(r.verified for r in new.snapshot())
             await eventually(lambda: not h.rows("SELECT 1 FROM webhook_deliveries WHERE lease_until IS NOT NULL"))
+            if change == "unsubscribe":  # what was not sent failed unsent (`recover` re-queues it once subscribed)
+                sent = {r.webhook_id for r in old.snapshot()}
+                assert {delivery_of(h, e)["status"] for e in events if e not in sent} == {"failed"}
+
+
+async def test_a_queued_delivery_of_a_type_the_endpoint_unsubscribed_from_is_never_sent(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A `PATCH` of `events` applies to what is queued, as a change of URL does: a delivery waiting for its retry,
+    or whose attempt fails after the change, fails unsent; the types the endpoint keeps still arrive."""
+    with Receiver(lambda r: Reply(status=500, delay=0.3 if r.index == 1 else 0)) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(60, 60)) as h:
+            webhook = await register(h, receiver)
+            waiting = await emit(h, "sms.message_sent")
+            await settled_attempts(h, waiting, 1)
+            on_the_wire = await emit(h, "sms.message_received")
+            await receiver.wait_count(2)  # its attempt is under way (the receiver answers it 500 in 0.3 s)
+            path = f"/v1/webhooks/{webhook['id']}"
+            response = await h.client.patch(path, json={"events": ["sms.conversation_closed"]}, headers=h.auth())
+            assert response.status_code == 200
+            await settled_attempts(h, on_the_wire, 1)
+            for event_id in (waiting, on_the_wire):
+                delivery = delivery_of(h, event_id)
+                assert (delivery["status"], delivery["next_attempt_at"]) == ("failed", None)
+            kept = await emit(h, "sms.conversation_closed")
+            await clock.advance(3 * 60)
+            await receiver.wait_for(lambda seen: any(r.webhook_id == kept for r in seen))
+            await asyncio.sleep(0.05)
+            assert [r.webhook_id for r in receiver.snapshot()] == [waiting, on_the_wire, kept]
+
+
+async def test_a_failed_replay_of_a_succeeded_delivery_leaves_it_succeeded(tmp_path: Path, clock: FakeClock) -> None:
+    """A manual retry of a delivery that already succeeded, failing while the endpoint is disabled meanwhile, does
+    not turn it `failed` (which `recover` would then send again)."""
+    with Receiver(lambda r: Reply() if r.index == 0 else Reply(status=500, delay=0.3)) as receiver:
+        async with start_harness(tmp_path, clock=clock) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            await settled_attempts(h, event_id, 1)
+            delivery = delivery_of(h, event_id)
+            assert delivery["status"] == "succeeded"
+            replay = asyncio.create_task(h.post(f"/v1/webhooks/{webhook['id']}/deliveries/{delivery['id']}/retry"))
+            await receiver.wait_count(2)
+            path = f"/v1/webhooks/{webhook['id']}"
+            assert (await h.client.patch(path, json={"is_active": False}, headers=h.auth())).status_code == 200
+            response = await replay
+            assert response.status_code == 200
+            assert [a["status_code"] for a in response.json()["data"]["attempts"]] == [200, 500]
+            assert response.json()["data"]["status"] == delivery_of(h, event_id)["status"] == "succeeded"
 
 
 async def test_a_manual_retry_never_overlaps_an_attempt_in_flight(tmp_path: Path, clock: FakeClock) -> None:

@@ -215,20 +215,52 @@ def fail_pending(conn: sqlite3.Connection, webhook_id: str, now_ms: int) -> int:
     ).rowcount
 
 
+def fail_unsubscribed(conn: sqlite3.Connection, webhook_id: str, events: list[str], now_ms: int) -> int:
+    """After a change of an endpoint's `events`: its unleased pending deliveries of a type it no longer subscribes
+    to become `failed`, unsent (`recover` re-queues them once it subscribes again); a leased one fails when it is
+    given back (`release`) instead of sent."""
+    if ALL_EVENTS in events:
+        return 0
+    return conn.execute(
+        "UPDATE webhook_deliveries INDEXED BY webhook_deliveries_due"  # as in `fail_pending`
+        " SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
+        " WHERE webhook_id = ? AND status = 'pending' AND (lease_until IS NULL OR lease_until <= ?)"
+        " AND event_type NOT IN (SELECT value FROM json_each(?))",
+        (now_ms, webhook_id, now_ms, _encoder.encode(events).decode()),
+    ).rowcount
+
+
 class Target(msgspec.Struct, frozen=True):
-    """Where an active endpoint's deliveries go now, and what signs them."""
+    """Where an active endpoint's deliveries go now, what signs them, and which event types it wants."""
 
     url: str
     secret: str
     previous_secrets: list[PreviousSecret]
+    events: list[str]
+
+    def wants(self, event_type: str) -> bool:
+        return ALL_EVENTS in self.events or event_type in self.events
 
 
 def target(conn: sqlite3.Connection, webhook_id: str) -> Target | None:
-    """The endpoint's current URL and secrets; None when it is disabled or deleted."""
+    """The endpoint's current URL, secrets and subscriptions; None when it is disabled or deleted."""
     row = conn.execute(
-        "SELECT url, secret, previous_secrets FROM webhooks WHERE id = ? AND is_active = 1", (webhook_id,)
+        "SELECT url, secret, previous_secrets, events FROM webhooks WHERE id = ? AND is_active = 1", (webhook_id,)
     ).fetchone()
-    return None if row is None else Target(row["url"], row["secret"], decode_previous(row["previous_secrets"]))
+    if row is None:
+        return None
+    return Target(
+        row["url"], row["secret"], decode_previous(row["previous_secrets"]), _events_decoder.decode(row["events"])
+    )
+
+
+def subscribed(conn: sqlite3.Connection, webhook_id: str, event_type: str) -> bool:
+    """Whether the endpoint (still) subscribes to `event_type`."""
+    row = conn.execute(
+        "SELECT 1 FROM webhooks w, json_each(w.events) e WHERE w.id = ? AND e.value IN (?, ?)",
+        (webhook_id, event_type, ALL_EVENTS),
+    ).fetchone()
+    return row is not None
 
 
 def is_active(conn: sqlite3.Connection, webhook_id: str) -> bool | None:
@@ -391,12 +423,17 @@ def settle(
 
 def release(conn: sqlite3.Connection, claimed: Claimed) -> bool:
     """Give back a lease, leaving the delivery as it is now (without an attempt, or after a failed manual one:
-    a `recover` may have re-queued it meanwhile, which then stands); on an endpoint disabled meanwhile a pending
-    delivery fails. False if the lease was lost."""
+    a `recover` may have re-queued it meanwhile, which then stands); a pending delivery fails when its endpoint was
+    disabled meanwhile or no longer subscribes to its type (a succeeded or failed one stays as it is). False if the
+    lease was lost."""
+    unwanted = (
+        "webhook_deliveries.status = 'pending' AND NOT (w.is_active AND EXISTS (SELECT 1 FROM json_each(w.events)"
+        " WHERE value IN (webhook_deliveries.event_type, '*')))"
+    )
     row = conn.execute(
         "UPDATE webhook_deliveries SET lease_until = NULL,"
-        " status = CASE WHEN w.is_active THEN status ELSE 'failed' END,"
-        " next_attempt_at = CASE WHEN w.is_active THEN next_attempt_at ELSE NULL END"
+        f" status = CASE WHEN {unwanted} THEN 'failed' ELSE status END,"
+        f" next_attempt_at = CASE WHEN {unwanted} THEN NULL ELSE next_attempt_at END"
         " FROM webhooks w WHERE w.id = webhook_deliveries.webhook_id"
         " AND webhook_deliveries.id = ? AND webhook_deliveries.lease_until = ?"
         " RETURNING webhook_deliveries.status, webhook_deliveries.next_attempt_at",

@@ -67,7 +67,8 @@ class Outcome(msgspec.Struct, kw_only=True):
 
     @property
     def succeeded(self) -> bool:
-        return retry.is_success(self.status_code)
+        """A 2xx answer received whole: one whose body timed out or was cut off is a failed attempt."""
+        return retry.is_success(self.status_code) and self.error is None
 
     def attempt(self) -> store.Attempt:
         return store.Attempt(
@@ -196,8 +197,11 @@ class Dispatcher:
                 status, attempts = "failed", claimed.attempt_count + 1
             else:
                 status, attempts, next_attempt_at = "pending", claimed.attempt_count + 1, now + delay_ms
-            if status == "pending" and not is_active:
-                status, next_attempt_at = "failed", None  # a disabled endpoint keeps nothing queued
+            if status == "pending" and not (
+                is_active and store.subscribed(conn, claimed.webhook_id, claimed.event_type)
+            ):
+                # A disabled endpoint keeps nothing queued, nor one that no longer subscribes to the event's type.
+                status, next_attempt_at = "failed", None
             settled = store.settle(
                 conn, claimed, status=status, attempt_count=attempts, next_attempt_at=next_attempt_at, now_ms=now
             )
@@ -301,12 +305,13 @@ class Dispatcher:
 
     def _retarget(self, claimed: store.Claimed) -> store.Claimed | None:
         """A delivery leased ahead of its turn, as the endpoint is now: a URL changed or a secret rotated since
-        applies, and a disabled or deleted endpoint gets nothing (None; the lease is the caller's to give back).
+        applies, and a disabled or deleted endpoint, or one no longer subscribed to the event's type, gets nothing
+        (None; the lease is the caller's to give back, which fails a delivery no longer wanted).
 
         A point read on the loop's own connection, just before the request: the lane leases two deliveries
         ahead, and without it those went to the old URL, or to an endpoint already switched off."""
         now = self.db.read_now(lambda c: store.target(c, claimed.webhook_id))
-        if now is None:
+        if now is None or not now.wants(claimed.event_type):
             return None
         if (now.url, now.secret, now.previous_secrets) == (claimed.url, claimed.secret, claimed.previous_secrets):
             return claimed
@@ -334,7 +339,7 @@ class Dispatcher:
                     continue
                 leased = queue.popleft()
                 current = self._retarget(leased)
-                if current is None:  # disabled or deleted since it was leased: nothing more goes out
+                if current is None:  # disabled, deleted or unsubscribed since it was leased: all goes back (`release`)
                     await self._release([leased, *queue])
                     queue.clear()
                     continue

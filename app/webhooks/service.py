@@ -146,11 +146,13 @@ async def update(ctx: Context, org_id: str, webhook_id: str, patch: UpdateWebhoo
             changes.update(is_active=True, disabled_reason=None, failing_since=None)
             store.wake_endpoint(conn, webhook.id, now)  # anything still pending goes out again
         store.update(conn, webhook.id, now, **changes)
+        if "events" in changes:
+            store.fail_unsubscribed(conn, webhook.id, events, now)  # only the types still subscribed stay queued
         updated = store.get(conn, webhook.id, org_id)
         assert updated is not None
         return updated
 
-    updated = await ctx.db.write(apply, long=True)  # disabling fails the whole pending backlog
+    updated = await ctx.db.write(apply, long=True)  # disabling (or unsubscribing) fails the pending backlog
     ctx.scheduler.wake()
     return updated
 
