@@ -15,13 +15,18 @@ _json = msgspec.json.Encoder(enc_hook=str)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _PHONE_DIGITS = 7  # a path holding this many digits outside its UUIDs may hold a phone number
 _DIGIT = re.compile(r"\d")
+# A credential a client put in a path: an API key (base62) where its id belongs (`/v1/api-keys/pk_live_…/revoke`, a
+# leaked key revoked by the key itself), a signing secret (base64, whose `/` does not end it).
+_CREDENTIAL = re.compile(r"(pk_live_|pk_test_)[A-Za-z0-9]+|(whsec_)[A-Za-z0-9+/=]+")
 
 
 def loggable_path(path: str) -> str:
-    """A request path as logs show it. If its segments other than UUIDs (and `v1`) hold 7 digits or more, however
-    they are written or split (`+1 555 777-1234`, `/+1/555/777/1234`, other scripts' digits), every one of those
-    digits but the last 4 is masked with `*`; control characters (a percent-encoded newline would forge a log
-    line) are escaped."""
+    """A request path as logs show it. An API key or signing secret in it is shown by its kind only (`pk_live_***`).
+    If its segments other than UUIDs (and `v1`) hold 7 digits or more, however they are written or split
+    (`+1 555 777-1234`, `/+1/555/777/1234`, other scripts' digits), every one of those digits but the last 4 is
+    masked with `*`; control characters (a percent-encoded newline would forge a log line) are escaped."""
+    if "pk_" in path or "whsec_" in path:
+        path = _CREDENTIAL.sub(lambda found: (found[1] or found[2]) + "***", path)
     if len(_DIGIT.findall(path)) >= _PHONE_DIGITS:  # most paths have fewer digits in all
         path = _masked(path)
     return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")

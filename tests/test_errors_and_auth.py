@@ -271,6 +271,19 @@ async def test_missing_malformed_or_unknown_keys_are_401(harness: Harness, heade
     assert body["error"]["message"] == "Missing or invalid API key."
 
 
+async def test_a_key_revoked_by_the_key_itself_is_not_written_to_the_access_log(harness: Harness, caplog: Any) -> None:
+    """A client with a leaked key at hand may name it where its id belongs: the answer is 404, as for any unknown id,
+    and the access log shows the path with the key's kind only (SPEC §10: keys are never logged)."""
+    caplog.set_level("INFO", logger="parley.access")
+    leaked = (await harness.post("/v1/api-keys", {"name": "leaked"})).json()["data"]["key"]
+
+    assert_error(await harness.post(f"/v1/api-keys/{leaked}/revoke"), 404, "not_found")
+
+    paths = [r.path for r in caplog.records if r.name == "parley.access"]
+    assert paths[-1] == "/v1/api-keys/pk_live_***/revoke"
+    assert leaked[8:] not in caplog.text
+
+
 async def test_a_revoked_key_fails_on_its_very_next_request(harness: Harness) -> None:
     created = (await harness.post("/v1/api-keys", {"name": "ci", "expires_at": None})).json()["data"]
     assert created["key"].startswith("pk_live_") and len(created["key"]) >= 8 + 32

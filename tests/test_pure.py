@@ -160,6 +160,22 @@ def test_a_logged_path_masks_phone_numbers_and_escapes_control_characters(path: 
     assert loggable_path(path) == logged
 
 
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        # A leaked key revoked by the key itself, where its id belongs.
+        ("/v1/api-keys/pk_live_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789AbCd/revoke", "/v1/api-keys/pk_live_***/revoke"),
+        ("/v1/api-keys/pk_test_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN", "/v1/api-keys/pk_test_***"),
+        ("/v1/agents/Bearer pk_live_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN", "/v1/agents/Bearer pk_live_***"),
+        # A signing secret is base64: its `/` does not end it.
+        ("/v1/webhooks/whsec_AGFEIyn7zfp6tl4U/gSqwVSPxdbILLRH9uc+tvxGu3o=/deliveries", "/v1/webhooks/whsec_***"),
+        ("/v1/api-keys/pk_live_/revoke", "/v1/api-keys/pk_live_/revoke"),  # nothing after the prefix: nothing hidden
+    ],
+)
+def test_a_logged_path_shows_a_key_or_signing_secret_in_it_by_its_kind_only(path: str, logged: str) -> None:
+    assert loggable_path(path) == logged
+
+
 def test_timestamps_are_rfc3339_with_milliseconds() -> None:
     assert iso(1775829600000) == "2026-04-10T14:00:00.000Z"
     assert iso(1775829600123) == "2026-04-10T14:00:00.123Z"
