@@ -13,12 +13,13 @@ from typing import Any
 import httpx2
 import pytest
 
-from app.config import Settings
+from app.config import Settings, load_settings
 from app.domain.errors import ValidationFailed
 from app.webhooks import guard
 from app.webhooks.guard import check_url, guarded_client, is_public_address
 from tests.conftest import start_harness
-from tests.webhook_receiver import Receiver, Reply
+from tests.seed import SEED_CREATE
+from tests.webhook_receiver import Receiver, Reply, eventually
 
 STRICT = Settings()  # production defaults: https only, no private addresses
 DEV = Settings(allow_private_urls=True, allow_http_urls=True)
@@ -294,3 +295,48 @@ async def test_registration_waits_for_a_resolver_that_hangs_only_so_long(
         assert agent.status_code == 201, agent.text
         assert time.monotonic() - started < 1.0  # 0.3 s for all six, not 0.3 s each
         assert resolver_that_hangs[:2] == ["slow.example", "slow0.example"]
+
+
+def test_production_defaults_allow_neither_private_nor_plain_http_urls() -> None:
+    """The tests' switch (`allow_private_urls`/`allow_http_urls`, set by `make_settings` and by the e2e fixtures'
+    PARLEY_ALLOW_* variables) is off unless set: in the settings' defaults and in what an empty environment reads."""
+    for settings in (Settings(), load_settings({}, env_file=None)):
+        assert settings.allow_private_urls is False and settings.allow_http_urls is False
+
+
+@pytest.fixture
+def rebinding_name(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """`rebind.example` resolves, through the OS resolver both checks use, to whatever the test sets."""
+    answers = {"rebind.example": "93.184.216.34"}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host  # anyio asks with the IDNA-encoded bytes
+        if name in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answers[name], int(port or 443)))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+async def test_a_registered_name_that_rebinds_to_loopback_gets_no_delivery_with_production_defaults(
+    tmp_path: Path, rebinding_name: dict[str, str]
+) -> None:
+    """Registered while it resolved to a public address, the endpoint's name answers 127.0.0.1 when an event is
+    delivered: the app's own webhook client refuses the connection (recorded as the attempt's error), and nothing
+    connects to the loopback port."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        async with start_harness(tmp_path, allow_private_urls=False, allow_http_urls=False) as h:
+            hook = await h.post("/v1/webhooks", {"url": f"https://rebind.example:{port}/hook", "events": ["*"]})
+            assert hook.status_code == 201, hook.text
+            rebinding_name["rebind.example"] = "127.0.0.1"
+            assert (await h.post("/v1/sms-conversations", SEED_CREATE)).status_code == 201
+            attempts = await eventually(lambda: h.rows("SELECT error FROM webhook_attempts"))
+            assert "non-public" in attempts[0][0]
+        with pytest.raises(BlockingIOError):
+            listener.accept()
