@@ -345,6 +345,35 @@ async def test_every_secret_rotated_away_within_a_day_keeps_signing_until_its_ow
             assert received[2].verified_by == [s2]
 
 
+async def test_a_secret_rotated_away_is_not_kept_once_it_signs_nothing(tmp_path: Path, clock: FakeClock) -> None:
+    """Housekeeping forgets each rotated-away secret, an endpoint's or an agent's tool secret, once its 24 h overlap
+    has ended (a backup of the database would otherwise hold every secret ever rotated away); those still in their
+    overlap stay, in their order."""
+
+    def kept(h: Harness) -> tuple[list[str], list[str]]:
+        (webhooks,) = h.rows("SELECT previous_secrets FROM webhooks")
+        (agents,) = h.rows("SELECT previous_tool_secrets FROM agents WHERE kind = 'custom'")
+        return [p["secret"] for p in json.loads(webhooks[0])], [p["secret"] for p in json.loads(agents[0])]
+
+    with Receiver() as receiver:
+        async with start_harness(tmp_path, clock=clock) as h:
+            webhook = await register(h, receiver)
+            agent = (await h.post("/v1/agents", {"name": "A", "systemPrompt": "Hi."})).json()["data"]
+            secrets, tool_secrets = [webhook["secret"]], [agent["toolSecret"]]
+            for wait in (12, 11, 0):  # rotated away at 0 h, 12 h and 23 h
+                secrets.append(await rotate(h, webhook["id"]))
+                rotated = await h.post(f"/v1/agents/{agent['agentId']}/rotate-tool-secret")
+                tool_secrets.append(rotated.json()["data"]["toolSecret"])
+                await clock.advance(wait * HOUR)
+            assert kept(h) == (secrets[-2::-1], tool_secrets[-2::-1])
+
+            await clock.advance(2 * HOUR)  # 25 h: the first rotated away ended its overlap, the other two did not
+            await eventually(lambda: len(kept(h)[0]) == 2, timeout=5)
+            assert kept(h) == (secrets[-2:0:-1], tool_secrets[-2:0:-1])
+            await clock.advance(23 * HOUR)  # 48 h: every overlap has ended
+            await eventually(lambda: kept(h) == ([], []), timeout=5)
+
+
 async def test_at_most_ten_previous_secrets_sign_the_oldest_are_dropped(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver() as receiver:
         async with start_harness(tmp_path, clock=clock) as h:

@@ -1,5 +1,6 @@
-"""Periodic upkeep: reconcile outbound messages stuck in a non-terminal status, expire idempotency keys, and (a job
-of its own) settle creates and sends whose outcome could not be recorded."""
+"""Periodic upkeep: reconcile outbound messages stuck in a non-terminal status, expire idempotency keys, forget the
+rotated-away secrets that sign nothing any more, and (a job of its own) settle creates and sends whose outcome could
+not be recorded."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from app.domain import conversations, messaging
 from app.domain.context import Context
 from app.domain.models import Message
 from app.providers.base import ProviderUnavailable
+from app.store import agents as agents_store
 from app.store import conversations as store
 from app.store import idempotency, jobs
+from app.store import webhooks as webhooks_store
 from app.store.jobs import Job
 
 log = logging.getLogger("parley.housekeeping")
@@ -77,7 +80,15 @@ async def run(ctx: Context, job: Job) -> int:
     await reconcile_stale_statuses(ctx)
     now = ctx.clock.now_ms()
     await ctx.db.write(lambda c: idempotency.purge_expired(c, now), long=True)  # can be a day of keys
+    await ctx.db.write(lambda c: _forget_expired_secrets(c, now))
     return now + INTERVAL_MS
+
+
+def _forget_expired_secrets(conn: sqlite3.Connection, now_ms: int) -> None:
+    """A secret rotated away signs beside the current one for 24 hours; after that it is not kept (a copy of the
+    database, a backup, would otherwise hold every secret an endpoint or an agent ever had, up to 10 each)."""
+    webhooks_store.forget_expired_secrets(conn, now_ms)
+    agents_store.forget_expired_tool_secrets(conn, now_ms)
 
 
 async def sweep(ctx: Context, job: Job) -> int:

@@ -6,7 +6,7 @@ import functools
 import sqlite3
 
 from app.domain.agents import Agent, AgentSettings, settings_decoder, settings_encoder
-from app.domain.rotation import PreviousSecret, decode_previous, encode_previous
+from app.domain.rotation import PreviousSecret, decode_previous, encode_previous, forget_expired_sql
 
 COLUMNS = "id, kind, slug, org_id, config, tool_secret, previous_tool_secrets, created_at, updated_at"
 
@@ -156,3 +156,11 @@ def inactivity_warning(conn: sqlite3.Connection, agent_id: str) -> int | None:
     Reads only the stored settings, decoded once per distinct JSON (`_settings`): this runs for every message."""
     row = conn.execute("SELECT config FROM agents WHERE id = ?", (agent_id,)).fetchone()
     return _settings(row[0]).warning_lead_seconds if row else None
+
+
+_FORGET_EXPIRED = forget_expired_sql("agents", "previous_tool_secrets")
+
+
+def forget_expired_tool_secrets(conn: sqlite3.Connection, now_ms: int) -> int:
+    """Drop the rotated-away tool secrets whose 24 h overlap has ended; return how many agents had one."""
+    return conn.execute(_FORGET_EXPIRED, (now_ms, now_ms)).rowcount

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from app.domain.ids import new_id
-from app.domain.rotation import PreviousSecret, decode_previous, encode_previous
+from app.domain.rotation import PreviousSecret, decode_previous, encode_previous, forget_expired_sql
 from app.store import jobs
 from app.store.jobs import Job
 
@@ -593,3 +593,11 @@ def recover(conn: sqlite3.Connection, webhook: Webhook, since_ms: int, now_ms: i
         wake_endpoint(conn, webhook.id, now_ms)
         jobs.wake(conn)
     return total
+
+
+_FORGET_EXPIRED = forget_expired_sql("webhooks", "previous_secrets")
+
+
+def forget_expired_secrets(conn: sqlite3.Connection, now_ms: int) -> int:
+    """Drop the rotated-away signing secrets whose 24 h overlap has ended; return how many endpoints had one."""
+    return conn.execute(_FORGET_EXPIRED, (now_ms, now_ms)).rowcount
