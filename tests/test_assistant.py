@@ -111,6 +111,33 @@ async def test_a_long_reply_is_cut_at_a_word_boundary(h: Harness, llm: FakeLLM) 
     assert await eventually(lambda: replies(h, conversation_id)) == ["The repair takes"]
 
 
+async def test_the_model_sees_the_opening_and_the_most_recent_messages_of_a_long_conversation(
+    h: Harness, llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past HISTORY_LIMIT messages, the model gets the opening (what the conversation is about) and the most recent
+    HISTORY_LIMIT; the ones between are left out."""
+    monkeypatch.setattr(assistant_module, "HISTORY_LIMIT", 3)  # the production 400, shrunk for the test
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("Which day suits you?").reply("Tuesday it is.").reply("See you then.")
+    for count, text in enumerate(("Book me in", "Tuesday", "Thanks"), start=1):
+        await text_in(h, text)
+        await eventually(lambda n=count: len(replies(h, conversation_id)) == n)
+    assert llm.bodies[1]["messages"][1:] == [  # four messages: all of them
+        {"role": "assistant", "content": "Hi Ada, your recall repair is free. Want to book?"},
+        {"role": "user", "content": "Book me in"},
+        {"role": "assistant", "content": "Which day suits you?"},
+        {"role": "user", "content": "Tuesday"},
+    ]
+    assert llm.bodies[2]["messages"] == [  # six: the opening, then the last three
+        {"role": "system", "content": "You text Ada for PAM Motors."},
+        {"role": "assistant", "content": "Hi Ada, your recall repair is free. Want to book?"},
+        {"role": "user", "content": "Tuesday"},
+        {"role": "assistant", "content": "Tuesday it is."},
+        {"role": "user", "content": "Thanks"},
+    ]
+
+
 # --- webhook tools ------------------------------------------------------------------------------
 
 

@@ -39,7 +39,8 @@ from app.store.tool_calls import ToolCall
 log = logging.getLogger("parley.assistant")
 
 TURN_JOB = lifecycle.TURN_JOB
-# The most recent messages a turn sends the model; SMS conversations rarely come close.
+# The most recent messages a turn sends the model, after the opening (always sent: what the conversation is about);
+# SMS conversations rarely come close.
 HISTORY_LIMIT = 400
 # How soon a turn waiting for start-up to settle one of its conversation's SMS looks again.
 RECOVERY_WAIT_MS = 1000
@@ -102,6 +103,8 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
         messages = [m for m in messages if (m.seq or 0) <= handed_off_at]  # later texts are the person's to answer
     first_seq = min((m.seq or 0 for m in messages), default=0)
     last_seq = max((m.seq or 0 for m in messages), default=0)
+    if first > 0:  # a long conversation: the messages between the opening and the window are left out
+        messages = [*store.messages_of(conn, conversation.id, after_seq=0, limit=1), *messages]
     return Snapshot(
         conversation=conversation,
         agent=agent,
