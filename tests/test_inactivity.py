@@ -164,6 +164,43 @@ async def test_a_message_in_between_pushes_the_deadline_back(tmp_path: Path, clo
         assert closed["ended_at"] == clock.now_ms()
 
 
+async def test_a_conversation_timeout_no_longer_than_the_agents_warning_lead_closes_without_a_nudge(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    async with start_harness(tmp_path, clock=clock) as h:
+        # The agent warns 600 s before its 3600 s close; this conversation closes after 600 s of quiet.
+        conversation_id = await open_conversation(h, AGENT, inactivityTimeoutSeconds=600)
+        await advance(h, clock, 599)
+        assert len(messages(h, conversation_id)) == 1
+        await advance(h, clock, 1)
+        closed = await eventually(lambda: (c := conversation(h, conversation_id))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+        assert closed["ended_at"] == clock.now_ms()
+        assert [m[:2] for m in messages(h, conversation_id)] == [("agent", "Hi! Reply any time."), ("system", CLOSING)]
+
+
+async def test_an_agents_timeout_is_taken_by_each_conversation_when_it_is_created(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    async with start_harness(tmp_path, clock=clock) as h:
+        created = await h.post("/v1/agents", {"name": "Timeout changes", "inactivityTimeoutSeconds": 3600})
+        agent_id = created.json()["data"]["agentId"]
+        body = {"agentId": agent_id, "fromNumber": SEED_CREATE["fromNumber"], "welcomeMessage": "Hi!"}
+        before = await h.post("/v1/sms-conversations", {**body, "toNumber": "+15555550101"})
+        changed = await h.client.patch(
+            f"/v1/agents/{agent_id}", json={"inactivityTimeoutSeconds": 600}, headers=h.auth()
+        )
+        assert changed.status_code == 200, changed.text
+        after = await h.post("/v1/sms-conversations", {**body, "toNumber": "+15555550102"})
+        earlier, later = before.json()["data"]["conversationId"], after.json()["data"]["conversationId"]
+        await advance(h, clock, 600)
+        await eventually(lambda: conversation(h, later)["status"] == "closed")
+        assert conversation(h, earlier)["status"] == "in_progress"  # it keeps the 3600 s it was created with
+        await advance(h, clock, 3000)
+        closed = await eventually(lambda: (c := conversation(h, earlier))["status"] == "closed" and c)
+        assert closed["end_reason"] == "inactivity_timeout"
+
+
 async def test_one_warning_per_quiet_period(tmp_path: Path, clock: FakeClock) -> None:
     async with start_harness(tmp_path, clock=clock) as h:
         conversation_id = await open_conversation(h, AGENT)
