@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -65,6 +66,36 @@ def query(database: str, sql: str, *args: Any) -> list[sqlite3.Row]:
         return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+def _stays_on_this_machine(name: str | None) -> bool:
+    """Whether looking `name` up asks no DNS server: none (a bind), localhost, a loopback or unspecified address."""
+    if name is None or name.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Nothing leaves 127.0.0.1 (README, "Tests"): a name other than localhost is not looked up (the query would go
+    to a DNS server) but refused as a name that does not resolve is, and the test that asked fails."""
+    asked: list[str] = []
+    look_up = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if not _stays_on_this_machine(name):
+            asked.append(name)
+            raise socket.gaierror(socket.EAI_NONAME, f"{name}: the tests look up no name beyond this machine")
+        return look_up(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield
+    assert not asked, f"looked up {sorted(set(asked))}: the tests send nothing beyond 127.0.0.1"
 
 
 class Harness:
