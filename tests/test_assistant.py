@@ -1346,11 +1346,25 @@ async def test_a_model_answer_trickling_in_past_the_timeout_is_a_model_timeout(t
         assert replies(h, conversation_id) == []
 
 
-async def test_an_answer_that_says_json_and_is_not_is_a_bad_response_and_retried(h: Harness, llm: FakeLLM) -> None:
+# Answers labelled JSON that the SDK cannot read as JSON: broken, not UTF-8, or nested deeper than the parser goes.
+UNREADABLE_ANSWERS = {
+    "broken": b"{broken",
+    "not_utf8": b'{"choices": [{"message": {"role": "assistant", "content": "\xff"}}]}',
+    "too_deep": b'{"choices": [{"message": {"role": "assistant", "content": "hi"}}], "x": '
+    + b"[" * 5000
+    + b"]" * 5000
+    + b"}",
+}
+
+
+@pytest.mark.parametrize("raw", UNREADABLE_ANSWERS.values(), ids=UNREADABLE_ANSWERS.keys())
+async def test_an_answer_that_says_json_and_is_not_is_a_bad_response_and_retried(
+    h: Harness, llm: FakeLLM, raw: bytes
+) -> None:
     agent = await make_agent(h)
     conversation_id = await open_conversation(h, agent)
     for _ in range(3):
-        llm.respond_with(lambda body: Step(200, raw=b"{broken"))
+        llm.respond_with(lambda body: Step(200, raw=raw))
 
     await text_in(h, "Hello?")
 
@@ -1451,9 +1465,10 @@ async def test_a_number_claimed_only_by_a_create_whose_opening_the_model_could_n
     assert other.status_code == 201, other.text
 
 
-async def test_an_opening_answer_that_is_not_json_is_a_502_not_a_500(h: Harness, llm: FakeLLM) -> None:
+@pytest.mark.parametrize("raw", UNREADABLE_ANSWERS.values(), ids=UNREADABLE_ANSWERS.keys())
+async def test_an_opening_answer_that_is_not_json_is_a_502_not_a_500(h: Harness, llm: FakeLLM, raw: bytes) -> None:
     agent = await make_agent(h)
-    llm.respond_with(lambda body: Step(200, raw=b"not json at all"))
+    llm.respond_with(lambda body: Step(200, raw=raw))
     body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS, "dynamicVariables": VARIABLES}
 
     response = await h.post("/v1/sms-conversations", body)
@@ -1687,6 +1702,21 @@ async def test_a_valid_tool_schema_is_accepted(h: Harness, parameters: dict[str,
         "/v1/agents", {"name": "a", "tools": [webhook_tool("http://127.0.0.1:9/", parameters=parameters)]}
     )
     assert response.status_code == 201, response.json()
+
+
+@pytest.mark.parametrize("parameters", [{}, {"properties": {"recallId": {"type": "string"}}}])
+async def test_a_tool_schema_without_a_type_reaches_the_model_with_type_object_written_out(
+    h: Harness, llm: FakeLLM, parameters: dict[str, Any]
+) -> None:
+    """OpenAI refuses a tool whose schema leaves `type` out. Such a schema can only be an object's here: it is
+    accepted, kept as registered, and sent to the model with `"type": "object"` written out."""
+    agent = await make_agent(h, tools=[webhook_tool("http://127.0.0.1:9/", parameters=parameters)])
+    assert agent["tools"][0]["parameters"] == parameters
+    await open_conversation(h, agent)
+    llm.reply("ok")
+    await text_in(h, "hi")
+    await llm.wait_for_requests(1)
+    assert llm.bodies[0]["tools"][0]["function"]["parameters"] == {"type": "object", **parameters}
 
 
 async def test_a_tool_schemas_regexes_are_checked_without_compiling_them(h: Harness) -> None:

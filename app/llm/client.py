@@ -208,8 +208,16 @@ class ChatModel:
                 async with asyncio.timeout(self.settings.llm_timeout_seconds):
                     response = await self._client.chat.completions.create(**kwargs)
                 return parse_answer(response)
-            # JSONDecodeError: a body that says it is JSON and is not (the SDK parses it as it reads the answer).
-            except (openai.OpenAIError, ModelError, TimeoutError, json.JSONDecodeError) as exc:
+            # A body that says it is JSON and is not (the SDK parses it as it reads the answer): JSONDecodeError, or,
+            # for one that is not UTF-8 or is nested deeper than the parser goes, UnicodeDecodeError and RecursionError.
+            except (
+                openai.OpenAIError,
+                ModelError,
+                TimeoutError,
+                json.JSONDecodeError,
+                UnicodeDecodeError,
+                RecursionError,
+            ) as exc:
                 code, retryable = _classify(exc)
                 log.warning("model call failed (attempt %d of %d): %s", attempt, tries, code)
                 if not retryable or attempt == tries:

@@ -105,7 +105,10 @@ def specs(settings: AgentSettings) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for tool in settings.tools:
         if isinstance(tool, WebhookTool):
-            function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
+            # A schema that leaves `type` out is one of an object here (`schema_problems`); OpenAI refuses a tool
+            # schema without it, so it is sent written out.
+            parameters = tool.parameters if "type" in tool.parameters else {"type": "object", **tool.parameters}
+            function: dict[str, Any] = {"name": tool.name, "parameters": parameters}
             if tool.description:
                 function["description"] = tool.description
             out.append({"type": "function", "function": function})
