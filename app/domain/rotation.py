@@ -39,18 +39,6 @@ def after_rotation(previous: list[PreviousSecret], retired: str, now_ms: int) ->
     return [PreviousSecret(secret=retired, until=now_ms + ROTATION_OVERLAP_MS), *kept][:MAX_PREVIOUS_SECRETS]
 
 
-def forget_expired_sql(table: str, column: str) -> str:
-    """The statement that drops, from every `table` row's `column` (stored previous secrets), the secrets whose
-    overlap has ended (a secret that signs nothing is not kept), the others in their order; bound: now (ms), twice.
-    `table` and `column` are the callers' constants."""
-    return (
-        f"UPDATE {table} SET {column} = (SELECT json_group_array(json(value)) FROM (SELECT value FROM"
-        f" json_each({table}.{column}) WHERE json_extract(value, '$.until') > ? ORDER BY key))"
-        f" WHERE {column} != '[]' AND EXISTS"
-        f" (SELECT 1 FROM json_each({table}.{column}) WHERE json_extract(value, '$.until') <= ?)"
-    )
-
-
 def active_secrets(secret: str, previous: Iterable[PreviousSecret], now_ms: int) -> list[str]:
     """The current secret, then every secret rotated away whose overlap has not ended yet."""
     return [secret, *(p.secret for p in previous if now_ms < p.until)]

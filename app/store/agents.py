@@ -6,7 +6,8 @@ import functools
 import sqlite3
 
 from app.domain.agents import Agent, AgentSettings, settings_decoder, settings_encoder
-from app.domain.rotation import PreviousSecret, decode_previous, encode_previous, forget_expired_sql
+from app.domain.rotation import PreviousSecret, decode_previous, encode_previous
+from app.store.secrets import forget_expired, forget_expired_sql
 
 COLUMNS = "id, kind, slug, org_id, config, tool_secret, previous_tool_secrets, created_at, updated_at"
 
@@ -163,4 +164,4 @@ _FORGET_EXPIRED = forget_expired_sql("agents", "previous_tool_secrets")
 
 def forget_expired_tool_secrets(conn: sqlite3.Connection, now_ms: int) -> int:
     """Drop the rotated-away tool secrets whose 24 h overlap has ended; return how many agents had one."""
-    return conn.execute(_FORGET_EXPIRED, (now_ms, now_ms)).rowcount
+    return forget_expired(conn, _FORGET_EXPIRED, now_ms)

@@ -14,9 +14,10 @@ from typing import Any
 import msgspec
 
 from app.domain.ids import new_id
-from app.domain.rotation import PreviousSecret, decode_previous, encode_previous, forget_expired_sql
+from app.domain.rotation import PreviousSecret, decode_previous, encode_previous
 from app.store import jobs
 from app.store.jobs import Job
+from app.store.secrets import forget_expired, forget_expired_sql
 
 ENDPOINT_JOB = "webhook_endpoint"
 ALL_EVENTS = "*"
@@ -600,4 +601,4 @@ _FORGET_EXPIRED = forget_expired_sql("webhooks", "previous_secrets")
 
 def forget_expired_secrets(conn: sqlite3.Connection, now_ms: int) -> int:
     """Drop the rotated-away signing secrets whose 24 h overlap has ended; return how many endpoints had one."""
-    return conn.execute(_FORGET_EXPIRED, (now_ms, now_ms)).rowcount
+    return forget_expired(conn, _FORGET_EXPIRED, now_ms)
