@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import socket
 import threading
 import time
@@ -33,6 +34,18 @@ class Step:
 
 
 Responder = Callable[[dict[str, Any]], Step]
+
+
+class _QuietCancellation(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a fake's answer cut short by `stop` (a scripted delay
+    cancelled as the thread ends): the thread ends after its test, and the traceback would land in the captured
+    output and the `caplog` records of the next test. A fake's own failures are still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietCancellation())
 
 
 @dataclass

@@ -153,6 +153,31 @@ def test_a_look_alike_letter_or_a_second_word_is_still_no_keyword(text: str) -> 
 
 
 @pytest.mark.parametrize(
+    ("text", "keyword"),
+    [
+        ("STOP\ufe0f", "STOP"),  # an emoji keyboard's variation selector
+        ("S\u034fTOP", "STOP"),  # the combining grapheme joiner
+        ("stop\U000e0100", "STOP"),  # a supplementary variation selector
+        ("STOP\u3164", "STOP"),  # a Hangul filler: drawn blank, read as a space
+        ("\u2800Stop\u2800all", "STOP ALL"),  # the blank Braille pattern, likewise
+        ("OPT\ufe0f-OUT", "OPT-OUT"),
+    ],
+)
+def test_a_mark_that_shows_nothing_or_a_letter_drawn_blank_leaves_the_keyword_as_the_customer_sees_it(
+    text: str, keyword: str
+) -> None:
+    """What `shows_nothing` counts as invisible shows nothing beside a keyword either: the screen shows the keyword
+    (a letter drawn blank shows as the space it looks like)."""
+    matched = match_keyword(text)
+    assert matched is not None
+    assert matched.keyword == keyword
+
+
+def test_a_letter_drawn_blank_inside_a_keyword_is_a_gap_as_on_the_screen() -> None:
+    assert match_keyword("ST\u3164OP") is None  # the screen shows "ST OP"
+
+
+@pytest.mark.parametrize(
     ("text", "blocked"),
     [("STOP", True), ("help", True), ("Info", True), ("yes", False), ("START", False), ("stop texting me", False)],
 )

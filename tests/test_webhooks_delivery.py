@@ -669,6 +669,27 @@ async def test_response_bodies_are_capped(tmp_path: Path, clock: FakeClock) -> N
             assert attempt["error"] == "HTTP 500"
 
 
+async def test_a_2xx_whose_body_arrives_whole_but_cannot_be_decompressed_is_a_success(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The answer came whole and in time, only its body does not match its `Content-Encoding` (a receiver's
+    misconfigured compression): the endpoint had the event and said 200. Not a failed attempt, to be sent again
+    and counted toward disabling the endpoint; the attempt's error says what Parley could not read."""
+    with Receiver(lambda _: Reply(status=200, headers={"Content-Encoding": "gzip"}, body=b"ok")) as receiver:
+        async with start_harness(tmp_path, clock=clock) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)
+            (attempt,) = await settled_attempts(h, event_id, 1)
+            delivery = delivery_of(h, event_id)
+            assert (delivery["status"], delivery["next_attempt_at"]) == ("succeeded", None)
+            assert attempt["status_code"] == 200 and "could not be decoded" in attempt["error"]
+            (endpoint,) = h.rows("SELECT failing_since FROM webhooks WHERE id = ?", webhook["id"])
+            assert endpoint["failing_since"] is None
+            await clock.advance(60)
+            await asyncio.sleep(0.05)
+            assert len(receiver.snapshot()) == 1
+
+
 async def test_redirects_are_not_followed(tmp_path: Path, clock: FakeClock) -> None:
     with Receiver() as target:
         with Receiver(lambda _: Reply(status=307, headers={"Location": target.url})) as receiver:
@@ -777,6 +798,32 @@ async def test_a_disabled_endpoints_deliveries_a_crash_cut_off_are_failed_at_sta
             delivery = delivery_of(h, event_id)
             assert (delivery["status"], delivery["next_attempt_at"], delivery["lease_until"]) == ("failed", None, None)
             await clock.advance(120)
+            assert len(receiver.snapshot()) == 1
+
+
+async def test_a_delivery_leased_when_its_type_was_dropped_is_failed_at_start_up_after_a_crash(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A `PATCH` of `events` leaves a leased delivery of a dropped type to its holder, which fails it when it gives
+    it back; a crash first leaves it `pending`. Start-up fails it, as it does a disabled endpoint's, rather than
+    the log showing it queued until its retry (hours later in production) finds it unwanted."""
+    with Receiver(scripted(500)) as receiver:
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(3600,)) as h:
+            webhook = await register(h, receiver)
+            event_id = await emit(h)  # sms.message_sent
+            await settled_attempts(h, event_id, 1)
+            assert delivery_of(h, event_id)["status"] == "pending"
+        # What a crash leaves: the type dropped while the delivery was leased (a manual retry on the wire).
+        conn = sqlite3.connect(tmp_path / "parley.db")
+        with conn:
+            conn.execute("UPDATE webhooks SET events = '[\"sms.conversation_closed\"]' WHERE id = ?", (webhook["id"],))
+            conn.execute("UPDATE webhook_deliveries SET lease_until = ?", (clock.now_ms() + 60_000,))
+        conn.close()
+        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(3600,)) as h:
+            delivery = delivery_of(h, event_id)
+            assert (delivery["status"], delivery["next_attempt_at"], delivery["lease_until"]) == ("failed", None, None)
+            await clock.advance(2 * HOUR)
+            await asyncio.sleep(0.05)
             assert len(receiver.snapshot()) == 1
 
 

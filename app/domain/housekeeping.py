@@ -80,7 +80,8 @@ async def run(ctx: Context, job: Job) -> int:
     await reconcile_stale_statuses(ctx)
     now = ctx.clock.now_ms()
     await ctx.db.write(lambda c: idempotency.purge_expired(c, now), long=True)  # can be a day of keys
-    await ctx.db.write(lambda c: _forget_expired_secrets(c, now))
+    # Every endpoint and agent row is read (an agent's whole config, to reach the column after it): a long write.
+    await ctx.db.write(lambda c: _forget_expired_secrets(c, now), long=True)
     return now + INTERVAL_MS
 
 

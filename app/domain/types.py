@@ -74,13 +74,31 @@ def shows_nothing(text: str) -> bool:
     )
 
 
+# Marks that show nothing wherever they stand (Unicode's default-ignorable ones): the variation selectors (an emoji
+# keyboard's U+FE0F), the combining grapheme joiner, the Mongolian free variation selectors.
+_IGNORABLE_MARKS = frozenset(
+    "\u034f\u180b\u180c\u180d\u180f" + "".join(map(chr, [*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]))
+)
+
+
+def _as_seen(char: str) -> str:
+    """A character as the screen shows it: a letter drawn blank as a space, one that shows nothing as nothing."""
+    if char.isspace():
+        return char
+    if char in _BLANK:
+        return " "
+    if char in _IGNORABLE_MARKS or (unicodedata.category(char) in ("Cc", "Cf") and char not in _DRAWN):
+        return ""
+    return char
+
+
 def without_unseen(text: str) -> str:
     """`text` without the characters that show nothing where they stand and are no space: control and format
     characters (a zero-width space or joiner, a word joiner, a byte-order mark, a direction mark, a soft hyphen, a
-    NUL), the format characters that are drawn kept. What is left reads as the customer's screen shows it."""
-    return "".join(
-        char for char in text if char.isspace() or char in _DRAWN or unicodedata.category(char) not in ("Cc", "Cf")
-    )
+    NUL), the format characters that are drawn kept, and the marks that show nothing (a variation selector, the
+    combining grapheme joiner); a letter drawn blank (a Hangul filler, the blank Braille pattern) reads as the space
+    it looks like. What is left reads as the customer's screen shows it."""
+    return "".join(map(_as_seen, text))
 
 
 # A terminal's escape sequence, as a model or a template's value may carry one: a control sequence (colours,

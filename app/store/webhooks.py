@@ -482,7 +482,15 @@ def finish_endpoint_job(conn: sqlite3.Connection, job: Job, not_before: int | No
 def recover_leases(conn: sqlite3.Connection, now_ms: int) -> int:
     """At start-up nothing of ours can be in flight: free every delivery lease and make sure due work has its job
     (the jobs' own leases are freed by `jobs.release_leases`). A disabled endpoint keeps nothing queued: a crash
-    can cut off its deliveries in flight when it was disabled, or its backlog between a 410 and `fail_pending`."""
+    can cut off its deliveries in flight when it was disabled, or its backlog between a 410 and `fail_pending`. Nor
+    does one that no longer subscribes to a type: a delivery leased when its type was dropped (`fail_unsubscribed`
+    leaves it to its holder) fails here, not at its next turn."""
+    conn.execute(
+        "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
+        " WHERE lease_until IS NOT NULL AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhooks w,"
+        " json_each(w.events) e WHERE w.id = webhook_deliveries.webhook_id AND e.value IN (event_type, ?))",
+        (now_ms, ALL_EVENTS),
+    )
     released = conn.execute("UPDATE webhook_deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL").rowcount
     conn.execute(
         "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"

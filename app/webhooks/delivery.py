@@ -64,11 +64,13 @@ class Outcome(msgspec.Struct, kw_only=True):
     response_body: str | None
     timed_out: bool = False
     retry_after: float | None = None
+    undecodable: bool = False  # the body arrived, but does not match its `Content-Encoding`
 
     @property
     def succeeded(self) -> bool:
-        """A 2xx answer received whole: one whose body timed out or was cut off is a failed attempt."""
-        return retry.is_success(self.status_code) and self.error is None
+        """A 2xx answer received whole: one whose body timed out or was cut off is a failed attempt; one whose body
+        arrived but cannot be decompressed (the error says so) is not: the endpoint had the event and said so."""
+        return retry.is_success(self.status_code) and (self.error is None or self.undecodable)
 
     def attempt(self) -> store.Attempt:
         return store.Attempt(
@@ -140,7 +142,7 @@ class Dispatcher:
         started = time.perf_counter()
         status_code = 0
         error: str | None = None
-        timed_out = False
+        timed_out = undecodable = False
         retry_after_header: str | None = None
         body = bytearray()
         try:
@@ -155,6 +157,9 @@ class Dispatcher:
         except (TimeoutError, httpx2.TimeoutException):
             timed_out = True  # before an answer or while its body trickled in: either way the endpoint struggles
             error = f"timed out after {self.timeout:g} s" if not status_code else "timed out reading the response body"
+        except httpx2.DecodingError as exc:
+            undecodable = True  # a body that came whole, compressed other than its header says: no failure of delivery
+            error = f"the response body could not be decoded ({type(exc).__name__}: {exc})"
         except httpx2.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except (httpx2.InvalidURL, httpx2.StreamError, OSError, ValueError) as exc:
@@ -172,6 +177,7 @@ class Dispatcher:
             response_body=_decode_body(bytes(body)),
             timed_out=timed_out,
             retry_after=retry.parse_retry_after(retry_after_header, self.clock.now_ms()),
+            undecodable=undecodable,
         )
 
     # --- recording --------------------------------------------------------------------------------------
