@@ -138,6 +138,28 @@ async def test_the_model_sees_the_opening_and_the_most_recent_messages_of_a_long
     ]
 
 
+async def test_the_opening_of_a_long_conversation_is_not_joined_to_a_later_reply(
+    h: Harness, llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past HISTORY_LIMIT messages, the most recent ones the model gets start with a text of the customer's: a reply
+    of the assistant's at their head would follow the opening and be joined to it, one message it never sent (and
+    the model would read its own question as left unanswered)."""
+    monkeypatch.setattr(assistant_module, "HISTORY_LIMIT", 4)  # the production 400, shrunk for the test
+    agent = await make_agent(h)
+    conversation_id = await open_conversation(h, agent)
+    llm.reply("Which day suits you?").reply("Tuesday it is.").reply("See you then.")
+    for count, text in enumerate(("Book me in", "Tuesday", "Thanks"), start=1):
+        await text_in(h, text)
+        await eventually(lambda n=count: len(replies(h, conversation_id)) == n)
+    assert llm.bodies[2]["messages"] == [  # the opening, then the last four from the customer's first: not "Which day"
+        {"role": "system", "content": "You text Ada for PAM Motors."},
+        {"role": "assistant", "content": "Hi Ada, your recall repair is free. Want to book?"},
+        {"role": "user", "content": "Tuesday"},
+        {"role": "assistant", "content": "Tuesday it is."},
+        {"role": "user", "content": "Thanks"},
+    ]
+
+
 # --- webhook tools ------------------------------------------------------------------------------
 
 
@@ -636,6 +658,30 @@ async def test_invalid_arguments_and_unknown_tools_are_error_results_without_cal
     assert [item["arguments"] for item in listed] == ["{not json", {}]
 
     # The invalid arguments are replayed as `{}` so that strict servers keep accepting the history.
+    llm.reply("ok")
+    await text_in(h, "again")
+    await eventually(lambda: len(replies(h, conversation_id)) == 2)
+    replayed = [m for m in llm.bodies[-1]["messages"] if m.get("tool_calls")]
+    assert replayed[0]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+async def test_arguments_nested_deeper_than_the_parser_goes_are_invalid_arguments_not_an_internal_error(
+    h: Harness, llm: FakeLLM, tool_server: FakeToolServer
+) -> None:
+    """Arguments nested deeper than Python's recursion limit are arguments that are not valid JSON (an error result
+    the model sees, no call), as the answer around them would be a bad response: not a turn that fails."""
+    deep = '{"recallId": ' + "[" * 5000 + "]" * 5000 + "}"
+    agent = await make_agent(h, tools=[webhook_tool(tool_server.url)])
+    conversation_id = await open_conversation(h, agent)
+    llm.call_tools(("lookup_recall", deep)).reply("Let me check that again.")
+    await text_in(h, "go")
+
+    assert await eventually(lambda: replies(h, conversation_id)) == ["Let me check that again."]
+    assert tool_server.requests == []
+    (result,) = [m for m in llm.bodies[1]["messages"] if m["role"] == "tool"]
+    assert json.loads(result["content"])["error"] == "the arguments are not valid JSON"
+    listed = (await h.get(f"/v1/sms-conversations/{conversation_id}/tool-calls")).json()["data"]
+    assert [item["arguments"] for item in listed] == [deep]  # shown as the model wrote them
     llm.reply("ok")
     await text_in(h, "again")
     await eventually(lambda: len(replies(h, conversation_id)) == 2)
@@ -1346,7 +1392,8 @@ async def test_a_model_answer_trickling_in_past_the_timeout_is_a_model_timeout(t
         assert replies(h, conversation_id) == []
 
 
-# Answers labelled JSON that the SDK cannot read as JSON: broken, not UTF-8, or nested deeper than the parser goes.
+# Answers labelled JSON that the SDK cannot read as JSON: broken, not UTF-8, nested deeper than the parser goes, or
+# with an integer longer than Python converts (4300 digits).
 UNREADABLE_ANSWERS = {
     "broken": b"{broken",
     "not_utf8": b'{"choices": [{"message": {"role": "assistant", "content": "\xff"}}]}',
@@ -1354,6 +1401,7 @@ UNREADABLE_ANSWERS = {
     + b"[" * 5000
     + b"]" * 5000
     + b"}",
+    "huge_number": b'{"choices": [{"message": {"role": "assistant", "content": "hi"}}], "x": ' + b"9" * 5000 + b"}",
 }
 
 

@@ -47,7 +47,7 @@ def _decoded(text: str | None) -> Any:
         return None
     try:
         return _json.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested deeper than the decoder goes
         return text  # arguments the model wrote as invalid JSON are shown as it wrote them
 
 

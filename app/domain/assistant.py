@@ -80,6 +80,17 @@ def needs_reply(messages: list[Message], answered_seq: int) -> bool:
     )
 
 
+def _from_a_customer_text(messages: list[Message]) -> list[Message]:
+    """A long conversation's most recent messages from the first text of the customer's the model is shown: those
+    before it would follow the opening, and a reply of the assistant's there would be joined to it (`prompt.history`
+    joins one side's consecutive texts), one message it never sent. They answer nothing still to be answered (every
+    text of the customer's is after them), so `needs_reply` is the same. All of them when none is the customer's."""
+    for index, message in enumerate(messages):
+        if message.direction == "inbound" and not compliance.answered_by_parley(message):
+            return messages[index:]
+    return messages
+
+
 def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     conversation = store.get(conn, conversation_id)
     if conversation is None or conversation.status != "in_progress":
@@ -101,9 +112,11 @@ def _load(conn: sqlite3.Connection, conversation_id: str) -> Snapshot | None:
     messages = store.messages_of(conn, conversation.id, after_seq=first, limit=HISTORY_LIMIT * 2)
     if handed_off_at is not None:
         messages = [m for m in messages if (m.seq or 0) <= handed_off_at]  # later texts are the person's to answer
+    if first > 0:  # a long conversation: the window starts with a text of the customer's
+        messages = _from_a_customer_text(messages)
     first_seq = min((m.seq or 0 for m in messages), default=0)
     last_seq = max((m.seq or 0 for m in messages), default=0)
-    if first > 0:  # a long conversation: the messages between the opening and the window are left out
+    if first > 0:  # ... and follows the opening: the messages between the two are left out
         messages = [*store.messages_of(conn, conversation.id, after_seq=0, limit=1), *messages]
     return Snapshot(
         conversation=conversation,

@@ -88,6 +88,14 @@ def _content_text(content: Any) -> str | None:
     raise _bad("has a message content that is neither text nor a list of parts")
 
 
+def _as_text(arguments: Any) -> str:
+    """Arguments a server sent as an object, as JSON text; one nested deeper than Python writes is a bad response."""
+    try:
+        return json.dumps(arguments)
+    except (ValueError, RecursionError):
+        raise _bad("has tool call arguments that cannot be written as JSON") from None
+
+
 def parse_answer(response: Any) -> ModelAnswer:
     """The first choice of a chat completion; ModelError("model_bad_response") when it has none, or when its shape
     is not a chat completion's (choices not a list, a message that is not an object)."""
@@ -117,9 +125,21 @@ def parse_answer(response: Any) -> ModelAnswer:
         if arguments is None:
             arguments = "{}"
         elif not isinstance(arguments, str):
-            arguments = json.dumps(arguments)  # some servers send an object instead of JSON text
+            arguments = _as_text(arguments)  # some servers send an object instead of JSON text
         calls.append(ToolCallRequest(call_id=str(_attr(call, "id") or f"call_{index}"), name=name, arguments=arguments))
     return ModelAnswer(content=content, tool_calls=calls)
+
+
+def _read(raw: Any) -> Any:
+    """The answer as the SDK reads it (a ChatCompletion, or the text of a body that does not say it is JSON, which
+    `parse_answer` refuses). One that says it is JSON and cannot be read as JSON is a bad response: broken, not UTF-8,
+    nested deeper than the parser goes, or with an integer longer than Python converts (a ValueError). Only the
+    reading of the answer is covered: an error raised building or sending the request (a UnicodeEncodeError from a
+    header value the HTTP client cannot encode, say) is not the model's answer, and is not reported as one."""
+    try:
+        return raw.parse()
+    except (ValueError, RecursionError):
+        raise _bad("is not readable JSON") from None
 
 
 def _classify(exc: Exception) -> tuple[str, bool]:
@@ -206,18 +226,9 @@ class ChatModel:
                 # The SDK's timeout bounds each read, not the answer: one that trickles in byte by byte would
                 # hold the turn (and a create's opening) for as long as it likes.
                 async with asyncio.timeout(self.settings.llm_timeout_seconds):
-                    response = await self._client.chat.completions.create(**kwargs)
-                return parse_answer(response)
-            # A body that says it is JSON and is not (the SDK parses it as it reads the answer): JSONDecodeError, or,
-            # for one that is not UTF-8 or is nested deeper than the parser goes, UnicodeDecodeError and RecursionError.
-            except (
-                openai.OpenAIError,
-                ModelError,
-                TimeoutError,
-                json.JSONDecodeError,
-                UnicodeDecodeError,
-                RecursionError,
-            ) as exc:
+                    raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
+                return parse_answer(_read(raw))
+            except (openai.OpenAIError, ModelError, TimeoutError) as exc:
                 code, retryable = _classify(exc)
                 log.warning("model call failed (attempt %d of %d): %s", attempt, tries, code)
                 if not retryable or attempt == tries:

@@ -48,7 +48,7 @@ def replayable_arguments(arguments: str) -> str:
     every later turn); the tool message that follows already tells the model the arguments were unusable."""
     try:
         json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's recursion limit
         return "{}"
     return arguments
 

@@ -135,7 +135,7 @@ def parse_arguments(text: str) -> tuple[dict[str, Any] | None, str | None]:
     """The model's arguments as an object, or (None, why not)."""
     try:
         value = json.loads(text) if text.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's recursion limit
         return None, "the arguments are not valid JSON"
     if not isinstance(value, dict):
         return None, "the arguments must be a JSON object"
