@@ -158,6 +158,8 @@ def test_a_look_alike_letter_or_a_second_word_is_still_no_keyword(text: str) -> 
         ("STOP\ufe0f", "STOP"),  # an emoji keyboard's variation selector
         ("S\u034fTOP", "STOP"),  # the combining grapheme joiner
         ("stop\U000e0100", "STOP"),  # a supplementary variation selector
+        ("STOP\u17b4", "STOP"),  # a Khmer inherent vowel: a mark Unicode also says to draw as nothing
+        ("S\u17b5TOP", "STOP"),
         ("STOP\u3164", "STOP"),  # a Hangul filler: drawn blank, read as a space
         ("\u2800Stop\u2800all", "STOP ALL"),  # the blank Braille pattern, likewise
         ("OPT\ufe0f-OUT", "OPT-OUT"),

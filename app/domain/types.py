@@ -75,9 +75,9 @@ def shows_nothing(text: str) -> bool:
 
 
 # Marks that show nothing wherever they stand (Unicode's default-ignorable ones): the variation selectors (an emoji
-# keyboard's U+FE0F), the combining grapheme joiner, the Mongolian free variation selectors.
+# keyboard's U+FE0F), the combining grapheme joiner, the Mongolian free variation selectors, the Khmer inherent vowels.
 _IGNORABLE_MARKS = frozenset(
-    "\u034f\u180b\u180c\u180d\u180f" + "".join(map(chr, [*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]))
+    "\u034f\u17b4\u17b5\u180b\u180c\u180d\u180f" + "".join(map(chr, [*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]))
 )
 
 

@@ -64,12 +64,13 @@ class Outcome(msgspec.Struct, kw_only=True):
     response_body: str | None
     timed_out: bool = False
     retry_after: float | None = None
-    undecodable: bool = False  # the body arrived, but does not match its `Content-Encoding`
+    undecodable: bool = False  # the body does not match its `Content-Encoding` (judged on its first bytes)
 
     @property
     def succeeded(self) -> bool:
         """A 2xx answer received whole: one whose body timed out or was cut off is a failed attempt; one whose body
-        arrived but cannot be decompressed (the error says so) is not: the endpoint had the event and said so."""
+        cannot be decompressed (the error says so) is not: the endpoint had the event and said so. Reading stops at
+        the first bytes that do not decompress, as at the body cap, so whether the rest would have come is unknown."""
         return retry.is_success(self.status_code) and (self.error is None or self.undecodable)
 
     def attempt(self) -> store.Attempt:
@@ -158,7 +159,7 @@ class Dispatcher:
             timed_out = True  # before an answer or while its body trickled in: either way the endpoint struggles
             error = f"timed out after {self.timeout:g} s" if not status_code else "timed out reading the response body"
         except httpx2.DecodingError as exc:
-            undecodable = True  # a body that came whole, compressed other than its header says: no failure of delivery
+            undecodable = True  # compressed other than its header says (read no further): no failure of delivery
             error = f"the response body could not be decoded ({type(exc).__name__}: {exc})"
         except httpx2.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
