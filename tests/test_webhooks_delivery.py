@@ -777,46 +777,29 @@ async def test_a_manual_retry_sends_nothing_to_a_disabled_endpoint(tmp_path: Pat
             assert len(attempts_of(h, event_id)) == 1
 
 
-async def test_a_disabled_endpoints_deliveries_a_crash_cut_off_are_failed_at_start_up(
-    tmp_path: Path, clock: FakeClock
-) -> None:
-    """Disabled with deliveries on the wire (or by a 410 whose backlog was not failed yet), then a crash: nothing
-    would ever finish those `pending` rows, since a disabled endpoint has no job. Start-up fails them."""
-    with Receiver(scripted(500)) as receiver:
-        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(60,)) as h:
-            webhook = await register(h, receiver)
-            event_id = await emit(h)
-            await settled_attempts(h, event_id, 1)
-            assert delivery_of(h, event_id)["status"] == "pending"
-        # What a crash leaves: the endpoint disabled, its delivery still pending and leased.
-        conn = sqlite3.connect(tmp_path / "parley.db")
-        with conn:
-            conn.execute("UPDATE webhooks SET is_active = 0, disabled_reason = 'gone' WHERE id = ?", (webhook["id"],))
-            conn.execute("UPDATE webhook_deliveries SET lease_until = ?", (clock.now_ms() + 60_000,))
-        conn.close()
-        async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(60,)) as h:
-            delivery = delivery_of(h, event_id)
-            assert (delivery["status"], delivery["next_attempt_at"], delivery["lease_until"]) == ("failed", None, None)
-            await clock.advance(120)
-            assert len(receiver.snapshot()) == 1
+# What a crash leaves with a delivery still pending and leased (on the wire, or a manual retry): its endpoint
+# disabled (or by a 410 whose backlog was not failed yet), or its event type dropped from the endpoint's `events`.
+CUT_OFF_UNWANTED = {
+    "disabled": "UPDATE webhooks SET is_active = 0, disabled_reason = 'gone' WHERE id = ?",
+    "type_dropped": "UPDATE webhooks SET events = '[\"sms.conversation_closed\"]' WHERE id = ?",
+}
 
 
-async def test_a_delivery_leased_when_its_type_was_dropped_is_failed_at_start_up_after_a_crash(
-    tmp_path: Path, clock: FakeClock
+@pytest.mark.parametrize("change", CUT_OFF_UNWANTED.values(), ids=CUT_OFF_UNWANTED.keys())
+async def test_a_delivery_no_longer_wanted_that_a_crash_cut_off_is_failed_at_start_up(
+    tmp_path: Path, clock: FakeClock, change: str
 ) -> None:
-    """A `PATCH` of `events` leaves a leased delivery of a dropped type to its holder, which fails it when it gives
-    it back; a crash first leaves it `pending`. Start-up fails it, as it does a disabled endpoint's, rather than
-    the log showing it queued until its retry (hours later in production) finds it unwanted."""
+    """Nothing would finish such a `pending` row for hours, if ever (a disabled endpoint has no job; a dropped
+    type's delivery waits for its retry to find it unwanted, its holder gone): start-up fails it, unsent."""
     with Receiver(scripted(500)) as receiver:
         async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(3600,)) as h:
             webhook = await register(h, receiver)
             event_id = await emit(h)  # sms.message_sent
             await settled_attempts(h, event_id, 1)
             assert delivery_of(h, event_id)["status"] == "pending"
-        # What a crash leaves: the type dropped while the delivery was leased (a manual retry on the wire).
         conn = sqlite3.connect(tmp_path / "parley.db")
         with conn:
-            conn.execute("UPDATE webhooks SET events = '[\"sms.conversation_closed\"]' WHERE id = ?", (webhook["id"],))
+            conn.execute(change, (webhook["id"],))
             conn.execute("UPDATE webhook_deliveries SET lease_until = ?", (clock.now_ms() + 60_000,))
         conn.close()
         async with start_harness(tmp_path, clock=clock, webhook_retry_schedule=(3600,)) as h:
