@@ -61,9 +61,6 @@ IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 LOOKUPS_AT_ONCE = 8
 LOOKUP_RETRY_WAITS = (1.0, 3.0)
 LOOKUP_SECONDS = 20.0
-# A create whose outcome could not be written (the write failed) left its conversation `pending` and its key held
-# until a restart. Housekeeping settles one as old as a message that stalled so (`messaging.STALLED_AFTER_MS`).
-STALLED_AFTER_MS = messaging.STALLED_AFTER_MS
 UUID_PATTERN = whole(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}", "a UUID")
 
 
@@ -567,11 +564,12 @@ async def recover_interrupted(ctx: Context) -> int:
 async def recover_stalled(ctx: Context) -> int:
     """While the server runs (housekeeping): a create whose outcome could not be written left its conversation
     `pending` (a retry got 409 `idempotency_in_progress`, an operator's message 409 `conversation_pending`, and the
-    customer's replies reached no one) until the next start-up. One created more than STALLED_AFTER_MS ago is settled
-    as start-up settles an interrupted one. So is a key taken that long ago for a model-written opening that was
-    never persisted, whose release failed: it is freed for the client's retry. Neither is a create this process is
-    still carrying out (`ctx.sending`): its age is no proof it stalled, the wall clock may have stepped forward."""
-    before = ctx.clock.now_ms() - STALLED_AFTER_MS
+    customer's replies reached no one) until the next start-up. One created more than `messaging.STALLED_AFTER_MS`
+    ago is settled as start-up settles an interrupted one. So is a key taken that long ago for a model-written opening
+    that was never persisted, whose release failed: it is freed for the client's retry. Neither is a create this
+    process is still carrying out (`ctx.sending`): its age is no proof it stalled, the wall clock may have stepped
+    forward."""
+    before = ctx.clock.now_ms() - messaging.STALLED_AFTER_MS  # as old as a message that stalled so
     stuck = await _settle_cut_off(ctx, before)
     running = sorted(ctx.sending)  # a copy, read on the loop's thread
     freed = await ctx.db.write(lambda c: idempotency.release_orphaned(c, before, keep=running))

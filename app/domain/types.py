@@ -61,17 +61,20 @@ SendableSms = Annotated[
 # that are drawn (the prepended concatenation marks: the Arabic number sign, end of ayah and the like).
 _BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 _DRAWN = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd")
-_INVISIBLE = frozenset({"Cc", "Cf", "Mn", "Me"})  # controls, format characters, marks with nothing to mark
+_CONTROL_OR_FORMAT = frozenset({"Cc", "Cf"})
+_INVISIBLE = _CONTROL_OR_FORMAT | {"Mn", "Me"}  # controls, format characters, marks with nothing to mark
+
+
+def _invisible(char: str, categories: frozenset[str]) -> bool:
+    """Whether `char` is of one of `categories` (of _INVISIBLE) and not one of the format characters that are drawn."""
+    return unicodedata.category(char) in categories and char not in _DRAWN
 
 
 def shows_nothing(text: str) -> bool:
     """Whether an SMS of `text` would show nothing: only spaces, line breaks, invisible format characters (a
     zero-width space or joiner, a byte-order mark), marks or variation selectors with no character to apply to,
     and characters drawn blank."""
-    return all(
-        char.isspace() or char in _BLANK or (unicodedata.category(char) in _INVISIBLE and char not in _DRAWN)
-        for char in text
-    )
+    return all(char.isspace() or char in _BLANK or _invisible(char, _INVISIBLE) for char in text)
 
 
 # Marks that show nothing wherever they stand (Unicode's default-ignorable ones): the variation selectors (an emoji
@@ -87,7 +90,7 @@ def _as_seen(char: str) -> str:
         return char
     if char in _BLANK:
         return " "
-    if char in _IGNORABLE_MARKS or (unicodedata.category(char) in ("Cc", "Cf") and char not in _DRAWN):
+    if char in _IGNORABLE_MARKS or _invisible(char, _CONTROL_OR_FORMAT):  # a mark beside a letter is drawn
         return ""
     return char
 

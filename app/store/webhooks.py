@@ -255,13 +255,15 @@ def target(conn: sqlite3.Connection, webhook_id: str) -> Target | None:
     )
 
 
+def _subscribes(event_type: str) -> str:
+    """SQL: whether the endpoint `w` subscribes to `event_type` (an SQL expression: a column, or `?`)."""
+    return f"EXISTS (SELECT 1 FROM json_each(w.events) WHERE value IN ({event_type}, '{ALL_EVENTS}'))"
+
+
 def subscribed(conn: sqlite3.Connection, webhook_id: str, event_type: str) -> bool:
     """Whether the endpoint (still) subscribes to `event_type`."""
-    row = conn.execute(
-        "SELECT 1 FROM webhooks w, json_each(w.events) e WHERE w.id = ? AND e.value IN (?, ?)",
-        (webhook_id, event_type, ALL_EVENTS),
-    ).fetchone()
-    return row is not None
+    row = conn.execute(f"SELECT 1 FROM webhooks w WHERE w.id = ? AND {_subscribes('?')}", (webhook_id, event_type))
+    return row.fetchone() is not None
 
 
 def is_active(conn: sqlite3.Connection, webhook_id: str) -> bool | None:
@@ -427,10 +429,8 @@ def release(conn: sqlite3.Connection, claimed: Claimed) -> bool:
     a `recover` may have re-queued it meanwhile, which then stands); a pending delivery fails when its endpoint was
     disabled meanwhile or no longer subscribes to its type (a succeeded or failed one stays as it is). False if the
     lease was lost."""
-    unwanted = (
-        "webhook_deliveries.status = 'pending' AND NOT (w.is_active AND EXISTS (SELECT 1 FROM json_each(w.events)"
-        " WHERE value IN (webhook_deliveries.event_type, '*')))"
-    )
+    wanted = f"w.is_active AND {_subscribes('webhook_deliveries.event_type')}"
+    unwanted = f"webhook_deliveries.status = 'pending' AND NOT ({wanted})"
     row = conn.execute(
         "UPDATE webhook_deliveries SET lease_until = NULL,"
         f" status = CASE WHEN {unwanted} THEN 'failed' ELSE status END,"
@@ -487,9 +487,9 @@ def recover_leases(conn: sqlite3.Connection, now_ms: int) -> int:
     leaves it to its holder) fails here, not at its next turn."""
     conn.execute(
         "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
-        " WHERE lease_until IS NOT NULL AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhooks w,"
-        " json_each(w.events) e WHERE w.id = webhook_deliveries.webhook_id AND e.value IN (event_type, ?))",
-        (now_ms, ALL_EVENTS),
+        " WHERE lease_until IS NOT NULL AND status = 'pending' AND NOT EXISTS (SELECT 1 FROM webhooks w"
+        f" WHERE w.id = webhook_deliveries.webhook_id AND {_subscribes('webhook_deliveries.event_type')})",
+        (now_ms,),
     )
     released = conn.execute("UPDATE webhook_deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL").rowcount
     conn.execute(
