@@ -20,7 +20,7 @@ from standardwebhooks import Webhook
 
 from app.clock import FakeClock
 from app.domain import assistant as assistant_module
-from app.domain import conversations
+from app.domain import messaging
 from app.providers.base import ProviderRejected
 from app.providers.simulator import SimulatorProvider
 from tests.assistant_support import (
@@ -1538,34 +1538,15 @@ async def test_a_conversation_whose_opening_the_model_wrote_is_dated_when_it_is_
         assert slow_at["createdAt"] > quick_at["createdAt"]
 
 
+@pytest.mark.parametrize("clock_steps", [False, True], ids=["clock_still", "clock_steps_forward"])
 async def test_a_keyed_create_repeated_while_the_model_writes_its_opening_is_409_in_progress(
-    h: Harness, llm: FakeLLM
+    tmp_path: Path, llm: FakeLLM, clock_steps: bool
 ) -> None:
-    agent = await make_agent(h)
-    llm.reply("Hi Ada, PAM Motors here.", delay=0.5)
-    body = {"agentId": agent["agentId"], "toNumber": CUSTOMER, "fromNumber": OURS, "dynamicVariables": VARIABLES}
-    key = {"Idempotency-Key": "slow-opening"}
-    first = asyncio.create_task(h.post("/v1/sms-conversations", body, **key))
-    await llm.wait_for_requests(1)
-
-    repeat = await h.post("/v1/sms-conversations", body, **key)
-
-    assert repeat.status_code == 409, repeat.text
-    assert repeat.json()["error"]["code"] == "idempotency_in_progress"
-    created = await first
-    assert created.status_code == 201, created.text
-    replayed = await h.post("/v1/sms-conversations", body, **key)
-    assert (replayed.status_code, replayed.content) == (201, created.content)
-    assert len(llm.bodies) == 1  # the model wrote one opening, not one per request
-    assert h.rows("SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 1
-
-
-async def test_a_keyed_create_whose_model_is_still_writing_when_the_clock_steps_forward_keeps_its_key(
-    tmp_path: Path, llm: FakeLLM
-) -> None:
-    """The wall clock steps 11 minutes forward while the model writes a keyed create's opening: to housekeeping its
-    key looked like one a create that ended had failed to free, and it was freed. The client's retry then ran a
-    second create and texted the customer a second opening (and the first create's outcome had no key to go to)."""
+    """A repeat of a keyed create whose opening the model is still writing is 409 `idempotency_in_progress`, and the
+    first create's 201 is replayed after: one opening written, one sent. Also when the wall clock steps 11 minutes
+    forward meanwhile: to housekeeping the key looked like one a create that ended had failed to free, and it was
+    freed; the client's retry then ran a second create and texted the customer a second opening (and the first
+    create's outcome had no key to go to)."""
     clock = FakeClock()
     async with running(tmp_path, llm, clock=clock) as h:
         agent = await make_agent(h)
@@ -1574,10 +1555,11 @@ async def test_a_keyed_create_whose_model_is_still_writing_when_the_clock_steps_
         key = {"Idempotency-Key": "slow-opening"}
         first = asyncio.create_task(h.post("/v1/sms-conversations", body, **key))
         await llm.wait_for_requests(1)
-        await clock.advance(conversations.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
-        upkeep = "SELECT due_at, lease_until FROM jobs WHERE ref = 'global'"
-        await eventually(lambda: all(r[1] is None and r[0] > clock.now_ms() for r in h.rows(upkeep)))
-        assert not first.done()  # housekeeping ran while the model was still writing
+        if clock_steps:
+            await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
+            upkeep = "SELECT due_at, lease_until FROM jobs WHERE ref = 'global'"
+            await eventually(lambda: all(r[1] is None and r[0] > clock.now_ms() for r in h.rows(upkeep)))
+            assert not first.done()  # housekeeping ran while the model was still writing
 
         repeat = await h.post("/v1/sms-conversations", body, **key)
         created = await first
@@ -1587,7 +1569,7 @@ async def test_a_keyed_create_whose_model_is_still_writing_when_the_clock_steps_
     assert repeat.json()["error"]["code"] == "idempotency_in_progress"
     assert created.status_code == 201, created.text
     assert (replayed.status_code, replayed.content) == (201, created.content)
-    assert len(llm.bodies) == 1  # one opening written, and sent once
+    assert len(llm.bodies) == 1  # the model wrote one opening, not one per request, and it was sent once
     assert h.rows("SELECT COUNT(*) AS n FROM conversations")[0]["n"] == 1
 
 

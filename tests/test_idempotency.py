@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 
 from app.clock import FakeClock
-from app.domain import conversations
+from app.domain import messaging
 from app.domain.conversations import CreateConversation, request_hash
 from tests.conftest import Harness, start_harness
 from tests.seed import SEED_CREATE
@@ -126,14 +126,14 @@ async def test_a_key_left_held_while_the_server_runs_is_freed_once_older_than_an
         org_id = h.rows("SELECT id FROM orgs WHERE name = 'acme'")[0][0]
         now = clock.now_ms()
         conn = sqlite3.connect(tmp_path / "parley.db", isolation_level=None)
-        for key, taken_at in (("stuck", now), ("recent", now + conversations.STALLED_AFTER_MS)):
+        for key, taken_at in (("stuck", now), ("recent", now + messaging.STALLED_AFTER_MS)):
             conn.execute(
                 "INSERT INTO idempotency_keys (org_id, key, request_hash, state, conversation_id, created_at,"
                 " expires_at) VALUES (?, ?, 'x', 'running', ?, ?, ?)",
                 (org_id, key, str(uuid.uuid4()), taken_at, 2**62),
             )
         conn.close()
-        await clock.advance(conversations.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next passes
+        await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next passes
 
         await eventually(lambda: not h.rows("SELECT 1 FROM idempotency_keys WHERE key = 'stuck'"))
         retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stuck"})

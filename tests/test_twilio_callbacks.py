@@ -826,7 +826,7 @@ async def test_a_create_whose_outcome_could_not_be_written_is_settled_while_the_
         early = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stalled"})
         assert early.json()["error"]["code"] == "idempotency_in_progress"
 
-        await clock.advance(conversations.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next pass
+        await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # housekeeping's next pass
         await eventually(lambda: count(h, "conversations WHERE status = 'in_progress'") == 1)
         retry = await h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "stalled"})
         operator = await h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Still there?"})
@@ -944,6 +944,17 @@ def housekeeping_began(h: Harness, clock: FakeClock) -> bool:
     return bool(rows) and all(row["lease_until"] is not None or row["due_at"] > clock.now_ms() for row in rows)
 
 
+async def answered_across_a_clock_step(h: Harness, clock: FakeClock, request: asyncio.Task[Any]) -> Any:
+    """The wall clock steps past `messaging.STALLED_AFTER_MS` while `request` still waits for Twilio: housekeeping's
+    passes begin before it is answered. Its answer, once the passes have ended."""
+    await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
+    await eventually(lambda: housekeeping_began(h, clock))
+    assert not request.done()  # the pass began while the request was still sending
+    response = await request
+    await eventually(lambda: housekeeping_passed(h, clock))
+    return response
+
+
 async def test_a_create_still_sending_when_the_clock_steps_forward_is_not_settled_underneath_it(
     tmp_path: Path, fake_twilio: FakeTwilio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -957,7 +968,7 @@ async def test_a_create_still_sending_when_the_clock_steps_forward_is_not_settle
     async with twilio_harness(tmp_path, fake_twilio, clock=clock) as h:
         create = asyncio.create_task(h.post("/v1/sms-conversations", SEED_CREATE, **{"Idempotency-Key": "in-flight"}))
         await eventually(lambda: fake_twilio.routes() == ["send"])
-        await clock.advance(conversations.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
+        await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
         await eventually(lambda: housekeeping_passed(h, clock))
         assert not create.done()  # the pass ran while the create was still sending
         response = await create
@@ -985,11 +996,7 @@ async def test_a_send_still_in_flight_when_the_clock_steps_forward_is_recorded_o
         fake_twilio.script("send", Action("delay", seconds=1.0))
         send = asyncio.create_task(h.post(f"/v1/sms-conversations/{conversation_id}/messages", {"content": "Hi?"}))
         await eventually(lambda: fake_twilio.routes() == ["send", "send"])
-        await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
-        await eventually(lambda: housekeeping_began(h, clock))
-        assert not send.done()  # the pass began while the message was still sending
-        response = await send
-        await eventually(lambda: housekeeping_passed(h, clock))
+        response = await answered_across_a_clock_step(h, clock, send)
         sent = event_types(h, conversation_id).count("sms.message_sent")
 
     assert response.status_code == 201, response.text
@@ -1051,11 +1058,7 @@ async def test_an_opening_still_sending_when_its_conversation_is_closed_and_the_
         await eventually(lambda: fake_twilio.routes() == ["send"])
         conversation_id = h.rows("SELECT id FROM conversations")[0][0]
         assert (await h.post(f"/v1/sms-conversations/{conversation_id}/close")).status_code == 200
-        await clock.advance(messaging.STALLED_AFTER_MS / 1000 + 60)  # the clock steps: housekeeping is due
-        await eventually(lambda: housekeeping_began(h, clock))
-        assert not create.done()  # the pass began while the opening was still sending
-        response = await create
-        await eventually(lambda: housekeeping_passed(h, clock))
+        response = await answered_across_a_clock_step(h, clock, create)
         sent = event_types(h, conversation_id).count("sms.message_sent")
         opening = tuple(h.rows("SELECT status, error_code FROM messages")[0])
 
